@@ -1,0 +1,31 @@
+# Two commands on a fresh machine: `make demo` runs the pipeline on the embedded default,
+# `make test` runs the test suite. Each creates or updates .venv from pyproject.toml when needed.
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PYTEST_ARGS ?=
+
+.PHONY: demo test clean
+
+# pip, not uv or poetry: pip takes torch from this machine's local wheels instead of downloading.
+$(VENV)/.installed-run: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e .
+	touch $@
+
+$(VENV)/.installed-test: pyproject.toml $(VENV)/.installed-run
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $@
+
+demo: $(VENV)/.installed-run
+	$(PY) pipelines/full.py
+
+# PYTEST_RC_FILE lets .ci/run report pytest's own exit code (make would turn every failure into 2).
+test: $(VENV)/.installed-test
+	@$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
+	if [ -n "$(PYTEST_RC_FILE)" ]; then echo $$rc > "$(PYTEST_RC_FILE)"; fi; exit $$rc
+
+clean:
+	rm -rf work .pytest_cache

@@ -1,0 +1,1 @@
+"""Cluster-facing code: what each phase asks Ray for, GPU-hour accounting, planning."""

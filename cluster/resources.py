@@ -1,0 +1,55 @@
+"""What a Ray Data step asks the cluster for.
+
+Every step states its resources explicitly, so the autoscaler brings up CPU nodes for decode and
+filtering and GPU nodes for the encoders, and a reader can see what each step costs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from ray.data import ActorPoolStrategy
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class StepResources:
+    """Resources of one Ray Data step run as a pool of actors."""
+
+    num_cpus: float = 1.0
+    """CPUs each actor holds (fractions let several small actors share a core)."""
+    num_gpus: float = 0.0
+    """GPUs each actor holds; 0 runs the step on CPU."""
+    min_actors: int = 1
+    """Actors kept alive while the step runs."""
+    max_actors: int = 1
+    """Upper bound the pool may scale to when the cluster has room."""
+    batch_size: int = 1024
+    """Rows handed to one call of the step."""
+
+    def __post_init__(self):
+        if self.num_cpus < 0:
+            raise ValueError(f"num_cpus must be >= 0, got {self.num_cpus}")
+        if self.num_gpus < 0:
+            raise ValueError(f"num_gpus must be >= 0, got {self.num_gpus}")
+        if self.min_actors < 1:
+            raise ValueError(f"min_actors must be >= 1, got {self.min_actors}")
+        if self.max_actors < self.min_actors:
+            raise ValueError(f"max_actors ({self.max_actors}) must be >= min_actors ({self.min_actors})")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+
+    def map_batches_args(self) -> dict[str, Any]:
+        """Keyword arguments for ``Dataset.map_batches`` with a callable-class step."""
+        return {
+            "compute": ActorPoolStrategy(min_size=self.min_actors, max_size=self.max_actors),
+            "num_cpus": self.num_cpus,
+            "num_gpus": self.num_gpus,
+            "batch_size": self.batch_size,
+        }
+
+    def map_groups_args(self) -> dict[str, Any]:
+        """Keyword arguments for ``GroupedData.map_groups`` (a group is one batch, so no batch size)."""
+        args = self.map_batches_args()
+        del args["batch_size"]
+        return args

@@ -1,0 +1,1 @@
+"""Entry points, Ray Data steps and Ray Train loops of wuerstchen-ray."""

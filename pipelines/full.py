@@ -1,0 +1,77 @@
+"""The whole Würstchen pipeline: filter, embed, pre-encode, train, generate.
+
+With no arguments it runs the embedded default (``--config tiny``): generated demo data, a local
+Ray, a local MLflow store. On a cluster::
+
+    ray job submit --working-dir . -- python pipelines/full.py --config v2 --set data.shards_url=s3://...
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from pipelines.config import RUNS, load_config
+from pipelines.inputs import prepare_input
+from pipelines.overrides import to_flat_dict
+from pipelines.phases import NOT_BUILT, PHASES, PhaseContext
+from pipelines.runtime import init_ray
+from pipelines.tracking import Tracker
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--config", default="tiny", choices=sorted(RUNS), help="named run (default: tiny)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config field by dotted key, e.g. filter.min_side=256 (repeatable)")
+    parser.add_argument("--phases", default=",".join(PHASES),
+                        help=f"comma-separated subset of: {', '.join(PHASES)} (default: all)")
+    return parser.parse_args(argv)
+
+
+def select_phases(text: str) -> list[str]:
+    wanted = [name.strip() for name in text.split(",") if name.strip()]
+    for name in wanted:
+        if name in NOT_BUILT:
+            raise ValueError(f"phase {name!r} is not built yet; available: {', '.join(PHASES)}")
+        if name not in PHASES:
+            raise ValueError(f"unknown phase {name!r} in --phases; available: {', '.join(PHASES)}")
+    return [name for name in PHASES if name in wanted]
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        run(parse_args(argv))
+    except (ValueError, FileNotFoundError) as error:
+        # Errors a user can cause carry a message that says what to change; a traceback adds nothing.
+        sys.exit(f"error: {error}")
+
+
+def run(args: argparse.Namespace) -> None:
+    config = load_config(args.config, args.overrides)
+    phases = select_phases(args.phases)
+    work_dir = config.resolved_work_dir()
+    tracker = Tracker(config.tracking, work_dir)
+    shards_url = prepare_input(config.data, work_dir)
+    init_ray(config.ray)
+    context = PhaseContext(config=config, work_dir=work_dir, shards_url=shards_url)
+
+    with tracker.run(f"full-{config.name}") as pipeline_run:
+        pipeline_run.log_params({"config": config.name, **to_flat_dict(config)})
+        pipeline_run.log_dict(to_flat_dict(config), "config.json")
+        pipeline_run.set_tags({"phases": ",".join(phases), "phases.not_built": ",".join(NOT_BUILT)})
+        for name in phases:
+            with tracker.run(name, parent=pipeline_run) as phase_run:
+                summary = PHASES[name](context, phase_run)
+            print(f"[{name}] {summary}", file=sys.stderr)
+
+    print(f"\nran: {', '.join(phases)}", file=sys.stderr)
+    print(f"not built yet: {', '.join(NOT_BUILT)}", file=sys.stderr)
+    print(f"outputs: {work_dir}", file=sys.stderr)
+    print(f"MLflow:  {tracker.uri} (experiment {config.tracking.experiment!r}, run {pipeline_run.run_id})",
+          file=sys.stderr)
+    print(f"open it: {tracker.ui_command()}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,43 @@
+"""Where the pipeline's input comes from: an img2dataset output folder, or the generated demo set."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from pipelines import demo_data
+from pipelines.demo_data import DemoDataConfig
+from pipelines.storage import filesystem
+
+DEMO = "demo"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DataConfig:
+    """The input data set."""
+
+    shards_url: str = DEMO
+    """img2dataset output folder ({shard:05d}.tar/.parquet) as an fsspec URL, or "demo" for the generated set."""
+    demo: DemoDataConfig = dataclasses.field(default_factory=DemoDataConfig)
+    """Size and seed of the demo set, generated into the work dir when shards_url is "demo"."""
+
+
+def prepare_input(config: DataConfig, work_dir: str) -> str:
+    """The shards URL to read, generating the demo set first when it is asked for and absent."""
+    if not config.shards_url.strip():
+        raise ValueError(
+            "data.shards_url is empty: set it to your img2dataset output folder "
+            "(--set data.shards_url=s3://bucket/laion/shards) or to 'demo' for the generated demo set"
+        )
+    if config.shards_url != DEMO:
+        fs, path = filesystem(config.shards_url)
+        if not fs.exists(path):
+            raise FileNotFoundError(f"data.shards_url {config.shards_url!r} does not exist")
+        return config.shards_url
+    root = f"{work_dir}/demo_data"
+    wanted = dataclasses.asdict(config.demo)
+    if not demo_data.is_complete(root) or demo_data.load_ground_truth(root)["config"] != wanted:
+        fs, path = filesystem(root)
+        if fs.exists(path):
+            fs.rm(path, recursive=True)
+        demo_data.generate(root, config.demo)
+    return demo_data.shards_url(root)

@@ -1,0 +1,101 @@
+"""Dotted-key overrides (``--set filter.min_side=256``) for frozen config dataclasses.
+
+Every value is parsed according to the field's annotation, and the section is rebuilt with
+``dataclasses.replace`` so its ``__post_init__`` checks run again. Unknown keys and bad values
+raise ``ValueError`` naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from typing import Any
+
+_TRUE = {"true", "1", "yes", "on"}
+_FALSE = {"false", "0", "no", "off"}
+_NONE = {"none", "null"}
+
+
+def apply_overrides(config: Any, overrides: list[str]) -> Any:
+    """Returns a copy of ``config`` with each ``dotted.key=value`` applied in order."""
+    for override in overrides:
+        if "=" not in override:
+            raise ValueError(f"override {override!r} must look like dotted.key=value")
+        key, raw = override.split("=", 1)
+        config = _set(config, key.strip().split("."), raw.strip(), key.strip())
+    return config
+
+
+def to_flat_dict(config: Any, prefix: str = "") -> dict[str, Any]:
+    """``{"filter.min_side": 512, ...}``: the form MLflow params and config diffs use."""
+    flat: dict[str, Any] = {}
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        if dataclasses.is_dataclass(value):
+            flat.update(to_flat_dict(value, f"{prefix}{field.name}."))
+        else:
+            flat[f"{prefix}{field.name}"] = value
+    return flat
+
+
+def _set(section: Any, path: list[str], raw: str, full_key: str) -> Any:
+    assert dataclasses.is_dataclass(section), "only dataclass configs take overrides"
+    fields = {f.name: f for f in dataclasses.fields(section)}
+    name = path[0]
+    if name not in fields:
+        raise ValueError(
+            f"unknown config key {full_key!r}: {type(section).__name__} has no field {name!r} "
+            f"(valid: {', '.join(sorted(fields))})"
+        )
+    current = getattr(section, name)
+    if dataclasses.is_dataclass(current):
+        if len(path) == 1:
+            raise ValueError(
+                f"config key {full_key!r} is a section; set one of its fields "
+                f"({', '.join(sorted(f.name for f in dataclasses.fields(current)))})"
+            )
+        value = _set(current, path[1:], raw, full_key)
+    else:
+        if len(path) > 1:
+            raise ValueError(f"unknown config key {full_key!r}: {name!r} is a value, not a section")
+        annotation = typing.get_type_hints(type(section))[name]
+        value = parse_value(annotation, raw, full_key)
+    try:
+        return dataclasses.replace(section, **{name: value})
+    except ValueError as error:
+        raise ValueError(f"bad value for {full_key}={raw!r}: {error}") from None
+
+
+def parse_value(annotation: Any, raw: str, key: str) -> Any:
+    """Parses the command-line text ``raw`` as a value of type ``annotation``."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        if type(None) in args and raw.lower() in _NONE:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return parse_value(inner, raw, key)
+    if origin is typing.Literal:
+        if raw not in args:
+            raise ValueError(f"bad value for {key}: {raw!r} is not one of {', '.join(map(str, args))}")
+        return raw
+    if origin is tuple:
+        assert len(args) == 2 and args[1] is Ellipsis, f"{key}: only tuple[X, ...] fields are supported"
+        items = [item.strip() for item in raw.split(",") if item.strip()]
+        return tuple(parse_value(args[0], item, key) for item in items)
+    if annotation is bool:
+        if raw.lower() in _TRUE:
+            return True
+        if raw.lower() in _FALSE:
+            return False
+        raise ValueError(f"bad value for {key}: {raw!r} is not a boolean (use true or false)")
+    if annotation in (int, float):
+        try:
+            return annotation(raw)
+        except ValueError:
+            kind = "an integer" if annotation is int else "a number"
+            raise ValueError(f"bad value for {key}: {raw!r} is not {kind}") from None
+    if annotation is str:
+        return raw
+    raise AssertionError(f"{key}: no parser for config type {annotation!r}")

@@ -1,0 +1,99 @@
+"""``pipelines/full.py`` end to end, as a user runs it: a subprocess, a local Ray, a local MLflow store."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+
+from pipelines import demo_data
+from pipelines.metadata_filter import METADATA_REASONS
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_full(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")}
+    return subprocess.run([sys.executable, "pipelines/full.py", *args], cwd=ROOT, env=env, text=True,
+                          capture_output=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory):
+    work_dir = tmp_path_factory.mktemp("full") / "work"
+    result = run_full("--set", f"work_dir={work_dir}")
+    assert result.returncode == 0, result.stderr[-4000:]
+    return work_dir, result
+
+
+def _runs(work_dir: Path):
+    client = MlflowClient(f"sqlite:///{work_dir}/mlflow.db")
+    (experiment,) = [e for e in client.search_experiments() if e.name == "wuerstchen-ray"]
+    runs = client.search_runs([experiment.experiment_id], order_by=["attributes.start_time ASC"])
+    return client, runs
+
+
+def test_no_arguments_runs_the_metadata_filter_on_the_demo_data(first_run):
+    work_dir, result = first_run
+    assert demo_data.is_complete(str(work_dir / "demo_data"))
+    assert (work_dir / "metadata_filter" / "manifest.json").is_file()
+    assert "ran: metadata_filter" in result.stderr
+    assert "not built yet: decode" in result.stderr
+    assert f"mlflow ui --backend-store-uri sqlite:///{work_dir}/mlflow.db" in result.stderr
+
+
+def test_mlflow_holds_a_parent_run_a_phase_run_and_the_ground_truth_counts(first_run):
+    work_dir, _ = first_run
+    client, runs = _runs(work_dir)
+    parents = [r for r in runs if MLFLOW_PARENT_RUN_ID not in r.data.tags]
+    children = [r for r in runs if MLFLOW_PARENT_RUN_ID in r.data.tags]
+    assert len(parents) == 1 and [c.info.run_name for c in children] == ["metadata_filter"]
+    parent, child = parents[0], children[0]
+    assert child.data.tags[MLFLOW_PARENT_RUN_ID] == parent.info.run_id
+    assert parent.info.status == child.info.status == "FINISHED"
+    assert parent.data.params["config"] == "tiny"
+    assert parent.data.params["filter.min_side"] == "64"
+    assert parent.data.params["work_dir"] == str(work_dir)
+    assert client.download_artifacts(parent.info.run_id, "config.json")
+    assert child.data.params["filter.min_aesthetic"] == "5.0"
+
+    truth = demo_data.load_ground_truth(str(work_dir / "demo_data"))["samples"]
+    dropped = [r["expected"] for r in truth.values() if r["phase"] == "metadata"]
+    metrics = child.data.metrics
+    assert metrics["samples_in"] == len(truth)
+    assert metrics["kept"] == len(truth) - len(dropped)
+    for reason in METADATA_REASONS:
+        assert metrics[f"dropped/{reason}"] == dropped.count(reason), reason
+    assert Path(client.download_artifacts(child.info.run_id, "manifest.json")).is_file()
+
+
+def test_a_second_run_skips_the_finished_phase(first_run):
+    work_dir, _ = first_run
+    result = run_full("--set", f"work_dir={work_dir}")
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "skipped: output already complete" in result.stderr
+    _, runs = _runs(work_dir)
+    latest_phase = [r for r in runs if r.info.run_name == "metadata_filter"][-1]
+    assert latest_phase.data.tags["phase.outcome"] == "skipped: output already complete"
+    assert latest_phase.data.metrics["samples_in"] == 320
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--set", "filter.min_sid=3"], "unknown config key 'filter.min_sid'"),
+    (["--set", "filter.min_side=big"], "filter.min_side: 'big' is not an integer"),
+    (["--phases", "embed"], "phase 'embed' is not built yet"),
+    (["--phases", "everything"], "unknown phase 'everything'"),
+    (["--config", "v2"], "data.shards_url is empty"),
+    (["--set", "data.shards_url=/no/such/folder"], "data.shards_url '/no/such/folder' does not exist"),
+])
+def test_user_errors_stop_before_work_with_a_message(args, message, tmp_path):
+    result = run_full(*args, "--set", f"work_dir={tmp_path}/work", timeout=120)
+    assert result.returncode != 0
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "work" / "metadata_filter").exists()
