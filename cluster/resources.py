@@ -39,17 +39,14 @@ class StepResources:
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
 
-    def map_batches_args(self) -> dict[str, Any]:
-        """Keyword arguments for ``Dataset.map_batches`` with a callable-class step."""
+    def actor_args(self) -> dict[str, Any]:
+        """Keyword arguments of ``map_batches``/``map_groups`` that place a callable-class step."""
         return {
             "compute": ActorPoolStrategy(min_size=self.min_actors, max_size=self.max_actors),
             "num_cpus": self.num_cpus,
             "num_gpus": self.num_gpus,
-            "batch_size": self.batch_size,
         }
 
-    def map_groups_args(self) -> dict[str, Any]:
-        """Keyword arguments for ``GroupedData.map_groups`` (a group is one batch, so no batch size)."""
-        args = self.map_batches_args()
-        del args["batch_size"]
-        return args
+    def map_batches_args(self) -> dict[str, Any]:
+        """Keyword arguments for ``Dataset.map_batches`` with a callable-class step."""
+        return {**self.actor_args(), "batch_size": self.batch_size}

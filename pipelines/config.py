@@ -11,10 +11,12 @@ import dataclasses
 from pathlib import Path
 
 from cluster.resources import StepResources
+from pipelines.decode import DecodeConfig
 from pipelines.inputs import DataConfig
 from pipelines.metadata_filter import MetadataFilterConfig
 from pipelines.overrides import apply_overrides
 from pipelines.runtime import RayConfig
+from pipelines.storage import StorageConfig
 from pipelines.tracking import TrackingConfig
 
 
@@ -28,8 +30,10 @@ class RunConfig:
     """Folder (or fsspec URL) for every output: phase results, demo data, the default MLflow store."""
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     filter: MetadataFilterConfig = dataclasses.field(default_factory=MetadataFilterConfig)
+    decode: DecodeConfig = dataclasses.field(default_factory=DecodeConfig)
     ray: RayConfig = dataclasses.field(default_factory=RayConfig)
     tracking: TrackingConfig = dataclasses.field(default_factory=TrackingConfig)
+    storage: StorageConfig = dataclasses.field(default_factory=StorageConfig)
 
     def __post_init__(self):
         if not self.work_dir.strip():
@@ -51,6 +55,9 @@ def tiny() -> RunConfig:
             min_side=64,
             resources=StepResources(num_cpus=0.25, min_actors=1, max_actors=1, batch_size=1024),
         ),
+        # 64 px crops, stored lossless: the size the tiny stages train at.
+        decode=DecodeConfig(resolution=64, image_format="png",
+                            resources=StepResources(num_cpus=1, min_actors=1, max_actors=2)),
     )
 
 
@@ -68,6 +75,9 @@ def v2() -> RunConfig:
             min_aesthetic=5.1,
             resources=StepResources(num_cpus=1, min_actors=1, max_actors=64, batch_size=8192),
         ),
+        # v2's final training resolution; the semantic compressor sees these crops resized to 768.
+        decode=DecodeConfig(resolution=1024, image_format="jpeg",
+                            resources=StepResources(num_cpus=1, min_actors=1, max_actors=1024)),
     )
 
 

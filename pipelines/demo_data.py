@@ -26,7 +26,6 @@ import json
 import random
 import sys
 
-import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -36,6 +35,7 @@ from PIL import Image, ImageDraw
 from pipelines import schema
 from pipelines.overrides import apply_overrides
 from pipelines.schema import DropReason
+from pipelines.storage import StorageConfig, filesystem
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 170, 60), "blue": (30, 70, 220), "yellow": (235, 205, 35)}
 BACKGROUNDS = {"grey": (128, 128, 128), "black": (12, 12, 12), "white": (242, 242, 242)}
@@ -135,9 +135,9 @@ class _Sample:
     has_json: bool = True
 
 
-def is_complete(url: str) -> bool:
+def is_complete(url: str, storage: StorageConfig | None = None) -> bool:
     """True when a demo data set was fully written at ``url`` (the ground truth is written last)."""
-    fs, root = fsspec.core.url_to_fs(url)
+    fs, root = filesystem(url, storage)
     return fs.exists(f"{root}/{GROUND_TRUTH_FILE}")
 
 
@@ -146,17 +146,17 @@ def shards_url(url: str) -> str:
     return f"{url.rstrip('/')}/{SHARDS_DIR}"
 
 
-def load_ground_truth(url: str) -> dict:
-    fs, root = fsspec.core.url_to_fs(url)
+def load_ground_truth(url: str, storage: StorageConfig | None = None) -> dict:
+    fs, root = filesystem(url, storage)
     with fs.open(f"{root}/{GROUND_TRUTH_FILE}", "r") as file:
         return json.load(file)
 
 
-def generate(url: str, config: DemoDataConfig) -> dict:
+def generate(url: str, config: DemoDataConfig, storage: StorageConfig | None = None) -> dict:
     """Writes the data set to ``url`` (any fsspec URL) and returns its ground truth."""
     rng = random.Random(config.seed)
     samples = _plan_samples(config, rng)
-    fs, root = fsspec.core.url_to_fs(url)
+    fs, root = filesystem(url, storage)
     fs.makedirs(f"{root}/{SHARDS_DIR}", exist_ok=True)
     for shard in sorted({s.shard for s in samples}):
         _write_shard(fs, f"{root}/{SHARDS_DIR}", shard, [s for s in samples if s.shard == shard])
@@ -249,9 +249,11 @@ def _draw_image(rng: random.Random, width: int, height: int, colour, background,
 
     image = Image.new("RGB", (width, height), jitter(background))
     draw = ImageDraw.Draw(image)
-    size = rng.uniform(0.35, 0.6) * min(width, height)
-    left = rng.uniform(0, width - size)
-    top = rng.uniform(0, height - size)
+    # Inside the central square, so the centre crop every resolution takes keeps the whole shape.
+    short = min(width, height)
+    size = rng.uniform(0.35, 0.6) * short
+    left = (width - short) / 2 + rng.uniform(0, short - size)
+    top = (height - short) / 2 + rng.uniform(0, short - size)
     box = (left, top, left + size, top + size)
     fill = jitter(colour)
     if shape == "circle":

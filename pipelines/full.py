@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> None:
     phases = select_phases(args.phases)
     work_dir = config.resolved_work_dir()
     tracker = Tracker(config.tracking, work_dir)
-    shards_url = prepare_input(config.data, work_dir)
+    shards_url = prepare_input(config.data, work_dir, config.storage)
     init_ray(config.ray)
     context = PhaseContext(config=config, work_dir=work_dir, shards_url=shards_url)
 

@@ -6,7 +6,7 @@ import dataclasses
 
 from pipelines import demo_data
 from pipelines.demo_data import DemoDataConfig
-from pipelines.storage import filesystem
+from pipelines.storage import StorageConfig, filesystem
 
 DEMO = "demo"
 
@@ -21,7 +21,7 @@ class DataConfig:
     """Size and seed of the demo set, generated into the work dir when shards_url is "demo"."""
 
 
-def prepare_input(config: DataConfig, work_dir: str) -> str:
+def prepare_input(config: DataConfig, work_dir: str, storage: StorageConfig) -> str:
     """The shards URL to read, generating the demo set first when it is asked for and absent."""
     if not config.shards_url.strip():
         raise ValueError(
@@ -29,15 +29,15 @@ def prepare_input(config: DataConfig, work_dir: str) -> str:
             "(--set data.shards_url=s3://bucket/laion/shards) or to 'demo' for the generated demo set"
         )
     if config.shards_url != DEMO:
-        fs, path = filesystem(config.shards_url)
+        fs, path = filesystem(config.shards_url, storage)
         if not fs.exists(path):
             raise FileNotFoundError(f"data.shards_url {config.shards_url!r} does not exist")
         return config.shards_url
     root = f"{work_dir}/demo_data"
     wanted = dataclasses.asdict(config.demo)
-    if not demo_data.is_complete(root) or demo_data.load_ground_truth(root)["config"] != wanted:
-        fs, path = filesystem(root)
+    if not demo_data.is_complete(root, storage) or demo_data.load_ground_truth(root, storage)["config"] != wanted:
+        fs, path = filesystem(root, storage)
         if fs.exists(path):
             fs.rm(path, recursive=True)
-        demo_data.generate(root, config.demo)
+        demo_data.generate(root, config.demo, storage)
     return demo_data.shards_url(root)

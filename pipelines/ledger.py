@@ -11,7 +11,7 @@ import json
 from collections import Counter
 from typing import Any
 
-from pipelines.storage import filesystem, write_atomically
+from pipelines.storage import StorageConfig, filesystem, write_atomically
 
 MANIFEST_FILE = "manifest.json"
 
@@ -59,15 +59,15 @@ class Manifest:
         }
 
 
-def write_manifest(folder_url: str, manifest: Manifest) -> None:
-    fs, folder = filesystem(folder_url)
+def write_manifest(folder_url: str, manifest: Manifest, storage: StorageConfig | None = None) -> None:
+    fs, folder = filesystem(folder_url, storage)
     data = json.dumps(manifest.to_json(), indent=1, sort_keys=True).encode()
     write_atomically(fs, f"{folder}/{MANIFEST_FILE}", lambda stream: stream.write(data))
 
 
-def read_manifest(folder_url: str) -> Manifest | None:
+def read_manifest(folder_url: str, storage: StorageConfig | None = None) -> Manifest | None:
     """The phase's manifest, or None when the phase never finished there."""
-    fs, folder = filesystem(folder_url)
+    fs, folder = filesystem(folder_url, storage)
     path = f"{folder}/{MANIFEST_FILE}"
     if not fs.exists(path):
         return None
@@ -80,6 +80,6 @@ def read_manifest(folder_url: str) -> Manifest | None:
     )
 
 
-def remove_manifest(folder_url: str) -> None:
-    fs, folder = filesystem(folder_url)
+def remove_manifest(folder_url: str, storage: StorageConfig | None = None) -> None:
+    fs, folder = filesystem(folder_url, storage)
     fs.rm(f"{folder}/{MANIFEST_FILE}")

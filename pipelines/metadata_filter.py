@@ -24,7 +24,7 @@ from cluster.resources import StepResources
 from pipelines import schema
 from pipelines.ledger import Manifest, ShardCounts, read_manifest, remove_manifest, write_manifest
 from pipelines.schema import DropReason
-from pipelines.storage import filesystem, write_atomically
+from pipelines.storage import StorageConfig, filesystem, write_atomically
 
 PHASE = "metadata_filter"
 METADATA_REASONS = (
@@ -194,8 +194,8 @@ class MarkDuplicates:
 class WriteFilteredShard:
     """Ray Data step over one input shard's rows: writes ``{shard}.parquet`` and returns its counts."""
 
-    def __init__(self, output_url: str):
-        self.fs, self.folder = filesystem(output_url)
+    def __init__(self, output_url: str, storage: StorageConfig):
+        self.fs, self.folder = filesystem(output_url, storage)
 
     def __call__(self, rows: pa.Table) -> pa.Table:
         rows = rows.drop_columns([_DEDUP_KEY]).sort_by(schema.KEY)
@@ -212,21 +212,21 @@ class WriteFilteredShard:
         })
 
 
-def list_shard_parquets(shards_url: str) -> list[str]:
-    """The ``{shard:05d}.parquet`` files of an img2dataset output folder, sorted."""
-    fs, folder = filesystem(shards_url)
+def list_shards(shards_url: str, storage: StorageConfig) -> list[str]:
+    """The shard names (``00000``, ...) of an img2dataset output folder, sorted."""
+    fs, folder = filesystem(shards_url, storage)
     if not fs.isdir(folder):
         raise FileNotFoundError(f"data.shards_url {shards_url!r} is not a folder: point it at img2dataset's output")
-    paths = sorted(p for p in fs.glob(f"{folder}/*.parquet") if p.rsplit("/", 1)[-1][:-len(".parquet")].isdigit())
-    if not paths:
+    names = [path.rsplit("/", 1)[-1][:-len(".parquet")] for path in fs.glob(f"{folder}/*.parquet")]
+    shards = sorted(name for name in names if name.isdigit())
+    if not shards:
         raise FileNotFoundError(f"data.shards_url {shards_url!r} holds no img2dataset shard (00000.parquet, ...)")
-    return [fs.unstrip_protocol(p) if "://" in shards_url else p for p in paths]
+    return shards
 
 
-def check_columns(first_shard: str, config: MetadataFilterConfig) -> None:
+def check_columns(fs, first_shard: str, config: MetadataFilterConfig) -> None:
     """Fails before any work starts when an enabled check needs a column the shards lack."""
-    fs, path = filesystem(first_shard)
-    with fs.open(path, "rb") as stream:
+    with fs.open(first_shard, "rb") as stream:
         names = normalise_columns(pq.read_schema(stream).empty_table()).column_names
     thresholds = {schema.PWATERMARK: "max_pwatermark", schema.PUNSAFE: "max_punsafe", schema.AESTHETIC: "min_aesthetic",
                   schema.ORIGINAL_WIDTH: "min_side", schema.ORIGINAL_HEIGHT: "min_side"}
@@ -237,33 +237,35 @@ def check_columns(first_shard: str, config: MetadataFilterConfig) -> None:
             raise ValueError(f"shard {first_shard} has no {column!r} column (has: {', '.join(names)}){hint}")
 
 
-def run(shards_url: str, output_url: str, config: MetadataFilterConfig) -> tuple[Manifest, dict[str, float]]:
+def run(shards_url: str, output_url: str, config: MetadataFilterConfig,
+        storage: StorageConfig) -> tuple[Manifest, dict[str, float]]:
     """Runs the phase unless ``output_url`` already holds its result for this input and config.
 
     Returns the manifest and the run's metrics (empty when the phase was already complete).
     """
     recorded = {"shards_url": shards_url, **config.outcome()}
-    previous = read_manifest(output_url)
+    previous = read_manifest(output_url, storage)
     if previous is not None and previous.config == recorded:
         return previous, {}
-    shard_files = list_shard_parquets(shards_url)
-    check_columns(shard_files[0], config)
-    fs, folder = filesystem(output_url)
+    input_fs, input_folder = filesystem(shards_url, storage)
+    shard_files = [f"{input_folder}/{schema.shard_parquet(shard)}" for shard in list_shards(shards_url, storage)]
+    check_columns(input_fs, shard_files[0], config)
+    fs, folder = filesystem(output_url, storage)
     if previous is not None:
-        remove_manifest(output_url)  # a stale manifest must not vouch for the new outputs
+        remove_manifest(output_url, storage)  # a stale manifest must not vouch for the new outputs
     fs.makedirs(folder, exist_ok=True)
 
     started = time.monotonic()
     resources = config.resources
-    dataset = ray.data.read_parquet(shard_files, include_paths=True, num_cpus=resources.num_cpus)
+    dataset = ray.data.read_parquet(shard_files, filesystem=input_fs, include_paths=True, num_cpus=resources.num_cpus)
     dataset = dataset.map_batches(MetadataFilter, fn_constructor_kwargs={"config": config}, batch_format="pyarrow",
                                   **resources.map_batches_args())
     if config.drop_duplicates:
         dataset = dataset.groupby(_DEDUP_KEY, num_partitions=len(shard_files)).map_groups(
-            MarkDuplicates, batch_format="pyarrow", **resources.map_groups_args())
+            MarkDuplicates, batch_format="pyarrow", **resources.actor_args())
     counts = dataset.groupby(schema.SHARD, num_partitions=len(shard_files)).map_groups(
-        WriteFilteredShard, fn_constructor_kwargs={"output_url": output_url}, batch_format="pyarrow",
-        **resources.map_groups_args()).take_all()
+        WriteFilteredShard, fn_constructor_kwargs={"output_url": output_url, "storage": storage}, batch_format="pyarrow",
+        **resources.actor_args()).take_all()
     seconds = time.monotonic() - started
 
     manifest = Manifest(
@@ -273,5 +275,5 @@ def run(shards_url: str, output_url: str, config: MetadataFilterConfig) -> tuple
                                                dropped=json.loads(row["dropped"])) for row in counts},
     )
     assert len(manifest.shards) == len(shard_files), "every input shard must produce one output shard"
-    write_manifest(output_url, manifest)
+    write_manifest(output_url, manifest, storage)
     return manifest, {"seconds": seconds, "samples_per_second": manifest.samples_in / seconds}

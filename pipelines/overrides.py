@@ -27,13 +27,22 @@ def apply_overrides(config: Any, overrides: list[str]) -> Any:
     return config
 
 
+REDACTED = "***"
+
+
 def to_flat_dict(config: Any, prefix: str = "") -> dict[str, Any]:
-    """``{"filter.min_side": 512, ...}``: the form MLflow params and config diffs use."""
+    """``{"filter.min_side": 512, ...}``: the form MLflow params and config diffs use.
+
+    Fields marked ``metadata={"secret": True}`` show as ``***`` when set, so credentials never
+    reach a log, a param or an artifact.
+    """
     flat: dict[str, Any] = {}
     for field in dataclasses.fields(config):
         value = getattr(config, field.name)
         if dataclasses.is_dataclass(value):
             flat.update(to_flat_dict(value, f"{prefix}{field.name}."))
+        elif field.metadata.get("secret") and value:
+            flat[f"{prefix}{field.name}"] = REDACTED
         else:
             flat[f"{prefix}{field.name}"] = value
     return flat

@@ -31,6 +31,7 @@ HASH = "hash"
 # Added by this project
 SHARD = "shard"
 DROP_REASON = "drop_reason"
+IMAGE = "image"  # the decoded, cropped image, re-encoded (PNG or JPEG bytes)
 
 STATUS_SUCCESS = "success"
 
@@ -80,8 +81,15 @@ class DropReason(enum.StrEnum):
     UNSAFE = "unsafe"
     AESTHETIC = "aesthetic"
     DUPLICATE = "duplicate"
-    # decode phase (reading the tar shards)
+    # decode phase (reading the tar shards), in the order the checks run
+    TAR_TRUNCATED = "tar_truncated"
+    SAMPLE_MISSING = "sample_missing"
     JSON_MISSING = "json_missing"
+    JSON_INVALID = "json_invalid"
+    CAPTION_MISSING = "caption_missing"
     CAPTION_NOT_UTF8 = "caption_not_utf8"
     IMAGE_EMPTY = "image_empty"
     IMAGE_CORRUPT = "image_corrupt"
+    IMAGE_FORMAT = "image_format"
+    DECOMPRESSION_BOMB = "decompression_bomb"
+    SIZE_MISMATCH = "size_mismatch"

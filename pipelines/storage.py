@@ -1,17 +1,50 @@
-"""File-system helpers for outputs that must never be seen half-written."""
+"""Where files live: local folders or object storage, through fsspec, and writes never seen half-done."""
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from collections.abc import Callable
-from typing import IO
+from typing import IO, Any
 
 import fsspec
 
 
-def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class StorageConfig:
+    """Object-storage settings; credentials otherwise come from the standard AWS settings."""
+
+    endpoint_url: str = ""
+    """S3 endpoint (SeaweedFS, MinIO, a region endpoint); empty: $AWS_ENDPOINT_URL or AWS itself."""
+    key: str = dataclasses.field(default="", metadata={"secret": True})
+    """S3 access key id; empty: $AWS_ACCESS_KEY_ID, ~/.aws or the instance role. Never logged."""
+    secret: str = dataclasses.field(default="", metadata={"secret": True})
+    """S3 secret access key; empty: as for key. Never logged."""
+
+    def __post_init__(self):
+        if bool(self.key) != bool(self.secret):
+            raise ValueError("set both key and secret, or neither (to use the standard AWS settings)")
+
+    def options(self, protocol: str) -> dict[str, Any]:
+        """fsspec keyword arguments for a file system of ``protocol``."""
+        if protocol not in ("s3", "s3a"):
+            return {}
+        options: dict[str, Any] = {}
+        if self.endpoint_url:
+            options["endpoint_url"] = self.endpoint_url
+        if self.key:
+            options.update(key=self.key, secret=self.secret)
+        return options
+
+
+def filesystem(url: str, storage: StorageConfig | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
     """The fsspec file system of ``url`` and the path inside it (``s3://b/k`` -> s3fs, ``b/k``)."""
-    return fsspec.core.url_to_fs(url)
+    protocol = url.split("://", 1)[0] if "://" in url else "file"
+    return fsspec.core.url_to_fs(url, **(storage or StorageConfig()).options(protocol))
+
+
+def join(url: str, *names: str) -> str:
+    return "/".join([url.rstrip("/"), *names])
 
 
 def write_atomically(fs: fsspec.AbstractFileSystem, path: str, write: Callable[[IO[bytes]], None]) -> None:

@@ -12,6 +12,7 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from pipelines import demo_data
+from pipelines.decode import DECODE_REASONS
 from pipelines.metadata_filter import METADATA_REASONS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,12 +39,13 @@ def _runs(work_dir: Path):
     return client, runs
 
 
-def test_no_arguments_runs_the_metadata_filter_on_the_demo_data(first_run):
+def test_no_arguments_runs_the_built_phases_on_the_demo_data(first_run):
     work_dir, result = first_run
     assert demo_data.is_complete(str(work_dir / "demo_data"))
     assert (work_dir / "metadata_filter" / "manifest.json").is_file()
-    assert "ran: metadata_filter" in result.stderr
-    assert "not built yet: decode" in result.stderr
+    assert (work_dir / "decode" / "manifest.json").is_file()
+    assert "ran: metadata_filter, decode" in result.stderr
+    assert "not built yet: embed" in result.stderr
     assert f"mlflow ui --backend-store-uri sqlite:///{work_dir}/mlflow.db" in result.stderr
 
 
@@ -52,8 +54,8 @@ def test_mlflow_holds_a_parent_run_a_phase_run_and_the_ground_truth_counts(first
     client, runs = _runs(work_dir)
     parents = [r for r in runs if MLFLOW_PARENT_RUN_ID not in r.data.tags]
     children = [r for r in runs if MLFLOW_PARENT_RUN_ID in r.data.tags]
-    assert len(parents) == 1 and [c.info.run_name for c in children] == ["metadata_filter"]
-    parent, child = parents[0], children[0]
+    assert len(parents) == 1 and [c.info.run_name for c in children] == ["metadata_filter", "decode"]
+    parent, child, decode_run = parents[0], children[0], children[1]
     assert child.data.tags[MLFLOW_PARENT_RUN_ID] == parent.info.run_id
     assert parent.info.status == child.info.status == "FINISHED"
     assert parent.data.params["config"] == "tiny"
@@ -71,12 +73,20 @@ def test_mlflow_holds_a_parent_run_a_phase_run_and_the_ground_truth_counts(first
         assert metrics[f"dropped/{reason}"] == dropped.count(reason), reason
     assert Path(client.download_artifacts(child.info.run_id, "manifest.json")).is_file()
 
+    decode_metrics = decode_run.data.metrics
+    decoded = [r["expected"] for r in truth.values() if r["phase"] == "decode" and r["expected"] != demo_data.KEEP]
+    assert decode_metrics["samples_in"] == metrics["kept"]
+    assert decode_metrics["kept"] == metrics["kept"] - len(decoded)
+    for reason in DECODE_REASONS:
+        assert decode_metrics[f"dropped/{reason}"] == decoded.count(reason), reason
+    assert decode_run.data.params["decode.resolution"] == "64"
+
 
 def test_a_second_run_skips_the_finished_phase(first_run):
     work_dir, _ = first_run
     result = run_full("--set", f"work_dir={work_dir}")
     assert result.returncode == 0, result.stderr[-4000:]
-    assert "skipped: output already complete" in result.stderr
+    assert result.stderr.count("skipped: output already complete") == 2
     _, runs = _runs(work_dir)
     latest_phase = [r for r in runs if r.info.run_name == "metadata_filter"][-1]
     assert latest_phase.data.tags["phase.outcome"] == "skipped: output already complete"

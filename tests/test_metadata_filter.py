@@ -14,6 +14,7 @@ from pipelines.config import load_config
 from pipelines.ledger import read_manifest
 from pipelines.metadata_filter import MarkDuplicates, MetadataFilter, MetadataFilterConfig
 from pipelines.schema import DropReason
+from pipelines.storage import StorageConfig
 
 CONFIG = MetadataFilterConfig(min_side=64, max_side=1000, max_aspect_ratio=3.0, min_caption_chars=1,
                               max_pwatermark=0.5, max_punsafe=0.99, min_aesthetic=5.0)
@@ -81,12 +82,12 @@ def test_a_check_without_its_column_fails_before_work(demo_set, tmp_path):
     (tmp_path / "shards").mkdir()
     pq.write_table(table, tmp_path / "shards" / "00000.parquet")
     with pytest.raises(ValueError, match="no 'pwatermark' column.*filter.max_pwatermark=none"):
-        metadata_filter.run(str(tmp_path / "shards"), str(tmp_path / "out"), CONFIG)
+        metadata_filter.run(str(tmp_path / "shards"), str(tmp_path / "out"), CONFIG, StorageConfig())
 
 
 def test_missing_input_names_the_setting(tmp_path):
     with pytest.raises(FileNotFoundError, match="data.shards_url"):
-        metadata_filter.run(str(tmp_path / "nowhere"), str(tmp_path / "out"), CONFIG)
+        metadata_filter.run(str(tmp_path / "nowhere"), str(tmp_path / "out"), CONFIG, StorageConfig())
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +101,7 @@ def test_phase_drops_exactly_the_planted_metadata_defects(demo_set, tmp_path, lo
     root, truth = demo_set
     config = load_config("tiny").filter
     output = str(tmp_path / "metadata_filter")
-    manifest, metrics = metadata_filter.run(f"{root}/shards", output, config)
+    manifest, metrics = metadata_filter.run(f"{root}/shards", output, config, StorageConfig())
     assert metrics["samples_per_second"] > 0
 
     rows = [r for shard in sorted(manifest.shards) for r in pq.read_table(f"{output}/{shard}.parquet").to_pylist()]
@@ -115,11 +116,11 @@ def test_phase_drops_exactly_the_planted_metadata_defects(demo_set, tmp_path, lo
         assert counts.samples_in == len(in_shard)
 
     # The same input and config again: the manifest proves the phase complete, no work is done.
-    again, metrics = metadata_filter.run(f"{root}/shards", output, config)
+    again, metrics = metadata_filter.run(f"{root}/shards", output, config, StorageConfig())
     assert metrics == {} and again.to_json() == manifest.to_json()
 
     # A changed threshold reruns the phase and replaces the result.
     stricter = dataclasses.replace(config, min_aesthetic=6.5)
-    rerun, metrics = metadata_filter.run(f"{root}/shards", output, stricter)
+    rerun, metrics = metadata_filter.run(f"{root}/shards", output, stricter, StorageConfig())
     assert metrics and rerun.dropped()[DropReason.AESTHETIC] > 1
     assert read_manifest(output).config["min_aesthetic"] == 6.5

@@ -1,0 +1,157 @@
+"""Phases that turn each input shard into one output shard of the same name: decode, embed, pre-encode.
+
+A shard is the unit of work, of resume and of the ledger. Each output shard is written under a
+temporary name and moved into place complete, with its ledger (samples in, kept, dropped by
+reason) and the phase's fingerprint in the Parquet footer, so the file itself proves what it
+holds. A rerun skips every shard whose output carries the current fingerprint; a run killed at
+any moment leaves each shard either finished or absent, never half-written or doubled.
+
+Ray Data schedules the shards over a pool of actors (one shard per call), so the pool's size and
+resources say how wide the phase runs and the autoscaler can add nodes for it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray.data
+
+from cluster.resources import StepResources
+from pipelines import schema
+from pipelines.ledger import Manifest, ShardCounts, read_manifest, remove_manifest, write_manifest
+from pipelines.storage import StorageConfig, filesystem
+
+_COUNTS = b"wuerstchen.counts"
+_FINGERPRINT = b"wuerstchen.fingerprint"
+
+
+class ShardOutput:
+    """One output shard being written: row groups go to a temporary file, ``commit`` moves it in place."""
+
+    def __init__(self, fs, path: str, table_schema: pa.Schema):
+        self.fs, self.path = fs, path
+        self.temporary = f"{path}.tmp-{uuid.uuid4().hex}"
+        self.stream = fs.open(self.temporary, "wb")
+        self.writer = pq.ParquetWriter(self.stream, table_schema)
+        self.committed = False
+
+    def write(self, rows: list[dict[str, Any]]) -> None:
+        if rows:
+            self.writer.write_table(pa.Table.from_pylist(rows, schema=self.writer.schema))
+
+    def commit(self, counts: ShardCounts, fingerprint: dict[str, Any]) -> None:
+        self.writer.add_key_value_metadata({
+            _COUNTS: json.dumps(dataclasses.asdict(counts)),
+            _FINGERPRINT: json.dumps(fingerprint, sort_keys=True),
+        })
+        self.writer.close()
+        self.stream.close()
+        self.fs.mv(self.temporary, self.path)
+        self.committed = True
+
+    def __enter__(self) -> ShardOutput:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        if not self.committed:
+            self.writer.close()
+            self.stream.close()
+            self.fs.rm(self.temporary)
+
+
+def read_shard_ledger(fs, path: str) -> tuple[ShardCounts, dict[str, Any]] | None:
+    """The ledger and fingerprint of a finished output shard, or None when there is none."""
+    if not fs.exists(path):
+        return None
+    with fs.open(path, "rb") as stream:
+        metadata = pq.read_metadata(stream).metadata or {}
+    if _COUNTS not in metadata:
+        return None
+    return ShardCounts(**json.loads(metadata[_COUNTS])), json.loads(metadata[_FINGERPRINT])
+
+
+def iter_rows(fs, path: str, columns: list[str] | None = None, batch_size: int = 256) -> Iterator[list[dict]]:
+    """Rows of a Parquet file in batches, without holding the whole shard in memory."""
+    with fs.open(path, "rb") as stream:
+        for batch in pq.ParquetFile(stream).iter_batches(batch_size=batch_size, columns=columns):
+            yield batch.to_pylist()
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ShardPhase:
+    """What a per-shard phase is: its name, its step and how wide it runs."""
+
+    name: str
+    step: type
+    """Callable class; built once per actor with ``step_kwargs``; called with ``{"shard": [name]}``."""
+    step_kwargs: dict[str, Any]
+    resources: StepResources
+    fingerprint: dict[str, Any]
+    """Everything that decides the phase's output (its settings and its input's fingerprint)."""
+
+
+def run(phase: ShardPhase, shards: list[str], output_url: str,
+        storage: StorageConfig) -> tuple[Manifest, dict[str, float]]:
+    """Runs ``phase`` over the shards whose output is missing or stale; returns the manifest and metrics.
+
+    Metrics are empty when every shard was already finished.
+    """
+    previous = read_manifest(output_url, storage)
+    if previous is not None and previous.config == phase.fingerprint and set(previous.shards) == set(shards):
+        return previous, {}
+    fs, folder = filesystem(output_url, storage)
+    if previous is not None:
+        remove_manifest(output_url, storage)  # a stale manifest must not vouch for new outputs
+    fs.makedirs(folder, exist_ok=True)
+
+    def finished(shard: str) -> bool:
+        ledger = read_shard_ledger(fs, f"{folder}/{schema.shard_parquet(shard)}")
+        return ledger is not None and ledger[1] == phase.fingerprint
+
+    todo = [shard for shard in shards if not finished(shard)]
+    started = time.monotonic()
+    if todo:
+        ray.data.from_items([{schema.SHARD: shard} for shard in todo], override_num_blocks=len(todo)).map_batches(
+            phase.step, fn_constructor_kwargs=phase.step_kwargs, batch_size=1, **phase.resources.actor_args(),
+        ).materialize()
+    seconds = time.monotonic() - started
+
+    fs.invalidate_cache()  # object-store listings cached before the actors wrote
+    ledgers = {shard: read_shard_ledger(fs, f"{folder}/{schema.shard_parquet(shard)}") for shard in shards}
+    assert all(ledger is not None and ledger[1] == phase.fingerprint for ledger in ledgers.values()), \
+        f"{phase.name}: a shard step returned without committing its output"
+    manifest = Manifest(phase=phase.name, config=phase.fingerprint, shards={s: ledger[0] for s, ledger in ledgers.items()})
+    write_manifest(output_url, manifest, storage)
+    return manifest, throughput_metrics(
+        samples=sum(manifest.shards[s].samples_in for s in todo), seconds=seconds,
+        resources=phase.resources, actors=min(len(todo), phase.resources.max_actors),
+        shards_done=len(todo), shards_skipped=len(shards) - len(todo))
+
+
+def throughput_metrics(*, samples: int, seconds: float, resources: StepResources, actors: int,
+                       shards_done: int, shards_skipped: int) -> dict[str, float]:
+    """Speed and cost of a run, per CPU and per GPU held (pool size × resources per actor)."""
+    cpus, gpus = actors * resources.num_cpus, actors * resources.num_gpus
+    per_second = samples / seconds if seconds > 0 else 0.0
+    metrics = {
+        "seconds": seconds,
+        "samples_processed": samples,
+        "samples_per_second": per_second,
+        "shards_processed": shards_done,
+        "shards_skipped": shards_skipped,
+        "cpus_held": cpus,
+        "gpus_held": gpus,
+        "gpu_hours": gpus * seconds / 3600,
+    }
+    if cpus:
+        metrics["samples_per_second_per_cpu"] = per_second / cpus
+    if gpus:
+        metrics["samples_per_second_per_gpu"] = per_second / gpus
+    return metrics
