@@ -12,6 +12,7 @@ from pathlib import Path
 
 from cluster.resources import StepResources
 from pipelines.decode import DecodeConfig
+from pipelines.embed import EmbedConfig
 from pipelines.inputs import DataConfig
 from pipelines.metadata_filter import MetadataFilterConfig
 from pipelines.overrides import apply_overrides
@@ -31,6 +32,7 @@ class RunConfig:
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     filter: MetadataFilterConfig = dataclasses.field(default_factory=MetadataFilterConfig)
     decode: DecodeConfig = dataclasses.field(default_factory=DecodeConfig)
+    embed: EmbedConfig = dataclasses.field(default_factory=EmbedConfig)
     ray: RayConfig = dataclasses.field(default_factory=RayConfig)
     tracking: TrackingConfig = dataclasses.field(default_factory=TrackingConfig)
     storage: StorageConfig = dataclasses.field(default_factory=StorageConfig)
@@ -58,6 +60,9 @@ def tiny() -> RunConfig:
         # 64 px crops, stored lossless: the size the tiny stages train at.
         decode=DecodeConfig(resolution=64, image_format="png",
                             resources=StepResources(num_cpus=1, min_actors=1, max_actors=2)),
+        # A random tiny CLIP and aesthetic MLP: the path runs, the scores mean nothing, so no thresholds.
+        embed=EmbedConfig(clip_model="tiny-clip", clip_pretrained="", aesthetic_weights="",
+                          resources=StepResources(num_cpus=1, num_gpus=0, batch_size=64)),
     )
 
 
@@ -78,6 +83,10 @@ def v2() -> RunConfig:
         # v2's final training resolution; the semantic compressor sees these crops resized to 768.
         decode=DecodeConfig(resolution=1024, image_format="jpeg",
                             resources=StepResources(num_cpus=1, min_actors=1, max_actors=1024)),
+        # OpenAI ViT-L/14 and the public aesthetic predictor. No thresholds by default: the LAION
+        # aesthetic cut (5.1) already ran on the metadata; set embed.min_* to filter again.
+        embed=EmbedConfig(clip_model="ViT-L-14", clip_pretrained="openai",
+                          resources=StepResources(num_cpus=8, num_gpus=1, min_actors=1, max_actors=64, batch_size=256)),
     )
 
 

@@ -47,24 +47,7 @@ IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 DECODABLE_FORMATS = ("JPEG", "PNG", "WEBP")
 _EXIF_ORIENTATION = 0x0112
 _TRANSPOSED_ORIENTATIONS = (5, 6, 7, 8)  # EXIF orientations that swap width and height
-# Metadata carried from the metadata filter's output to every later phase.
-CARRIED_COLUMNS = (schema.KEY, schema.URL, schema.HASH, schema.SIMILARITY, schema.PUNSAFE, schema.PWATERMARK,
-                   schema.AESTHETIC, schema.ORIGINAL_WIDTH, schema.ORIGINAL_HEIGHT)
-OUTPUT_SCHEMA = pa.schema([
-    (schema.KEY, pa.string()),
-    (schema.SHARD, pa.string()),
-    (schema.CAPTION, pa.string()),
-    (schema.URL, pa.string()),
-    (schema.HASH, pa.int64()),
-    (schema.SIMILARITY, pa.float64()),
-    (schema.PUNSAFE, pa.float64()),
-    (schema.PWATERMARK, pa.float64()),
-    (schema.AESTHETIC, pa.float64()),
-    (schema.ORIGINAL_WIDTH, pa.int64()),
-    (schema.ORIGINAL_HEIGHT, pa.int64()),
-    (schema.IMAGE, pa.binary()),
-    (schema.DROP_REASON, pa.string()),
-])
+OUTPUT_SCHEMA = schema.sample_schema(pa.field(schema.CAPTION, pa.string()), pa.field(schema.IMAGE, pa.binary()))
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -179,8 +162,8 @@ def tar_samples(stream) -> Iterator[tuple[str, dict[str, bytes]] | None]:
 
 def decode_sample(members: dict[str, bytes], row: dict[str, Any], config: DecodeConfig) -> dict[str, Any]:
     """The output row of one sample: its crop and caption, or its drop reason."""
-    out = {column: row.get(column) for column in CARRIED_COLUMNS}
-    out.update({schema.SHARD: row[schema.SHARD], schema.CAPTION: None, schema.IMAGE: None, schema.DROP_REASON: None})
+    out = {column: row.get(column) for column in schema.SAMPLE_METADATA}
+    out.update({schema.CAPTION: None, schema.IMAGE: None, schema.DROP_REASON: None})
     reason = _check_members(members)
     if reason is None:
         out[schema.CAPTION] = members["txt"].decode("utf-8")
@@ -250,7 +233,7 @@ class DecodeShard:
 
         def dropped_row(key: str, reason: DropReason) -> dict[str, Any]:
             row = wanted[key]
-            return {**{c: row.get(c) for c in CARRIED_COLUMNS}, schema.SHARD: shard, schema.CAPTION: None,
+            return {**{c: row.get(c) for c in schema.SAMPLE_METADATA}, schema.CAPTION: None,
                     schema.IMAGE: None, schema.DROP_REASON: str(reason)}
 
         with shard_phase.ShardOutput(self.output, path, OUTPUT_SCHEMA) as output:

@@ -42,16 +42,9 @@ METADATA_REASONS = (
 _DEDUP_KEY = "_dedup_key"
 # The types every later step can rely on, whatever integer or float widths a source used.
 _COLUMN_TYPES = {
-    schema.KEY: pa.string(),
+    **{field.name: field.type for field in schema.SAMPLE_METADATA_FIELDS},
     schema.CAPTION: pa.string(),
     schema.STATUS: pa.string(),
-    schema.ORIGINAL_WIDTH: pa.int64(),
-    schema.ORIGINAL_HEIGHT: pa.int64(),
-    schema.PWATERMARK: pa.float64(),
-    schema.PUNSAFE: pa.float64(),
-    schema.AESTHETIC: pa.float64(),
-    schema.SIMILARITY: pa.float64(),
-    schema.HASH: pa.int64(),
 }
 
 

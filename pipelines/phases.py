@@ -3,16 +3,22 @@
 from __future__ import annotations
 
 import dataclasses
+import io
 from collections.abc import Callable
 
-from pipelines import decode, metadata_filter, shard_phase
+from PIL import Image
+
+from pipelines import decode, embed, metadata_filter, schema, shard_phase
 from pipelines.config import RunConfig
 from pipelines.ledger import Manifest, read_manifest
 from pipelines.overrides import to_flat_dict
+from pipelines.reports import histograms, image_grid
 from pipelines.schema import DropReason
+from pipelines.storage import filesystem
 from pipelines.tracking import TrackedRun
 
 SKIPPED = "skipped: output already complete"
+_GRID_SIZE = 16
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -52,7 +58,32 @@ def run_decode(context: PhaseContext, run: TrackedRun) -> str:
                          config=config, storage=context.config.storage)
     manifest, metrics = shard_phase.run(phase, sorted(filtered.shards), context.output_url(decode.PHASE),
                                         context.config.storage)
+    fs, folder = filesystem(context.output_url(decode.PHASE), context.config.storage)
+    kept = [row for rows in shard_phase.iter_rows(fs, f"{folder}/{schema.shard_parquet(min(manifest.shards))}")
+            for row in rows if row[schema.DROP_REASON] is None][:_GRID_SIZE]
+    if kept:
+        run.log_image(image_grid([Image.open(io.BytesIO(row[schema.IMAGE])) for row in kept],
+                                 [row[schema.CAPTION] for row in kept]), "kept_samples.png")
     return _report(run, "decode", config, manifest, metrics, decode.DECODE_REASONS)
+
+
+def run_embed(context: PhaseContext, run: TrackedRun) -> str:
+    config = context.config.embed
+    decoded = context.finished(decode.PHASE)
+    output_url = context.output_url(embed.PHASE)
+    phase = embed.phase(decoded_url=context.output_url(decode.PHASE), output_url=output_url,
+                        decoded_fingerprint=decoded.config, config=config, storage=context.config.storage)
+    manifest, metrics = shard_phase.run(phase, sorted(decoded.shards), output_url, context.config.storage)
+    fs, folder = filesystem(output_url, context.config.storage)
+    scores = {schema.CLIP_SIMILARITY: [], schema.AESTHETIC_SCORE: []}
+    for shard in sorted(manifest.shards):
+        for rows in shard_phase.iter_rows(fs, f"{folder}/{schema.shard_parquet(shard)}", columns=list(scores)):
+            for name, values in scores.items():
+                values.extend(row[name] for row in rows)
+    if scores[schema.CLIP_SIMILARITY]:
+        run.log_figure(histograms(scores, {schema.CLIP_SIMILARITY: config.min_clip_similarity,
+                                           schema.AESTHETIC_SCORE: config.min_aesthetic_score}), "scores.png")
+    return _report(run, "embed", config, manifest, metrics, embed.EMBED_REASONS)
 
 
 def _report(run: TrackedRun, section: str, config, manifest: Manifest, metrics: dict[str, float],
@@ -81,6 +112,7 @@ def ledger_metrics(manifest: Manifest, reasons: tuple[DropReason, ...]) -> dict[
 PHASES: dict[str, Callable[[PhaseContext, TrackedRun], str]] = {
     metadata_filter.PHASE: run_metadata_filter,
     decode.PHASE: run_decode,
+    embed.PHASE: run_embed,
 }
 # Phases of the design that are not built yet; full.py names them instead of pretending.
-NOT_BUILT = ("embed", "pre_encode", "train_stage_c", "train_stage_b", "train_stage_a", "generate")
+NOT_BUILT = ("pre_encode", "train_stage_c", "train_stage_b", "train_stage_a", "generate")

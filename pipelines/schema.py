@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import enum
 
+import pyarrow as pa
+
 # img2dataset shard parquet / per-sample json
 KEY = "key"
 URL = "url"
@@ -32,6 +34,31 @@ HASH = "hash"
 SHARD = "shard"
 DROP_REASON = "drop_reason"
 IMAGE = "image"  # the decoded, cropped image, re-encoded (PNG or JPEG bytes)
+CLIP_IMAGE_EMBEDDING = "clip_image_embedding"
+CLIP_TEXT_EMBEDDING = "clip_text_embedding"
+CLIP_SIMILARITY = "clip_similarity"
+AESTHETIC_SCORE = "aesthetic_score"
+
+# What every phase after the metadata filter carries along with a sample: the metadata that
+# decided its filtering.
+SAMPLE_METADATA_FIELDS = (
+    pa.field(KEY, pa.string()),
+    pa.field(SHARD, pa.string()),
+    pa.field(URL, pa.string()),
+    pa.field(HASH, pa.int64()),
+    pa.field(SIMILARITY, pa.float64()),
+    pa.field(PUNSAFE, pa.float64()),
+    pa.field(PWATERMARK, pa.float64()),
+    pa.field(AESTHETIC, pa.float64()),
+    pa.field(ORIGINAL_WIDTH, pa.int64()),
+    pa.field(ORIGINAL_HEIGHT, pa.int64()),
+)
+SAMPLE_METADATA = tuple(field.name for field in SAMPLE_METADATA_FIELDS)
+
+
+def sample_schema(*fields: pa.Field) -> pa.Schema:
+    """A phase's output schema: the sample metadata, the phase's own columns, then the drop reason."""
+    return pa.schema([*SAMPLE_METADATA_FIELDS, *fields, pa.field(DROP_REASON, pa.string())])
 
 STATUS_SUCCESS = "success"
 
@@ -93,3 +120,6 @@ class DropReason(enum.StrEnum):
     IMAGE_FORMAT = "image_format"
     DECOMPRESSION_BOMB = "decompression_bomb"
     SIZE_MISMATCH = "size_mismatch"
+    # embed phase
+    LOW_CLIP_SIMILARITY = "low_clip_similarity"
+    LOW_AESTHETIC_SCORE = "low_aesthetic_score"

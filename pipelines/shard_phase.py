@@ -19,6 +19,7 @@ import uuid
 from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import ray.data
@@ -44,7 +45,7 @@ class ShardOutput:
 
     def write(self, rows: list[dict[str, Any]]) -> None:
         if rows:
-            self.writer.write_table(pa.Table.from_pylist(rows, schema=self.writer.schema))
+            self.writer.write_table(rows_to_table(rows, self.writer.schema))
 
     def commit(self, counts: ShardCounts, fingerprint: dict[str, Any]) -> None:
         self.writer.add_key_value_metadata({
@@ -64,6 +65,26 @@ class ShardOutput:
             self.writer.close()
             self.stream.close()
             self.fs.rm(self.temporary)
+
+
+def rows_to_table(rows: list[dict[str, Any]], table_schema: pa.Schema) -> pa.Table:
+    """Rows (dicts) as a table; tensor columns take numpy arrays (never null: Parquet cannot round-trip it)."""
+    columns = {}
+    for field in table_schema:
+        values = [row[field.name] for row in rows]
+        if isinstance(field.type, pa.FixedShapeTensorType):
+            columns[field.name] = _tensor_column(field.type, values)
+        else:
+            columns[field.name] = pa.array(values, type=field.type)
+    return pa.Table.from_pydict(columns, schema=table_schema)
+
+
+def _tensor_column(tensor_type: pa.FixedShapeTensorType, values: list) -> pa.ExtensionArray:
+    size = int(np.prod(tensor_type.shape))
+    assert all(value is not None for value in values), "tensor columns hold a value in every row"
+    flat = np.stack([np.asarray(value, dtype=tensor_type.value_type.to_pandas_dtype()).reshape(size) for value in values])
+    storage = pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1), type=tensor_type.value_type), size)
+    return pa.ExtensionArray.from_storage(tensor_type, storage)
 
 
 def read_shard_ledger(fs, path: str) -> tuple[ShardCounts, dict[str, Any]] | None:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import uuid
 from collections.abc import Callable
+from pathlib import Path
 from typing import IO, Any
 
 import fsspec
@@ -61,3 +63,18 @@ def write_atomically(fs: fsspec.AbstractFileSystem, path: str, write: Callable[[
     finally:
         if fs.exists(temporary):
             fs.rm(temporary)
+
+
+def local_copy(url: str, storage: StorageConfig | None = None, cache_dir: str | None = None) -> str:
+    """A local path holding the file at ``url`` (a path is returned as it is; URLs are downloaded once)."""
+    if "://" not in url or url.startswith("file://"):
+        return url.removeprefix("file://")
+    cache = Path(cache_dir or Path.home() / ".cache" / "wuerstchen-ray")
+    target = cache / f"{hashlib.sha256(url.encode()).hexdigest()[:16]}-{url.rsplit('/', 1)[-1]}"
+    if not target.is_file():
+        cache.mkdir(parents=True, exist_ok=True)
+        fs, path = filesystem(url, storage)
+        temporary = target.with_name(f"{target.name}.tmp-{uuid.uuid4().hex}")
+        fs.get(path, str(temporary))
+        temporary.rename(target)
+    return str(target)

@@ -74,6 +74,14 @@ class TrackedRun:
     def log_dict(self, data: dict[str, Any], artifact_file: str) -> None:
         self.client.log_dict(self.run_id, data, artifact_file)
 
+    def log_image(self, image, artifact_file: str) -> None:
+        """A PIL image as a PNG artifact."""
+        self.client.log_image(self.run_id, image, artifact_file=artifact_file)
+
+    def log_figure(self, figure, artifact_file: str) -> None:
+        """A matplotlib figure as an image artifact."""
+        self.client.log_figure(self.run_id, figure, artifact_file)
+
     def set_tags(self, tags: dict[str, str]) -> None:
         for key, value in tags.items():
             self.client.set_tag(self.run_id, key, value)

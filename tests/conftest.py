@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import ray
 
 from pipelines import demo_data
 
@@ -13,3 +14,11 @@ def demo_set(tmp_path_factory) -> tuple[str, dict]:
     root = str(tmp_path_factory.mktemp("demo") / "set")
     truth = demo_data.generate(root, demo_data.DemoDataConfig())
     return root, truth
+
+
+@pytest.fixture(scope="session")
+def local_ray():
+    """One local Ray for the tests that run phases in-process (end-to-end tests start their own)."""
+    ray.init(num_cpus=2, include_dashboard=False)
+    yield
+    ray.shutdown()

@@ -15,7 +15,6 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-import ray
 from PIL import Image
 
 from pipelines import decode, demo_data, metadata_filter, schema, shard_phase
@@ -127,13 +126,6 @@ def test_tar_samples_group_members_and_flag_truncation():
     assert [s[0] for s in samples] == ["a", "../evil", "/abs/b", "c"]
     cut = list(tar_samples(io.BytesIO(data[:2600])))
     assert cut[-1] is None and cut[0][0] == "a"
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False)
-    yield
-    ray.shutdown()
 
 
 def test_phase_keeps_exactly_the_ground_truth_and_reruns_do_nothing(demo_set, tmp_path, local_ray):

@@ -7,7 +7,6 @@ import dataclasses
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import ray
 
 from pipelines import metadata_filter, schema
 from pipelines.config import load_config
@@ -88,13 +87,6 @@ def test_a_check_without_its_column_fails_before_work(demo_set, tmp_path):
 def test_missing_input_names_the_setting(tmp_path):
     with pytest.raises(FileNotFoundError, match="data.shards_url"):
         metadata_filter.run(str(tmp_path / "nowhere"), str(tmp_path / "out"), CONFIG, StorageConfig())
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False)
-    yield
-    ray.shutdown()
 
 
 def test_phase_drops_exactly_the_planted_metadata_defects(demo_set, tmp_path, local_ray):

@@ -1,0 +1,119 @@
+"""The embed phase: the aesthetic predictor's checkpoint format, weights from URLs, scores and thresholds."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import http.server
+import threading
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from pipelines import decode, embed, metadata_filter, schema, shard_phase
+from pipelines.config import load_config
+from pipelines.demo_data import DemoDataConfig, generate
+from pipelines.schema import DropReason
+from pipelines.storage import StorageConfig, local_copy
+from stages.aesthetic import AestheticPredictor
+from stages.weights import load_weights
+
+# The layer names and shapes of the public sac+logos+ava1-l14-linearMSE.pth, for a 768-d embedding.
+OFFICIAL_SHAPES = {
+    "layers.0.weight": (1024, 768), "layers.0.bias": (1024,), "layers.2.weight": (128, 1024), "layers.2.bias": (128,),
+    "layers.4.weight": (64, 128), "layers.4.bias": (64,), "layers.6.weight": (16, 64), "layers.6.bias": (16,),
+    "layers.7.weight": (1, 16), "layers.7.bias": (1,),
+}
+
+
+def test_aesthetic_predictor_has_the_public_checkpoint_layout():
+    assert {k: tuple(v.shape) for k, v in AestheticPredictor(768).state_dict().items()} == OFFICIAL_SHAPES
+
+
+def test_aesthetic_checkpoint_in_the_official_format_loads_and_scores(tmp_path):
+    torch.manual_seed(0)
+    state = {name: torch.randn(shape) * 0.1 for name, shape in OFFICIAL_SHAPES.items()}
+    torch.save(state, tmp_path / "sac+logos+ava1-l14-linearMSE.pth")
+    predictor = load_weights(AestheticPredictor(768), tmp_path / "sac+logos+ava1-l14-linearMSE.pth").eval()
+    embedding = torch.randn(3, 768)
+    x = embedding / embedding.norm(dim=-1, keepdim=True)
+    for index in (0, 2, 4, 6, 7):
+        x = x @ state[f"layers.{index}.weight"].T + state[f"layers.{index}.bias"]
+    torch.testing.assert_close(predictor(embedding), x.squeeze(-1))
+    with pytest.raises(ValueError, match="do not fit AestheticPredictor"):
+        load_weights(AestheticPredictor(512), tmp_path / "sac+logos+ava1-l14-linearMSE.pth")
+
+
+@pytest.fixture
+def http_folder(tmp_path):
+    """A real HTTP server on 127.0.0.1 serving ``tmp_path/www``."""
+    (tmp_path / "www").mkdir()
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path / "www"))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield tmp_path / "www", f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    thread.join()
+
+
+def test_weights_from_a_url_are_downloaded_once(http_folder, tmp_path):
+    folder, url = http_folder
+    torch.save(AestheticPredictor(8).state_dict(), folder / "predictor.pth")
+    first = local_copy(f"{url}/predictor.pth", cache_dir=str(tmp_path / "cache"))
+    (folder / "predictor.pth").unlink()  # a second call must not need the server's copy
+    assert local_copy(f"{url}/predictor.pth", cache_dir=str(tmp_path / "cache")) == first
+    load_weights(AestheticPredictor(8), first)
+    assert local_copy(str(folder / "x.pth")) == str(folder / "x.pth")
+
+
+@pytest.fixture(scope="module")
+def decoded(tmp_path_factory, local_ray):
+    """A small demo set through the metadata filter and decode."""
+    root = tmp_path_factory.mktemp("embed")
+    generate(str(root / "demo"), DemoDataConfig(num_shards=2, samples_per_shard=20, plant_defects=False))
+    config, storage = load_config("tiny"), StorageConfig()
+    filtered, _ = metadata_filter.run(str(root / "demo" / "shards"), str(root / "filtered"), config.filter, storage)
+    phase = decode.phase(shards_url=str(root / "demo" / "shards"), filtered_url=str(root / "filtered"),
+                         output_url=str(root / "decode"), filtered_fingerprint=filtered.config, config=config.decode,
+                         storage=storage)
+    manifest, _ = shard_phase.run(phase, sorted(filtered.shards), str(root / "decode"), storage)
+    return root, manifest
+
+
+def _embed(root, decoded_manifest, config, output):
+    phase = embed.phase(decoded_url=str(root / "decode"), output_url=str(output), decoded_fingerprint=decoded_manifest.config,
+                        config=config, storage=StorageConfig())
+    manifest, metrics = shard_phase.run(phase, sorted(decoded_manifest.shards), str(output), StorageConfig())
+    rows = [r for shard in sorted(manifest.shards) for r in pq.read_table(output / f"{shard}.parquet").to_pylist()]
+    return manifest, metrics, rows
+
+
+def test_embeddings_scores_and_thresholds(decoded, tmp_path):
+    root, decoded_manifest = decoded
+    config = load_config("tiny").embed
+    manifest, metrics, rows = _embed(root, decoded_manifest, config, tmp_path / "all")
+    assert manifest.kept == manifest.samples_in == decoded_manifest.kept == len(rows) == 40
+    assert metrics["gpu_hours"] == 0 and metrics["samples_per_second_per_cpu"] > 0
+    table = pq.read_table(tmp_path / "all" / "00000.parquet")
+    images = table[schema.CLIP_IMAGE_EMBEDDING].combine_chunks().to_numpy_ndarray().astype(np.float32)
+    texts = table[schema.CLIP_TEXT_EMBEDDING].combine_chunks().to_numpy_ndarray().astype(np.float32)
+    assert images.shape == texts.shape == (table.num_rows, 32)
+    np.testing.assert_allclose(np.linalg.norm(images, axis=1), 1, atol=2e-3)
+    np.testing.assert_allclose((images * texts).sum(1), table[schema.CLIP_SIMILARITY].to_numpy(), atol=3e-3)
+
+    # Thresholds at the medians: exactly the samples below are dropped, similarity checked first.
+    similarity = {r[schema.KEY]: r[schema.CLIP_SIMILARITY] for r in rows}
+    aesthetic = {r[schema.KEY]: r[schema.AESTHETIC_SCORE] for r in rows}
+    cut_similarity, cut_aesthetic = float(np.median(list(similarity.values()))), float(np.median(list(aesthetic.values())))
+    strict = dataclasses.replace(config, min_clip_similarity=cut_similarity, min_aesthetic_score=cut_aesthetic)
+    manifest, _, rows = _embed(root, decoded_manifest, strict, tmp_path / "strict")
+    expected = {
+        key: (DropReason.LOW_CLIP_SIMILARITY if similarity[key] < cut_similarity
+              else DropReason.LOW_AESTHETIC_SCORE if aesthetic[key] < cut_aesthetic else None)
+        for key in similarity
+    }
+    assert {r[schema.KEY]: r[schema.DROP_REASON] for r in rows} == expected
+    assert manifest.kept == sum(reason is None for reason in expected.values()) > 0
