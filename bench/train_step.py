@@ -1,0 +1,176 @@
+"""Train-step throughput and peak memory of our Stage C / Stage B against the diffusers reference.
+
+One train step = forward, P2-weighted epsilon loss, backward, AdamW step, at the same config and
+batch for both implementations. Each (stage, implementation) runs in a fresh subprocess, so peak
+memory is its own: `torch.cuda.max_memory_allocated` on a GPU, the growth of the process's peak
+RSS over its size before building the model on CPU.
+
+    python bench/train_step.py                              # CPU, reduced-width configs, fp32
+    python bench/train_step.py --device cuda --config v2    # GPU, official v2 configs, bf16 autocast
+
+Prints samples/s and peak memory for both and the ratios ours / reference. Both start from the
+same weights (the original init, copied into the reference).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import multiprocessing
+import platform
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # the stages, and the test oracle's reference builders
+
+import torch  # noqa: E402
+from stage_oracle import reference_like  # noqa: E402
+
+from stages.diffusion import CosineDiffusion, DiffusionConfig  # noqa: E402
+from stages.stage_b import STAGE_B_CONFIGS, StageB, StageBConfig  # noqa: E402
+from stages.stage_c import STAGE_C_CONFIGS, StageC, StageCConfig  # noqa: E402
+
+
+def reduced_stage_c() -> StageCConfig:
+    """v2's structure at CPU scale: 24x24 latents and 77 text tokens as in v2, narrow and shallow."""
+    return dataclasses.replace(STAGE_C_CONFIGS["v2"](), c=256, c_cond=256, depth=4, nhead=4)
+
+
+def reduced_stage_b() -> StageBConfig:
+    """v2's four levels and block pattern at CPU scale."""
+    return dataclasses.replace(
+        STAGE_B_CONFIGS["v2"](),
+        c_cond=256,
+        c_hidden=(64, 128, 256, 256),
+        nhead=(-1, 2, 4, 4),
+        blocks=(1, 1, 2, 1),
+        clip_embd=256,
+    )
+
+
+# (config factory, batch, Stage C latent side, Stage B latent side) per --config.
+SETUPS = {
+    "reduced": {"c": (reduced_stage_c, 8, 24), "b": (reduced_stage_b, 4, 64)},
+    # DESIGN.md's reference rows: Stage C at 24x24 batch 32, Stage B at 512 px (128x128 latents) batch 16.
+    "v2": {"c": (STAGE_C_CONFIGS["v2"], 32, 24), "b": (STAGE_B_CONFIGS["v2"], 16, 128)},
+}
+TEXT_TOKENS = 77
+
+
+def build(stage: str, impl: str, config: StageCConfig | StageBConfig) -> torch.nn.Module:
+    """Our model, or the diffusers reference holding the same initial weights."""
+    ours = StageC(config) if stage == "c" else StageB(config)
+    return ours if impl == "ours" else reference_like(ours)
+
+
+def inputs(stage: str, config, batch: int, side: int, device: torch.device) -> tuple[torch.Tensor, dict]:
+    """Clean latents and the conditioning keyword arguments of one batch."""
+    if stage == "c":
+        x0 = torch.randn(batch, config.c_in, side, side, device=device) * 0.03
+        return x0, {"c": torch.randn(batch, TEXT_TOKENS, config.c_cond, device=device)}
+    semantic_side = round(side / 10.67)  # Stage C latent of the same image (official ratio)
+    x0 = torch.randn(batch, config.c_in, side, side, device=device)
+    return x0, {
+        "effnet": torch.randn(batch, config.effnet_embd, semantic_side, semantic_side, device=device),
+        "clip": torch.randn(batch, TEXT_TOKENS, config.clip_embd, device=device),
+    }
+
+
+def worker(job: dict) -> dict:
+    """Run one (stage, implementation) measurement; executed in its own process."""
+    device = torch.device(job["device"])
+    baseline_rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    torch.manual_seed(0)
+    factory, batch, side = SETUPS[job["config"]][job["stage"]]
+    config = dataclasses.replace(factory(), checkpointing=job["checkpointing"])  # the reference ignores it
+    model = build(job["stage"], job["impl"], config).to(device).train()
+    if job["compile"] in ("both", job["impl"]):
+        model = torch.compile(model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    diffusion = CosineDiffusion(DiffusionConfig())
+    x0, cond = inputs(job["stage"], config, batch, side, device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=job["bf16"])
+
+    def step() -> float:
+        noised, noise, r = diffusion.noise_batch(x0)
+        with autocast:
+            loss = diffusion.loss(model(noised, r, **cond), noise, r)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.item()  # syncs the device
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    for _ in range(job["warmup"]):
+        step()
+    step_times = []
+    for _ in range(job["steps"]):
+        start = time.perf_counter()
+        step()
+        step_times.append(time.perf_counter() - start)
+    if device.type == "cuda":
+        peak_gib = torch.cuda.max_memory_allocated(device) / 2**30
+    else:  # ru_maxrss is in KiB on Linux
+        peak_gib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - baseline_rss_kb) / 2**20
+    return {
+        # The median step resists the hiccups of a shared machine.
+        "samples_per_s": batch / statistics.median(step_times),
+        "peak_gib": peak_gib,
+        "batch": batch,
+        "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--config", default=None, choices=sorted(SETUPS), help="default: reduced on cpu, v2 on cuda")
+    parser.add_argument("--stages", default="c,b", help="comma-separated subset of c,b")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps (default: 5 on cpu, 20 on cuda)")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=1, help="runs per implementation, alternating; best kept")
+    parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                        help="bf16 autocast (default: on for cuda, off for cpu)")  # fmt: skip
+    parser.add_argument("--compile", default="none", choices=["none", "ours", "both"])
+    parser.add_argument("--checkpointing", action="store_true", help="activation checkpointing in ours")
+    args = parser.parse_args()
+    config = args.config or ("v2" if args.device == "cuda" else "reduced")
+    steps = args.steps or (20 if args.device == "cuda" else 5)
+    bf16 = args.bf16 if args.bf16 is not None else args.device == "cuda"
+    if args.device == "cuda":
+        assert torch.cuda.is_available(), "--device cuda needs a GPU"
+        device_name = torch.cuda.get_device_name()
+    else:
+        device_name = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    print(f"device: {device_name}; torch {torch.__version__}; config {config}; bf16 autocast {bf16}; "
+          f"compile {args.compile}; checkpointing (ours) {args.checkpointing}; {steps} timed steps")  # fmt: skip
+
+    context = multiprocessing.get_context("spawn")
+    for stage in args.stages.split(","):
+        results: dict[str, dict] = {}
+        # Alternate the implementations so that a change in machine load hits both alike; keep each
+        # one's best run.
+        for _ in range(args.repeats):
+            for impl in ("reference", "ours"):
+                job = dict(stage=stage, impl=impl, device=args.device, config=config, steps=steps,
+                           warmup=args.warmup, bf16=bf16, compile=args.compile,
+                           checkpointing=args.checkpointing)  # fmt: skip
+                with context.Pool(1) as pool:
+                    res = pool.apply(worker, (job,))
+                if impl not in results or res["samples_per_s"] > results[impl]["samples_per_s"]:
+                    results[impl] = res
+        for impl, res in results.items():
+            print(f"stage {stage.upper()} {impl:9s}: {res['params_m']:8.2f}M params, batch {res['batch']:3d}: "
+                  f"{res['samples_per_s']:8.2f} samples/s, peak {res['peak_gib']:7.3f} GiB")  # fmt: skip
+        ours, ref = results["ours"], results["reference"]
+        print(f"stage {stage.upper()} ours / reference: {ours['samples_per_s'] / ref['samples_per_s']:.2f}x samples/s, "
+              f"{ours['peak_gib'] / ref['peak_gib']:.2f}x peak memory")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
