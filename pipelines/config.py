@@ -16,6 +16,7 @@ from pipelines.embed import EmbedConfig
 from pipelines.inputs import DataConfig
 from pipelines.metadata_filter import MetadataFilterConfig
 from pipelines.overrides import apply_overrides
+from pipelines.pre_encode import PreEncodeConfig
 from pipelines.runtime import RayConfig
 from pipelines.storage import StorageConfig
 from pipelines.tracking import TrackingConfig
@@ -33,6 +34,7 @@ class RunConfig:
     filter: MetadataFilterConfig = dataclasses.field(default_factory=MetadataFilterConfig)
     decode: DecodeConfig = dataclasses.field(default_factory=DecodeConfig)
     embed: EmbedConfig = dataclasses.field(default_factory=EmbedConfig)
+    pre_encode: PreEncodeConfig = dataclasses.field(default_factory=PreEncodeConfig)
     ray: RayConfig = dataclasses.field(default_factory=RayConfig)
     tracking: TrackingConfig = dataclasses.field(default_factory=TrackingConfig)
     storage: StorageConfig = dataclasses.field(default_factory=StorageConfig)
@@ -63,6 +65,9 @@ def tiny() -> RunConfig:
         # A random tiny CLIP and aesthetic MLP: the path runs, the scores mean nothing, so no thresholds.
         embed=EmbedConfig(clip_model="tiny-clip", clip_pretrained="", aesthetic_weights="",
                           resources=StepResources(num_cpus=1, num_gpus=0, batch_size=64)),
+        # Random tiny encoders until a trained tiny Stage A exists: shapes and plumbing, not meaning.
+        pre_encode=PreEncodeConfig(models="tiny", stage_a_weights="", semantic_weights="",
+                                   resources=StepResources(num_cpus=1, num_gpus=0, batch_size=32)),
     )
 
 
@@ -87,6 +92,8 @@ def v2() -> RunConfig:
         # aesthetic cut (5.1) already ran on the metadata; set embed.min_* to filter again.
         embed=EmbedConfig(clip_model="ViT-L-14", clip_pretrained="openai",
                           resources=StepResources(num_cpus=8, num_gpus=1, min_actors=1, max_actors=64, batch_size=256)),
+        pre_encode=PreEncodeConfig(models="v2",
+                                   resources=StepResources(num_cpus=8, num_gpus=1, min_actors=1, max_actors=64, batch_size=64)),
     )
 
 

@@ -15,19 +15,21 @@ from typing import Any
 _TRUE = {"true", "1", "yes", "on"}
 _FALSE = {"false", "0", "no", "off"}
 _NONE = {"none", "null"}
+REDACTED = "***"
 
 
 def apply_overrides(config: Any, overrides: list[str]) -> Any:
-    """Returns a copy of ``config`` with each ``dotted.key=value`` applied in order."""
+    """Returns a copy of ``config`` with every ``dotted.key=value`` applied (the last of a repeated key wins).
+
+    The fields of one section change together, so a cross-field check sees all of them at once.
+    """
+    changes: dict[tuple[str, ...], str] = {}
     for override in overrides:
         if "=" not in override:
             raise ValueError(f"override {override!r} must look like dotted.key=value")
         key, raw = override.split("=", 1)
-        config = _set(config, key.strip().split("."), raw.strip(), key.strip())
-    return config
-
-
-REDACTED = "***"
+        changes[tuple(key.strip().split("."))] = raw.strip()
+    return _apply(config, changes, prefix="")
 
 
 def to_flat_dict(config: Any, prefix: str = "") -> dict[str, Any]:
@@ -48,32 +50,37 @@ def to_flat_dict(config: Any, prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def _set(section: Any, path: list[str], raw: str, full_key: str) -> Any:
+def _apply(section: Any, changes: dict[tuple[str, ...], str], prefix: str) -> Any:
     assert dataclasses.is_dataclass(section), "only dataclass configs take overrides"
     fields = {f.name: f for f in dataclasses.fields(section)}
-    name = path[0]
-    if name not in fields:
-        raise ValueError(
-            f"unknown config key {full_key!r}: {type(section).__name__} has no field {name!r} "
-            f"(valid: {', '.join(sorted(fields))})"
-        )
-    current = getattr(section, name)
-    if dataclasses.is_dataclass(current):
-        if len(path) == 1:
+    by_field: dict[str, dict[tuple[str, ...], str]] = {}
+    for path, raw in changes.items():
+        if path[0] not in fields:
             raise ValueError(
-                f"config key {full_key!r} is a section; set one of its fields "
-                f"({', '.join(sorted(f.name for f in dataclasses.fields(current)))})"
+                f"unknown config key {prefix + '.'.join(path)!r}: {type(section).__name__} has no field {path[0]!r} "
+                f"(valid: {', '.join(sorted(fields))})"
             )
-        value = _set(current, path[1:], raw, full_key)
-    else:
-        if len(path) > 1:
-            raise ValueError(f"unknown config key {full_key!r}: {name!r} is a value, not a section")
-        annotation = typing.get_type_hints(type(section))[name]
-        value = parse_value(annotation, raw, full_key)
+        by_field.setdefault(path[0], {})[path[1:]] = raw
+    values = {}
+    for name, rest in by_field.items():
+        current, key = getattr(section, name), prefix + name
+        if dataclasses.is_dataclass(current):
+            if () in rest:
+                raise ValueError(
+                    f"config key {key!r} is a section; set one of its fields "
+                    f"({', '.join(sorted(f.name for f in dataclasses.fields(current)))})"
+                )
+            values[name] = _apply(current, rest, prefix=f"{key}.")
+        else:
+            if set(rest) != {()}:
+                raise ValueError(f"unknown config key {key + '.' + '.'.join(next(p for p in rest if p))!r}: "
+                                 f"{name!r} is a value, not a section")
+            values[name] = parse_value(typing.get_type_hints(type(section))[name], rest[()], key)
     try:
-        return dataclasses.replace(section, **{name: value})
+        return dataclasses.replace(section, **values)
     except ValueError as error:
-        raise ValueError(f"bad value for {full_key}={raw!r}: {error}") from None
+        settings = ", ".join(f"{prefix}{name}" for name in values)
+        raise ValueError(f"bad value for {settings}: {error}") from None
 
 
 def parse_value(annotation: Any, raw: str, key: str) -> Any:

@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 from PIL import Image
 
-from pipelines import decode, embed, metadata_filter, schema, shard_phase
+from pipelines import decode, embed, metadata_filter, pre_encode, schema, shard_phase
 from pipelines.config import RunConfig
 from pipelines.ledger import Manifest, read_manifest
 from pipelines.overrides import to_flat_dict
@@ -86,6 +86,20 @@ def run_embed(context: PhaseContext, run: TrackedRun) -> str:
     return _report(run, "embed", config, manifest, metrics, embed.EMBED_REASONS)
 
 
+def run_pre_encode(context: PhaseContext, run: TrackedRun) -> str:
+    config = context.config.pre_encode
+    embedded = context.finished(embed.PHASE)
+    output_url = context.output_url(pre_encode.PHASE)
+    phase = pre_encode.phase(decoded_url=context.output_url(decode.PHASE), embedded_url=context.output_url(embed.PHASE),
+                             output_url=output_url, embedded_fingerprint=embedded.config,
+                             resolution=context.config.decode.resolution, config=config, storage=context.config.storage)
+    manifest, metrics = shard_phase.run(phase, sorted(embedded.shards), output_url, context.config.storage)
+    fs, folder = filesystem(output_url, context.config.storage)
+    total_bytes = sum(fs.size(f"{folder}/{schema.shard_parquet(shard)}") for shard in manifest.shards)
+    run.log_metrics({"bytes_per_sample": total_bytes / max(manifest.kept, 1), "total_bytes": total_bytes})
+    return _report(run, "pre_encode", config, manifest, metrics, pre_encode.PRE_ENCODE_REASONS)
+
+
 def _report(run: TrackedRun, section: str, config, manifest: Manifest, metrics: dict[str, float],
             reasons: tuple[DropReason, ...]) -> str:
     """Logs a phase's settings, ledger, speed and manifest; returns its console summary."""
@@ -113,6 +127,7 @@ PHASES: dict[str, Callable[[PhaseContext, TrackedRun], str]] = {
     metadata_filter.PHASE: run_metadata_filter,
     decode.PHASE: run_decode,
     embed.PHASE: run_embed,
+    pre_encode.PHASE: run_pre_encode,
 }
 # Phases of the design that are not built yet; full.py names them instead of pretending.
-NOT_BUILT = ("pre_encode", "train_stage_c", "train_stage_b", "train_stage_a", "generate")
+NOT_BUILT = ("train_stage_c", "train_stage_b", "train_stage_a", "generate")

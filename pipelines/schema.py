@@ -38,6 +38,11 @@ CLIP_IMAGE_EMBEDDING = "clip_image_embedding"
 CLIP_TEXT_EMBEDDING = "clip_text_embedding"
 CLIP_SIMILARITY = "clip_similarity"
 AESTHETIC_SCORE = "aesthetic_score"
+STAGE_C_LATENT = "stage_c_latent"  # semantic latent, (e + 1) / 42
+STAGE_B_LATENT = "stage_b_latent"  # Stage A latent / scale factor
+TEXT_TOKENS = "text_tokens"  # 77 CLIP token ids
+TEXT_STAGE_C = "text_stage_c"  # CLIP bigG last hidden states
+TEXT_STAGE_B = "text_stage_b"  # CLIP H last hidden states
 
 # What every phase after the metadata filter carries along with a sample: the metadata that
 # decided its filtering.
@@ -56,9 +61,9 @@ SAMPLE_METADATA_FIELDS = (
 SAMPLE_METADATA = tuple(field.name for field in SAMPLE_METADATA_FIELDS)
 
 
-def sample_schema(*fields: pa.Field) -> pa.Schema:
+def sample_schema(*fields: pa.Field, drop_reason: bool = True) -> pa.Schema:
     """A phase's output schema: the sample metadata, the phase's own columns, then the drop reason."""
-    return pa.schema([*SAMPLE_METADATA_FIELDS, *fields, pa.field(DROP_REASON, pa.string())])
+    return pa.schema([*SAMPLE_METADATA_FIELDS, *fields, *([pa.field(DROP_REASON, pa.string())] if drop_reason else [])])
 
 STATUS_SUCCESS = "success"
 
@@ -123,3 +128,5 @@ class DropReason(enum.StrEnum):
     # embed phase
     LOW_CLIP_SIMILARITY = "low_clip_similarity"
     LOW_AESTHETIC_SCORE = "low_aesthetic_score"
+    # pre-encode phase
+    NON_FINITE_LATENT = "non_finite_latent"

@@ -31,7 +31,8 @@ class StorageConfig:
         """fsspec keyword arguments for a file system of ``protocol``."""
         if protocol not in ("s3", "s3a"):
             return {}
-        options: dict[str, Any] = {}
+        # Listings cached by one process go stale when other processes (Ray actors) write.
+        options: dict[str, Any] = {"use_listings_cache": False}
         if self.endpoint_url:
             options["endpoint_url"] = self.endpoint_url
         if self.key:

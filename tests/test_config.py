@@ -68,3 +68,18 @@ def test_overrides_rerun_the_section_checks():
     with pytest.raises(ValueError, match="max_actors"):
         apply_overrides(StepResources(), ["min_actors=3"])
     assert dataclasses.replace(StepResources(), max_actors=3).max_actors == 3
+
+
+def test_fields_of_one_section_change_together():
+    config = load_config("tiny", ["storage.key=AKIAEXAMPLE", "storage.secret=shh", "filter.min_side=100",
+                                  "filter.max_side=90", "filter.max_side=200"])
+    assert (config.storage.key, config.storage.secret) == ("AKIAEXAMPLE", "shh")
+    assert (config.filter.min_side, config.filter.max_side) == (100, 200)
+    with pytest.raises(ValueError, match="storage.key.*set both key and secret"):
+        load_config("tiny", ["storage.key=AKIAEXAMPLE"])
+
+
+def test_secrets_show_only_as_stars():
+    flat = to_flat_dict(load_config("tiny", ["storage.key=AKIAEXAMPLE", "storage.secret=shh"]))
+    assert flat["storage.key"] == flat["storage.secret"] == "***"
+    assert to_flat_dict(load_config("tiny"))["storage.secret"] == ""

@@ -44,8 +44,8 @@ def test_no_arguments_runs_the_built_phases_on_the_demo_data(first_run):
     assert demo_data.is_complete(str(work_dir / "demo_data"))
     assert (work_dir / "metadata_filter" / "manifest.json").is_file()
     assert (work_dir / "decode" / "manifest.json").is_file()
-    assert "ran: metadata_filter, decode, embed" in result.stderr
-    assert "not built yet: pre_encode" in result.stderr
+    assert "ran: metadata_filter, decode, embed, pre_encode" in result.stderr
+    assert "not built yet: train_stage_c" in result.stderr
     assert f"mlflow ui --backend-store-uri sqlite:///{work_dir}/mlflow.db" in result.stderr
 
 
@@ -54,7 +54,7 @@ def test_mlflow_holds_a_parent_run_a_phase_run_and_the_ground_truth_counts(first
     client, runs = _runs(work_dir)
     parents = [r for r in runs if MLFLOW_PARENT_RUN_ID not in r.data.tags]
     children = [r for r in runs if MLFLOW_PARENT_RUN_ID in r.data.tags]
-    assert len(parents) == 1 and [c.info.run_name for c in children] == ["metadata_filter", "decode", "embed"]
+    assert len(parents) == 1 and [c.info.run_name for c in children] == ["metadata_filter", "decode", "embed", "pre_encode"]
     parent, child, decode_run = parents[0], children[0], children[1]
     assert child.data.tags[MLFLOW_PARENT_RUN_ID] == parent.info.run_id
     assert parent.info.status == child.info.status == "FINISHED"
@@ -86,7 +86,7 @@ def test_a_second_run_skips_the_finished_phase(first_run):
     work_dir, _ = first_run
     result = run_full("--set", f"work_dir={work_dir}")
     assert result.returncode == 0, result.stderr[-4000:]
-    assert result.stderr.count("skipped: output already complete") == 3
+    assert result.stderr.count("skipped: output already complete") == 4
     _, runs = _runs(work_dir)
     latest_phase = [r for r in runs if r.info.run_name == "metadata_filter"][-1]
     assert latest_phase.data.tags["phase.outcome"] == "skipped: output already complete"
@@ -96,7 +96,7 @@ def test_a_second_run_skips_the_finished_phase(first_run):
 @pytest.mark.parametrize("args, message", [
     (["--set", "filter.min_sid=3"], "unknown config key 'filter.min_sid'"),
     (["--set", "filter.min_side=big"], "filter.min_side: 'big' is not an integer"),
-    (["--phases", "pre_encode"], "phase 'pre_encode' is not built yet"),
+    (["--phases", "train_stage_c"], "phase 'train_stage_c' is not built yet"),
     (["--phases", "everything"], "unknown phase 'everything'"),
     (["--config", "v2"], "data.shards_url is empty"),
     (["--set", "data.shards_url=/no/such/folder"], "data.shards_url '/no/such/folder' does not exist"),

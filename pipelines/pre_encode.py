@@ -1,0 +1,196 @@
+"""Phase 4: pre-encode. Every kept sample becomes its training targets and conditioning, once.
+
+Per sample, from the decoded crop and its caption:
+
+- ``stage_c_latent``: the semantic compressor's latent, scaled (e + 1) / 42 (Stage C's target);
+- ``stage_b_latent``: the Stage A latent / scale factor (Stage B's target);
+- ``text_tokens``: the caption as 77 CLIP tokens (the attention mask follows from them);
+- ``text_stage_c``/``text_stage_b``: the CLIP bigG and CLIP H last hidden states, unless the
+  config stores tokens only and leaves text encoding to training time.
+
+Latent shards are Parquet with Arrow fixed-shape tensor columns (float16), one per input shard,
+holding only kept samples; training reads them and never touches pixels again. See
+docs/data_format.md for the bytes per sample of each option.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import warnings
+from typing import Any, Literal
+
+import numpy as np
+import pyarrow as pa
+import torch
+from PIL import Image
+
+from cluster.resources import StepResources
+from pipelines import schema, shard_phase
+from pipelines.ledger import ShardCounts
+from pipelines.schema import DropReason
+from pipelines.storage import StorageConfig, filesystem, local_copy
+from stages.semantic import SEMANTIC_CONFIGS, SemanticCompressor
+from stages.stage_a import STAGE_A_CONFIGS, StageA
+from stages.text import MAX_LENGTH, TEXT_CONFIGS, TextEncoder, tokenize
+from stages.weights import load_weights
+
+PHASE = "pre_encode"
+PRE_ENCODE_REASONS = (DropReason.NON_FINITE_LATENT,)
+# Official v2 encoder weights (DESIGN.md): the VQGAN of warp-ai/wuerstchen, and the EfficientNet
+# encoder that the Stable Cascade release ships (the v2 weights were not published separately).
+V2_STAGE_A_WEIGHTS = "https://huggingface.co/warp-ai/wuerstchen/resolve/main/vqgan/diffusion_pytorch_model.safetensors"
+V2_SEMANTIC_WEIGHTS = "https://huggingface.co/stabilityai/stable-cascade/resolve/main/effnet_encoder.safetensors"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PreEncodeConfig:
+    """The encoders and what the latent shards store."""
+
+    models: str = "v2"
+    """Encoder sizes: a name in the stage registries (tiny, v2)."""
+    stage_a_weights: str = V2_STAGE_A_WEIGHTS
+    """Path or URL of Stage A's weights; empty: random weights seeded by ``seed`` (tiny runs only)."""
+    semantic_weights: str = V2_SEMANTIC_WEIGHTS
+    """Path or URL of the semantic compressor's weights; empty: random weights seeded by ``seed``."""
+    text: Literal["hidden_states", "tokens"] = "hidden_states"
+    """Store both CLIP hidden states (fast training, ~355 kB/sample in v2) or tokens only (encode at train time)."""
+    seed: int = 0
+    """Seed of random weights, the same in every actor."""
+    resources: StepResources = dataclasses.field(default_factory=lambda: StepResources(num_gpus=1, batch_size=64))
+    """Encoder actors; ``batch_size`` is images per forward pass."""
+
+    def __post_init__(self):
+        if self.models not in STAGE_A_CONFIGS:
+            raise ValueError(f"models {self.models!r} is not a stage size; choose from {', '.join(STAGE_A_CONFIGS)}")
+
+    def outcome(self) -> dict[str, Any]:
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "resources"}
+
+
+def output_schema(config: PreEncodeConfig, resolution: int) -> pa.Schema:
+    """The latent shard schema for ``resolution`` px crops; tensors are float16, tokens int32."""
+    semantic = SEMANTIC_CONFIGS[config.models]()
+    stage_a = STAGE_A_CONFIGS[config.models]()
+    text = TEXT_CONFIGS[config.models]()
+    if resolution % stage_a.downsampling:
+        raise ValueError(f"decode.resolution ({resolution}) must be a multiple of Stage A's downsampling "
+                         f"({stage_a.downsampling}) to pre-encode with the {config.models!r} models")
+    latent_side = resolution // stage_a.downsampling
+    fields = [
+        pa.field(schema.CAPTION, pa.string()),
+        pa.field(schema.CLIP_SIMILARITY, pa.float32()),
+        pa.field(schema.AESTHETIC_SCORE, pa.float32()),
+        pa.field(schema.STAGE_C_LATENT, pa.fixed_shape_tensor(
+            pa.float16(), [semantic.c_latent, semantic.latent_size, semantic.latent_size])),
+        pa.field(schema.STAGE_B_LATENT, pa.fixed_shape_tensor(
+            pa.float16(), [stage_a.latent_channels, latent_side, latent_side])),
+        pa.field(schema.TEXT_TOKENS, pa.fixed_shape_tensor(pa.int32(), [MAX_LENGTH])),
+    ]
+    if config.text == "hidden_states":
+        fields += [
+            pa.field(schema.TEXT_STAGE_C, pa.fixed_shape_tensor(pa.float16(), [MAX_LENGTH, text.stage_c.hidden_size])),
+            pa.field(schema.TEXT_STAGE_B, pa.fixed_shape_tensor(pa.float16(), [MAX_LENGTH, text.stage_b.hidden_size])),
+        ]
+    return schema.sample_schema(*fields, drop_reason=False)
+
+
+def _random_or_loaded(model: torch.nn.Module, weights: str, what: str, storage: StorageConfig) -> torch.nn.Module:
+    if weights:
+        load_weights(model, local_copy(weights, storage))
+    else:
+        warnings.warn(f"pre_encode: {what} has random weights (its *_weights setting is empty); "
+                      "latents are only meaningful for tests and tiny demo runs", stacklevel=2)
+    return model
+
+
+class PreEncodeShard:
+    """Ray Data step: encodes one shard's kept samples into ``pre_encode/{shard}.parquet``."""
+
+    def __init__(self, *, decoded_url: str, embedded_url: str, output_url: str, config: PreEncodeConfig,
+                 resolution: int, fingerprint: dict[str, Any], storage: StorageConfig):
+        self.decoded, self.decoded_folder = filesystem(decoded_url, storage)
+        self.embedded, self.embedded_folder = filesystem(embedded_url, storage)
+        self.output, self.output_folder = filesystem(output_url, storage)
+        self.config, self.fingerprint = config, fingerprint
+        self.schema = output_schema(config, resolution)
+        self.device = torch.device("cuda" if config.resources.num_gpus and torch.cuda.is_available() else "cpu")
+        torch.manual_seed(config.seed)
+        self.stage_a = _random_or_loaded(StageA(STAGE_A_CONFIGS[config.models]()), config.stage_a_weights,
+                                         "Stage A", storage).to(self.device).eval()
+        self.semantic = _random_or_loaded(SemanticCompressor(SEMANTIC_CONFIGS[config.models]()),
+                                          config.semantic_weights, "the semantic compressor", storage).to(self.device).eval()
+        text = TEXT_CONFIGS[config.models]()
+        self.text_encoders = (
+            {schema.TEXT_STAGE_C: TextEncoder(text.stage_c).to(self.device),
+             schema.TEXT_STAGE_B: TextEncoder(text.stage_b).to(self.device)}
+            if config.text == "hidden_states" else {}
+        )
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        (shard,) = batch[schema.SHARD]
+        counts = self.encode_shard(str(shard))
+        return {schema.SHARD: np.array([shard]), "samples_in": np.array([counts.samples_in])}
+
+    @torch.inference_mode()
+    def encode(self, images: list[Image.Image], captions: list[str]) -> dict[str, np.ndarray]:
+        """Targets and conditioning of a batch, as float16 arrays (tokens int32)."""
+        pixels = torch.from_numpy(np.stack([np.asarray(image.convert("RGB")) for image in images]))
+        pixels = pixels.permute(0, 3, 1, 2).to(self.device, torch.float32) / 255  # (B, 3, R, R) in [0, 1]
+        tokens, mask = tokenize(captions)
+        out = {}
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+            out[schema.STAGE_C_LATENT] = self.semantic.encode_stage_c_latents(pixels)
+            out[schema.STAGE_B_LATENT] = self.stage_a.encode_stage_b_latents(pixels)
+            for name, encoder in self.text_encoders.items():
+                out[name] = encoder(tokens.to(self.device), mask.to(self.device))
+        arrays = {name: value.float().cpu().numpy().astype(np.float16) for name, value in out.items()}
+        arrays[schema.TEXT_TOKENS] = tokens.numpy().astype(np.int32)
+        return arrays
+
+    def encode_shard(self, shard: str) -> ShardCounts:
+        embedded = {
+            row[schema.KEY]: row
+            for rows in shard_phase.iter_rows(self.embedded, f"{self.embedded_folder}/{schema.shard_parquet(shard)}",
+                                              columns=[schema.KEY, schema.CLIP_SIMILARITY, schema.AESTHETIC_SCORE,
+                                                       schema.DROP_REASON])
+            for row in rows if row[schema.DROP_REASON] is None
+        }
+        dropped: dict[str, int] = {}
+        path = f"{self.output_folder}/{schema.shard_parquet(shard)}"
+        with shard_phase.ShardOutput(self.output, path, self.schema) as output:
+            for rows in shard_phase.iter_rows(self.decoded, f"{self.decoded_folder}/{schema.shard_parquet(shard)}",
+                                              batch_size=self.config.resources.batch_size):
+                rows = [row for row in rows if row[schema.KEY] in embedded]
+                if not rows:
+                    continue
+                arrays = self.encode([Image.open(io.BytesIO(row[schema.IMAGE])) for row in rows],
+                                     [row[schema.CAPTION] for row in rows])
+                kept = []
+                for index, row in enumerate(rows):
+                    tensors = {name: values[index] for name, values in arrays.items()}
+                    if not all(np.isfinite(t).all() for t in tensors.values()):
+                        dropped[DropReason.NON_FINITE_LATENT] = dropped.get(DropReason.NON_FINITE_LATENT, 0) + 1
+                        continue
+                    scores = embedded[row[schema.KEY]]
+                    kept.append({**row, **tensors, schema.CLIP_SIMILARITY: scores[schema.CLIP_SIMILARITY],
+                                 schema.AESTHETIC_SCORE: scores[schema.AESTHETIC_SCORE]})
+                output.write(kept)
+            counts = ShardCounts(samples_in=len(embedded), kept=len(embedded) - sum(dropped.values()),
+                                 dropped={str(k): v for k, v in sorted(dropped.items())})
+            output.commit(counts, self.fingerprint)
+        return counts
+
+
+def phase(*, decoded_url: str, embedded_url: str, output_url: str, embedded_fingerprint: dict[str, Any],
+          resolution: int, config: PreEncodeConfig, storage: StorageConfig) -> shard_phase.ShardPhase:
+    output_schema(config, resolution)  # a resolution the encoders cannot take fails here, before any work
+    fingerprint = {"input": embedded_fingerprint, **config.outcome()}
+    return shard_phase.ShardPhase(
+        name=PHASE,
+        step=PreEncodeShard,
+        step_kwargs={"decoded_url": decoded_url, "embedded_url": embedded_url, "output_url": output_url,
+                     "config": config, "resolution": resolution, "fingerprint": fingerprint, "storage": storage},
+        resources=config.resources,
+        fingerprint=fingerprint,
+    )

@@ -1,0 +1,113 @@
+"""The pre-encode phase: latent shards hold what the encoders compute, in the shapes training reads."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import os
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+from pipelines import decode, embed, metadata_filter, pre_encode, schema, shard_phase
+from pipelines.config import load_config
+from pipelines.demo_data import DemoDataConfig, generate
+from pipelines.storage import StorageConfig
+from stages.semantic import SEMANTIC_CONFIGS, SemanticCompressor
+from stages.stage_a import STAGE_A_CONFIGS, StageA
+from stages.text import TEXT_CONFIGS, TextEncoder
+from stages.weights import save_weights
+
+STORAGE = StorageConfig()
+
+
+@pytest.fixture(scope="module")
+def embedded(tmp_path_factory, local_ray):
+    """A small clean demo set through the metadata filter, decode and embed."""
+    root = tmp_path_factory.mktemp("pre_encode")
+    generate(str(root / "demo"), DemoDataConfig(num_shards=2, samples_per_shard=12, plant_defects=False))
+    config = load_config("tiny")
+    filtered, _ = metadata_filter.run(str(root / "demo" / "shards"), str(root / "filtered"), config.filter, STORAGE)
+    decoded, _ = shard_phase.run(decode.phase(
+        shards_url=str(root / "demo" / "shards"), filtered_url=str(root / "filtered"), output_url=str(root / "decode"),
+        filtered_fingerprint=filtered.config, config=config.decode, storage=STORAGE), sorted(filtered.shards),
+        str(root / "decode"), STORAGE)
+    embedded, _ = shard_phase.run(embed.phase(
+        decoded_url=str(root / "decode"), output_url=str(root / "embed"), decoded_fingerprint=decoded.config,
+        config=config.embed, storage=STORAGE), sorted(decoded.shards), str(root / "embed"), STORAGE)
+    return root, embedded
+
+
+def _pre_encode(root, embedded_manifest, config, output):
+    phase = pre_encode.phase(decoded_url=str(root / "decode"), embedded_url=str(root / "embed"), output_url=str(output),
+                             embedded_fingerprint=embedded_manifest.config, resolution=64, config=config, storage=STORAGE)
+    return shard_phase.run(phase, sorted(embedded_manifest.shards), str(output), STORAGE)
+
+
+def test_latents_and_conditioning_are_what_the_encoders_compute(embedded, tmp_path):
+    root, embedded_manifest = embedded
+    # Stage A and the semantic compressor from checkpoints, as a user who trained them passes them.
+    torch.manual_seed(1)
+    stage_a, semantic = StageA(STAGE_A_CONFIGS["tiny"]()).eval(), SemanticCompressor(SEMANTIC_CONFIGS["tiny"]()).eval()
+    save_weights(stage_a, tmp_path / "stage_a.safetensors")
+    save_weights(semantic, tmp_path / "semantic.safetensors")
+    config = dataclasses.replace(load_config("tiny").pre_encode, stage_a_weights=str(tmp_path / "stage_a.safetensors"),
+                                 semantic_weights=str(tmp_path / "semantic.safetensors"))
+    manifest, metrics = _pre_encode(root, embedded_manifest, config, tmp_path / "latents")
+    assert manifest.kept == manifest.samples_in == embedded_manifest.kept == 24
+    assert metrics["shards_processed"] == 2
+
+    table = pq.read_table(tmp_path / "latents" / "00000.parquet")
+    arrays = {name: table[name].combine_chunks().to_numpy_ndarray() for name in
+              (schema.STAGE_C_LATENT, schema.STAGE_B_LATENT, schema.TEXT_TOKENS, schema.TEXT_STAGE_C, schema.TEXT_STAGE_B)}
+    n = table.num_rows
+    assert arrays[schema.STAGE_C_LATENT].shape == (n, 16, 4, 4) and arrays[schema.STAGE_C_LATENT].dtype == np.float16
+    assert arrays[schema.STAGE_B_LATENT].shape == (n, 4, 16, 16) and arrays[schema.STAGE_B_LATENT].dtype == np.float16
+    assert arrays[schema.TEXT_TOKENS].shape == (n, 77) and arrays[schema.TEXT_TOKENS].dtype == np.int32
+    assert arrays[schema.TEXT_STAGE_C].shape == (n, 77, 32) and arrays[schema.TEXT_STAGE_B].shape == (n, 77, 24)
+
+    decoded = {r[schema.KEY]: r for r in pq.read_table(root / "decode" / "00000.parquet").to_pylist()}
+    images = torch.stack([torch.from_numpy(np.asarray(Image.open(io.BytesIO(decoded[key][schema.IMAGE])))).permute(2, 0, 1)
+                          for key in table[schema.KEY].to_pylist()]).float() / 255
+    text = TEXT_CONFIGS["tiny"]()
+    tokens = torch.from_numpy(arrays[schema.TEXT_TOKENS]).long()
+    with torch.no_grad():
+        expected = {
+            schema.STAGE_B_LATENT: stage_a.encode_stage_b_latents(images),
+            schema.STAGE_C_LATENT: semantic.encode_stage_c_latents(images),
+            schema.TEXT_STAGE_C: TextEncoder(text.stage_c)(tokens, (tokens != 0) | (torch.arange(77) == 0)),
+            schema.TEXT_STAGE_B: TextEncoder(text.stage_b)(tokens, (tokens != 0) | (torch.arange(77) == 0)),
+        }
+    for name, value in expected.items():
+        np.testing.assert_allclose(arrays[name].astype(np.float32), value.numpy(), atol=2e-2, rtol=1e-2, err_msg=name)
+    # The stored Stage B latent decodes back through Stage A to an image of the crop's size.
+    decoded_images = stage_a.decode_stage_b_latents(torch.from_numpy(arrays[schema.STAGE_B_LATENT][:2]).float())
+    assert decoded_images.shape == (2, 3, 64, 64)
+
+    again, metrics = _pre_encode(root, embedded_manifest, config, tmp_path / "latents")
+    assert metrics == {} and again.to_json() == manifest.to_json()
+
+
+def test_tokens_only_stores_no_hidden_states_and_costs_less(embedded, tmp_path):
+    root, embedded_manifest = embedded
+    config = load_config("tiny").pre_encode
+    _pre_encode(root, embedded_manifest, config, tmp_path / "hidden")
+    _pre_encode(root, embedded_manifest, dataclasses.replace(config, text="tokens"), tmp_path / "tokens")
+    names = pq.read_schema(tmp_path / "tokens" / "00000.parquet").names
+    assert schema.TEXT_TOKENS in names and schema.TEXT_STAGE_C not in names and schema.TEXT_STAGE_B not in names
+
+    def size(folder):
+        return sum(os.path.getsize(folder / f"{shard}.parquet") for shard in embedded_manifest.shards)
+
+    assert size(tmp_path / "tokens") < size(tmp_path / "hidden")
+
+
+def test_a_resolution_stage_a_cannot_take_fails_before_work(embedded, tmp_path):
+    root, embedded_manifest = embedded
+    with pytest.raises(ValueError, match=r"decode.resolution \(66\) must be a multiple"):
+        pre_encode.phase(decoded_url=str(root / "decode"), embedded_url=str(root / "embed"), output_url=str(tmp_path),
+                         embedded_fingerprint=embedded_manifest.config, resolution=66,
+                         config=load_config("tiny").pre_encode, storage=STORAGE)
