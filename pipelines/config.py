@@ -13,6 +13,7 @@ from pathlib import Path
 from cluster.resources import StepResources
 from pipelines.decode import DecodeConfig
 from pipelines.embed import EmbedConfig
+from pipelines.generate_phase import SampleConfig, colour_prompts
 from pipelines.inputs import DataConfig
 from pipelines.metadata_filter import MetadataFilterConfig
 from pipelines.overrides import apply_overrides
@@ -20,6 +21,18 @@ from pipelines.pre_encode import PreEncodeConfig
 from pipelines.runtime import RayConfig
 from pipelines.storage import StorageConfig
 from pipelines.tracking import TrackingConfig
+from pipelines.train import TrainConfig
+
+
+def _v2_stage_c_training() -> TrainConfig:
+    """The public v2 recipe (DESIGN.md): 918k steps at global batch 1280 on 8 nodes of 8 A100s."""
+    return TrainConfig(steps=918_000, global_batch_size=1280, lr=1e-4, warmup_steps=10_000, workers=64,
+                       gpus_per_worker=1, cpus_per_worker=10, checkpoint_every=2_000, sample_every=10_000)
+
+
+def _v2_other_training() -> TrainConfig:
+    """Stage B, Stage A and the semantic compressor: the same recipe; their batch and length are ours."""
+    return dataclasses.replace(_v2_stage_c_training(), global_batch_size=512, steps=500_000)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -35,6 +48,13 @@ class RunConfig:
     decode: DecodeConfig = dataclasses.field(default_factory=DecodeConfig)
     embed: EmbedConfig = dataclasses.field(default_factory=EmbedConfig)
     pre_encode: PreEncodeConfig = dataclasses.field(default_factory=PreEncodeConfig)
+    train_a: TrainConfig = dataclasses.field(default_factory=_v2_other_training)
+    """Stage A from images (only when pre_encode.stage_a_weights is "trained")."""
+    train_semantic: TrainConfig = dataclasses.field(default_factory=_v2_other_training)
+    """The semantic compressor from images (only when pre_encode.semantic_weights is "trained")."""
+    train_b: TrainConfig = dataclasses.field(default_factory=_v2_other_training)
+    train_c: TrainConfig = dataclasses.field(default_factory=_v2_stage_c_training)
+    generate: SampleConfig = dataclasses.field(default_factory=SampleConfig)
     ray: RayConfig = dataclasses.field(default_factory=RayConfig)
     tracking: TrackingConfig = dataclasses.field(default_factory=TrackingConfig)
     storage: StorageConfig = dataclasses.field(default_factory=StorageConfig)
@@ -65,10 +85,24 @@ def tiny() -> RunConfig:
         # A random tiny CLIP and aesthetic MLP: the path runs, the scores mean nothing, so no thresholds.
         embed=EmbedConfig(clip_model="tiny-clip", clip_pretrained="", aesthetic_weights="",
                           resources=StepResources(num_cpus=1, num_gpus=0, batch_size=64)),
-        # Random tiny encoders until a trained tiny Stage A exists: shapes and plumbing, not meaning.
-        pre_encode=PreEncodeConfig(models="tiny", stage_a_weights="", semantic_weights="",
+        # No pretrained tiny encoders exist: Stage A and the semantic compressor are trained first.
+        pre_encode=PreEncodeConfig(models="tiny", stage_a_weights="trained", semantic_weights="trained",
                                    resources=StepResources(num_cpus=1, num_gpus=0, batch_size=32)),
+        # Runs this short learn best from their last weights; only Stage C keeps an EMA.
+        train_a=_tiny_training(steps=300, lr=3e-3, ema_beta=0.0),
+        train_semantic=_tiny_training(steps=300, lr=3e-3, ema_beta=0.0),
+        train_b=_tiny_training(steps=1200, lr=2e-3, ema_beta=0.0),
+        train_c=_tiny_training(steps=1000, lr=3e-3, ema_beta=0.99),
+        # 16 prompts per demo colour: the learning measure of the test suite, and a grid to look at.
+        generate=SampleConfig(prompts=colour_prompts(16), size=64, score_colours=True, num_gpus=0),
     )
+
+
+def _tiny_training(*, steps: int, lr: float, ema_beta: float) -> TrainConfig:
+    """Two CPU workers sharing a 2-core machine with Ray Data (fractional CPUs avoid starving it)."""
+    return TrainConfig(steps=steps, global_batch_size=32, lr=lr, warmup_steps=50, ema_beta=ema_beta, ema_every=1,
+                       ema_start=0, workers=2, gpus_per_worker=0, cpus_per_worker=0.5, checkpoint_every=200,
+                       sample_every=0, log_every_seconds=10, cache_data=True)
 
 
 def v2() -> RunConfig:

@@ -27,7 +27,7 @@ from cluster.resources import StepResources
 from pipelines import schema, shard_phase
 from pipelines.ledger import ShardCounts
 from pipelines.schema import DropReason
-from pipelines.storage import StorageConfig, filesystem, join
+from pipelines.storage import StorageConfig, filesystem
 
 PHASE = "decode"
 DECODE_REASONS = (

@@ -14,9 +14,10 @@ import sys
 from pipelines.config import RUNS, load_config
 from pipelines.inputs import prepare_input
 from pipelines.overrides import to_flat_dict
-from pipelines.phases import NOT_BUILT, PHASES, PhaseContext
+from pipelines.phases import PHASES, PhaseContext
 from pipelines.runtime import init_ray
 from pipelines.tracking import Tracker
+from pipelines.train_phase import BudgetStop
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -32,8 +33,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def select_phases(text: str) -> list[str]:
     wanted = [name.strip() for name in text.split(",") if name.strip()]
     for name in wanted:
-        if name in NOT_BUILT:
-            raise ValueError(f"phase {name!r} is not built yet; available: {', '.join(PHASES)}")
         if name not in PHASES:
             raise ValueError(f"unknown phase {name!r} in --phases; available: {', '.join(PHASES)}")
     return [name for name in PHASES if name in wanted]
@@ -54,19 +53,29 @@ def run(args: argparse.Namespace) -> None:
     tracker = Tracker(config.tracking, work_dir)
     shards_url = prepare_input(config.data, work_dir, config.storage)
     init_ray(config.ray)
-    context = PhaseContext(config=config, work_dir=work_dir, shards_url=shards_url)
+    context = PhaseContext(config=config, work_dir=work_dir, shards_url=shards_url, tracker=tracker)
 
+    done, stopped = [], ""
     with tracker.run(f"full-{config.name}") as pipeline_run:
         pipeline_run.log_params({"config": config.name, **to_flat_dict(config)})
         pipeline_run.log_dict(to_flat_dict(config), "config.json")
-        pipeline_run.set_tags({"phases": ",".join(phases), "phases.not_built": ",".join(NOT_BUILT)})
+        pipeline_run.set_tags({"phases": ",".join(phases)})
         for name in phases:
             with tracker.run(name, parent=pipeline_run) as phase_run:
-                summary = PHASES[name](context, phase_run)
+                try:
+                    summary = PHASES[name](context, phase_run)
+                except BudgetStop as stop:
+                    # Not a failure: the run saved its checkpoint and a resubmission continues it.
+                    stopped, summary = str(stop), f"stopped: {stop}"
             print(f"[{name}] {summary}", file=sys.stderr)
+            done.append(name)
+            if stopped:
+                pipeline_run.set_tags({"stopped": stopped})
+                break
 
-    print(f"\nran: {', '.join(phases)}", file=sys.stderr)
-    print(f"not built yet: {', '.join(NOT_BUILT)}", file=sys.stderr)
+    print(f"\nran: {', '.join(done)}", file=sys.stderr)
+    if stopped:
+        print(f"stopped before: {', '.join(phases[len(done):])} ({stopped})", file=sys.stderr)
     print(f"outputs: {work_dir}", file=sys.stderr)
     print(f"MLflow:  {tracker.uri} (experiment {config.tracking.experiment!r}, run {pipeline_run.run_id})",
           file=sys.stderr)

@@ -8,14 +8,15 @@ from collections.abc import Callable
 
 from PIL import Image
 
-from pipelines import decode, embed, metadata_filter, pre_encode, schema, shard_phase
+from pipelines import decode, embed, generate_phase, metadata_filter, pre_encode, schema, shard_phase, trained_weights
 from pipelines.config import RunConfig
 from pipelines.ledger import Manifest, read_manifest
 from pipelines.overrides import to_flat_dict
 from pipelines.reports import histograms, image_grid
 from pipelines.schema import DropReason
 from pipelines.storage import filesystem
-from pipelines.tracking import TrackedRun
+from pipelines.tracking import TrackedRun, Tracker
+from pipelines.train_phase import PHASE_STAGES, run_training, weights_url
 
 SKIPPED = "skipped: output already complete"
 _GRID_SIZE = 16
@@ -28,6 +29,7 @@ class PhaseContext:
     config: RunConfig
     work_dir: str
     shards_url: str
+    tracker: Tracker
 
     def output_url(self, phase: str) -> str:
         return f"{self.work_dir}/{phase}"
@@ -90,9 +92,14 @@ def run_pre_encode(context: PhaseContext, run: TrackedRun) -> str:
     config = context.config.pre_encode
     embedded = context.finished(embed.PHASE)
     output_url = context.output_url(pre_encode.PHASE)
+    storage = context.config.storage
+    encoders = {"stage_a": weights_url(context, "stage_a"), "semantic": weights_url(context, "semantic")}
+    config = dataclasses.replace(config, stage_a_weights=encoders["stage_a"], semantic_weights=encoders["semantic"])
+    # Retrained encoders change every latent: their fingerprints are part of this phase's.
+    trained = {stage: trained_weights.fingerprint_of(url, storage) for stage, url in encoders.items() if url}
     phase = pre_encode.phase(decoded_url=context.output_url(decode.PHASE), embedded_url=context.output_url(embed.PHASE),
-                             output_url=output_url, embedded_fingerprint=embedded.config,
-                             resolution=context.config.decode.resolution, config=config, storage=context.config.storage)
+                             output_url=output_url, embedded_fingerprint={**embedded.config, "encoders": trained},
+                             resolution=context.config.decode.resolution, config=config, storage=storage)
     manifest, metrics = shard_phase.run(phase, sorted(embedded.shards), output_url, context.config.storage)
     fs, folder = filesystem(output_url, context.config.storage)
     total_bytes = sum(fs.size(f"{folder}/{schema.shard_parquet(shard)}") for shard in manifest.shards)
@@ -122,12 +129,34 @@ def ledger_metrics(manifest: Manifest, reasons: tuple[DropReason, ...]) -> dict[
     }
 
 
-# Phases that exist, in pipeline order.
+def run_generate(context: PhaseContext, run: TrackedRun) -> str:
+    config = context.config.generate
+    weights = {"stage_c": weights_url(context, "stage_c"), "stage_b": weights_url(context, "stage_b"),
+               "stage_a": weights_url(context, "stage_a")}
+    storage = context.config.storage
+    fingerprint = {"weights": {stage: trained_weights.fingerprint_of(url, storage) or url for stage, url in weights.items()},
+                   **dataclasses.asdict(config)}
+    run.log_params(to_flat_dict(config, prefix="generate."))
+    return generate_phase.run(config=config, models_name=context.config.pre_encode.models, weights_urls=weights,
+                              output_url=context.output_url(generate_phase.PHASE), fingerprint=fingerprint,
+                              storage=storage, tracked_run=run)
+
+
+def _training(phase: str) -> Callable[[PhaseContext, TrackedRun], str]:
+    return lambda context, run: run_training(context, run, phase)
+
+
+# Every phase, in pipeline order. Stage A and the semantic compressor train before pre-encode,
+# which needs them; Stage B before Stage C, so Stage C's sample grids can show images.
 PHASES: dict[str, Callable[[PhaseContext, TrackedRun], str]] = {
     metadata_filter.PHASE: run_metadata_filter,
     decode.PHASE: run_decode,
     embed.PHASE: run_embed,
+    "train_stage_a": _training("train_stage_a"),
+    "train_semantic": _training("train_semantic"),
     pre_encode.PHASE: run_pre_encode,
+    "train_stage_b": _training("train_stage_b"),
+    "train_stage_c": _training("train_stage_c"),
+    generate_phase.PHASE: run_generate,
 }
-# Phases of the design that are not built yet; full.py names them instead of pretending.
-NOT_BUILT = ("train_stage_c", "train_stage_b", "train_stage_a", "generate")
+assert set(PHASE_STAGES) <= set(PHASES)

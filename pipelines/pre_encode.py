@@ -24,18 +24,20 @@ import numpy as np
 import pyarrow as pa
 import torch
 from PIL import Image
+from safetensors.torch import save
 
 from cluster.resources import StepResources
 from pipelines import schema, shard_phase
 from pipelines.ledger import ShardCounts
 from pipelines.schema import DropReason
-from pipelines.storage import StorageConfig, filesystem, local_copy
+from pipelines.storage import StorageConfig, filesystem, local_copy, write_atomically
 from stages.semantic import SEMANTIC_CONFIGS, SemanticCompressor
 from stages.stage_a import STAGE_A_CONFIGS, StageA
 from stages.text import MAX_LENGTH, TEXT_CONFIGS, TextEncoder, tokenize
 from stages.weights import load_weights
 
 PHASE = "pre_encode"
+EMPTY_CAPTION_FILE = "empty_caption.safetensors"
 PRE_ENCODE_REASONS = (DropReason.NON_FINITE_LATENT,)
 # Official v2 encoder weights (DESIGN.md): the VQGAN of warp-ai/wuerstchen, and the EfficientNet
 # encoder that the Stable Cascade release ships (the v2 weights were not published separately).
@@ -126,6 +128,18 @@ class PreEncodeShard:
              schema.TEXT_STAGE_B: TextEncoder(text.stage_b).to(self.device)}
             if config.text == "hidden_states" else {}
         )
+        if self.text_encoders and not self.output.exists(f"{self.output_folder}/{EMPTY_CAPTION_FILE}"):
+            self.write_empty_caption()
+
+    @torch.inference_mode()
+    def write_empty_caption(self) -> None:
+        """The empty caption's hidden states, which training swaps in for classifier-free guidance."""
+        tokens, mask = tokenize([""])
+        states = {name: encoder(tokens.to(self.device), mask.to(self.device))[0].float().cpu().contiguous()
+                  for name, encoder in self.text_encoders.items()}
+        self.output.makedirs(self.output_folder, exist_ok=True)
+        write_atomically(self.output, f"{self.output_folder}/{EMPTY_CAPTION_FILE}",
+                         lambda stream: stream.write(save(states)))
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         (shard,) = batch[schema.SHARD]

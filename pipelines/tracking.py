@@ -33,10 +33,14 @@ class TrackingConfig:
     """MLflow experiment that holds the runs."""
     tracking_uri: str = ""
     """MLflow tracking URI; empty: $MLFLOW_TRACKING_URI, else SQLite inside the work dir."""
+    experiment_budget_gpu_hours: float | None = None
+    """GPU-hours all runs of the experiment may use together; none: no limit."""
 
     def __post_init__(self):
         if not self.experiment.strip():
             raise ValueError("experiment must not be empty")
+        if self.experiment_budget_gpu_hours is not None and self.experiment_budget_gpu_hours <= 0:
+            raise ValueError(f"experiment_budget_gpu_hours must be > 0 or none, got {self.experiment_budget_gpu_hours}")
 
 
 def resolve_store(config: TrackingConfig, work_dir: str) -> tuple[str, str | None]:
@@ -78,6 +82,10 @@ class TrackedRun:
         """A PIL image as a PNG artifact."""
         self.client.log_image(self.run_id, image, artifact_file=artifact_file)
 
+    def log_artifact(self, local_path: str, artifact_path: str) -> None:
+        """A local file under the run's ``artifact_path`` folder."""
+        self.client.log_artifact(self.run_id, local_path, artifact_path)
+
     def log_figure(self, figure, artifact_file: str) -> None:
         """A matplotlib figure as an image artifact."""
         self.client.log_figure(self.run_id, figure, artifact_file)
@@ -116,8 +124,18 @@ class Tracker:
         finally:
             self.client.set_terminated(run.info.run_id, RunStatus.to_string(status))
 
+    def experiment_gpu_hours(self) -> float:
+        """GPU-hours used by every run of the experiment so far (each run's latest ``gpu_hours``)."""
+        runs = self.client.search_runs([self.experiment_id], filter_string="metrics.gpu_hours >= 0", max_results=50_000)
+        return sum(run.data.metrics["gpu_hours"] for run in runs)
+
     def ui_command(self) -> str:
         """How a person opens this store in the MLflow UI."""
         if self.uri.startswith("sqlite:"):
             return f"mlflow ui --backend-store-uri {self.uri}"
         return f"open {self.uri} in a browser"
+
+
+def connect(tracking_uri: str, run_id: str) -> TrackedRun:
+    """A run the driver opened, for a worker process to log into (Ray Train's rank 0)."""
+    return TrackedRun(MlflowClient(tracking_uri), run_id)

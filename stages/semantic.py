@@ -54,6 +54,10 @@ class SemanticConfig:
     """Channels of the semantic latent."""
     image_size: int
     """Images are resized (shorter side) and centre-cropped to this square before the backbone."""
+    output_scale: float = 1.0
+    """Scale of the latent of a compressor trained from scratch, applied to its final BatchNorm when it is
+    exported (`scale_output_`). Stage C sees (e + 1) / 42, so at std 1 its signal is 1/42 of the noise's
+    and takes a long training to resolve; at toy scale a larger latent lets Stage C learn in minutes."""
 
     def __post_init__(self) -> None:
         if not self.stages:
@@ -66,6 +70,8 @@ class SemanticConfig:
                     f"SemanticConfig.stages[{i}].in_channels ({stage.in_channels}) must equal the previous"
                     f" stage's out_channels ({self.stages[i - 1].out_channels})"
                 )
+        if self.output_scale <= 0:
+            raise ValueError(f"SemanticConfig.output_scale must be > 0, got {self.output_scale}")
         for name in ("last_channel", "c_latent"):
             if getattr(self, name) < 1:
                 raise ValueError(f"SemanticConfig.{name} must be >= 1, got {getattr(self, name)}")
@@ -90,7 +96,7 @@ class SemanticConfig:
 
 
 def tiny() -> SemanticConfig:
-    """A 4-stage, narrow EfficientNetV2: 64 px -> 16 x 4 x 4."""
+    """A 4-stage, narrow EfficientNetV2: 64 px -> 16 x 4 x 4, trained from scratch (so output_scale 10)."""
     return SemanticConfig(
         stages=(
             EffNetStage("fused", 1, 3, 1, 8, 8, 1),
@@ -100,6 +106,7 @@ def tiny() -> SemanticConfig:
         ),
         last_channel=64,
         image_size=64,
+        output_scale=10.0,
     )
 
 
@@ -177,6 +184,12 @@ class SemanticCompressor(nn.Module):
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"SemanticCompressor expects images (B, 3, H, W), got {tuple(images.shape)}")
         return self.mapper(self.backbone(self.preprocess(images)))
+
+    @torch.no_grad()
+    def scale_output_(self) -> None:
+        """Multiply the latent by `config.output_scale` (after training from scratch, before export)."""
+        self.mapper[1].weight.mul_(self.config.output_scale)
+        self.mapper[1].bias.mul_(self.config.output_scale)
 
     def encode_stage_c_latents(self, images: torch.Tensor) -> torch.Tensor:
         """Images in [0, 1] -> Stage C's training target (e + 1) / 42."""

@@ -151,6 +151,12 @@ def tokenize(captions: Sequence[str], *, max_length: int = MAX_LENGTH) -> tuple[
     return out.input_ids, out.attention_mask
 
 
+def attention_mask(input_ids: torch.Tensor) -> torch.Tensor:
+    """The mask `tokenize` returns, rebuilt from stored ids: tokens up to and including the first end-of-text."""
+    first_end = (input_ids == clip_tokenizer().eos_token_id).int().argmax(dim=1, keepdim=True)  # (B, 1)
+    return (torch.arange(input_ids.shape[1], device=input_ids.device) <= first_end).long()
+
+
 def build_clip_text_model(config: TextEncoderConfig) -> CLIPTextModel:
     """The transformers CLIP text model: loaded by hub name, or random from the config's fields."""
     if config.pretrained is not None:

@@ -32,7 +32,11 @@ def test_full_pipeline_on_s3(s3_server, tmp_path):
     result = subprocess.run(
         [sys.executable, "pipelines/full.py", "--set", "data.shards_url=s3://wuerstchen/input/shards",
          "--set", "work_dir=s3://wuerstchen/runs/tiny", "--set", f"tracking.tracking_uri={store}",
-         "--set", f"storage.endpoint_url={s3_server}", "--set", "storage.key=test-key", "--set", f"storage.secret={SECRET}"],
+         "--set", f"storage.endpoint_url={s3_server}", "--set", "storage.key=test-key", "--set", f"storage.secret={SECRET}",
+         # Random encoders (no Stage A or semantic training): the trained ones are test_full's subject.
+         "--set=pre_encode.stage_a_weights=", "--set=pre_encode.semantic_weights=",
+         *[f"--set=train_{stage}.{key}" for stage in ("b", "c") for key in ("steps=10", "global_batch_size=8")],
+         "--set=train_c.checkpoint_every=5"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
 
@@ -47,6 +51,11 @@ def test_full_pipeline_on_s3(s3_server, tmp_path):
     assert sorted(keys) == sorted(k for k, r in truth.items() if r["expected"] == demo_data.KEEP)
     manifest = json.loads(fs.cat("wuerstchen/runs/tiny/pre_encode/manifest.json"))
     assert manifest["totals"]["kept"] == len(keys)
+    # Training checkpoints and results live on S3 too; the images came from them.
+    for phase in ("train_stage_b", "train_stage_c"):
+        assert fs.exists(f"wuerstchen/runs/tiny/{phase}/final.safetensors"), phase
+    assert fs.glob("wuerstchen/runs/tiny/train_stage_c/ray/*/checkpoint_*/model.safetensors")
+    assert fs.exists("wuerstchen/runs/tiny/generate/summary.json")
 
     # The secret went in through the config; it shows nowhere but as ***.
     client = MlflowClient(store)

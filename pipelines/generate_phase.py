@@ -1,0 +1,145 @@
+"""The last phase: images from the trained chain for fixed prompts, logged for a person to look at.
+
+text -> Stage C with guidance -> Stage B -> Stage A decode, with the run's own weights. On the
+demo data (coloured shapes) it also measures whether the model learned the text conditioning:
+the share of images whose dominant colour is the one the prompt names, against the same
+pipeline given empty prompts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+import numpy as np
+import ray
+import torch
+from PIL import Image
+
+from pipelines import trained_weights
+from pipelines.demo_data import BACKGROUNDS, COLOURS
+from pipelines.reports import image_grid
+from pipelines.storage import StorageConfig, filesystem, local_copy, write_atomically
+from stages.generate import GENERATE_CONFIGS, build_models, generate
+
+PHASE = "generate"
+SUMMARY_FILE = "summary.json"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SampleConfig:
+    """What the generate phase renders."""
+
+    prompts: tuple[str, ...] = ("a photograph of an astronaut riding a horse", "a red fox in the snow")
+    """Prompts rendered at the end of the pipeline; the first eight also make Stage C's training grids."""
+    size: int = 1024
+    """Image side in pixels."""
+    prior_guidance: float = 4.0
+    """Classifier-free guidance of Stage C."""
+    seed: int = 0
+    """Seed of the sampling noise."""
+    score_colours: bool = False
+    """Score the dominant colour of each image against the colour its prompt names (demo data)."""
+    num_gpus: float = 1.0
+    """GPUs of the Ray task that renders; 0 renders on CPU."""
+
+    def __post_init__(self):
+        if not self.prompts:
+            raise ValueError("prompts must hold at least one prompt")
+        if self.size < 8:
+            raise ValueError(f"size must be >= 8 pixels, got {self.size}")
+
+
+def colour_prompts(per_colour: int) -> tuple[str, ...]:
+    """``per_colour`` prompts for each demo colour, cycling through shapes and backgrounds."""
+    variants = [(shape, background) for background in BACKGROUNDS for shape in ("circle", "square", "triangle")]
+    return tuple(f"a {colour} {variants[i % len(variants)][0]} on a {variants[i % len(variants)][1]} background"
+                 for colour in COLOURS for i in range(per_colour))
+
+
+def dominant_colour(image: np.ndarray) -> str | None:
+    """The demo colour most pixels of ``image`` (H, W, 3 uint8) are closest to, backgrounds aside.
+
+    None when no pixel is closer to a shape colour than to every background.
+    """
+    palette = {**COLOURS, **BACKGROUNDS}
+    distances = np.stack([np.abs(image.astype(np.int32) - rgb).sum(-1) for rgb in palette.values()])  # (7, H, W)
+    nearest = distances.argmin(0)
+    counts = [int((nearest == index).sum()) for index in range(len(COLOURS))]
+    return list(COLOURS)[int(np.argmax(counts))] if max(counts) else None
+
+
+def named_colour(prompt: str) -> str | None:
+    words = prompt.lower().split()
+    return next((colour for colour in COLOURS if colour in words), None)
+
+
+def colour_scores(images: list[np.ndarray], prompts: list[str]) -> dict[str, float]:
+    """Share of images whose dominant colour is the one their prompt names, overall and per colour."""
+    hits: dict[str, list[bool]] = {}
+    for image, prompt in zip(images, prompts):
+        colour = named_colour(prompt)
+        if colour is not None:
+            hits.setdefault(colour, []).append(dominant_colour(image) == colour)
+    scores = {f"colour_accuracy/{colour}": float(np.mean(h)) for colour, h in sorted(hits.items())}
+    scores["colour_accuracy"] = float(np.mean([x for h in hits.values() for x in h])) if hits else float("nan")
+    return scores
+
+
+def render(models_name: str, weights: dict[str, str], prompts: list[str], size: int, guidance: float,
+           seed: int) -> np.ndarray:
+    """Images (N, size, size, 3) uint8 for ``prompts``, on a GPU when the task holds one."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    models = build_models(models_name)
+    for stage, path in weights.items():
+        trained_weights.load(getattr(models, stage), path)
+    for module in (models.text_c, models.stage_c, models.text_b, models.stage_b, models.stage_a):
+        module.to(device).eval()
+    config = dataclasses.replace(GENERATE_CONFIGS[models_name](), prior_guidance=guidance)
+    generated = generate(prompts, models=models, config=config, height=size, width=size,
+                         generator=torch.Generator(device).manual_seed(seed))
+    return (generated.images.clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
+
+
+def run(*, config: SampleConfig, models_name: str, weights_urls: dict[str, str], output_url: str,
+        fingerprint: dict[str, Any], storage: StorageConfig, tracked_run) -> str:
+    fs, folder = filesystem(output_url, storage)
+    summary_path = f"{folder}/{SUMMARY_FILE}"
+    fingerprint = json.loads(json.dumps(fingerprint))  # as the summary reads back: tuples become lists
+    if fs.exists(summary_path):
+        with fs.open(summary_path, "r") as file:
+            previous = json.load(file)
+        if previous["fingerprint"] == fingerprint:
+            tracked_run.log_metrics(previous["metrics"])
+            tracked_run.set_tags({"phase.outcome": "skipped: output already complete"})
+            return "skipped: output already complete"
+    # An empty URL (pre_encode.stage_a_weights empty: plumbing tests) leaves that stage random.
+    weights_urls = {stage: url for stage, url in weights_urls.items() if url}
+    for stage, url in weights_urls.items():
+        weights_fs, path = filesystem(url, storage)
+        if not weights_fs.exists(path):
+            raise FileNotFoundError(f"no {stage} weights at {url}: run its training phase first")
+    weights = {stage: local_copy(url, storage) for stage, url in weights_urls.items()}
+    task = ray.remote(num_gpus=config.num_gpus, num_cpus=1)(render)
+    prompts = list(config.prompts)
+    jobs = {"prompted": task.remote(models_name, weights, prompts, config.size, config.prior_guidance, config.seed)}
+    if config.score_colours:
+        jobs["empty"] = task.remote(models_name, weights, [""] * len(prompts), config.size, config.prior_guidance,
+                                    config.seed)
+    images = {name: ray.get(job) for name, job in jobs.items()}
+    tracked_run.log_image(image_grid([Image.fromarray(i) for i in images["prompted"]], prompts, columns=8), "samples.png")
+    metrics: dict[str, float] = {}
+    if config.score_colours:
+        metrics = colour_scores(list(images["prompted"]), prompts)
+        metrics["empty_prompt_colour_accuracy"] = colour_scores(list(images["empty"]), prompts)["colour_accuracy"]
+        tracked_run.log_image(image_grid([Image.fromarray(i) for i in images["empty"]], ["(empty prompt)"] * len(prompts),
+                                         columns=8), "samples_empty_prompt.png")
+        tracked_run.log_metrics(metrics)
+    fs.makedirs(folder, exist_ok=True)
+    summary = json.dumps({"fingerprint": fingerprint, "metrics": metrics}, indent=1, sort_keys=True).encode()
+    write_atomically(fs, summary_path, lambda stream: stream.write(summary))
+    tracked_run.set_tags({"phase.outcome": "ran"})
+    scored = f"; colour accuracy {metrics['colour_accuracy']:.2f} (empty prompts {metrics['empty_prompt_colour_accuracy']:.2f})" \
+        if metrics else ""
+    return f"ran; {len(prompts)} images{scored}"

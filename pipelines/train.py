@@ -1,0 +1,481 @@
+"""Training on Ray Train: one loop for Stage C, Stage B, Stage A and the semantic compressor.
+
+The recipe of DESIGN.md: AdamW with linear warm-up, gradient clipping, EMA weights, P2-weighted
+epsilon loss with per-sample caption dropout (and semantic dropout for Stage B), bf16 autocast on
+GPU. Distribution is DDP by default (FSDP as an option); the model code stays single-device.
+
+What survives a failure: each checkpoint holds the model, its EMA, the optimizer, the LR schedule,
+the step, the data position and the GPU-hours used; Ray Train persists it only once it is
+complete, restarts failed workers from the latest one (``max_failures``), and a resubmitted job
+with the same work dir continues from it. The random draws of step ``s`` on rank ``k`` come from
+a generator seeded with (seed, k, s), so a resumed run draws what the uninterrupted one would have.
+
+Rank 0 logs into the MLflow run the driver opened (params, loss, LR, grad norm, samples/s,
+data-wait fraction, peak memory, GPU-hours) and prints a progress line at a steady interval.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import math
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Iterator, Literal
+
+import numpy as np
+import pyarrow.fs
+import ray.train
+import torch
+import torch.distributed as dist
+from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+
+from cluster.budget import BudgetMeter
+from pipelines.train_tasks import Task, TaskSpec, build_model, exported, input_columns
+from pipelines.tracking import TrackedRun, connect
+
+logger = logging.getLogger(__name__)
+
+_MODEL, _EMA, _OPTIMIZER, _STATE = "model.safetensors", "ema.safetensors", "optimizer.pt", "state.json"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """One training run: recipe, scale, checkpoints, budget."""
+
+    steps: int
+    """Optimizer steps in all (a resumed run counts the steps it already made)."""
+    global_batch_size: int
+    """Samples per step over all workers; must be a multiple of ``workers``."""
+    lr: float = 1e-4
+    """Peak learning rate of AdamW."""
+    warmup_steps: int = 10_000
+    """Linear warm-up from 0 to ``lr``."""
+    weight_decay: float = 0.01
+    """AdamW weight decay (PyTorch's default, as the original training code used)."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this."""
+    ema_beta: float = 0.9
+    """EMA weights move this fraction towards the trained ones... kept: ema = beta*ema + (1-beta)*model."""
+    ema_every: int = 100
+    """Update the EMA every this many steps."""
+    ema_start: int = 5_000
+    """First step with EMA updates; before it the EMA copies the model."""
+    caption_dropout: float = 0.05
+    """Per-sample probability of the empty caption (classifier-free guidance)."""
+    semantic_dropout: float = 0.1
+    """Stage B only: per-sample probability of no semantic conditioning."""
+    semantic_noise: float = 0.0
+    """Stage B only: std of Gaussian noise added to the semantic conditioning in training, so Stage B
+    holds up on Stage C's samples, which are never exactly the compressor's latents (noise
+    conditioning augmentation of cascaded diffusion models)."""
+    workers: int = 1
+    """Ray Train workers (one process each)."""
+    gpus_per_worker: float = 1.0
+    """GPUs per worker; 0 trains on CPU with gloo."""
+    cpus_per_worker: float = 8.0
+    """CPUs per worker (fractions let CPU test runs share a small machine with Ray Data)."""
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    """Data parallelism: DDP replicates the model; FSDP shards it (for the large configs)."""
+    checkpoint_every: int = 1_000
+    """Steps between checkpoints (one is also written at the end and when the budget stops the run)."""
+    keep_checkpoints: int = 3
+    """Checkpoints kept in storage; older ones are deleted."""
+    sample_every: int = 5_000
+    """Steps between sample grids logged to MLflow; 0: only at the end."""
+    log_every_seconds: float = 30.0
+    """Interval of the progress line and the MLflow metrics."""
+    max_failures: int = 3
+    """Worker failures Ray Train recovers from (restarting from the latest checkpoint)."""
+    cache_data: bool = False
+    """For data sets that fit in memory: hold the training set in Ray's object store after one read,
+    and each worker's shard in its own memory after its first epoch, reshuffled every epoch, so short
+    epochs pay neither a re-read nor Ray Data's start of a new pass (at LAION scale leave it off:
+    epochs are long and the data streams)."""
+    budget_gpu_hours: float | None = None
+    """GPU-hours (worker-hours on CPU) this run may use; none: no limit but the experiment's."""
+    init_weights: str = ""
+    """Weights to start from (fine-tuning), a path or URL; empty: the original initialisation."""
+    seed: int = 0
+    """Seed of the initialisation, the data order and every random draw."""
+
+    def __post_init__(self):
+        for name in ("steps", "global_batch_size", "workers", "checkpoint_every", "keep_checkpoints", "ema_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.global_batch_size % self.workers:
+            raise ValueError(f"global_batch_size ({self.global_batch_size}) must be a multiple of workers "
+                             f"({self.workers}): each worker takes an equal share of every batch")
+        if not 0 <= self.ema_beta < 1:
+            raise ValueError(f"ema_beta must be in [0, 1), got {self.ema_beta}")
+        for name in ("caption_dropout", "semantic_dropout"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.semantic_noise < 0:
+            raise ValueError(f"semantic_noise must be >= 0, got {self.semantic_noise}")
+        if self.lr <= 0 or self.warmup_steps < 0 or self.grad_clip <= 0:
+            raise ValueError("lr and grad_clip must be > 0 and warmup_steps >= 0")
+        if self.budget_gpu_hours is not None and self.budget_gpu_hours <= 0:
+            raise ValueError(f"budget_gpu_hours must be > 0 or none, got {self.budget_gpu_hours}")
+
+    @property
+    def units_held(self) -> float:
+        """GPUs held by the run, or workers on CPU: what the budget counts."""
+        return self.workers * (self.gpus_per_worker or 1.0)
+
+    def outcome(self) -> dict[str, Any]:
+        """Settings that decide the trained weights (scale, logging and budget do not)."""
+        ignored = {"workers", "gpus_per_worker", "cpus_per_worker", "checkpoint_every", "keep_checkpoints",
+                   "sample_every", "log_every_seconds", "max_failures", "budget_gpu_hours", "cache_data"}
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in ignored}
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class WorkerArgs:
+    """What the driver hands every worker."""
+
+    train: TrainConfig
+    task: TaskSpec
+    budget: float | None
+    tracking_uri: str
+    run_id: str
+    init_weights_path: str
+
+
+@dataclasses.dataclass(kw_only=True)
+class TrainingState:
+    """Where training stands, saved with every checkpoint."""
+
+    step: int = 0
+    epoch: int = 0
+    batches_in_epoch: int = 0
+    gpu_hours_used: float = 0.0
+    samples_seen: int = 0
+    last_loss: float = math.nan
+    stop_reason: str = ""
+
+
+def _step_seed(seed: int, rank: int, step: int) -> int:
+    # A function of (seed, rank, step) alone, so a resumed run draws exactly what it would have.
+    return (seed * 1_000_003 + rank) * 10_000_019 + step
+
+
+def _step_generator(seed: int, rank: int, step: int, device: torch.device) -> torch.Generator:
+    return torch.Generator(device).manual_seed(_step_seed(seed, rank, step))
+
+
+def _lr_factor(step: int, warmup_steps: int) -> float:
+    return min(1.0, (step + 1) / warmup_steps) if warmup_steps else 1.0
+
+
+@contextlib.contextmanager
+def _swapped_in(model: nn.Module, weights: list[torch.Tensor]):
+    """Temporarily give ``model``'s (local) parameters the values ``weights`` (the EMA)."""
+    originals = [p.detach().clone() for p in model.parameters()]
+    with torch.no_grad():
+        for p, w in zip(model.parameters(), weights):
+            p.copy_(w)
+    try:
+        yield model
+    finally:
+        with torch.no_grad():
+            for p, o in zip(model.parameters(), originals):
+                p.copy_(o)
+
+
+def _full_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The whole model's state dict on CPU, gathered from shards under FSDP."""
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def train_worker(args: WorkerArgs) -> None:
+    """The loop every Ray Train worker runs."""
+    config, spec = args.train, args.task
+    context = ray.train.get_context()
+    rank = context.get_world_rank()
+    device = ray.train.torch.get_device()
+    # A 1x1 conv weight's gradient under channels_last activations has the same memory layout as
+    # DDP's bucket view and differs only in the strides of its size-1 dims.
+    warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, int(config.cpus_per_worker)))
+    torch.manual_seed(config.seed)
+    model = build_model(spec)
+    if args.init_weights_path:
+        model.load_state_dict(load_file(args.init_weights_path), strict=True)
+    task = Task(spec, device)
+    model = ray.train.torch.prepare_model(model, parallel_strategy=config.strategy)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _lr_factor(step, config.warmup_steps))
+    ema = [p.detach().clone() for p in model.parameters()]
+    state = TrainingState()
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            # A run stopped by its budget continues when resubmitted (with a larger one).
+            state = dataclasses.replace(TrainingState(**json.loads((Path(folder) / _STATE).read_text())),
+                                        stop_reason="")
+            set_model_state_dict(model, load_file(Path(folder) / _MODEL), options=StateDictOptions(full_state_dict=True))
+            set_optimizer_state_dict(model, optimizer, torch.load(Path(folder) / _OPTIMIZER, weights_only=True),
+                                     options=StateDictOptions(full_state_dict=True))
+            schedule.last_epoch = state.step - 1
+            schedule.step()
+            with _swapped_in(model, ema):
+                set_model_state_dict(model, load_file(Path(folder) / _EMA), options=StateDictOptions(full_state_dict=True))
+                ema = [p.detach().clone() for p in model.parameters()]
+    meter = BudgetMeter(units_held=config.units_held, budget=args.budget, used_before=state.gpu_hours_used)
+    run = connect(args.tracking_uri, args.run_id) if rank == 0 else None
+
+    shard = ray.train.get_dataset_shard("train")
+    per_worker = config.global_batch_size // config.workers
+    window = _Window()
+    step_seconds = 0.0
+    last_log = time.monotonic()
+    cache = _ShardCache() if config.cache_data else None
+    while state.step < config.steps and not state.stop_reason:
+        waited_since = time.monotonic()
+        index = -1
+        for index, batch in enumerate(_epoch_batches(shard, cache, config, per_worker, device, rank, state.epoch)):
+            if index < state.batches_in_epoch:
+                waited_since = time.monotonic()
+                continue  # consumed before the checkpoint this run resumed from
+            data_wait = time.monotonic() - waited_since
+            if not _agree(meter.next_step_fits(step_seconds), device):
+                state.stop_reason = (f"GPU-hour budget reached: used {meter.used():.4g} of {args.budget:.4g}; "
+                                     "the next step would exceed it")
+                break
+            started = time.monotonic()
+            loss, grad_norm = train_step(model, optimizer, schedule, task, batch, config,
+                                          _step_generator(config.seed, rank, state.step, device))
+            state.step += 1
+            state.batches_in_epoch += 1
+            state.samples_seen += config.global_batch_size
+            update_ema(ema, model, state.step, config)
+            step_seconds = time.monotonic() - started
+            state.last_loss = loss
+            window.add(loss, grad_norm, data_wait, time.monotonic() - waited_since)
+            if run is not None and time.monotonic() - last_log >= config.log_every_seconds:
+                _log_progress(run, state, window, meter, config, optimizer, device)
+                last_log = time.monotonic()
+            if run is not None and config.sample_every and state.step % config.sample_every == 0:
+                _log_samples(run, task, model, ema, state.step)
+            if state.step % config.checkpoint_every == 0 and state.step < config.steps:
+                _report(model, ema, optimizer, state, meter, window)
+            waited_since = time.monotonic()
+            if state.step >= config.steps:
+                break
+        else:
+            if index < 0:
+                raise RuntimeError(f"rank {rank}: an epoch without a single batch of {per_worker} samples: the "
+                                   "training set is smaller than global_batch_size")
+            state.epoch += 1
+            state.batches_in_epoch = 0
+    if run is not None:
+        _log_progress(run, state, window, meter, config, optimizer, device)
+        _log_samples(run, task, model, ema, state.step)
+    _report(model, ema, optimizer, state, meter, window, final=True)
+
+
+class _ShardCache:
+    """A worker's shard in memory, collected during its first epoch."""
+
+    def __init__(self):
+        self.batches: list[dict[str, torch.Tensor]] = []
+        self.columns: dict[str, torch.Tensor] | None = None
+
+    def seal(self) -> None:
+        self.columns = {name: torch.cat([b[name] for b in self.batches]) for name in self.batches[0]}
+        self.batches = []
+
+
+def _epoch_batches(shard, cache: _ShardCache | None, config: TrainConfig, per_worker: int, device: torch.device,
+                   rank: int, epoch: int) -> Iterator[dict[str, torch.Tensor]]:
+    """One epoch of this worker's batches: from Ray Data, or from the cache once it holds the shard."""
+    if cache is not None and cache.columns is not None:
+        rows = next(iter(cache.columns.values())).shape[0]
+        order = torch.randperm(rows, generator=torch.Generator().manual_seed(_step_seed(config.seed, rank, epoch)))
+        for start in range(0, rows - per_worker + 1, per_worker):
+            chosen = order[start:start + per_worker].to(device)
+            yield {name: values[chosen] for name, values in cache.columns.items()}
+        return
+    for batch in shard.iter_torch_batches(batch_size=per_worker, drop_last=True, device=device,
+                                          local_shuffle_buffer_size=4 * per_worker,
+                                          local_shuffle_seed=config.seed * 1000 + epoch):
+        if cache is not None:
+            cache.batches.append(batch)
+        yield batch
+    if cache is not None and cache.batches:
+        cache.seal()
+
+
+def update_ema(ema: list[torch.Tensor], model: nn.Module, step: int, config: TrainConfig) -> None:
+    """After optimizer step ``step``: move the EMA towards the model, or copy it before ``ema_start``."""
+    with torch.no_grad():
+        if step < config.ema_start:
+            for e, p in zip(ema, model.parameters()):
+                e.copy_(p.detach())
+        elif step % config.ema_every == 0:
+            for e, p in zip(ema, model.parameters()):
+                e.lerp_(p.detach(), 1 - config.ema_beta)
+
+
+def _agree(fits: bool, device: torch.device) -> bool:
+    """Every rank stops at the same step: rank 0's budget decision holds for all."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return fits
+    flag = torch.tensor([1.0 if fits else 0.0], device=device)
+    dist.broadcast(flag, src=0)
+    return bool(flag.item())
+
+
+def train_step(model, optimizer, schedule, task: Task, batch, config: TrainConfig, generator) -> tuple[float, float]:
+    """One optimizer step on ``batch``; returns the loss and the gradient norm before clipping."""
+    device = next(model.parameters()).device
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        loss = task.loss(model, batch, generator)
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"{task.spec.stage}: loss is {loss.item()} at step {schedule.last_epoch + 1}")
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+    optimizer.step()
+    schedule.step()
+    return loss.item(), float(grad_norm)
+
+
+class _Window:
+    """Figures since the last log line."""
+
+    def __init__(self):
+        self.losses, self.grad_norms, self.waits, self.totals = [], [], [], []
+
+    def add(self, loss: float, grad_norm: float, wait: float, total: float) -> None:
+        self.losses.append(loss)
+        self.grad_norms.append(grad_norm)
+        self.waits.append(wait)
+        self.totals.append(total)
+
+    def drain(self) -> dict[str, float]:
+        if not self.losses:
+            return {}
+        figures = {
+            "loss": float(np.mean(self.losses)),
+            "grad_norm": float(np.mean(self.grad_norms)),
+            "data_wait_fraction": float(np.sum(self.waits) / max(np.sum(self.totals), 1e-9)),
+            "step_seconds": float(np.mean(self.totals)),
+        }
+        self.__init__()
+        return figures
+
+
+def _log_progress(run: TrackedRun, state: TrainingState, window: _Window, meter: BudgetMeter, config: TrainConfig,
+                  optimizer, device: torch.device) -> None:
+    figures = window.drain()
+    if not figures:
+        return
+    samples_per_second = config.global_batch_size / figures["step_seconds"]
+    remaining_steps = config.steps - state.step
+    metrics = {
+        **figures,
+        "lr": optimizer.param_groups[0]["lr"],
+        "samples_per_second": samples_per_second,
+        "epoch": state.epoch,
+        "gpu_hours": meter.used(),
+        "eta_seconds": remaining_steps * figures["step_seconds"],
+    }
+    if meter.budget is not None:
+        metrics["gpu_hours_remaining"] = meter.remaining(metrics["gpu_hours"])
+    if device.type == "cuda":
+        metrics["peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    run.log_metrics(metrics, step=state.step)
+    budget = ("no budget" if meter.budget is None
+              else f"{metrics['gpu_hours_remaining']:.3g} of {meter.budget:.3g} GPU-h left")
+    # Ray Train sends the root logger to the driver's console once (its patched print shows twice).
+    logger.info(f"step {state.step}/{config.steps}  loss {figures['loss']:.4f}  {samples_per_second:.1f} samples/s  "
+                f"data wait {figures['data_wait_fraction']:.0%}  ETA {metrics['eta_seconds'] / 60:.1f} min  {budget}")
+
+
+def _log_samples(run: TrackedRun, task: Task, model: nn.Module, ema: list[torch.Tensor], step: int) -> None:
+    with _swapped_in(model, ema):
+        grid = task.samples(_unwrapped(model), step)
+    if grid is not None:
+        run.log_image(grid, f"samples/step_{step:07d}.png")
+
+
+def _unwrapped(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def _report(model, ema, optimizer, state: TrainingState, meter: BudgetMeter, window: _Window, *, final=False) -> None:
+    """Writes a checkpoint from rank 0 and reports it; every rank must call this at the same step."""
+    state.gpu_hours_used = meter.used()
+    model_state = _full_state(model)
+    with _swapped_in(model, ema):
+        ema_state = _full_state(model)
+    optimizer_state = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True,
+                                                                                          cpu_offload=True))
+    metrics = {"step": state.step, "loss": state.last_loss, "gpu_hours": state.gpu_hours_used,
+               "final": final, "stop_reason": state.stop_reason}
+    if ray.train.get_context().get_world_rank() != 0:
+        ray.train.report(metrics, checkpoint=None)
+        return
+    with tempfile.TemporaryDirectory() as folder:
+        save_file({k: v.contiguous() for k, v in model_state.items()}, Path(folder) / _MODEL)
+        save_file({k: v.contiguous() for k, v in ema_state.items()}, Path(folder) / _EMA)
+        torch.save(optimizer_state, Path(folder) / _OPTIMIZER)
+        (Path(folder) / _STATE).write_text(json.dumps(dataclasses.asdict(state)))
+        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(folder))
+
+
+def trainer(*, name: str, args: WorkerArgs, dataset, storage_path: str,
+            storage_filesystem: pyarrow.fs.FileSystem | None) -> TorchTrainer:
+    """The TorchTrainer of one training run; same ``name`` and storage: a rerun resumes it."""
+    config = args.train
+    return TorchTrainer(
+        train_worker,
+        train_loop_config=args,
+        scaling_config=ScalingConfig(
+            num_workers=config.workers,
+            use_gpu=config.gpus_per_worker > 0,
+            resources_per_worker={"CPU": config.cpus_per_worker,
+                                  **({"GPU": config.gpus_per_worker} if config.gpus_per_worker else {})},
+        ),
+        run_config=RunConfig(
+            name=name,
+            storage_path=storage_path,
+            storage_filesystem=storage_filesystem,
+            failure_config=FailureConfig(max_failures=config.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=config.keep_checkpoints),
+        ),
+        datasets={"train": dataset.select_columns(input_columns(args.task))},
+    )
+
+
+def read_checkpoint_weights(checkpoint: Checkpoint) -> tuple[dict[str, torch.Tensor], TrainingState]:
+    """The EMA weights and the training state of a finished run's last checkpoint."""
+    with checkpoint.as_directory() as folder:
+        return load_file(Path(folder) / _EMA), TrainingState(**json.loads((Path(folder) / _STATE).read_text()))
+
+
+def exported_state(spec: TaskSpec, ema_weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The weights later phases load: the EMA of the part of the model they use."""
+    model = build_model(spec)
+    model.load_state_dict(ema_weights, strict=True)
+    return {k: v.contiguous() for k, v in exported(spec, model).state_dict().items()}
+
+

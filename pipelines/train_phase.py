@@ -1,0 +1,171 @@
+"""The training phases: one Ray Train run per stage, its inputs, its budget and its result.
+
+Order in the pipeline: Stage A and the semantic compressor (only when the config trains them
+from scratch: their ``pre_encode.*_weights`` setting is ``trained``), then pre-encode, then
+Stage B and Stage C. Stage B goes first because it and Stage C learn independently from the
+latents, and a trained Stage B lets Stage C's sample grids show images instead of latents.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pyarrow.fs
+import ray.data
+from ray.data.expressions import col
+from safetensors.torch import load as load_safetensors
+
+from pipelines import decode, pre_encode, schema, trained_weights
+from pipelines.overrides import to_flat_dict
+from pipelines.storage import StorageConfig, filesystem, local_copy
+from pipelines.train import TrainConfig, WorkerArgs, exported_state, read_checkpoint_weights, trainer
+from pipelines.train_tasks import TaskSpec, decode_images, input_columns
+from cluster.budget import run_budget
+
+TRAINED = "trained"  # a pre_encode.*_weights value: the output of this run's own training phase
+PHASE_STAGES = {"train_stage_a": "stage_a", "train_semantic": "semantic", "train_stage_b": "stage_b",
+                "train_stage_c": "stage_c"}
+_SAMPLE_ROWS = 8
+
+
+class BudgetStop(Exception):
+    """A training run stopped at its GPU-hour budget; the pipeline ends here, cleanly."""
+
+
+def config_section(stage: str) -> str:
+    """The RunConfig field of a stage's training settings."""
+    return {"stage_a": "train_a", "semantic": "train_semantic", "stage_b": "train_b", "stage_c": "train_c"}[stage]
+
+
+def weights_url(context, stage: str) -> str:
+    """Where a stage's weights come from: its training phase's result, or the configured path/URL."""
+    if stage in ("stage_b", "stage_c"):
+        return f"{context.output_url(f'train_{stage}')}/{trained_weights.FINAL_FILE}"
+    setting = context.config.pre_encode.stage_a_weights if stage == "stage_a" else context.config.pre_encode.semantic_weights
+    phase = "train_stage_a" if stage == "stage_a" else "train_semantic"
+    return f"{context.output_url(phase)}/{trained_weights.FINAL_FILE}" if setting == TRAINED else setting
+
+
+def run_training(context, run, phase: str) -> str:
+    """Runs (or resumes, or skips) one stage's training; returns the console summary."""
+    stage = PHASE_STAGES[phase]
+    section = config_section(stage)
+    config: TrainConfig = getattr(context.config, section)
+    storage = context.config.storage
+    if stage in ("stage_a", "semantic"):
+        setting = "stage_a_weights" if stage == "stage_a" else "semantic_weights"
+        if getattr(context.config.pre_encode, setting) != TRAINED:
+            run.set_tags({"phase.outcome": "not needed"})
+            return f"not needed: pre_encode.{setting} names the weights to use"
+    source_phase = decode.PHASE if stage in ("stage_a", "semantic") else pre_encode.PHASE
+    source = context.finished(source_phase)
+    # Workers get equal rows and drop their last partial batch: a set smaller than one global
+    # batch would give epochs without a step.
+    if source.kept < config.global_batch_size:
+        raise ValueError(f"{section}.global_batch_size ({config.global_batch_size}) is larger than the training "
+                         f"set ({source.kept} samples kept by {source_phase}): lower it or add data")
+    models = context.config.pre_encode.models
+    fingerprint = {"input": source.config, "models": models, **config.outcome()}
+    final_url = f"{context.output_url(phase)}/{trained_weights.FINAL_FILE}"
+    run.log_params(to_flat_dict(config, prefix=f"{section}."))
+    if trained_weights.fingerprint_of(final_url, storage) == fingerprint:
+        run.set_tags({"phase.outcome": "skipped: output already complete"})
+        return "skipped: output already complete"
+
+    budget = run_budget(run_budget=config.budget_gpu_hours,
+                        experiment_budget=context.config.tracking.experiment_budget_gpu_hours,
+                        experiment_used=context.tracker.experiment_gpu_hours(), setting=f"{section}.budget_gpu_hours")
+    dataset = _dataset(context, stage, sorted(source.shards), config.seed)
+    if config.cache_data:
+        dataset = dataset.materialize()
+    spec = _task_spec(context, stage, config, dataset)
+    init_weights = local_copy(config.init_weights, storage) if config.init_weights else ""
+    args = WorkerArgs(train=config, task=spec, budget=budget, tracking_uri=context.tracker.uri, run_id=run.run_id,
+                      init_weights_path=init_weights)
+    run.log_params({"budget_gpu_hours": budget, "units_held": config.units_held})
+    storage_fs, storage_path = _ray_storage(f"{context.output_url(phase)}/ray", storage)
+    result = trainer(name=_ray_run_name(phase, fingerprint), args=args, dataset=dataset, storage_path=storage_path,
+                     storage_filesystem=storage_fs).fit()
+    ema, state = read_checkpoint_weights(result.checkpoint)
+    run.log_metrics({"gpu_hours": state.gpu_hours_used, "final_step": state.step, "final_loss": state.last_loss,
+                     **({"gpu_hours_remaining": max(budget - state.gpu_hours_used, 0.0)} if budget is not None else {})})
+    if state.stop_reason:
+        run.set_tags({"phase.outcome": "stopped", "stop_reason": state.stop_reason})
+        raise BudgetStop(f"{phase} stopped at step {state.step} of {config.steps}: {state.stop_reason}. The checkpoint "
+                         f"is kept; raise {section}.budget_gpu_hours and run again to continue")
+    weights = exported_state(spec, ema)
+    trained_weights.write(final_url, weights, fingerprint, storage)
+    with tempfile.TemporaryDirectory() as folder:
+        local = Path(folder) / f"{stage}.safetensors"
+        fs, path = filesystem(final_url, storage)
+        fs.get(path, str(local))
+        run.log_artifact(str(local), "weights")
+    run.set_tags({"phase.outcome": "ran"})
+    return f"ran; {state.step} steps, loss {state.last_loss:.4f}, {state.gpu_hours_used:.4g} GPU-hours"
+
+
+def _ray_run_name(phase: str, fingerprint: dict) -> str:
+    """The Ray Train run to resume: the same settings share one, whatever the number of steps.
+
+    So a killed or budget-stopped run continues when resubmitted, a longer run extends a shorter
+    one, and a run with other settings never resumes from incompatible checkpoints.
+    """
+    settings = {k: v for k, v in fingerprint.items() if k != "steps"}
+    return f"{phase}-{hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]}"
+
+
+def _dataset(context, stage: str, shards: list[str], seed: int) -> ray.data.Dataset:
+    storage = context.config.storage
+    phase = decode.PHASE if stage in ("stage_a", "semantic") else pre_encode.PHASE
+    fs, folder = filesystem(context.output_url(phase), storage)
+    files = [f"{folder}/{schema.shard_parquet(shard)}" for shard in shards]
+    if stage in ("stage_b", "stage_c"):
+        columns = [*input_columns(_spec_stub(context, stage)), schema.CAPTION]
+        return ray.data.read_parquet(files, filesystem=fs, columns=columns).randomize_block_order(seed=seed)
+    dataset = ray.data.read_parquet(files, filesystem=fs, columns=[schema.IMAGE, schema.CAPTION, schema.DROP_REASON])
+    return dataset.filter(expr=col(schema.DROP_REASON).is_null()).map_batches(decode_images).randomize_block_order(seed=seed)
+
+
+def _spec_stub(context, stage: str) -> TaskSpec:
+    return TaskSpec(stage=stage, models=context.config.pre_encode.models, caption_dropout=0.0, semantic_dropout=0.0,
+                    semantic_noise=0.0, text_from_tokens=context.config.pre_encode.text == "tokens")
+
+
+def _task_spec(context, stage: str, config: TrainConfig, dataset: ray.data.Dataset) -> TaskSpec:
+    storage = context.config.storage
+    sample = dataset.take_batch(_SAMPLE_ROWS, batch_format="numpy")
+    empty: dict[str, np.ndarray] = {}
+    if stage in ("stage_b", "stage_c") and context.config.pre_encode.text == "hidden_states":
+        fs, path = filesystem(f"{context.output_url(pre_encode.PHASE)}/{pre_encode.EMPTY_CAPTION_FILE}", storage)
+        with fs.open(path, "rb") as stream:
+            empty = {name: tensor.numpy() for name, tensor in load_safetensors(stream.read()).items()}
+    partners = {}
+    for partner in {"stage_c": ("stage_b", "stage_a"), "stage_b": ("stage_a",)}.get(stage, ()):
+        url = weights_url(context, partner)
+        fs, path = filesystem(url, storage)
+        if url and fs.exists(path):
+            partners[partner] = local_copy(url, storage)
+    return dataclasses.replace(
+        _spec_stub(context, stage),
+        caption_dropout=config.caption_dropout,
+        semantic_dropout=config.semantic_dropout,
+        semantic_noise=config.semantic_noise,
+        empty_caption=empty,
+        sample_prompts=tuple(context.config.generate.prompts[:_SAMPLE_ROWS]),
+        sample_batch={name: np.asarray(value) for name, value in sample.items()},
+        partner_weights=partners,
+        resolution=context.config.decode.resolution,
+    )
+
+
+def _ray_storage(url: str, storage: StorageConfig) -> tuple[pyarrow.fs.FileSystem | None, str]:
+    """Ray Train's storage for checkpoints: a local folder, or object storage through fsspec."""
+    if "://" not in url or url.startswith("file://"):
+        return None, url.removeprefix("file://")
+    fs, path = filesystem(url, storage)
+    return pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs)), path

@@ -1,0 +1,224 @@
+"""What each training run fits: its model, its inputs, its loss and the pictures it shows.
+
+Stage C and Stage B learn from the latent shards (no pixels); Stage A and the semantic compressor,
+which only a from-scratch run trains, learn from the decoded crops. The training loop in
+``pipelines/train.py`` is the same for all four; a task is everything that differs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+from pipelines import schema
+from pipelines.reports import image_grid
+from stages.diffusion import DIFFUSION_CONFIGS, CosineDiffusion, drop_conditioning, linear_timesteps
+from stages.generate import GENERATE_CONFIGS, Wuerstchen, generate
+from stages.semantic import SEMANTIC_CONFIGS, SemanticCompressor, from_stage_c_latents
+from stages.stage_a import STAGE_A_CONFIGS, StageA
+from stages.stage_b import STAGE_B_CONFIGS, StageB
+from stages.stage_c import STAGE_C_CONFIGS, StageC
+from stages.text import TEXT_CONFIGS, TextEncoder, attention_mask
+from stages.weights import load_weights
+
+STAGES = ("stage_a", "semantic", "stage_b", "stage_c")
+# The low resolution the semantic compressor learns to reconstruct when trained from scratch.
+SEMANTIC_TARGET_SIZE = 16
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TaskSpec:
+    """Everything a worker needs to build a task; small and picklable."""
+
+    stage: str
+    models: str
+    """Size in the stage registries (tiny, v2)."""
+    caption_dropout: float
+    semantic_dropout: float
+    semantic_noise: float
+    text_from_tokens: bool
+    """The latent shards hold tokens only: encode the text on the worker."""
+    empty_caption: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+    """Hidden states of the empty caption per text column (classifier-free guidance)."""
+    sample_prompts: tuple[str, ...] = ()
+    """Fixed prompts of the sample grids (Stage C)."""
+    sample_batch: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+    """Fixed held-in samples for the grids of Stage B, Stage A and the semantic compressor."""
+    partner_weights: dict[str, str] = dataclasses.field(default_factory=dict)
+    """Local weights of already trained stages, used to render samples (stage name -> path)."""
+    resolution: int = 64
+    """Side of the decoded crops, pixels."""
+
+
+def input_columns(spec: TaskSpec) -> list[str]:
+    """Columns of the training data set that the task reads."""
+    text_c = schema.TEXT_TOKENS if spec.text_from_tokens else schema.TEXT_STAGE_C
+    text_b = schema.TEXT_TOKENS if spec.text_from_tokens else schema.TEXT_STAGE_B
+    return {
+        "stage_c": [schema.STAGE_C_LATENT, text_c],
+        "stage_b": [schema.STAGE_B_LATENT, schema.STAGE_C_LATENT, text_b],
+        "stage_a": [schema.IMAGE],
+        "semantic": [schema.IMAGE],
+    }[spec.stage]
+
+
+def build_model(spec: TaskSpec) -> nn.Module:
+    """The freshly initialised model the task trains."""
+    return {
+        "stage_c": lambda: StageC(STAGE_C_CONFIGS[spec.models]()),
+        "stage_b": lambda: StageB(STAGE_B_CONFIGS[spec.models]()),
+        "stage_a": lambda: StageA(STAGE_A_CONFIGS[spec.models]()),
+        "semantic": lambda: SemanticWithProbe(SemanticCompressor(SEMANTIC_CONFIGS[spec.models]())),
+    }[spec.stage]()
+
+
+def exported(spec: TaskSpec, model: nn.Module) -> nn.Module:
+    """The part of the trained model that later phases load: the semantic compressor leaves its probe
+    behind and takes its output scale (the probe trained on the normalised latent)."""
+    if spec.stage != "semantic":
+        return model
+    model.compressor.scale_output_()
+    return model.compressor
+
+
+class SemanticWithProbe(nn.Module):
+    """The semantic compressor with a small decoder that reconstructs a low-resolution image.
+
+    Pretrained EfficientNet weights do not exist offline, and a random one keeps little of the
+    image, so a run from scratch first teaches the compressor to keep what a decoder needs; the
+    probe is thrown away and the compressor is frozen afterwards, as the real one is.
+    """
+
+    def __init__(self, compressor: SemanticCompressor):
+        super().__init__()
+        self.compressor = compressor
+        c, side = compressor.config.c_latent, compressor.config.latent_size
+        assert SEMANTIC_TARGET_SIZE % side == 0, "the probe upsamples the latent by an integer factor"
+        self.probe = nn.Sequential(
+            nn.Conv2d(c, 64, kernel_size=1), nn.GELU(), nn.Upsample(scale_factor=SEMANTIC_TARGET_SIZE // side),
+            nn.Conv2d(64, 3, kernel_size=3, padding=1),
+        )
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.probe(self.compressor(images))
+
+
+class Task:
+    """Loss and sample pictures of one stage, on one worker."""
+
+    def __init__(self, spec: TaskSpec, device: torch.device):
+        self.spec, self.device = spec, device
+        self.diffusion = CosineDiffusion(DIFFUSION_CONFIGS[spec.models]())
+        text = TEXT_CONFIGS[spec.models]()
+        self.text_encoder = None
+        if spec.text_from_tokens and spec.stage in ("stage_b", "stage_c"):
+            encoder_config = text.stage_c if spec.stage == "stage_c" else text.stage_b
+            self.text_encoder = TextEncoder(encoder_config).to(device)
+        self.empty = {name: torch.tensor(value).float().to(device) for name, value in spec.empty_caption.items()}
+
+    def text(self, batch: dict[str, torch.Tensor], column: str) -> torch.Tensor:
+        """Text hidden states of a batch: read from the shards, or encoded from the tokens."""
+        if self.text_encoder is None:
+            return batch[column].float()
+        tokens = batch[schema.TEXT_TOKENS].long()
+        with torch.no_grad():
+            return self.text_encoder(tokens, attention_mask(tokens))
+
+    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor], generator: torch.Generator) -> torch.Tensor:
+        spec = self.spec
+        if spec.stage == "stage_c":
+            text = drop_conditioning(self.text(batch, schema.TEXT_STAGE_C), self.empty[schema.TEXT_STAGE_C],
+                                     spec.caption_dropout, generator=generator)
+            noised, noise, r = self.diffusion.noise_batch(batch[schema.STAGE_C_LATENT].float(), generator=generator)
+            return self.diffusion.loss(model(noised, r, text), noise, r)
+        if spec.stage == "stage_b":
+            text = drop_conditioning(self.text(batch, schema.TEXT_STAGE_B), self.empty[schema.TEXT_STAGE_B],
+                                     spec.caption_dropout, generator=generator)
+            semantic = from_stage_c_latents(batch[schema.STAGE_C_LATENT].float())
+            if spec.semantic_noise:
+                semantic = semantic + spec.semantic_noise * torch.randn(
+                    semantic.shape, generator=generator, device=generator.device).to(semantic.device)
+            # As the unconditional pass of the official decoder pipeline: no semantics at all.
+            semantic = drop_conditioning(semantic, torch.zeros_like(semantic[:1]), spec.semantic_dropout, generator=generator)
+            noised, noise, r = self.diffusion.noise_batch(batch[schema.STAGE_B_LATENT].float(), generator=generator)
+            return self.diffusion.loss(model(noised, r, semantic, text), noise, r)
+        images = batch[schema.IMAGE].permute(0, 3, 1, 2).float() / 255  # (B, 3, R, R) in [0, 1]
+        if spec.stage == "stage_a":
+            # Unquantised decoding, as at generation time; the quantiser still learns its codebook.
+            reconstruction, vq_loss = model(images, quantize=False)
+            return F.mse_loss(reconstruction, images) + vq_loss
+        target = F.interpolate(images, size=SEMANTIC_TARGET_SIZE, mode="area")
+        return F.mse_loss(model(images), target)
+
+    @torch.no_grad()
+    def samples(self, model: nn.Module, step: int) -> Image.Image | None:
+        """A grid a person can look at: what the model makes of fixed inputs at this step."""
+        spec = self.spec
+        model.eval()
+        try:
+            if spec.stage == "stage_c":
+                return self._stage_c_samples(model, step)
+            images = torch.tensor(spec.sample_batch[schema.IMAGE]).permute(0, 3, 1, 2).float().to(self.device) / 255 \
+                if schema.IMAGE in spec.sample_batch else None
+            captions = list(spec.sample_batch.get(schema.CAPTION, []))
+            if spec.stage == "stage_a":
+                shown = model.decode(model.encode(images)).clamp(0, 1)
+            elif spec.stage == "semantic":
+                shown = F.interpolate(model(images), size=images.shape[-1], mode="nearest").clamp(0, 1)
+            else:
+                shown = self._stage_b_samples(model, step)
+                if shown is None:
+                    return None
+            return image_grid([_to_pil(image) for image in shown], captions)
+        finally:
+            model.train()
+
+    def _partner(self, stage: str) -> nn.Module | None:
+        path = self.spec.partner_weights.get(stage)
+        if path is None:
+            return None
+        model = build_model(dataclasses.replace(self.spec, stage=stage))
+        return load_weights(model, path).to(self.device).eval()
+
+    def _stage_b_samples(self, model: nn.Module, step: int) -> torch.Tensor | None:
+        stage_a = self._partner("stage_a")
+        if stage_a is None:
+            return None
+        batch = {name: torch.tensor(value).to(self.device) for name, value in self.spec.sample_batch.items()
+                 if name != schema.CAPTION}
+        semantic = from_stage_c_latents(batch[schema.STAGE_C_LATENT].float())
+        text = self.text(batch, schema.TEXT_STAGE_B)
+        generator = torch.Generator(self.device).manual_seed(step)
+        latents = self.diffusion.sample(lambda x, r: model(x, r, semantic, text), batch[schema.STAGE_B_LATENT].shape,
+                                        timesteps=linear_timesteps(GENERATE_CONFIGS[self.spec.models]().decoder_steps),
+                                        generator=generator, device=self.device)
+        return stage_a.decode_stage_b_latents(latents)
+
+    def _stage_c_samples(self, model: nn.Module, step: int) -> Image.Image | None:
+        stage_b, stage_a = self._partner("stage_b"), self._partner("stage_a")
+        if stage_b is None or stage_a is None:
+            return None
+        text = TEXT_CONFIGS[self.spec.models]()
+        models = Wuerstchen(text_c=TextEncoder(text.stage_c).to(self.device), stage_c=model,
+                            text_b=TextEncoder(text.stage_b).to(self.device), stage_b=stage_b, stage_a=stage_a)
+        side = self.spec.resolution
+        generated = generate(list(self.spec.sample_prompts), models=models, config=GENERATE_CONFIGS[self.spec.models](),
+                             height=side, width=side, generator=torch.Generator(self.device).manual_seed(step))
+        return image_grid([_to_pil(image) for image in generated.images], list(self.spec.sample_prompts))
+
+
+def _to_pil(image: torch.Tensor) -> Image.Image:
+    return Image.fromarray((image.clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8))
+
+
+def decode_images(batch: dict[str, Any]) -> dict[str, Any]:
+    """Ray Data step for the image-trained stages: encoded crops -> uint8 arrays (B, R, R, 3)."""
+    batch[schema.IMAGE] = np.stack([np.asarray(Image.open(io.BytesIO(data)).convert("RGB")) for data in batch[schema.IMAGE]])
+    return batch

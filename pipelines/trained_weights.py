@@ -1,0 +1,53 @@
+"""Weights a training phase hands to later phases, and the loader for weights logged to MLflow.
+
+A phase's result is one safetensors file whose metadata holds the phase's fingerprint (its input
+and settings), written atomically: the file existing with the current fingerprint is the proof
+that the phase is complete.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from typing import Any
+
+import torch
+from mlflow.artifacts import download_artifacts
+from safetensors.torch import save
+from torch import nn
+
+from pipelines.storage import StorageConfig, filesystem, local_copy, write_atomically
+from stages.weights import load_weights
+
+FINAL_FILE = "final.safetensors"
+_FINGERPRINT = "wuerstchen.fingerprint"
+
+
+def write(url: str, tensors: dict[str, torch.Tensor], fingerprint: dict[str, Any], storage: StorageConfig) -> None:
+    data = save(tensors, metadata={_FINGERPRINT: json.dumps(fingerprint, sort_keys=True)})
+    fs, path = filesystem(url, storage)
+    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+    write_atomically(fs, path, lambda stream: stream.write(data))
+
+
+def fingerprint_of(url: str, storage: StorageConfig) -> dict[str, Any] | None:
+    """The fingerprint stored in a weights file (read from its header alone), or None without one."""
+    fs, path = filesystem(url, storage)
+    if not fs.exists(path):
+        return None
+    with fs.open(path, "rb") as stream:
+        (length,) = struct.unpack("<Q", stream.read(8))  # safetensors: u64 header size, then JSON
+        header = json.loads(stream.read(length))
+    metadata = header.get("__metadata__", {})
+    return json.loads(metadata[_FINGERPRINT]) if _FINGERPRINT in metadata else None
+
+
+def load(model: nn.Module, url: str, storage: StorageConfig | None = None) -> nn.Module:
+    """Loads a phase's weights (local path or URL) into ``model``, strictly."""
+    return load_weights(model, local_copy(url, storage))
+
+
+def load_from_mlflow(model: nn.Module, run_id: str, tracking_uri: str, artifact_path: str) -> nn.Module:
+    """Loads weights a training run logged (``weights/<stage>.safetensors``) into ``model``."""
+    local = download_artifacts(run_id=run_id, artifact_path=artifact_path, tracking_uri=tracking_uri)
+    return load_weights(model, local)
