@@ -134,7 +134,8 @@ def run_generate(context: PhaseContext, run: TrackedRun) -> str:
     weights = {"stage_c": weights_url(context, "stage_c"), "stage_b": weights_url(context, "stage_b"),
                "stage_a": weights_url(context, "stage_a")}
     storage = context.config.storage
-    fingerprint = {"weights": {stage: trained_weights.fingerprint_of(url, storage) or url for stage, url in weights.items()},
+    fingerprint = {"weights": {stage: trained_weights.fingerprint_of(url, storage) or url
+                               for stage, url in weights.items() if url},
                    **dataclasses.asdict(config)}
     run.log_params(to_flat_dict(config, prefix="generate."))
     return generate_phase.run(config=config, models_name=context.config.pre_encode.models, weights_urls=weights,

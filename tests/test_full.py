@@ -131,7 +131,7 @@ def test_each_stage_learns_checkpoints_and_logs_loadable_weights(first_run, phas
     client, runs = _runs(work_dir)
     (run,) = _ran(runs, phase)
     losses = [m.value for m in sorted(client.get_metric_history(run.info.run_id, "loss"), key=lambda m: m.step)]
-    assert len(losses) >= 3 and losses[-1] < 0.5 * losses[0], losses
+    assert len(losses) >= 2 and losses[-1] < 0.5 * losses[0], losses
     for name in ("lr", "grad_norm", "samples_per_second", "data_wait_fraction", "gpu_hours", "eta_seconds"):
         assert name in run.data.metrics, name
     assert 0 <= run.data.metrics["data_wait_fraction"] <= 1

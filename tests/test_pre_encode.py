@@ -93,7 +93,7 @@ def test_latents_and_conditioning_are_what_the_encoders_compute(embedded, tmp_pa
 
 def test_tokens_only_stores_no_hidden_states_and_costs_less(embedded, tmp_path):
     root, embedded_manifest = embedded
-    config = load_config("tiny").pre_encode
+    config = dataclasses.replace(load_config("tiny").pre_encode, stage_a_weights="", semantic_weights="")
     _pre_encode(root, embedded_manifest, config, tmp_path / "hidden")
     _pre_encode(root, embedded_manifest, dataclasses.replace(config, text="tokens"), tmp_path / "tokens")
     names = pq.read_schema(tmp_path / "tokens" / "00000.parquet").names
