@@ -126,7 +126,7 @@ def _dataset(context, stage: str, shards: list[str], seed: int) -> ray.data.Data
     files = [f"{folder}/{schema.shard_parquet(shard)}" for shard in shards]
     if stage in ("stage_b", "stage_c"):
         columns = [*input_columns(_spec_stub(context, stage)), schema.CAPTION]
-        return ray.data.read_parquet(files, filesystem=fs, columns=columns).randomize_block_order(seed=seed)
+        return ray.data.read_parquet(files, filesystem=fs).select_columns(columns).randomize_block_order(seed=seed)
     dataset = ray.data.read_parquet(files, filesystem=fs, columns=[schema.IMAGE, schema.CAPTION, schema.DROP_REASON])
     return dataset.filter(expr=col(schema.DROP_REASON).is_null()).map_batches(decode_images).randomize_block_order(seed=seed)
 

@@ -5,6 +5,8 @@ Learning, checkpoints and logged weights of every stage are checked on the end-t
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -13,6 +15,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 from mlflow.tracking import MlflowClient
 
@@ -101,25 +104,73 @@ def test_a_batch_larger_than_the_training_set_refuses_to_start(latents, tmp_path
         _main(work_dir, "--phases", "train_stage_b", "--set", "train_b.global_batch_size=1000")
 
 
-def test_a_killed_job_resubmitted_continues_from_its_last_checkpoint(latents, tmp_path):
+def _train_workers(driver_pid: int) -> list[psutil.Process]:
+    """The Ray Train worker processes of the local Ray that the driver started."""
+    workers = []
+    for process in psutil.Process(driver_pid).children(recursive=True):
+        with contextlib.suppress(psutil.NoSuchProcess):
+            if " ".join(process.cmdline()).startswith("ray::RayTrainWorker"):
+                workers.append(process)
+    return workers
+
+
+def _wait_for(condition, driver: subprocess.Popen, what: str, seconds: float = 300) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert driver.poll() is None, f"the job ended while waiting for {what}"
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
+
+
+def test_a_killed_worker_and_a_killed_job_continue_from_the_last_checkpoint(latents, tmp_path):
     work_dir = _fresh_copy(latents, tmp_path)
     args = [sys.executable, "pipelines/full.py", "--set", f"work_dir={work_dir}", *SMALL_DATA, *RANDOM_ENCODERS,
             "--phases", "train_stage_c", "--set", "train_c.checkpoint_every=10", "--set", "train_c.log_every_seconds=0"]
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")}
     driver = subprocess.Popen([*args, "--set", "train_c.steps=100000"], cwd=ROOT, env=env, start_new_session=True,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    clients: list[MlflowClient] = []
+
+    def logged_steps() -> list[int]:
+        if not clients:
+            if not (work_dir / "train_stage_c").exists():
+                return []
+            clients.append(_client(work_dir))  # one client: polling must not starve the training
+        runs = clients[0].search_runs(["1"], filter_string="attributes.run_name = 'train_stage_c'")
+        return [step for step, _ in _loss_history(clients[0], runs[0].info.run_id)] if runs else []
+
+    def checkpoints() -> int:
+        return len(list((work_dir / "train_stage_c").glob("ray/*/checkpoint_*/model.safetensors")))
+
+    def registered_step() -> int:
+        """Step of the latest checkpoint Ray Train has registered: the one a restart resumes from."""
+        for snapshot in (work_dir / "train_stage_c").glob("ray/*/checkpoint_manager_snapshot.json"):
+            with contextlib.suppress(ValueError):  # being rewritten
+                latest = json.loads(snapshot.read_text()).get("latest_checkpoint_result")
+                return latest["metrics"]["step"] if latest else 0
+        return 0
+
     try:
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline and driver.poll() is None:
-            if len(list((work_dir / "train_stage_c").glob("ray/*/checkpoint_*/model.safetensors"))) >= 2:
-                break
-            time.sleep(0.2)
-        assert driver.poll() is None, "the job ended before it could be killed"
+        # A worker dies: Ray Train restarts the group from the last checkpoint (max_failures).
+        _wait_for(lambda: registered_step() >= 10, driver, "a registered checkpoint")
+        workers = _train_workers(driver.pid)
+        assert len(workers) == 2, workers
+        registered = registered_step()
+        workers[1].kill()
+        killed_at = max(logged_steps())
+        _wait_for(lambda: max(logged_steps()) >= killed_at + 15, driver, "training to go on after the worker died")
+        steps = logged_steps()
+        restarted_at = next(step for previous, step in zip(steps, steps[1:]) if step <= previous)
+        # Not from scratch: from the checkpoint registered before the failure, or a later one.
+        assert registered < restarted_at <= killed_at + 10 and (restarted_at - 1) % 10 == 0, \
+            (registered, restarted_at, killed_at)
+        # The whole job dies: resubmitted, it continues from the last checkpoint.
+        _wait_for(lambda: checkpoints() >= 2, driver, "a second checkpoint")
     finally:
         os.killpg(driver.pid, signal.SIGKILL)
         driver.wait()
-    client, (killed,) = _phase_runs(work_dir, "train_stage_c")
-    logged_before_kill = max(step for step, _ in _loss_history(client, killed.info.run_id))
+    logged_before_kill = max(logged_steps())
 
     result = subprocess.run([*args, "--set", f"train_c.steps={logged_before_kill + 30}"], cwd=ROOT, env=env,
                             capture_output=True, text=True, timeout=600)
