@@ -19,7 +19,7 @@ from PIL import Image
 
 from pipelines import trained_weights
 from pipelines.demo_data import BACKGROUNDS, COLOURS
-from pipelines.reports import image_grid
+from pipelines.reports import image_grid, to_uint8
 from pipelines.storage import StorageConfig, filesystem, local_copy, write_atomically
 from stages.generate import GENERATE_CONFIGS, build_models, generate
 
@@ -99,7 +99,7 @@ def render(models_name: str, weights: dict[str, str], prompts: list[str], size: 
     config = dataclasses.replace(GENERATE_CONFIGS[models_name](), prior_guidance=guidance)
     generated = generate(prompts, models=models, config=config, height=size, width=size,
                          generator=torch.Generator(device).manual_seed(seed))
-    return (generated.images.clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
+    return to_uint8(generated.images)
 
 
 def run(*, config: SampleConfig, models_name: str, weights_urls: dict[str, str], output_url: str,

@@ -4,12 +4,19 @@ from __future__ import annotations
 
 import textwrap
 
+import numpy as np
+import torch
 from matplotlib.figure import Figure
 from PIL import Image, ImageDraw
 
 _TILE = 128
 _CAPTION_LINES = 3
 _LINE_HEIGHT = 12
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """Model images (N, 3, H, W) in [0, 1] -> (N, H, W, 3) uint8, as PIL and the colour measure take them."""
+    return (images.clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
 
 
 def image_grid(images: list[Image.Image], captions: list[str], columns: int = 4) -> Image.Image:

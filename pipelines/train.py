@@ -275,7 +275,7 @@ def train_worker(args: WorkerArgs) -> None:
             if run is not None and config.sample_every and state.step % config.sample_every == 0:
                 _log_samples(run, task, model, ema, state.step)
             if state.step % config.checkpoint_every == 0 and state.step < config.steps:
-                _report(model, ema, optimizer, state, meter, window)
+                _report(model, ema, optimizer, state, meter)
             waited_since = time.monotonic()
             if state.step >= config.steps:
                 break
@@ -288,7 +288,7 @@ def train_worker(args: WorkerArgs) -> None:
     if run is not None:
         _log_progress(run, state, window, meter, config, optimizer, device)
         _log_samples(run, task, model, ema, state.step)
-    _report(model, ema, optimizer, state, meter, window, final=True)
+    _report(model, ema, optimizer, state, meter, final=True)
 
 
 class _ShardCache:
@@ -421,7 +421,7 @@ def _unwrapped(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
-def _report(model, ema, optimizer, state: TrainingState, meter: BudgetMeter, window: _Window, *, final=False) -> None:
+def _report(model, ema, optimizer, state: TrainingState, meter: BudgetMeter, *, final=False) -> None:
     """Writes a checkpoint from rank 0 and reports it; every rank must call this at the same step."""
     state.gpu_hours_used = meter.used()
     model_state = _full_state(model)

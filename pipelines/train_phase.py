@@ -30,6 +30,7 @@ from cluster.budget import run_budget
 TRAINED = "trained"  # a pre_encode.*_weights value: the output of this run's own training phase
 PHASE_STAGES = {"train_stage_a": "stage_a", "train_semantic": "semantic", "train_stage_b": "stage_b",
                 "train_stage_c": "stage_c"}
+_TRAINING_PHASE = {stage: phase for phase, stage in PHASE_STAGES.items()}
 _SAMPLE_ROWS = 8
 
 
@@ -44,11 +45,11 @@ def config_section(stage: str) -> str:
 
 def weights_url(context, stage: str) -> str:
     """Where a stage's weights come from: its training phase's result, or the configured path/URL."""
+    trained = f"{context.output_url(_TRAINING_PHASE[stage])}/{trained_weights.FINAL_FILE}"
     if stage in ("stage_b", "stage_c"):
-        return f"{context.output_url(f'train_{stage}')}/{trained_weights.FINAL_FILE}"
+        return trained
     setting = context.config.pre_encode.stage_a_weights if stage == "stage_a" else context.config.pre_encode.semantic_weights
-    phase = "train_stage_a" if stage == "stage_a" else "train_semantic"
-    return f"{context.output_url(phase)}/{trained_weights.FINAL_FILE}" if setting == TRAINED else setting
+    return trained if setting == TRAINED else setting
 
 
 def run_training(context, run, phase: str) -> str:
@@ -98,12 +99,10 @@ def run_training(context, run, phase: str) -> str:
         run.set_tags({"phase.outcome": "stopped", "stop_reason": state.stop_reason})
         raise BudgetStop(f"{phase} stopped at step {state.step} of {config.steps}: {state.stop_reason}. The checkpoint "
                          f"is kept; raise {section}.budget_gpu_hours and run again to continue")
-    weights = exported_state(spec, ema)
-    trained_weights.write(final_url, weights, fingerprint, storage)
+    data = trained_weights.write(final_url, exported_state(spec, ema), fingerprint, storage)
     with tempfile.TemporaryDirectory() as folder:
         local = Path(folder) / f"{stage}.safetensors"
-        fs, path = filesystem(final_url, storage)
-        fs.get(path, str(local))
+        local.write_bytes(data)
         run.log_artifact(str(local), "weights")
     run.set_tags({"phase.outcome": "ran"})
     return f"ran; {state.step} steps, loss {state.last_loss:.4f}, {state.gpu_hours_used:.4g} GPU-hours"

@@ -18,7 +18,7 @@ from PIL import Image
 from torch import nn
 
 from pipelines import schema
-from pipelines.reports import image_grid
+from pipelines.reports import image_grid, to_uint8
 from stages.diffusion import DIFFUSION_CONFIGS, CosineDiffusion, drop_conditioning, linear_timesteps
 from stages.generate import GENERATE_CONFIGS, Wuerstchen, generate
 from stages.semantic import SEMANTIC_CONFIGS, SemanticCompressor, from_stage_c_latents
@@ -176,7 +176,7 @@ class Task:
                 shown = self._stage_b_samples(model, step)
                 if shown is None:
                     return None
-            return image_grid([_to_pil(image) for image in shown], captions)
+            return image_grid(_pil_images(shown), captions)
         finally:
             model.train()
 
@@ -211,11 +211,11 @@ class Task:
         side = self.spec.resolution
         generated = generate(list(self.spec.sample_prompts), models=models, config=GENERATE_CONFIGS[self.spec.models](),
                              height=side, width=side, generator=torch.Generator(self.device).manual_seed(step))
-        return image_grid([_to_pil(image) for image in generated.images], list(self.spec.sample_prompts))
+        return image_grid(_pil_images(generated.images), list(self.spec.sample_prompts))
 
 
-def _to_pil(image: torch.Tensor) -> Image.Image:
-    return Image.fromarray((image.clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8))
+def _pil_images(images: torch.Tensor) -> list[Image.Image]:
+    return [Image.fromarray(image) for image in to_uint8(images)]
 
 
 def decode_images(batch: dict[str, Any]) -> dict[str, Any]:

@@ -23,11 +23,13 @@ FINAL_FILE = "final.safetensors"
 _FINGERPRINT = "wuerstchen.fingerprint"
 
 
-def write(url: str, tensors: dict[str, torch.Tensor], fingerprint: dict[str, Any], storage: StorageConfig) -> None:
+def write(url: str, tensors: dict[str, torch.Tensor], fingerprint: dict[str, Any], storage: StorageConfig) -> bytes:
+    """Writes the weights with their fingerprint atomically; returns the file's bytes."""
     data = save(tensors, metadata={_FINGERPRINT: json.dumps(fingerprint, sort_keys=True)})
     fs, path = filesystem(url, storage)
     fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
     write_atomically(fs, path, lambda stream: stream.write(data))
+    return data
 
 
 def fingerprint_of(url: str, storage: StorageConfig) -> dict[str, Any] | None:
