@@ -220,6 +220,8 @@ def main() -> None:
     parser.add_argument("--actor-cpus", type=float, default=None,
                         help="CPUs of the pre-encode actor; Ray gives it as many torch threads (default: the "
                              "threads of the direct run on cpu, 8 on cuda as in the v2 config)")
+    parser.add_argument("--no-dashboard", dest="dashboard", action="store_false",
+                        help="local Ray without its dashboard (a minimal ray install has none)")
     args = parser.parse_args()
     cuda = args.device == "cuda"
     if cuda and not torch.cuda.is_available():
@@ -243,7 +245,7 @@ def main() -> None:
 
     used = IMAGE_COLUMNS + (TEXT_COLUMNS if text == "hidden_states" else ())
     seconds = direct_seconds(args.models, tuple(ENCODERS), device, batch, resolution, warmup, steps)
-    init_ray(RayConfig(progress_bars=False))
+    init_ray(RayConfig(progress_bars=False, dashboard=args.dashboard))
     config = PreEncodeConfig(models=args.models, stage_a_weights="", semantic_weights="", text=text,
                              resources=StepResources(num_cpus=actor_cpus, num_gpus=int(cuda), batch_size=batch))
     with tempfile.TemporaryDirectory(prefix="bench-encode-") as folder:

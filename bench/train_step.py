@@ -9,7 +9,12 @@ RSS over its size before building the model on CPU.
     python bench/train_step.py --device cuda --config v2    # GPU, official v2 configs, bf16 autocast
 
 Prints samples/s and peak memory for both and the ratios ours / reference. Both start from the
-same weights (the original init, copied into the reference).
+same weights: the original init plus small seeded noise (so that the parts it leaves at zero, such
+as Stage C's output convolution, count), copied into the reference. Before the timed steps each
+implementation runs one forward pass in eval mode on the same seeded inputs, in fp32 and under the
+run's autocast, and the script prints how far each is from the reference in fp32: ours in fp32
+must match it to rounding, ours in bf16 must stay as close as the reference in bf16 does. That is
+the correctness check for the device and dtype of the run, at no extra cost in model builds.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # the stages, and the test oracle's reference builders
 
 import torch  # noqa: E402
-from stage_oracle import reference_like  # noqa: E402
+from stage_oracle import perturb_, reference_like  # noqa: E402
 
 from stages.diffusion import CosineDiffusion, DiffusionConfig  # noqa: E402
 from stages.stage_b import STAGE_B_CONFIGS, StageB, StageBConfig  # noqa: E402
@@ -63,20 +68,23 @@ TEXT_TOKENS = 77
 
 def build(stage: str, impl: str, config: StageCConfig | StageBConfig) -> torch.nn.Module:
     """Our model, or the diffusers reference holding the same initial weights."""
-    ours = StageC(config) if stage == "c" else StageB(config)
+    ours = perturb_(StageC(config) if stage == "c" else StageB(config), std=0.01)
     return ours if impl == "ours" else reference_like(ours)
 
 
-def inputs(stage: str, config, batch: int, side: int, device: torch.device) -> tuple[torch.Tensor, dict]:
+def inputs(stage: str, config, batch: int, side: int, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
     """Clean latents and the conditioning keyword arguments of one batch."""
+    device = generator.device
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(shape, generator=generator, device=device)
+
     if stage == "c":
-        x0 = torch.randn(batch, config.c_in, side, side, device=device) * 0.03
-        return x0, {"c": torch.randn(batch, TEXT_TOKENS, config.c_cond, device=device)}
+        return randn(batch, config.c_in, side, side) * 0.03, {"c": randn(batch, TEXT_TOKENS, config.c_cond)}
     semantic_side = round(side / 10.67)  # Stage C latent of the same image (official ratio)
-    x0 = torch.randn(batch, config.c_in, side, side, device=device)
-    return x0, {
-        "effnet": torch.randn(batch, config.effnet_embd, semantic_side, semantic_side, device=device),
-        "clip": torch.randn(batch, TEXT_TOKENS, config.clip_embd, device=device),
+    return randn(batch, config.c_in, side, side), {
+        "effnet": randn(batch, config.effnet_embd, semantic_side, semantic_side),
+        "clip": randn(batch, TEXT_TOKENS, config.clip_embd),
     }
 
 
@@ -92,8 +100,20 @@ def worker(job: dict) -> dict:
         model = torch.compile(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     diffusion = CosineDiffusion(DiffusionConfig())
-    x0, cond = inputs(job["stage"], config, batch, side, device)
+    # Seeded on the device, so both implementations see the same batch whatever else drew numbers.
+    generator = torch.Generator(device).manual_seed(1)
+    x0, cond = inputs(job["stage"], config, batch, side, generator)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=job["bf16"])
+
+    noised, _, r = diffusion.noise_batch(x0, generator=generator)
+    check_outputs = {}
+    with torch.no_grad():
+        model.eval()
+        check_outputs["fp32"] = model(noised, r, **cond).cpu()
+        if job["bf16"]:
+            with autocast:
+                check_outputs["bf16"] = model(noised, r, **cond).float().cpu()
+        model.train()
 
     def step() -> float:
         noised, noise, r = diffusion.noise_batch(x0)
@@ -123,6 +143,7 @@ def worker(job: dict) -> dict:
         "peak_gib": peak_gib,
         "batch": batch,
         "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
+        "check_outputs": check_outputs,
     }
 
 
@@ -168,6 +189,15 @@ def main() -> None:
             print(f"stage {stage.upper()} {impl:9s}: {res['params_m']:8.2f}M params, batch {res['batch']:3d}: "
                   f"{res['samples_per_s']:8.2f} samples/s, peak {res['peak_gib']:7.3f} GiB")  # fmt: skip
         ours, ref = results["ours"], results["reference"]
+        # Against the reference in fp32: ours in fp32 must match it to rounding, and ours under bf16
+        # autocast must stay as close to it as the reference under the same autocast is.
+        exact = ref["check_outputs"]["fp32"]
+        print(f"stage {stage.upper()} eval forward on the same weights and inputs, vs the reference in fp32 "
+              f"(max |out| {exact.abs().max():.3g}, mean |out| {exact.abs().mean():.3g}):")  # fmt: skip
+        for impl, precision in [("ours", "fp32"), *[(impl, "bf16") for impl in results if bf16]]:
+            difference = (results[impl]["check_outputs"][precision] - exact).abs()
+            print(f"  {impl:9s} {precision}: max |diff| {difference.max():.3g}, mean |diff| {difference.mean():.3g} "
+                  f"({difference.mean() / exact.abs().mean():.3g} of the mean |out|)")  # fmt: skip
         print(f"stage {stage.upper()} ours / reference: {ours['samples_per_s'] / ref['samples_per_s']:.2f}x samples/s, "
               f"{ours['peak_gib'] / ref['peak_gib']:.2f}x peak memory")  # fmt: skip
 

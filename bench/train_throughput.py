@@ -63,7 +63,8 @@ def bare_loop(spec: TaskSpec, config: TrainConfig, columns: dict[str, np.ndarray
     torch.manual_seed(config.seed)
     model = build_model(spec).to(device)
     task = Task(spec, device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay,
+                                  fused=device.type == "cuda")  # as pipelines/train.py
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     ema = [p.detach().clone() for p in model.parameters()]
     samples = len(next(iter(columns.values())))
@@ -112,6 +113,8 @@ def main() -> None:
     parser.add_argument("--log-every-seconds", type=float, default=3.0)
     parser.add_argument("--batches-per-epoch", type=int, default=16)
     parser.add_argument("--cache-data", action="store_true", help="train.cache_data: the shard in worker memory")
+    parser.add_argument("--no-dashboard", dest="dashboard", action="store_false",
+                        help="local Ray without its dashboard (a minimal ray install has none)")
     options = parser.parse_args()
 
     device = torch.device(options.device)
@@ -128,7 +131,9 @@ def main() -> None:
         torch.set_num_threads(options.cpus)
 
     bare = bare_loop(spec, config, columns, device, warmup=options.steps // 10)
-    init_ray(RayConfig(num_cpus=max(2, options.cpus + 1)))
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # the Ray Train worker needs the memory the bare loop's allocator kept
+    init_ray(RayConfig(num_cpus=max(2, options.cpus + 1), dashboard=options.dashboard))
     with tempfile.TemporaryDirectory() as folder:
         on_ray, data_wait = ray_train_run(spec, config, columns, Path(folder))
     ray.shutdown()

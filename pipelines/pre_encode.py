@@ -18,6 +18,9 @@ from __future__ import annotations
 import dataclasses
 import io
 import warnings
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Literal
 
 import numpy as np
@@ -147,22 +150,32 @@ class PreEncodeShard:
         return {schema.SHARD: np.array([shard]), "samples_in": np.array([counts.samples_in])}
 
     @torch.inference_mode()
-    def encode(self, images: list[Image.Image], captions: list[str]) -> dict[str, np.ndarray]:
+    def encode(self, batch: PreparedBatch) -> dict[str, np.ndarray]:
         """Targets and conditioning of a batch, as float16 arrays (tokens int32)."""
-        pixels = torch.from_numpy(np.stack([np.asarray(image.convert("RGB")) for image in images]))
-        pixels = pixels.permute(0, 3, 1, 2).to(self.device, torch.float32) / 255  # (B, 3, R, R) in [0, 1]
-        tokens, mask = tokenize(captions)
+        # uint8 crosses to the device (a quarter of the bytes of float32) and is converted there.
+        pixels = batch.pixels.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float() / 255
         out = {}
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
             out[schema.STAGE_C_LATENT] = self.semantic.encode_stage_c_latents(pixels)
             out[schema.STAGE_B_LATENT] = self.stage_a.encode_stage_b_latents(pixels)
             for name, encoder in self.text_encoders.items():
-                out[name] = encoder(tokens.to(self.device), mask.to(self.device))
+                out[name] = encoder(batch.tokens.to(self.device), batch.mask.to(self.device))
         arrays = {name: value.float().cpu().numpy().astype(np.float16) for name, value in out.items()}
-        arrays[schema.TEXT_TOKENS] = tokens.numpy().astype(np.int32)
+        arrays[schema.TEXT_TOKENS] = batch.tokens.numpy().astype(np.int32)
         return arrays
 
+    def prepare(self, rows: list[dict[str, Any]], decoders: ThreadPoolExecutor) -> PreparedBatch:
+        """The CPU side of a batch: crops decoded (on the decoder threads) and stacked, captions tokenised."""
+        crops = list(decoders.map(lambda row: np.asarray(Image.open(io.BytesIO(row[schema.IMAGE])).convert("RGB")), rows))
+        pixels = torch.from_numpy(np.stack(crops))
+        if self.device.type == "cuda":
+            pixels = pixels.pin_memory()  # lets the copy to the GPU run asynchronously
+        tokens, mask = tokenize([row[schema.CAPTION] for row in rows])
+        return PreparedBatch(rows=rows, pixels=pixels, tokens=tokens, mask=mask)
+
     def encode_shard(self, shard: str) -> ShardCounts:
+        """Decoding, encoding and writing overlap: while the device encodes one batch, threads decode the
+        next and write the previous, so a GPU actor is not left waiting on its CPU work."""
         embedded = {
             row[schema.KEY]: row
             for rows in shard_phase.iter_rows(self.embedded, f"{self.embedded_folder}/{schema.shard_parquet(shard)}",
@@ -170,30 +183,63 @@ class PreEncodeShard:
                                                        schema.DROP_REASON])
             for row in rows if row[schema.DROP_REASON] is None
         }
-        dropped: dict[str, int] = {}
-        path = f"{self.output_folder}/{schema.shard_parquet(shard)}"
-        with shard_phase.ShardOutput(self.output, path, self.schema) as output:
-            for rows in shard_phase.iter_rows(self.decoded, f"{self.decoded_folder}/{schema.shard_parquet(shard)}",
-                                              batch_size=self.config.resources.batch_size):
-                rows = [row for row in rows if row[schema.KEY] in embedded]
-                if not rows:
+        batches = (
+            kept for rows in shard_phase.iter_rows(self.decoded, f"{self.decoded_folder}/{schema.shard_parquet(shard)}",
+                                                   batch_size=self.config.resources.batch_size)
+            if (kept := [row for row in rows if row[schema.KEY] in embedded])
+        )
+        dropped: Counter[str] = Counter()
+
+        def write(output: shard_phase.ShardOutput, rows: list[dict[str, Any]], arrays: dict[str, np.ndarray]) -> None:
+            kept = []
+            for index, row in enumerate(rows):
+                tensors = {name: values[index] for name, values in arrays.items()}
+                if not all(np.isfinite(t).all() for t in tensors.values()):
+                    dropped[DropReason.NON_FINITE_LATENT] += 1
                     continue
-                arrays = self.encode([Image.open(io.BytesIO(row[schema.IMAGE])) for row in rows],
-                                     [row[schema.CAPTION] for row in rows])
-                kept = []
-                for index, row in enumerate(rows):
-                    tensors = {name: values[index] for name, values in arrays.items()}
-                    if not all(np.isfinite(t).all() for t in tensors.values()):
-                        dropped[DropReason.NON_FINITE_LATENT] = dropped.get(DropReason.NON_FINITE_LATENT, 0) + 1
-                        continue
-                    scores = embedded[row[schema.KEY]]
-                    kept.append({**row, **tensors, schema.CLIP_SIMILARITY: scores[schema.CLIP_SIMILARITY],
-                                 schema.AESTHETIC_SCORE: scores[schema.AESTHETIC_SCORE]})
-                output.write(kept)
+                scores = embedded[row[schema.KEY]]
+                kept.append({**row, **tensors, schema.CLIP_SIMILARITY: scores[schema.CLIP_SIMILARITY],
+                             schema.AESTHETIC_SCORE: scores[schema.AESTHETIC_SCORE]})
+            output.write(kept)
+
+        path = f"{self.output_folder}/{schema.shard_parquet(shard)}"
+        decode_threads = max(1, int(self.config.resources.num_cpus))
+        with (shard_phase.ShardOutput(self.output, path, self.schema) as output,
+              ThreadPoolExecutor(decode_threads) as decoders,
+              ThreadPoolExecutor(1) as preparer, ThreadPoolExecutor(1) as writer):
+            written: Future | None = None
+            for batch in _one_ahead(preparer, lambda rows: self.prepare(rows, decoders), batches):
+                arrays = self.encode(batch)
+                if written is not None:
+                    written.result()  # at most one batch waits to be written: memory stays bounded
+                written = writer.submit(write, output, batch.rows, arrays)
+            if written is not None:
+                written.result()
             counts = ShardCounts(samples_in=len(embedded), kept=len(embedded) - sum(dropped.values()),
                                  dropped={str(k): v for k, v in sorted(dropped.items())})
             output.commit(counts, self.fingerprint)
         return counts
+
+
+@dataclasses.dataclass(frozen=True)
+class PreparedBatch:
+    rows: list[dict[str, Any]]
+    pixels: torch.Tensor
+    """(B, R, R, 3) uint8 crops."""
+    tokens: torch.Tensor
+    mask: torch.Tensor
+
+
+def _one_ahead(pool: ThreadPoolExecutor, function: Callable[[Any], Any], items: Iterable[Any]) -> Iterator[Any]:
+    """``map(function, items)``, with the next result computed on ``pool`` while the caller uses the current."""
+    pending: Future | None = None
+    for item in items:
+        following = pool.submit(function, item)
+        if pending is not None:
+            yield pending.result()
+        pending = following
+    if pending is not None:
+        yield pending.result()
 
 
 def phase(*, decoded_url: str, embedded_url: str, output_url: str, embedded_fingerprint: dict[str, Any],

@@ -219,7 +219,9 @@ def train_worker(args: WorkerArgs) -> None:
         model.load_state_dict(load_file(args.init_weights_path), strict=True)
     task = Task(spec, device)
     model = ray.train.torch.prepare_model(model, parallel_strategy=config.strategy)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    # Fused on CUDA: the default foreach AdamW took 16% of a v2 Stage B step on an H200.
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay,
+                                  fused=device.type == "cuda")
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _lr_factor(step, config.warmup_steps))
     ema = [p.detach().clone() for p in model.parameters()]
     state = TrainingState()

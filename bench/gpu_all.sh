@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Every GPU figure of docs/benchmarks.md in one pass, most important first, each bench under its own
+# time limit so that one that hangs or fails leaves the others their turn. Logs go to $1 (default
+# bench-results/), one file per bench. Sized for one H200 (the v2 reference train steps need
+# ~137 GiB); lower the batches in bench/train_step.py's SETUPS on a smaller card.
+#
+#     bench/gpu_all.sh [results-dir]
+set -u
+cd "$(dirname "$0")/.."
+results=${1:-bench-results}
+mkdir -p "$results"
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+python=${PYTHON:-python3}
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$results/device.txt"
+$python -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__)" | tee -a "$results/device.txt"
+
+bench() {  # bench NAME SECONDS ARGS...
+    local name=$1 seconds=$2
+    shift 2
+    echo "== $name: $*  ($(date -u +%FT%TZ))" | tee "$results/$name.log"
+    timeout "$seconds" "$@" 2>&1 | tee -a "$results/$name.log"
+    echo "== $name exit ${PIPESTATUS[0]} ($(date -u +%FT%TZ))" | tee -a "$results/$name.log"
+}
+
+# Dashboard-free local Ray: a minimal ray install has no dashboard, and these benches need none.
+bench train_step 230 $python bench/train_step.py --device cuda --config v2 --steps 10
+bench train_throughput 140 $python bench/train_throughput.py --device cuda --models v2 --batch 32 --steps 80 \
+    --cpus 8 --batches-per-epoch 64 --no-dashboard
+bench encode 150 $python bench/encode.py --device cuda --shards 5 --shard-size 512 --no-dashboard
