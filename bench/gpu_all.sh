@@ -24,7 +24,10 @@ bench() {  # bench NAME SECONDS ARGS...
 }
 
 # Dashboard-free local Ray: a minimal ray install has no dashboard, and these benches need none.
-bench train_step 230 $python bench/train_step.py --device cuda --config v2 --steps 10
-bench train_throughput 140 $python bench/train_throughput.py --device cuda --models v2 --batch 32 --steps 80 \
+# Measured on an H200 (docs/benchmarks.md): train_step ~165 s, encode ~110 s, profile ~45 s; the
+# Ray Train run spends ~100 s starting (dataset, worker, v2 model) before its first step.
+bench train_step 240 $python bench/train_step.py --device cuda --config v2 --steps 10
+bench encode 180 $python bench/encode.py --device cuda --shards 5 --shard-size 512 --no-dashboard
+bench train_throughput 300 $python bench/train_throughput.py --device cuda --models v2 --batch 32 --steps 200 \
     --cpus 8 --batches-per-epoch 64 --no-dashboard
-bench encode 150 $python bench/encode.py --device cuda --shards 5 --shard-size 512 --no-dashboard
+bench profile_stage_b 90 $python bench/profile_step.py --device cuda --stage b --impl ours --steps 2 --rows 30
