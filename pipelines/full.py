@@ -11,8 +11,9 @@ from __future__ import annotations
 import argparse
 import sys
 
+from cluster.plan import dry_run
 from pipelines.config import RUNS, load_config
-from pipelines.inputs import prepare_input
+from pipelines.inputs import count_input_rows, prepare_input
 from pipelines.overrides import to_flat_dict
 from pipelines.phases import PHASES, PhaseContext
 from pipelines.runtime import init_ray
@@ -27,6 +28,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="override a config field by dotted key, e.g. filter.min_side=256 (repeatable)")
     parser.add_argument("--phases", default=",".join(PHASES),
                         help=f"comma-separated subset of: {', '.join(PHASES)} (default: all)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the plan (resources, data volumes, GPU-hours against the budgets) and stop")
     return parser.parse_args(argv)
 
 
@@ -49,6 +52,9 @@ def main(argv: list[str] | None = None) -> None:
 def run(args: argparse.Namespace) -> None:
     config = load_config(args.config, args.overrides)
     phases = select_phases(args.phases)
+    if args.dry_run:
+        print(dry_run(config, phases, count_input_rows(config.data, config.storage)))
+        return
     work_dir = config.resolved_work_dir()
     tracker = Tracker(config.tracking, work_dir)
     shards_url = prepare_input(config.data, work_dir, config.storage)

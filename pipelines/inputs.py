@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 
+import pyarrow.parquet as pq
+
 from pipelines import demo_data
 from pipelines.demo_data import DemoDataConfig
 from pipelines.storage import StorageConfig, filesystem
@@ -23,15 +25,8 @@ class DataConfig:
 
 def prepare_input(config: DataConfig, work_dir: str, storage: StorageConfig) -> str:
     """The shards URL to read, generating the demo set first when it is asked for and absent."""
-    if not config.shards_url.strip():
-        raise ValueError(
-            "data.shards_url is empty: set it to your img2dataset output folder "
-            "(--set data.shards_url=s3://bucket/laion/shards) or to 'demo' for the generated demo set"
-        )
     if config.shards_url != DEMO:
-        fs, path = filesystem(config.shards_url, storage)
-        if not fs.exists(path):
-            raise FileNotFoundError(f"data.shards_url {config.shards_url!r} does not exist")
+        _check_shards_url(config, storage)
         return config.shards_url
     root = f"{work_dir}/demo_data"
     wanted = dataclasses.asdict(config.demo)
@@ -41,3 +36,29 @@ def prepare_input(config: DataConfig, work_dir: str, storage: StorageConfig) -> 
             fs.rm(path, recursive=True)
         demo_data.generate(root, config.demo, storage)
     return demo_data.shards_url(root)
+
+
+def count_input_rows(config: DataConfig, storage: StorageConfig) -> int:
+    """Rows the metadata filter will read, without reading them: the demo's size, or the shards'
+    Parquet footers (one small read per shard)."""
+    if config.shards_url == DEMO:
+        return config.demo.num_shards * config.demo.samples_per_shard
+    fs, path = _check_shards_url(config, storage)
+    total = 0
+    for parquet in sorted(fs.glob(f"{path}/*.parquet")):
+        with fs.open(parquet, "rb") as stream:
+            total += pq.read_metadata(stream).num_rows
+    return total
+
+
+def _check_shards_url(config: DataConfig, storage: StorageConfig):
+    """The filesystem and path of a real (non-demo) input; a clear error when it is unset or absent."""
+    if not config.shards_url.strip():
+        raise ValueError(
+            "data.shards_url is empty: set it to your img2dataset output folder "
+            "(--set data.shards_url=s3://bucket/laion/shards) or to 'demo' for the generated demo set"
+        )
+    fs, path = filesystem(config.shards_url, storage)
+    if not fs.exists(path):
+        raise FileNotFoundError(f"data.shards_url {config.shards_url!r} does not exist")
+    return fs, path

@@ -1,0 +1,292 @@
+"""What a run will cost before it runs: samples, GPU-hours, wall time and money per phase.
+
+Three inputs, each visible in the output:
+
+- the run config (``pipelines.config``): which phases run, their resources, the training steps
+  and batch sizes, the budgets;
+- the data: samples into the metadata filter and the fraction each filtering phase keeps (your
+  assumptions: the defaults are guesses for LAION-Aesthetics and printed as such);
+- measured throughputs (``bench/measured.toml``, one figure per phase from the bench scripts),
+  scaled to the planned GPU kind by a stated factor and to the run's resolution by pixel count.
+
+A phase with no measured figure is listed without an estimate: nothing is invented for it.
+
+    python -m cluster.plan                           # v2 on LAION-Aesthetics v2 5+ (600M) at 64 A100s
+    python -m cluster.plan --samples 100e6 --gpus 128 --set train_c.steps=500000
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import tomllib
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from pipelines import pre_encode
+from pipelines.config import RUNS, RunConfig, load_config
+from pipelines.phases import PHASES
+from pipelines.train_phase import PHASE_STAGES, TRAINED, config_section
+
+MEASURED_FILE = Path(__file__).resolve().parents[1] / "bench" / "measured.toml"
+# Throughput of a GPU kind relative to the H200 the v2 figures were measured on. A100 (40 GB):
+# 312 vs 989 dense bf16 TFLOP/s and 1.56 vs 4.8 TB/s of memory bandwidth, both ~0.32; a ratio of
+# peaks, not a measurement.
+GPU_SPEED_VS_H200 = {"h200": 1.0, "a100": 0.32}
+# On-demand us-east-1 prices: p4d.24xlarge $32.77/h for 8 A100s; c6i.16xlarge $2.72/h for 64 vCPUs.
+A100_USD_PER_GPU_HOUR = 32.77 / 8
+USD_PER_CPU_HOUR = 2.72 / 64
+PAPER_STAGE_C_A100_HOURS = 24_602
+DATA_PHASES = ("metadata_filter", "decode", "embed", "pre_encode")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Assumptions:
+    """The data and the machine: what the config does not say."""
+
+    samples: int
+    """Rows into the metadata filter."""
+    keep: dict[str, float]
+    """Fraction of its input each data phase keeps (metadata_filter, decode, embed)."""
+    gpus: int | None = None
+    """GPUs for GPU phases; none: what the config's resources ask for."""
+    cpus: int | None = None
+    """CPU cores for CPU phases; none: what the config's resources ask for."""
+    gpu: str = "h200"
+    """GPU kind the measured figures are scaled to (a key of GPU_SPEED_VS_H200)."""
+    scaling_efficiency: float = 0.9
+    """Fraction of linear speed-up kept when a phase runs on more than one unit (assumed)."""
+    usd_per_gpu_hour: float = A100_USD_PER_GPU_HOUR
+    usd_per_cpu_hour: float = USD_PER_CPU_HOUR
+
+    def __post_init__(self):
+        if self.samples < 0:
+            raise ValueError(f"samples must be >= 0, got {self.samples}")
+        if self.gpu not in GPU_SPEED_VS_H200:
+            raise ValueError(f"unknown GPU kind {self.gpu!r}; choose from {', '.join(GPU_SPEED_VS_H200)}")
+        for phase, fraction in self.keep.items():
+            if phase not in DATA_PHASES[:-1]:
+                raise ValueError(f"keep fraction for {phase!r}: only {', '.join(DATA_PHASES[:-1])} drop samples")
+            if not 0 <= fraction <= 1:
+                raise ValueError(f"keep fraction for {phase} must be in [0, 1], got {fraction}")
+        if not 0 < self.scaling_efficiency <= 1:
+            raise ValueError(f"scaling_efficiency must be in (0, 1], got {self.scaling_efficiency}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PhasePlan:
+    phase: str
+    unit: str
+    """"gpu" or "cpu": what the phase holds while it runs."""
+    units: float
+    samples: int
+    samples_per_second_per_unit: float | None
+    """After scaling to the GPU kind and resolution; none: no measured figure."""
+    budget: float | None = None
+    """The phase's GPU-hour budget (training only)."""
+    source: str = ""
+
+    @property
+    def seconds(self) -> float | None:
+        if self.samples_per_second_per_unit is None:
+            return None
+        return self.samples / (self.samples_per_second_per_unit * self.units) if self.samples else 0.0
+
+    @property
+    def unit_hours(self) -> float | None:
+        """GPU-hours (GPU phases) or CPU core-hours (CPU phases)."""
+        return None if self.seconds is None else self.seconds * self.units / 3600
+
+
+def load_measured(name: str, path: Path = MEASURED_FILE) -> dict:
+    tables = tomllib.loads(path.read_text())
+    if name not in tables:
+        raise ValueError(f"no measured table {name!r} in {path}; available: {', '.join(tables)}")
+    return tables[name]
+
+
+def measured_table_for(config: RunConfig) -> str:
+    """The table measured with the config's model sizes: v2 figures on a GPU, tiny ones on a CPU."""
+    return "v2_h200" if config.pre_encode.models == "v2" else "tiny_cpu"
+
+
+def latent_bytes_per_sample(config: RunConfig) -> int:
+    """Tensor payload of one latent-shard row (what the training phases read)."""
+    schema = pre_encode.output_schema(config.pre_encode, config.decode.resolution)
+    return sum(int(np.prod(f.type.shape)) * f.type.value_type.bit_width // 8
+               for f in schema if isinstance(f.type, pa.FixedShapeTensorType))
+
+
+def plan(config: RunConfig, phases: list[str], assumptions: Assumptions, measured: dict) -> list[PhasePlan]:
+    """One row per phase that does work (training phases a config does not need are left out)."""
+    keep = {"metadata_filter": 1.0, "decode": 1.0, "embed": 1.0, **assumptions.keep}
+    into = {"metadata_filter": assumptions.samples}
+    for previous, phase in zip(DATA_PHASES, DATA_PHASES[1:], strict=False):
+        into[phase] = math.floor(into[previous] * keep[previous])
+    speed = GPU_SPEED_VS_H200[assumptions.gpu] / measured.get("speed_vs_h200", 1.0)
+    rows = []
+    for phase in phases:
+        if phase in DATA_PHASES:
+            resources = getattr(config, {"metadata_filter": "filter"}.get(phase, phase)).resources
+            on_gpu = resources.num_gpus > 0
+            asked = resources.max_actors * (resources.num_gpus if on_gpu else resources.num_cpus)
+            samples, budget = into[phase], None
+        elif phase in PHASE_STAGES:
+            stage = PHASE_STAGES[phase]
+            if stage in ("stage_a", "semantic"):
+                setting = "stage_a_weights" if stage == "stage_a" else "semantic_weights"
+                if getattr(config.pre_encode, setting) != TRAINED:
+                    continue  # the config loads these weights instead of training them
+            train = getattr(config, config_section(stage))
+            on_gpu = train.gpus_per_worker > 0
+            asked = train.workers * (train.gpus_per_worker if on_gpu else train.cpus_per_worker)
+            samples, budget = train.steps * train.global_batch_size, train.budget_gpu_hours
+        else:
+            continue  # generate: a few hundred images, nothing to plan
+        override = assumptions.gpus if on_gpu else assumptions.cpus
+        units = float(override if override is not None else asked)
+        figure = measured.get(phase)
+        rate, source = None, "no measured figure"
+        if figure is not None:
+            rate = figure["samples_per_second"] * (speed if figure["unit"] == "gpu" else 1.0)
+            if "resolution" in figure:
+                rate *= (figure["resolution"] / config.decode.resolution) ** 2
+            if units > 1:
+                rate *= assumptions.scaling_efficiency
+            source = figure["source"]
+        rows.append(PhasePlan(phase=phase, unit="gpu" if on_gpu else "cpu", units=units, samples=samples,
+                              samples_per_second_per_unit=rate, budget=budget, source=source))
+    return rows
+
+
+def _bytes(count: float) -> str:
+    for unit, size in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6)):
+        if count >= size:
+            return f"{count / size:,.2f} {unit}"
+    return f"{count:,.0f} B"
+
+
+def _hours(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    return f"{seconds / 3600:,.1f} h" if seconds >= 360 else f"{seconds:,.0f} s"
+
+
+def format_plan(rows: list[PhasePlan], assumptions: Assumptions, config: RunConfig, measured_name: str) -> str:
+    """The table, its totals and its inputs, as printed by the planner and by ``full.py --dry-run``."""
+    lines = [f"| phase | runs on | samples | samples/s per unit | wall time | GPU-hours | CPU core-hours | cost (USD) | budget |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---|"]
+    gpu_hours = cpu_hours = cost = 0.0
+    for row in rows:
+        hours = row.unit_hours
+        gpu = hours if row.unit == "gpu" else None
+        cpu = hours if row.unit == "cpu" else None
+        row_cost = None if hours is None else hours * (
+            assumptions.usd_per_gpu_hour if row.unit == "gpu" else assumptions.usd_per_cpu_hour)
+        gpu_hours += gpu or 0.0
+        cpu_hours += cpu or 0.0
+        cost += row_cost or 0.0
+        budget = "-" if row.budget is None else (
+            f"{row.budget:,.1f}: " + ("OVER" if gpu is not None and gpu > row.budget else "fits"))
+        rate = "no figure" if row.samples_per_second_per_unit is None else f"{row.samples_per_second_per_unit:,.1f}"
+        lines.append(f"| {row.phase} | {row.units:g} {row.unit.upper()} | {row.samples:,} | {rate} | "
+                     f"{_hours(row.seconds)} | {'-' if gpu is None else f'{gpu:,.1f}'} | "
+                     f"{'-' if cpu is None else f'{cpu:,.1f}'} | {'-' if row_cost is None else f'{row_cost:,.0f}'} | {budget} |")
+    lines.append(f"| total | | | | | {gpu_hours:,.1f} | {cpu_hours:,.1f} | {cost:,.0f} | "
+                 f"{_experiment_budget(config, gpu_hours)} |")
+    gpu_scaling = (f", scaled to {assumptions.gpu.upper()} (x{GPU_SPEED_VS_H200[assumptions.gpu]:g} of an H200)"
+                   if any(row.unit == "gpu" for row in rows) else "")
+    lines += ["", f"Measured figures: bench/measured.toml [{measured_name}]{gpu_scaling}, to {config.decode.resolution} px "
+              f"by pixel count where the figure names a resolution; {assumptions.scaling_efficiency:.0%} scaling "
+              "efficiency above one unit (assumed)."]
+    lines += [f"  {row.phase}: {row.source}" for row in rows]
+    kept = next((row.samples for row in rows if row.phase == "pre_encode"), None)
+    if kept is not None:
+        per_sample = latent_bytes_per_sample(config)
+        lines.append(f"Latent shards: {per_sample:,} bytes per sample (tensor payload, pre_encode.text="
+                     f"{config.pre_encode.text}) x {kept:,} samples = {_bytes(per_sample * kept)}.")
+    stage_c = next((row for row in rows if row.phase == "train_stage_c"), None)
+    if stage_c is not None and stage_c.unit == "gpu" and stage_c.unit_hours is not None:
+        lines.append(f"Stage C: {stage_c.unit_hours:,.0f} {assumptions.gpu.upper()}-hours predicted; the paper "
+                     f"reports {PAPER_STAGE_C_A100_HOURS:,} A100-hours for its Stage C "
+                     f"({stage_c.unit_hours / PAPER_STAGE_C_A100_HOURS:.2f}x).")
+    return "\n".join(lines)
+
+
+def dry_run(config: RunConfig, phases: list[str], samples: int) -> str:
+    """What ``full.py --dry-run`` prints: each phase's resources, then the plan at the config's own scale."""
+    lines = [f"Dry run of the {config.name!r} config: nothing is started or written.", "", "Resources per phase:"]
+    for phase in phases:
+        if phase in DATA_PHASES:
+            r = getattr(config, {"metadata_filter": "filter"}.get(phase, phase)).resources
+            lines.append(f"  {phase}: {r.min_actors}-{r.max_actors} actors x ({r.num_cpus:g} CPU, {r.num_gpus:g} GPU), "
+                         f"{r.batch_size} rows per call")
+        elif phase in PHASE_STAGES:
+            t = getattr(config, config_section(PHASE_STAGES[phase]))
+            lines.append(f"  {phase}: {t.workers} Ray Train workers x ({t.cpus_per_worker:g} CPU, {t.gpus_per_worker:g} GPU), "
+                         f"{t.steps:,} steps at global batch {t.global_batch_size}")
+        else:
+            lines.append(f"  {phase}: one task with {config.generate.num_gpus:g} GPU")
+    # Every sample kept: the dry run has no measured keep rates, so its volumes are upper bounds.
+    assumptions = Assumptions(samples=samples, keep={}, gpu="a100", scaling_efficiency=0.9)
+    name = measured_table_for(config)
+    lines += ["", f"Plan ({samples:,} input rows, every one kept: an upper bound):", ""]
+    lines.append(format_plan(plan(config, phases, assumptions, load_measured(name)), assumptions, config, name))
+    return "\n".join(lines)
+
+
+def _experiment_budget(config: RunConfig, gpu_hours: float) -> str:
+    budget = config.tracking.experiment_budget_gpu_hours
+    if budget is None:
+        return "-"
+    return f"experiment {budget:,.1f}: " + ("OVER" if gpu_hours > budget else "fits")
+
+
+def _keep(text: str) -> dict[str, float]:
+    pairs = [item.split("=", 1) for item in text.split(",") if item.strip()]
+    if any(len(pair) != 2 for pair in pairs):
+        raise ValueError(f"--keep takes phase=fraction pairs separated by commas, got {text!r}")
+    try:
+        return {phase.strip(): float(value) for phase, value in pairs}
+    except ValueError:
+        raise ValueError(f"--keep fractions must be numbers, got {text!r}") from None
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     epilog="Phases without a measured figure are listed without an estimate.")
+    parser.add_argument("--config", default="v2", choices=sorted(RUNS), help="named run (default: v2)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config field by dotted key (repeatable)")
+    parser.add_argument("--samples", type=float, default=600e6,
+                        help="rows into the metadata filter (default 600e6: LAION-Aesthetics v2 5+)")
+    parser.add_argument("--keep", default="metadata_filter=0.5,decode=0.95,embed=0.9",
+                        help="fraction each filtering phase keeps (default: assumed, not measured)")
+    parser.add_argument("--gpus", type=int, default=64, help="GPUs for each GPU phase (default 64: ray_cluster.yaml's 8 p4d nodes)")
+    parser.add_argument("--cpus", type=int, default=2048, help="CPU cores for CPU phases (default: 32 c6i.16xlarge)")
+    parser.add_argument("--gpu", default="a100", choices=sorted(GPU_SPEED_VS_H200))
+    parser.add_argument("--usd-per-gpu-hour", type=float, default=A100_USD_PER_GPU_HOUR)
+    parser.add_argument("--phases", default=",".join(PHASES))
+    args = parser.parse_args(argv)
+    try:
+        config = load_config(args.config, args.overrides)
+        assumptions = Assumptions(samples=int(args.samples), keep=_keep(args.keep), gpus=args.gpus, cpus=args.cpus,
+                                  gpu=args.gpu, usd_per_gpu_hour=args.usd_per_gpu_hour)
+        phases = [name.strip() for name in args.phases.split(",") if name.strip()]
+        unknown = [name for name in phases if name not in PHASES]
+        if unknown:
+            raise ValueError(f"unknown phase(s) {', '.join(unknown)} in --phases; available: {', '.join(PHASES)}")
+        name = measured_table_for(config)
+        rows = plan(config, phases, assumptions, load_measured(name))
+    except ValueError as error:
+        parser.exit(2, f"error: {error}\n")
+    print(f"Plan for the {config.name!r} config: {assumptions.samples:,} rows in, keep {args.keep}, "
+          f"{args.gpus} {args.gpu.upper()} GPUs, {args.cpus} CPU cores, ${assumptions.usd_per_gpu_hour:.2f} per GPU-hour.\n")
+    print(format_plan(rows, assumptions, config, name))
+
+
+if __name__ == "__main__":
+    main()

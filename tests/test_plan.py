@@ -1,0 +1,83 @@
+"""The cost planner (``python -m cluster.plan``) and ``full.py --dry-run``: arithmetic, budgets, errors."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from cluster import plan
+from pipelines import demo_data, full
+from pipelines.config import load_config
+from pipelines.demo_data import DemoDataConfig
+from pipelines.phases import PHASES
+
+
+def test_stage_c_hours_follow_from_the_recipe_and_the_measured_rate():
+    config = load_config("v2")
+    assumptions = plan.Assumptions(samples=10**6, keep={"metadata_filter": 0.5}, gpus=8, gpu="a100")
+    measured = plan.load_measured("v2_h200")
+    rows = {row.phase: row for row in plan.plan(config, list(PHASES), assumptions, measured)}
+
+    stage_c = rows["train_stage_c"]
+    rate = measured["train_stage_c"]["samples_per_second"] * plan.GPU_SPEED_VS_H200["a100"] * 0.9
+    expected = config.train_c.steps * config.train_c.global_batch_size / (rate * 8) * 8 / 3600
+    assert stage_c.unit == "gpu" and stage_c.units == 8
+    assert stage_c.unit_hours == pytest.approx(expected)
+    # The data volumes chain through the keep fractions; v2 loads its encoders, so it trains neither.
+    assert rows["decode"].samples == 500_000 and rows["pre_encode"].samples == 500_000
+    assert "train_stage_a" not in rows and "train_semantic" not in rows
+    # Stage B's figure was measured at 512 px; v2 trains at 1024 px: a quarter of the rate.
+    assert rows["train_stage_b"].samples_per_second_per_unit == pytest.approx(
+        measured["train_stage_b"]["samples_per_second"] * plan.GPU_SPEED_VS_H200["a100"] * 0.9 / 4)
+    assert rows["metadata_filter"].samples_per_second_per_unit is None, "no figure is invented"
+
+
+def test_planner_prints_the_table_the_paper_comparison_and_budgets(capsys):
+    plan.main(["--samples", "2e6", "--gpus", "16", "--set", "train_c.budget_gpu_hours=10",
+               "--set", "train_b.budget_gpu_hours=1e9"])
+    out = capsys.readouterr().out
+    for phase in ("metadata_filter", "decode", "embed", "pre_encode", "train_stage_b", "train_stage_c"):
+        assert f"| {phase} |" in out
+    assert re.search(r"\| train_stage_c \|.*\| 10\.0: OVER \|", out)
+    assert re.search(r"\| train_stage_b \|.*: fits \|", out)
+    assert "the paper reports 24,602 A100-hours" in out
+    assert "bench/measured.toml [v2_h200]" in out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--keep", "decode=2"], "keep fraction for decode must be in [0, 1]"),
+    (["--keep", "pre_encode=0.5"], "only metadata_filter, decode, embed drop samples"),
+    (["--keep", "decode"], "--keep takes phase=fraction pairs"),
+    (["--phases", "train_stage_d"], "unknown phase(s) train_stage_d"),
+    (["--set", "train_c.steps=many"], "train_c.steps"),
+])
+def test_planner_errors_name_the_setting(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        plan.main(argv)
+    assert message in capsys.readouterr().err
+
+
+def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path, capsys):
+    work = tmp_path / "work"
+    full.main(["--dry-run", "--set", f"work_dir={work}", "--set", "train_c.budget_gpu_hours=0.001"])
+    out = capsys.readouterr().out
+    assert "nothing is started or written" in out
+    assert "train_stage_c: 2 Ray Train workers x (0.5 CPU, 0 GPU), 1,000 steps at global batch 32" in out
+    assert "320 input rows" in out  # the demo's 4 shards x 80
+    assert re.search(r"\| train_stage_c \|.*\| 0\.0: (OVER|fits) \|", out)
+    assert not work.exists(), "a dry run must not create the work dir, the demo data or an MLflow store"
+
+
+def test_dry_run_counts_rows_from_the_shard_footers(tmp_path, capsys):
+    demo = DemoDataConfig(num_shards=2, samples_per_shard=20)
+    demo_data.generate(str(tmp_path / "demo"), demo)
+    shards = demo_data.shards_url(str(tmp_path / "demo"))
+    full.main(["--dry-run", "--phases", "metadata_filter,decode", "--set", f"data.shards_url={shards}",
+               "--set", f"work_dir={tmp_path}/work"])
+    assert "40 input rows" in capsys.readouterr().out
+
+
+def test_dry_run_of_a_missing_input_names_the_setting(tmp_path):
+    with pytest.raises(SystemExit, match=re.escape("data.shards_url")):
+        full.main(["--dry-run", "--set", f"data.shards_url={tmp_path}/absent", "--set", f"work_dir={tmp_path}/w"])
