@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import yaml
 
 from pipelines import pre_encode
 from pipelines.config import RUNS, RunConfig, load_config
@@ -32,6 +33,7 @@ from pipelines.phases import PHASES
 from pipelines.train_phase import PHASE_STAGES, TRAINED, config_section
 
 MEASURED_FILE = Path(__file__).resolve().parents[1] / "bench" / "measured.toml"
+CLUSTER_FILE = Path(__file__).resolve().parents[1] / "ray_cluster.yaml"
 # Throughput of a GPU kind relative to the H200 the v2 figures were measured on. A100 (40 GB):
 # 312 vs 989 dense bf16 TFLOP/s and 1.56 vs 4.8 TB/s of memory bandwidth, both ~0.32; a ratio of
 # peaks, not a measurement.
@@ -120,6 +122,13 @@ def latent_bytes_per_sample(config: RunConfig) -> int:
                for f in schema if isinstance(f.type, pa.FixedShapeTensorType))
 
 
+def _trains(config: RunConfig, stage: str) -> bool:
+    """Stage A and the semantic compressor train only when the config asks for its own weights."""
+    if stage not in ("stage_a", "semantic"):
+        return True
+    return getattr(config.pre_encode, "stage_a_weights" if stage == "stage_a" else "semantic_weights") == TRAINED
+
+
 def plan(config: RunConfig, phases: list[str], assumptions: Assumptions, measured: dict) -> list[PhasePlan]:
     """One row per phase that does work (training phases a config does not need are left out)."""
     keep = {"metadata_filter": 1.0, "decode": 1.0, "embed": 1.0, **assumptions.keep}
@@ -136,10 +145,8 @@ def plan(config: RunConfig, phases: list[str], assumptions: Assumptions, measure
             samples, budget = into[phase], None
         elif phase in PHASE_STAGES:
             stage = PHASE_STAGES[phase]
-            if stage in ("stage_a", "semantic"):
-                setting = "stage_a_weights" if stage == "stage_a" else "semantic_weights"
-                if getattr(config.pre_encode, setting) != TRAINED:
-                    continue  # the config loads these weights instead of training them
+            if not _trains(config, stage):
+                continue
             train = getattr(config, config_section(stage))
             on_gpu = train.gpus_per_worker > 0
             asked = train.workers * (train.gpus_per_worker if on_gpu else train.cpus_per_worker)
@@ -216,20 +223,44 @@ def format_plan(rows: list[PhasePlan], assumptions: Assumptions, config: RunConf
     return "\n".join(lines)
 
 
+def worker_node_types(path: Path = CLUSTER_FILE) -> dict[str, dict[str, float]]:
+    """The resources of each worker node type of the cluster file (the head runs no tasks)."""
+    cluster = yaml.safe_load(path.read_text())
+    return {name: node.get("resources", {}) for name, node in cluster["available_node_types"].items()
+            if name != cluster["head_node_type"]}
+
+
+def node_type_for(cpus: float, gpus: float, types: dict[str, dict[str, float]]) -> str | None:
+    """The node type one actor or worker asking for ``cpus`` and ``gpus`` lands on: a CPU-only
+    request on a node without GPUs where one fits (GPU nodes are the expensive ones)."""
+    fitting = [name for name, r in types.items() if cpus <= r.get("CPU", 0) and gpus <= r.get("GPU", 0)]
+    return min(fitting, key=lambda name: (gpus == 0 and types[name].get("GPU", 0) > 0), default=None)
+
+
 def dry_run(config: RunConfig, phases: list[str], samples: int) -> str:
-    """What ``full.py --dry-run`` prints: each phase's resources, then the plan at the config's own scale."""
-    lines = [f"Dry run of the {config.name!r} config: nothing is started or written.", "", "Resources per phase:"]
+    """What ``full.py --dry-run`` prints: each phase's resources and where ray_cluster.yaml's
+    autoscaler would place them, then the plan at the config's own scale."""
+    types = worker_node_types()
+    lines = [f"Dry run of the {config.name!r} config: nothing is started or written.", "",
+             f"Resources per phase, and the {CLUSTER_FILE.name} node type each actor or worker fits:"]
     for phase in phases:
         if phase in DATA_PHASES:
             r = getattr(config, {"metadata_filter": "filter"}.get(phase, phase)).resources
-            lines.append(f"  {phase}: {r.min_actors}-{r.max_actors} actors x ({r.num_cpus:g} CPU, {r.num_gpus:g} GPU), "
-                         f"{r.batch_size} rows per call")
+            cpus, gpus = r.num_cpus, r.num_gpus
+            what = f"{r.min_actors}-{r.max_actors} actors x ({cpus:g} CPU, {gpus:g} GPU), {r.batch_size} rows per call"
         elif phase in PHASE_STAGES:
+            if not _trains(config, PHASE_STAGES[phase]):
+                lines.append(f"  {phase}: not needed (the config names the weights to use)")
+                continue
             t = getattr(config, config_section(PHASE_STAGES[phase]))
-            lines.append(f"  {phase}: {t.workers} Ray Train workers x ({t.cpus_per_worker:g} CPU, {t.gpus_per_worker:g} GPU), "
-                         f"{t.steps:,} steps at global batch {t.global_batch_size}")
+            cpus, gpus = t.cpus_per_worker, t.gpus_per_worker
+            what = (f"{t.workers} Ray Train workers x ({cpus:g} CPU, {gpus:g} GPU), "
+                    f"{t.steps:,} steps at global batch {t.global_batch_size}")
         else:
-            lines.append(f"  {phase}: one task with {config.generate.num_gpus:g} GPU")
+            cpus, gpus = 1.0, config.generate.num_gpus
+            what = f"one task with {gpus:g} GPU"
+        node = node_type_for(cpus, gpus, types)
+        lines.append(f"  {phase}: {what} -> " + (node or "FITS NO NODE TYPE: the autoscaler could never place it"))
     # Every sample kept: the dry run has no measured keep rates, so its volumes are upper bounds.
     assumptions = Assumptions(samples=samples, keep={}, gpu="a100", scaling_efficiency=0.9)
     name = measured_table_for(config)

@@ -81,3 +81,21 @@ def test_dry_run_counts_rows_from_the_shard_footers(tmp_path, capsys):
 def test_dry_run_of_a_missing_input_names_the_setting(tmp_path):
     with pytest.raises(SystemExit, match=re.escape("data.shards_url")):
         full.main(["--dry-run", "--set", f"data.shards_url={tmp_path}/absent", "--set", f"work_dir={tmp_path}/w"])
+
+
+def test_every_v2_phase_fits_the_node_type_meant_for_it():
+    types = plan.worker_node_types()
+    config = load_config("v2")
+    assert plan.node_type_for(config.decode.resources.num_cpus, 0, types) == "cpu_worker"
+    assert plan.node_type_for(config.pre_encode.resources.num_cpus, 1, types) == "gpu_worker"
+    assert plan.node_type_for(config.train_c.cpus_per_worker, config.train_c.gpus_per_worker, types) == "gpu_worker"
+    # The planner's default scale is the GPU pool's: 8 nodes of 8 GPUs.
+    gpu_pool = plan.yaml.safe_load(plan.CLUSTER_FILE.read_text())["available_node_types"]["gpu_worker"]
+    assert gpu_pool["max_workers"] * types["gpu_worker"]["GPU"] == config.train_c.workers == 64
+
+
+def test_dry_run_flags_a_request_no_node_can_hold(tmp_path, capsys):
+    full.main(["--dry-run", "--config", "v2", "--phases", "train_stage_c", "--set", "data.shards_url=demo",
+               "--set", "train_c.gpus_per_worker=9", "--set", f"work_dir={tmp_path}/work"])
+    assert "train_stage_c: 64 Ray Train workers x (10 CPU, 9 GPU)" in (out := capsys.readouterr().out)
+    assert "FITS NO NODE TYPE" in out
