@@ -237,30 +237,64 @@ def node_type_for(cpus: float, gpus: float, types: dict[str, dict[str, float]]) 
     return min(fitting, key=lambda name: (gpus == 0 and types[name].get("GPU", 0) > 0), default=None)
 
 
+@dataclasses.dataclass(frozen=True)
+class PhaseRequest:
+    """What one phase asks Ray for, per actor or worker."""
+
+    phase: str
+    setting: str
+    """The config section that sets it (what a user changes)."""
+    cpus: float
+    gpus: float
+    description: str
+
+
+def phase_requests(config: RunConfig, phases: list[str]) -> list[PhaseRequest]:
+    """The requests of the phases that will do work (a training the config does not need is left out)."""
+    requests = []
+    for phase in phases:
+        if phase in DATA_PHASES:
+            section = {"metadata_filter": "filter"}.get(phase, phase)
+            r = getattr(config, section).resources
+            requests.append(PhaseRequest(phase, f"{section}.resources", r.num_cpus, r.num_gpus,
+                                         f"{r.min_actors}-{r.max_actors} actors x ({r.num_cpus:g} CPU, {r.num_gpus:g} GPU), "
+                                         f"{r.batch_size} rows per call"))
+        elif phase in PHASE_STAGES:
+            if not _trains(config, PHASE_STAGES[phase]):
+                continue
+            section = config_section(PHASE_STAGES[phase])
+            t = getattr(config, section)
+            requests.append(PhaseRequest(phase, section, t.cpus_per_worker, t.gpus_per_worker,
+                                         f"{t.workers} Ray Train workers x ({t.cpus_per_worker:g} CPU, "
+                                         f"{t.gpus_per_worker:g} GPU), {t.steps:,} steps at global batch {t.global_batch_size}"))
+        else:
+            gpus = config.generate.num_gpus
+            requests.append(PhaseRequest(phase, "generate", 1.0, gpus, f"one task with {gpus:g} GPU"))
+    return requests
+
+
+def check_local_gpus(config: RunConfig, phases: list[str], gpus_here: int) -> None:
+    """A local Ray has no autoscaler: a phase asking for more GPUs than this machine has would wait
+    forever, so it is refused before anything starts, naming the setting to change."""
+    for request in phase_requests(config, phases):
+        if request.gpus > gpus_here:
+            field = "gpus_per_worker" if request.phase in PHASE_STAGES else "num_gpus"
+            raise ValueError(
+                f"{request.phase} asks for {request.gpus:g} GPU(s) per {'worker' if field == 'gpus_per_worker' else 'actor'} "
+                f"({request.setting}.{field}) but this machine has {gpus_here} and Ray runs locally: set "
+                f"{request.setting}.{field}=0 to run it on CPU, or submit to a cluster with GPUs (ray.address)")
+
+
 def dry_run(config: RunConfig, phases: list[str], samples: int) -> str:
     """What ``full.py --dry-run`` prints: each phase's resources and where ray_cluster.yaml's
     autoscaler would place them, then the plan at the config's own scale."""
     types = worker_node_types()
     lines = [f"Dry run of the {config.name!r} config: nothing is started or written.", "",
              f"Resources per phase, and the {CLUSTER_FILE.name} node type each actor or worker fits:"]
-    for phase in phases:
-        if phase in DATA_PHASES:
-            r = getattr(config, {"metadata_filter": "filter"}.get(phase, phase)).resources
-            cpus, gpus = r.num_cpus, r.num_gpus
-            what = f"{r.min_actors}-{r.max_actors} actors x ({cpus:g} CPU, {gpus:g} GPU), {r.batch_size} rows per call"
-        elif phase in PHASE_STAGES:
-            if not _trains(config, PHASE_STAGES[phase]):
-                lines.append(f"  {phase}: not needed (the config names the weights to use)")
-                continue
-            t = getattr(config, config_section(PHASE_STAGES[phase]))
-            cpus, gpus = t.cpus_per_worker, t.gpus_per_worker
-            what = (f"{t.workers} Ray Train workers x ({cpus:g} CPU, {gpus:g} GPU), "
-                    f"{t.steps:,} steps at global batch {t.global_batch_size}")
-        else:
-            cpus, gpus = 1.0, config.generate.num_gpus
-            what = f"one task with {gpus:g} GPU"
-        node = node_type_for(cpus, gpus, types)
-        lines.append(f"  {phase}: {what} -> " + (node or "FITS NO NODE TYPE: the autoscaler could never place it"))
+    for request in phase_requests(config, phases):
+        node = node_type_for(request.cpus, request.gpus, types)
+        lines.append(f"  {request.phase}: {request.description} -> "
+                     + (node or "FITS NO NODE TYPE: the autoscaler could never place it"))
     # Every sample kept: the dry run has no measured keep rates, so its volumes are upper bounds.
     assumptions = Assumptions(samples=samples, keep={}, gpu="a100", scaling_efficiency=0.9)
     name = measured_table_for(config)

@@ -9,9 +9,12 @@ Ray, a local MLflow store. On a cluster::
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
-from cluster.plan import dry_run
+import torch
+
+from cluster.plan import check_local_gpus, dry_run
 from pipelines.config import RUNS, load_config
 from pipelines.inputs import count_input_rows, prepare_input
 from pipelines.overrides import to_flat_dict
@@ -55,6 +58,8 @@ def run(args: argparse.Namespace) -> None:
     if args.dry_run:
         print(dry_run(config, phases, count_input_rows(config.data, config.storage)))
         return
+    if not (config.ray.address or os.environ.get("RAY_ADDRESS")):
+        check_local_gpus(config, phases, torch.cuda.device_count())
     work_dir = config.resolved_work_dir()
     tracker = Tracker(config.tracking, work_dir)
     shards_url = prepare_input(config.data, work_dir, config.storage)

@@ -99,3 +99,15 @@ def test_dry_run_flags_a_request_no_node_can_hold(tmp_path, capsys):
                "--set", "train_c.gpus_per_worker=9", "--set", f"work_dir={tmp_path}/work"])
     assert "train_stage_c: 64 Ray Train workers x (10 CPU, 9 GPU)" in (out := capsys.readouterr().out)
     assert "FITS NO NODE TYPE" in out
+
+
+def test_a_gpu_config_on_a_local_ray_without_gpus_stops_before_any_work(tmp_path, monkeypatch):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    work = tmp_path / "work"
+    with pytest.raises(SystemExit, match=re.escape("embed asks for 1 GPU(s) per actor (embed.resources.num_gpus)")):
+        full.main(["--config", "v2", "--set", "data.shards_url=demo", "--set", f"work_dir={work}"])
+    assert not work.exists()
+    # One GPU holds every v2 actor and worker; a cluster (ray.address) is never checked here.
+    plan.check_local_gpus(load_config("v2"), list(PHASES), gpus_here=1)
+    with pytest.raises(ValueError, match=re.escape("train_c.gpus_per_worker=0")):
+        plan.check_local_gpus(load_config("v2", ["train_c.gpus_per_worker=2"]), ["train_stage_c"], gpus_here=1)
