@@ -22,6 +22,8 @@ from pipelines.runtime import RayConfig
 from pipelines.storage import StorageConfig
 from pipelines.tracking import TrackingConfig
 from pipelines.train import TrainConfig
+from pipelines.train_tasks import StageALosses
+from stages.stage_a_losses import VGG16_WEIGHTS_URL
 
 
 def _v2_stage_c_training() -> TrainConfig:
@@ -33,6 +35,11 @@ def _v2_stage_c_training() -> TrainConfig:
 def _v2_other_training() -> TrainConfig:
     """Stage B, Stage A and the semantic compressor: the same recipe; their batch and length are ours."""
     return dataclasses.replace(_v2_stage_c_training(), global_batch_size=512, steps=500_000)
+
+
+def _v2_stage_a_training() -> TrainConfig:
+    """As the others; the perceptual term, when switched on, uses torchvision's ImageNet VGG16."""
+    return dataclasses.replace(_v2_other_training(), stage_a_losses=StageALosses(perceptual_weights=VGG16_WEIGHTS_URL))
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -48,7 +55,7 @@ class RunConfig:
     decode: DecodeConfig = dataclasses.field(default_factory=DecodeConfig)
     embed: EmbedConfig = dataclasses.field(default_factory=EmbedConfig)
     pre_encode: PreEncodeConfig = dataclasses.field(default_factory=PreEncodeConfig)
-    train_a: TrainConfig = dataclasses.field(default_factory=_v2_other_training)
+    train_a: TrainConfig = dataclasses.field(default_factory=_v2_stage_a_training)
     """Stage A from images (only when pre_encode.stage_a_weights is "trained")."""
     train_semantic: TrainConfig = dataclasses.field(default_factory=_v2_other_training)
     """The semantic compressor from images (only when pre_encode.semantic_weights is "trained")."""
@@ -62,6 +69,9 @@ class RunConfig:
     def __post_init__(self):
         if not self.work_dir.strip():
             raise ValueError("work_dir must not be empty")
+        for section in ("train_semantic", "train_b", "train_c"):
+            if getattr(self, section).stage_a_losses.active:
+                raise ValueError(f"{section}.stage_a_losses sets Stage A's loss terms: they apply to train_a only")
 
     def resolved_work_dir(self) -> str:
         """``work_dir`` as an absolute path (URLs unchanged), fixed before anything is written."""

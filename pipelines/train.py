@@ -45,7 +45,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from cluster.budget import BudgetMeter
-from pipelines.train_tasks import Task, TaskSpec, build_model, exported, input_columns
+from pipelines.train_tasks import StageALosses, Task, TaskSpec, build_model, exported, input_columns
 from pipelines.tracking import TrackedRun, connect
 
 logger = logging.getLogger(__name__)
@@ -110,6 +110,8 @@ class TrainConfig:
     """GPU-hours (worker-hours on CPU) this run may use; none: no limit but the experiment's."""
     init_weights: str = ""
     """Weights to start from (fine-tuning), a path or URL; empty: the original initialisation."""
+    stage_a_losses: StageALosses = dataclasses.field(default_factory=StageALosses)
+    """``train_a`` only: the perceptual and adversarial terms of Stage A's loss (off by default)."""
     seed: int = 0
     """Seed of the initialisation, the data order and every random draw."""
 
@@ -349,7 +351,7 @@ def train_step(model, optimizer, schedule, task: Task, batch, config: TrainConfi
     """One optimizer step on ``batch``; returns the loss and the gradient norm before clipping."""
     device = next(model.parameters()).device
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        loss = task.loss(model, batch, generator)
+        loss = task.loss(model, batch, generator, step=schedule.last_epoch)
     if not torch.isfinite(loss):
         raise FloatingPointError(f"{task.spec.stage}: loss is {loss.item()} at step {schedule.last_epoch + 1}")
     optimizer.zero_grad(set_to_none=True)

@@ -159,6 +159,10 @@ def _task_spec(context, stage: str, config: TrainConfig, dataset: ray.data.Datas
         sample_batch={name: np.asarray(value) for name, value in sample.items()},
         partner_weights=partners,
         resolution=context.config.decode.resolution,
+        stage_a_losses=config.stage_a_losses,
+        perceptual_weights_path=(local_copy(config.stage_a_losses.perceptual_weights, storage)
+                                 if stage == "stage_a" and config.stage_a_losses.perceptual_weight > 0
+                                 and config.stage_a_losses.perceptual_weights else ""),
     )
 
 

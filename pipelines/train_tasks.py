@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import warnings
 from typing import Any
 
 import numpy as np
@@ -23,6 +24,13 @@ from stages.diffusion import DIFFUSION_CONFIGS, CosineDiffusion, drop_conditioni
 from stages.generate import GENERATE_CONFIGS, Wuerstchen, generate
 from stages.semantic import SEMANTIC_CONFIGS, SemanticCompressor, from_stage_c_latents
 from stages.stage_a import STAGE_A_CONFIGS, StageA
+from stages.stage_a_losses import (
+    STAGE_A_LOSS_CONFIGS,
+    PatchCritic,
+    PerceptualDistance,
+    critic_hinge_loss,
+    generator_adversarial_loss,
+)
 from stages.stage_b import STAGE_B_CONFIGS, StageB
 from stages.stage_c import STAGE_C_CONFIGS, StageC
 from stages.text import TEXT_CONFIGS, TextEncoder, attention_mask
@@ -31,6 +39,32 @@ from stages.weights import load_weights
 STAGES = ("stage_a", "semantic", "stage_b", "stage_c")
 # The low resolution the semantic compressor learns to reconstruct when trained from scratch.
 SEMANTIC_TARGET_SIZE = 16
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class StageALosses:
+    """Stage A's optional loss terms beside reconstruction and quantisation (``train_a`` only):
+    VQGAN's perceptual and adversarial terms (stages/stage_a_losses.py). The logged loss is the sum
+    of every term, the critic's own hinge loss included."""
+
+    perceptual_weight: float = 0.0
+    """Weight of the perceptual distance; 0: not computed (VQGAN uses 1.0)."""
+    perceptual_weights: str = ""
+    """Path or URL of torchvision's VGG16 checkpoint for the v2 network; empty: random features
+    (the tiny network is always random)."""
+    adversarial_weight: float = 0.0
+    """Weight of the patch critic's term for the autoencoder; 0: no critic is built (VQGAN: 0.8)."""
+    adversarial_start_step: int = 0
+    """First step at which the critic and its term count (VQGAN waits for decent reconstructions)."""
+
+    def __post_init__(self):
+        for name in ("perceptual_weight", "adversarial_weight", "adversarial_start_step"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+
+    @property
+    def active(self) -> bool:
+        return self.perceptual_weight > 0 or self.adversarial_weight > 0
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -55,6 +89,9 @@ class TaskSpec:
     """Local weights of already trained stages, used to render samples (stage name -> path)."""
     resolution: int = 64
     """Side of the decoded crops, pixels."""
+    stage_a_losses: StageALosses = dataclasses.field(default_factory=StageALosses)
+    perceptual_weights_path: str = ""
+    """Local copy of ``stage_a_losses.perceptual_weights``."""
 
 
 def input_columns(spec: TaskSpec) -> list[str]:
@@ -74,7 +111,9 @@ def build_model(spec: TaskSpec) -> nn.Module:
     return {
         "stage_c": lambda: StageC(STAGE_C_CONFIGS[spec.models]()),
         "stage_b": lambda: StageB(STAGE_B_CONFIGS[spec.models]()),
-        "stage_a": lambda: StageA(STAGE_A_CONFIGS[spec.models]()),
+        "stage_a": lambda: (
+            StageAWithCritic(StageA(STAGE_A_CONFIGS[spec.models]()), PatchCritic(STAGE_A_LOSS_CONFIGS[spec.models]().critic))
+            if spec.stage_a_losses.adversarial_weight > 0 else StageA(STAGE_A_CONFIGS[spec.models]())),
         "semantic": lambda: SemanticWithProbe(SemanticCompressor(SEMANTIC_CONFIGS[spec.models]())),
     }[spec.stage]()
 
@@ -82,10 +121,34 @@ def build_model(spec: TaskSpec) -> nn.Module:
 def exported(spec: TaskSpec, model: nn.Module) -> nn.Module:
     """The part of the trained model that later phases load: the semantic compressor leaves its probe
     behind and takes its output scale (the probe trained on the normalised latent)."""
+    if isinstance(model, StageAWithCritic):
+        return model.autoencoder
     if spec.stage != "semantic":
         return model
     model.compressor.scale_output_()
     return model.compressor
+
+
+class StageAWithCritic(nn.Module):
+    """Stage A and the patch critic it trains against, as one module so that one data-parallel
+    forward covers both (the critic is left behind on export).
+
+    ``forward`` returns the reconstruction, the quantisation loss, the critic's logits on the
+    reconstruction as seen by the autoencoder (through a detached copy of the critic's weights, so
+    that term trains the autoencoder only) and the critic's hinge loss (on a detached
+    reconstruction, so it trains the critic only): one backward pass serves both players.
+    """
+
+    def __init__(self, autoencoder: StageA, critic: PatchCritic):
+        super().__init__()
+        self.autoencoder, self.critic = autoencoder, critic
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        reconstruction, vq_loss = self.autoencoder(images, quantize=False)
+        frozen = {name: p.detach() for name, p in self.critic.named_parameters()}
+        fake_logits = torch.func.functional_call(self.critic, frozen, (reconstruction,))
+        critic_loss = critic_hinge_loss(self.critic(images), self.critic(reconstruction.detach()))
+        return reconstruction, vq_loss, fake_logits, critic_loss
 
 
 class SemanticWithProbe(nn.Module):
@@ -122,6 +185,15 @@ class Task:
             encoder_config = text.stage_c if spec.stage == "stage_c" else text.stage_b
             self.text_encoder = TextEncoder(encoder_config).to(device)
         self.empty = {name: torch.tensor(value).float().to(device) for name, value in spec.empty_caption.items()}
+        self.perceptual = None
+        if spec.stage == "stage_a" and spec.stage_a_losses.perceptual_weight > 0:
+            self.perceptual = PerceptualDistance(STAGE_A_LOSS_CONFIGS[spec.models]().perceptual)
+            if spec.perceptual_weights_path:
+                self.perceptual.load_torchvision_vgg16(spec.perceptual_weights_path)
+            else:
+                warnings.warn("train_a.stage_a_losses.perceptual_weights is empty: the perceptual distance "
+                              "uses random features", stacklevel=2)
+            self.perceptual.to(device)
 
     def text(self, batch: dict[str, torch.Tensor], column: str) -> torch.Tensor:
         """Text hidden states of a batch: read from the shards, or encoded from the tokens."""
@@ -131,7 +203,9 @@ class Task:
         with torch.no_grad():
             return self.text_encoder(tokens, attention_mask(tokens))
 
-    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor], generator: torch.Generator) -> torch.Tensor:
+    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor], generator: torch.Generator,
+             step: int) -> torch.Tensor:
+        """The training loss of one batch at optimizer step ``step`` (counted from 0)."""
         spec = self.spec
         if spec.stage == "stage_c":
             text = drop_conditioning(self.text(batch, schema.TEXT_STAGE_C), self.empty[schema.TEXT_STAGE_C],
@@ -151,11 +225,26 @@ class Task:
             return self.diffusion.loss(model(noised, r, semantic, text), noise, r)
         images = batch[schema.IMAGE].permute(0, 3, 1, 2).float() / 255  # (B, 3, R, R) in [0, 1]
         if spec.stage == "stage_a":
-            # Unquantised decoding, as at generation time; the quantiser still learns its codebook.
-            reconstruction, vq_loss = model(images, quantize=False)
-            return F.mse_loss(reconstruction, images) + vq_loss
+            return self._stage_a_loss(model, images, step)
         target = F.interpolate(images, size=SEMANTIC_TARGET_SIZE, mode="area")
         return F.mse_loss(model(images), target)
+
+    def _stage_a_loss(self, model: nn.Module, images: torch.Tensor, step: int) -> torch.Tensor:
+        losses = self.spec.stage_a_losses
+        # Unquantised decoding, as at generation time; the quantiser still learns its codebook.
+        if losses.adversarial_weight > 0:
+            reconstruction, vq_loss, fake_logits, critic_loss = model(images)
+            # Before the start the terms still run, weighted 0, so every parameter gets a gradient
+            # (data parallelism expects each one in every step).
+            factor = losses.adversarial_weight if step >= losses.adversarial_start_step else 0.0
+            adversarial = factor * generator_adversarial_loss(fake_logits) + (factor > 0) * critic_loss
+        else:
+            reconstruction, vq_loss = model(images, quantize=False)
+            adversarial = 0.0
+        loss = F.mse_loss(reconstruction, images) + vq_loss + adversarial
+        if self.perceptual is not None:
+            loss = loss + losses.perceptual_weight * self.perceptual(reconstruction, images).mean()
+        return loss
 
     @torch.no_grad()
     def samples(self, model: nn.Module, step: int) -> Image.Image | None:
@@ -169,7 +258,8 @@ class Task:
                 if schema.IMAGE in spec.sample_batch else None
             captions = list(spec.sample_batch.get(schema.CAPTION, []))
             if spec.stage == "stage_a":
-                shown = model.decode(model.encode(images)).clamp(0, 1)
+                autoencoder = exported(spec, model)
+                shown = autoencoder.decode(autoencoder.encode(images)).clamp(0, 1)
             elif spec.stage == "semantic":
                 shown = F.interpolate(model(images), size=images.shape[-1], mode="nearest").clamp(0, 1)
             else:
