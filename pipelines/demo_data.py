@@ -40,6 +40,7 @@ from pipelines.storage import StorageConfig, filesystem
 COLOURS = {"red": (220, 30, 30), "green": (30, 170, 60), "blue": (30, 70, 220), "yellow": (235, 205, 35)}
 BACKGROUNDS = {"grey": (128, 128, 128), "black": (12, 12, 12), "white": (242, 242, 242)}
 SHAPES = ("circle", "square", "triangle")
+_FILLER = ("photo", "of", "the", "bright", "small", "picture", "with", "soft", "light", "edges")
 ASPECT_RATIOS = (1.0, 4 / 3, 3 / 4, 3 / 2, 2 / 3, 16 / 9, 9 / 16)
 
 GROUND_TRUTH_FILE = "ground_truth.json"
@@ -68,6 +69,19 @@ DEFECTS: dict[str, tuple[str, str]] = {
     "sixteen_bit": ("decode", KEEP),
     "exif_rotated": ("decode", KEEP),
 }
+# The reliability corpus (``hard_defects``): rarer breakage a web crawl still produces.
+HARD_DEFECTS: dict[str, tuple[str, str]] = {
+    "whitespace_caption": ("metadata", DropReason.CAPTION_TOO_SHORT),
+    "null_size": ("metadata", DropReason.METADATA_MISSING),
+    "malformed_json": ("decode", DropReason.JSON_INVALID),
+    "member_path_escapes": ("decode", DropReason.SAMPLE_MISSING),
+    "decompression_bomb": ("decode", DropReason.DECOMPRESSION_BOMB),
+    "palette": ("decode", KEEP),
+    "alpha": ("decode", KEEP),
+    "long_caption": ("decode", KEEP),
+    "duplicate_member": ("decode", KEEP),
+}
+_BOMB_SIDE = 8_000  # a 1-bit PNG of 64 MP: a few kB on disk, over decode.max_pixels' default of 50 MP
 
 # The LAION scores of a sample that passes every threshold of the named runs.
 _GOOD_SCORES = {"pwatermark": (0.0, 0.4), "punsafe": (0.0, 0.5), "aesthetic": (5.5, 7.5), "similarity": (0.28, 0.42)}
@@ -95,15 +109,19 @@ class DemoDataConfig:
     """Largest short side of a large image, in pixels."""
     plant_defects: bool = True
     """Plant one sample of every kind in DEFECTS; false writes only clean samples."""
+    hard_defects: bool = False
+    """Plant one sample of every kind in HARD_DEFECTS too (the reliability tests' corpus)."""
 
     def __post_init__(self):
         if self.num_shards < 1:
             raise ValueError(f"num_shards must be >= 1, got {self.num_shards}")
         if not 1 <= self.samples_per_shard < 10_000:
             raise ValueError(f"samples_per_shard must be in [1, 9999] (4-digit keys), got {self.samples_per_shard}")
-        if self.plant_defects and self.num_shards * self.samples_per_shard < 2 * len(DEFECTS):
+        if self.hard_defects and not self.plant_defects:
+            raise ValueError("hard_defects plants defects: it needs plant_defects=true")
+        if self.plant_defects and self.num_shards * self.samples_per_shard < 2 * len(self.defects()):
             raise ValueError(
-                f"num_shards * samples_per_shard must be >= {2 * len(DEFECTS)} to plant every defect "
+                f"num_shards * samples_per_shard must be >= {2 * len(self.defects())} to plant every defect "
                 "beside clean samples; raise samples_per_shard or set plant_defects=false"
             )
         if not 8 <= self.short_side_min <= self.short_side_max:
@@ -114,6 +132,12 @@ class DemoDataConfig:
             raise ValueError(f"large_fraction must be in [0, 1], got {self.large_fraction}")
         if self.large_short_side_max < 512:
             raise ValueError(f"large_short_side_max must be >= 512, got {self.large_short_side_max}")
+
+    def defects(self) -> dict[str, tuple[str, str]]:
+        """The defects this data set plants: kind -> (phase that drops it, reason or KEEP)."""
+        if not self.plant_defects:
+            return {}
+        return {**DEFECTS, **HARD_DEFECTS} if self.hard_defects else dict(DEFECTS)
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -169,11 +193,9 @@ def generate(url: str, config: DemoDataConfig, storage: StorageConfig | None = N
 
 def _plan_samples(config: DemoDataConfig, rng: random.Random) -> list[_Sample]:
     total = config.num_shards * config.samples_per_shard
-    defect_at: dict[int, str] = {}
-    if config.plant_defects:
-        # Slot 0 stays clean so the duplicate always has an earlier original to copy.
-        for slot, defect in zip(rng.sample(range(1, total), len(DEFECTS)), DEFECTS):
-            defect_at[slot] = defect
+    defects = config.defects()
+    # Slot 0 stays clean so the duplicate always has an earlier original to copy.
+    defect_at = dict(zip(rng.sample(range(1, total), len(defects)), defects))
     samples = []
     for slot in range(total):
         shard_index, index = divmod(slot, config.samples_per_shard)
@@ -214,6 +236,12 @@ def _draw_sample(config: DemoDataConfig, rng: random.Random, defect: str) -> _Sa
     sample.caption_bytes = caption.encode("utf-8")
     if defect == "empty_caption":
         sample.caption, sample.caption_bytes = "", b""
+    elif defect == "whitespace_caption":
+        sample.caption = " \t \n "
+        sample.caption_bytes = sample.caption.encode("utf-8")
+    elif defect == "long_caption":
+        sample.caption = (caption + ", " + " ".join(rng.choice(_FILLER) for _ in range(3000)))[:10_000]
+        sample.caption_bytes = sample.caption.encode("utf-8")
     elif defect == "non_utf8_caption":
         sample.caption_bytes = caption.encode("utf-8").replace(b" on ", b" \xff\xfe on ")
         sample.caption = sample.caption_bytes.decode("utf-8", errors="replace")
@@ -277,6 +305,17 @@ def _encode_image(image: Image.Image, defect: str) -> bytes:
         image.convert("CMYK").save(buffer, "JPEG", quality=90)
     elif defect == "grayscale":
         image.convert("L").save(buffer, "JPEG", quality=90)
+    elif defect == "palette":
+        image.convert("P", palette=Image.Palette.ADAPTIVE, colors=64).save(buffer, "PNG")
+    elif defect == "alpha":
+        # Opaque picture, half-transparent border: decode composites it onto white.
+        rgba = image.convert("RGBA")
+        alpha = Image.new("L", image.size, 128)
+        alpha.paste(255, (image.width // 8, image.height // 8, image.width * 7 // 8, image.height * 7 // 8))
+        rgba.putalpha(alpha)
+        rgba.save(buffer, "PNG")
+    elif defect == "decompression_bomb":
+        Image.new("1", (_BOMB_SIDE, _BOMB_SIDE)).save(buffer, "PNG")
     elif defect == "exif_rotated":
         # Store the pixels rotated 90° counter-clockwise; the tag says to turn them back.
         exif = Image.Exif()
@@ -295,16 +334,17 @@ def _encode_image(image: Image.Image, defect: str) -> bytes:
 def _metadata_row(sample: _Sample) -> dict:
     """The img2dataset row: its own columns, then the LAION columns passed through."""
     success = sample.image is not None
+    known_size = sample.defect != "null_size"
     return {
         schema.URL: sample.url,
         schema.CAPTION: sample.caption,
         schema.KEY: sample.key,
         schema.STATUS: schema.STATUS_SUCCESS if success else "failed_to_download",
         schema.ERROR_MESSAGE: None if success else "HTTP Error 404: Not Found",
-        schema.WIDTH: sample.width,
-        schema.HEIGHT: sample.height,
-        schema.ORIGINAL_WIDTH: sample.width,
-        schema.ORIGINAL_HEIGHT: sample.height,
+        schema.WIDTH: sample.width if known_size else None,
+        schema.HEIGHT: sample.height if known_size else None,
+        schema.ORIGINAL_WIDTH: sample.width if known_size else None,
+        schema.ORIGINAL_HEIGHT: sample.height if known_size else None,
         schema.EXIF: sample.exif,
         "sha256": hashlib.sha256(sample.image).hexdigest() if success else None,
         "similarity": sample.scores["similarity"],
@@ -349,10 +389,16 @@ def _write_shard(fs, folder: str, shard: str, samples: list[_Sample]) -> None:
             for sample, row in zip(samples, rows):
                 if sample.image is None:
                     continue  # img2dataset writes nothing to the tar for a failed download
-                member = {"__key__": sample.key, "jpg": sample.image, "txt": sample.caption_bytes}
+                # A member named ../<key>.jpg forms no key the metadata lists, as a path outside
+                # the tar would; the sample itself is then missing.
+                key = f"../{sample.key}" if sample.defect == "member_path_escapes" else sample.key
+                member = {"__key__": key, "jpg": sample.image, "txt": sample.caption_bytes}
                 if sample.has_json:
-                    member["json"] = json.dumps(row).encode("utf-8")
+                    member["json"] = (b'{"key": "' + sample.key.encode() + b'", "caption": ' if sample.defect == "malformed_json"
+                                      else json.dumps(row).encode("utf-8"))
                 tar.write(member)
+                if sample.defect == "duplicate_member":
+                    tar.write({**member, "jpg": b""})  # a second copy of the key: the first one counts
     with fs.open(f"{folder}/{schema.shard_parquet(shard)}", "wb") as stream:
         pq.write_table(pa.Table.from_pylist(rows, schema=_SHARD_PARQUET_SCHEMA), stream)
     successes = sum(s.image is not None for s in samples)
@@ -396,7 +442,7 @@ def _write_laion_metadata(fs, path: str, samples: list[_Sample]) -> None:
 def _ground_truth(config: DemoDataConfig, samples: list[_Sample]) -> dict:
     records = {}
     for sample in samples:
-        phase, expected = DEFECTS.get(sample.defect, (None, KEEP))
+        phase, expected = config.defects().get(sample.defect, (None, KEEP))
         records[sample.key] = {
             "shard": sample.shard,
             "defect": sample.defect,

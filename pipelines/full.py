@@ -16,7 +16,7 @@ import torch
 
 from cluster.plan import check_local_gpus, dry_run
 from pipelines.config import RUNS, load_config
-from pipelines.inputs import count_input_rows, prepare_input
+from pipelines.inputs import count_input_rows, exists, prepare_input
 from pipelines.overrides import to_flat_dict
 from pipelines.phases import PHASES, PhaseContext
 from pipelines.runtime import init_ray
@@ -61,6 +61,8 @@ def run(args: argparse.Namespace) -> None:
     if not (config.ray.address or os.environ.get("RAY_ADDRESS")):
         check_local_gpus(config, phases, torch.cuda.device_count())
     work_dir = config.resolved_work_dir()
+    if "://" in work_dir:
+        exists(work_dir, "work_dir", config.storage)  # unreachable storage fails here, before any work
     tracker = Tracker(config.tracking, work_dir)
     shards_url = prepare_input(config.data, work_dir, config.storage)
     init_ray(config.ray)

@@ -58,7 +58,18 @@ def _check_shards_url(config: DataConfig, storage: StorageConfig):
             "data.shards_url is empty: set it to your img2dataset output folder "
             "(--set data.shards_url=s3://bucket/laion/shards) or to 'demo' for the generated demo set"
         )
-    fs, path = filesystem(config.shards_url, storage)
-    if not fs.exists(path):
+    if not exists(config.shards_url, "data.shards_url", storage):
         raise FileNotFoundError(f"data.shards_url {config.shards_url!r} does not exist")
-    return fs, path
+    return filesystem(config.shards_url, storage)
+
+
+def exists(url: str, setting: str, storage: StorageConfig) -> bool:
+    """Whether ``url`` exists, with a failure to reach its storage at all (endpoint down, no or
+    wrong credentials) turned into one message naming the settings to check."""
+    try:
+        fs, path = filesystem(url, storage)
+        return fs.exists(path)
+    except Exception as error:  # botocore's and aiohttp's errors share no base class with OSError
+        where = f"storage.endpoint_url={storage.endpoint_url!r}" if storage.endpoint_url else "the AWS default endpoint"
+        raise ValueError(f"cannot reach {setting} {url!r} ({where}; credentials from storage.key/secret or the "
+                         f"standard AWS settings): {type(error).__name__}: {error}") from None

@@ -228,20 +228,18 @@ def train_worker(args: WorkerArgs) -> None:
     ema = [p.detach().clone() for p in model.parameters()]
     state = TrainingState()
 
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as folder:
-            # A run stopped by its budget continues when resubmitted (with a larger one).
-            state = dataclasses.replace(TrainingState(**json.loads((Path(folder) / _STATE).read_text())),
-                                        stop_reason="")
-            set_model_state_dict(model, load_file(Path(folder) / _MODEL), options=StateDictOptions(full_state_dict=True))
-            set_optimizer_state_dict(model, optimizer, torch.load(Path(folder) / _OPTIMIZER, weights_only=True),
-                                     options=StateDictOptions(full_state_dict=True))
-            schedule.last_epoch = state.step - 1
-            schedule.step()
-            with _swapped_in(model, ema):
-                set_model_state_dict(model, load_file(Path(folder) / _EMA), options=StateDictOptions(full_state_dict=True))
-                ema = [p.detach().clone() for p in model.parameters()]
+    candidates = list(_resume_candidates(ray.train.get_checkpoint()))
+    for checkpoint in candidates:
+        try:
+            state, ema = _restore(checkpoint, model, optimizer, schedule, ema)
+            break
+        except (OSError, ValueError, RuntimeError, KeyError, TypeError) as error:
+            # The next candidate sets model, optimizer, schedule and EMA again, whole.
+            logger.warning("checkpoint %s cannot be read (%s): trying the previous one", checkpoint.path, error)
+    else:
+        if candidates:  # never silently start over: that would spend the budget again
+            raise RuntimeError(f"none of the {len(candidates)} checkpoints beside {candidates[0].path} can be read; "
+                               "delete them to train from the start")
     meter = BudgetMeter(units_held=config.units_held, budget=args.budget, used_before=state.gpu_hours_used)
     run = connect(args.tracking_uri, args.run_id) if rank == 0 else None
 
@@ -425,6 +423,45 @@ def _unwrapped(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
+def _resume_candidates(latest: Checkpoint | None) -> Iterator[Checkpoint]:
+    """The checkpoint Ray Train resumes from, then the older ones kept beside it, newest first."""
+    if latest is None:
+        return
+    yield latest
+    parent = latest.path.rstrip("/").rsplit("/", 1)[0]
+    siblings = latest.filesystem.get_file_info(pyarrow.fs.FileSelector(parent))
+    # Ray names them checkpoint_<date>_<time>: the name order is the time order.
+    older = sorted((info.path for info in siblings if info.type == pyarrow.fs.FileType.Directory
+                    and info.base_name.startswith("checkpoint_") and info.path < latest.path.rstrip("/")), reverse=True)
+    for path in older:
+        yield Checkpoint(path, filesystem=latest.filesystem)
+
+
+def _restore(checkpoint: Checkpoint, model, optimizer, schedule, ema: list[torch.Tensor]) -> tuple[TrainingState, list]:
+    """Model, optimizer, schedule and EMA from ``checkpoint``; its files are checked against the sizes
+    its state recorded, so a truncated file is refused even when its format would not notice."""
+    with checkpoint.as_directory() as folder:
+        folder = Path(folder)
+        recorded = json.loads((folder / _STATE).read_text())
+        sizes = recorded.pop("file_sizes", {})
+        for name, size in sizes.items():
+            if (folder / name).stat().st_size != size:
+                raise ValueError(f"{name} has {(folder / name).stat().st_size} bytes, the checkpoint wrote {size}")
+        # A run stopped by its budget continues when resubmitted (with a larger one).
+        state = dataclasses.replace(TrainingState(**recorded), stop_reason="")
+        model_state, ema_state = load_file(folder / _MODEL), load_file(folder / _EMA)
+        optimizer_state = torch.load(folder / _OPTIMIZER, weights_only=True)
+        options = StateDictOptions(full_state_dict=True)
+        set_model_state_dict(model, model_state, options=options)
+        set_optimizer_state_dict(model, optimizer, optimizer_state, options=options)
+        schedule.last_epoch = state.step - 1
+        schedule.step()
+        with _swapped_in(model, ema):
+            set_model_state_dict(model, ema_state, options=options)
+            ema = [p.detach().clone() for p in model.parameters()]
+    return state, ema
+
+
 def _report(model, ema, optimizer, state: TrainingState, meter: BudgetMeter, *, final=False) -> None:
     """Writes a checkpoint from rank 0 and reports it; every rank must call this at the same step."""
     state.gpu_hours_used = meter.used()
@@ -442,7 +479,8 @@ def _report(model, ema, optimizer, state: TrainingState, meter: BudgetMeter, *, 
         save_file({k: v.contiguous() for k, v in model_state.items()}, Path(folder) / _MODEL)
         save_file({k: v.contiguous() for k, v in ema_state.items()}, Path(folder) / _EMA)
         torch.save(optimizer_state, Path(folder) / _OPTIMIZER)
-        (Path(folder) / _STATE).write_text(json.dumps(dataclasses.asdict(state)))
+        sizes = {name: (Path(folder) / name).stat().st_size for name in (_MODEL, _EMA, _OPTIMIZER)}
+        (Path(folder) / _STATE).write_text(json.dumps({**dataclasses.asdict(state), "file_sizes": sizes}))
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(folder))
 
 
@@ -473,7 +511,9 @@ def trainer(*, name: str, args: WorkerArgs, dataset, storage_path: str,
 def read_checkpoint_weights(checkpoint: Checkpoint) -> tuple[dict[str, torch.Tensor], TrainingState]:
     """The EMA weights and the training state of a finished run's last checkpoint."""
     with checkpoint.as_directory() as folder:
-        return load_file(Path(folder) / _EMA), TrainingState(**json.loads((Path(folder) / _STATE).read_text()))
+        recorded = json.loads((Path(folder) / _STATE).read_text())
+        recorded.pop("file_sizes", None)
+        return load_file(Path(folder) / _EMA), TrainingState(**recorded)
 
 
 def exported_state(spec: TaskSpec, ema_weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -205,3 +205,35 @@ def test_driver_killed_mid_decode_then_rerun_keeps_each_sample_once(tmp_path):
     assert set(keys) == {k for k, r in truth.items() if r["expected"] == demo_data.KEEP}
     manifest = json.loads((outputs / "manifest.json").read_text())
     assert manifest["totals"]["kept"] == len(keys)
+
+
+def test_the_hard_corpus_ends_in_the_ledger_sample_by_sample(tmp_path, local_ray):
+    """Every sample of the reliability corpus (the demo's defects plus HARD_DEFECTS) is kept once or
+    dropped for its planted reason, shard by shard; nothing crashes and nothing is lost."""
+    demo = demo_data.DemoDataConfig(num_shards=2, samples_per_shard=30, hard_defects=True, large_fraction=0.0)
+    truth = demo_data.generate(str(tmp_path / "corpus"), demo)["samples"]
+    assert {r["defect"] for r in truth.values()} >= set(demo_data.HARD_DEFECTS)
+    config, storage, shards = load_config("tiny"), StorageConfig(), str(tmp_path / "corpus" / "shards")
+    filtered, _ = metadata_filter.run(shards, str(tmp_path / "filtered"), config.filter, storage)
+    phase = decode.phase(shards_url=shards, filtered_url=str(tmp_path / "filtered"), output_url=str(tmp_path / "decode"),
+                         filtered_fingerprint=filtered.config, config=config.decode, storage=storage)
+    decoded, _ = shard_phase.run(phase, sorted(filtered.shards), str(tmp_path / "decode"), storage)
+
+    for shard in sorted(decoded.shards):
+        planted = [r for r in truth.values() if r["shard"] == shard]
+        dropped: dict[str, int] = {}
+        for r in planted:
+            if r["expected"] != demo_data.KEEP:
+                dropped[r["expected"]] = dropped.get(r["expected"], 0) + 1
+        ledger = {**filtered.shards[shard].dropped, **decoded.shards[shard].dropped}
+        assert ledger == dropped, shard
+        assert filtered.shards[shard].samples_in == len(planted)
+        assert decoded.shards[shard].kept == sum(r["expected"] == demo_data.KEEP for r in planted)
+        assert filtered.shards[shard].samples_in == decoded.shards[shard].kept + sum(ledger.values())
+    rows = {r[schema.KEY]: r for shard in sorted(decoded.shards)
+            for r in pq.read_table(tmp_path / "decode" / f"{shard}.parquet").to_pylist()}
+    for key, record in truth.items():
+        if record["defect"] in ("palette", "alpha", "long_caption", "duplicate_member"):
+            row = rows[key]
+            assert row[schema.DROP_REASON] is None and Image.open(io.BytesIO(row[schema.IMAGE])).mode == "RGB"
+            assert row[schema.CAPTION] == record["caption"]

@@ -28,16 +28,20 @@ def test_full_pipeline_on_s3(s3_server, tmp_path):
     truth = demo_data.generate("s3://wuerstchen/input", small, storage)["samples"]
 
     store = f"sqlite:///{tmp_path}/mlflow.db"
-    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")}
+    # Secrets in the environment, under the names credentials go by, must not leak either.
+    planted = {"MLFLOW_TRACKING_TOKEN": "planted-token-7731", "WUERSTCHEN_TEST_API_KEY": "planted-key-7732",
+               "SOME_SERVICE_SECRET": "planted-secret-7733"}
+    env = {**{k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")}, **planted}
     result = subprocess.run(
-        [sys.executable, "pipelines/full.py", "--set", "data.shards_url=s3://wuerstchen/input/shards",
+        [sys.executable, str(ROOT / "pipelines/full.py"), "--set", "data.shards_url=s3://wuerstchen/input/shards",
          "--set", "work_dir=s3://wuerstchen/runs/tiny", "--set", f"tracking.tracking_uri={store}",
          "--set", f"storage.endpoint_url={s3_server}", "--set", "storage.key=test-key", "--set", f"storage.secret={SECRET}",
          # Random encoders (no Stage A or semantic training): the trained ones are test_full's subject.
          "--set=pre_encode.stage_a_weights=", "--set=pre_encode.semantic_weights=",
          *[f"--set=train_{stage}.{key}" for stage in ("b", "c") for key in ("steps=10", "global_batch_size=8")],
          "--set=train_c.checkpoint_every=5"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+        # In tmp_path: MLflow puts a SQLite store's artifacts under ./mlruns.
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
 
     for phase in ("metadata_filter", "decode", "embed", "pre_encode"):
@@ -63,4 +67,9 @@ def test_full_pipeline_on_s3(s3_server, tmp_path):
     assert parent.data.params["storage.secret"] == "***" and parent.data.params["storage.key"] == "***"
     with sqlite3.connect(f"{tmp_path}/mlflow.db") as db:
         dump = "\n".join(db.iterdump())
-    assert SECRET not in dump and SECRET not in result.stderr and SECRET not in result.stdout
+    artifact_root = tmp_path / Path(client.get_experiment(parent.info.experiment_id).artifact_location.removeprefix("file://"))
+    artifacts = b"".join(path.read_bytes() for path in artifact_root.rglob("*") if path.is_file())
+    assert artifacts, f"no artifacts found under {artifact_root}"
+    for secret in (SECRET, *planted.values()):
+        assert secret not in dump and secret not in result.stderr and secret not in result.stdout, secret
+        assert secret.encode() not in artifacts, secret

@@ -180,3 +180,17 @@ def test_a_killed_worker_and_a_killed_job_continue_from_the_last_checkpoint(late
     # From the last complete checkpoint (every 10 steps), never from scratch and never past what was saved.
     assert logged_before_kill - 20 < first_step <= logged_before_kill + 1 and (first_step - 1) % 10 == 0
     assert (work_dir / "train_stage_c" / trained_weights.FINAL_FILE).is_file()
+
+    # The latest checkpoint is truncated: the next run warns and continues from the one before it.
+    finished = logged_before_kill + 30
+    latest, previous = sorted((p for p in (work_dir / "train_stage_c").glob("ray/*/checkpoint_*") if p.is_dir()),
+                              reverse=True)[:2]
+    previous_step = json.loads((previous / "state.json").read_text())["step"]  # kept checkpoints rotate out
+    with open(latest / "model.safetensors", "r+b") as stream:
+        stream.truncate(stream.seek(0, os.SEEK_END) // 2)
+    result = subprocess.run([*args, "--set", f"train_c.steps={finished + 10}"], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"checkpoint {latest} cannot be read" in result.stderr + result.stdout
+    client, (*_, fallback) = _phase_runs(work_dir, "train_stage_c")
+    assert _loss_history(client, fallback.info.run_id)[0][0] == previous_step + 1 <= finished
