@@ -133,6 +133,9 @@ class TrainConfig:
             raise ValueError("lr and grad_clip must be > 0 and warmup_steps >= 0")
         if self.budget_gpu_hours is not None and self.budget_gpu_hours <= 0:
             raise ValueError(f"budget_gpu_hours must be > 0 or none, got {self.budget_gpu_hours}")
+        if self.strategy == "fsdp" and not self.gpus_per_worker:
+            # Ray Train refuses it only inside the started workers, once per allowed failure.
+            raise ValueError("strategy 'fsdp' shards models over GPUs only: set gpus_per_worker > 0, or strategy=ddp on CPU")
 
     @property
     def units_held(self) -> float:

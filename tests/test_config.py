@@ -53,6 +53,7 @@ def test_overrides_parse_by_field_type():
     ("filter.max_side=10", "filter.max_side.*must be >= min_side"),
     ("filter.resources.max_actors=0", "filter.resources.max_actors.*must be >= min_actors"),
     ("min_side", "must look like dotted.key=value"),
+    ("train_c.strategy=fsdp", "train_c.*strategy 'fsdp' shards models over GPUs only"),
 ])
 def test_bad_overrides_name_the_key(override, message):
     with pytest.raises(ValueError, match=message):
