@@ -79,7 +79,7 @@ def s3_server(tmp_path_factory):
     finally:
         server.terminate()
         try:
-            server.wait(timeout=20)
+            server.wait(timeout=5)  # weed lingers on SIGTERM; what it holds is on disk already
         except subprocess.TimeoutExpired:
             server.kill()
             server.wait()

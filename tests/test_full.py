@@ -107,7 +107,7 @@ def test_a_second_run_skips_the_finished_phase(first_run):
     (["--phases", "train_stage_c"], "phase 'pre_encode' has no finished output"),
     (["--set", "train_c.global_batch_size=33"], "global_batch_size (33) must be a multiple of workers (2)"),
     (["--phases", "everything"], "unknown phase 'everything'"),
-    (["--config", "v2"], "data.shards_url is empty"),
+    (["--set", "data.shards_url="], "data.shards_url is empty"),
     (["--set", "data.shards_url=/no/such/folder"], "data.shards_url '/no/such/folder' does not exist"),
 ])
 def test_user_errors_stop_before_work_with_a_message(args, message, tmp_path, local_ray):

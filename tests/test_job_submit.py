@@ -4,6 +4,7 @@ artifact store behind the server's artifact proxy), all on 127.0.0.1."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import shutil
@@ -26,19 +27,19 @@ ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 
-def _stop(process: subprocess.Popen, what: str) -> None:
-    """Stops a process we started, by its PID, and every process it left behind."""
+def _stop(process: subprocess.Popen) -> None:
+    """Stops a process we started, by its PID, and every process it started (each by its own PID).
+    Ten seconds of grace: the test's outputs are read already, and a graceful Ray shutdown can
+    take half a minute."""
     children = psutil.Process(process.pid).children(recursive=True)
-    process.send_signal(signal.SIGTERM)
-    try:
-        process.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
-    _, alive = psutil.wait_procs(children, timeout=30)
-    for child in alive:
-        child.kill()
-    assert process.returncode is not None, f"{what} did not stop"
+    for each in [process, *children]:
+        with contextlib.suppress(psutil.NoSuchProcess, ProcessLookupError):
+            each.send_signal(signal.SIGTERM)
+    _, alive = psutil.wait_procs([psutil.Process(process.pid), *children], timeout=10)
+    for each in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            each.kill()
+    process.wait()
 
 
 def _wait_for(url: str, process: subprocess.Popen, log: Path, seconds: float) -> None:
@@ -65,13 +66,15 @@ def mlflow_server(tmp_path):
             [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
              "--backend-store-uri", f"sqlite:///{tmp_path}/mlflow-server.db",
              "--artifacts-destination", str(tmp_path / "mlflow-artifacts")],
-            stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+            stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+            # No job-runner processes: the pipeline logs runs and artifacts, it runs no MLflow jobs.
+            env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
     url = f"http://127.0.0.1:{port}"
     try:
         _wait_for(f"{url}/health", server, log, seconds=90)
         yield url
     finally:
-        _stop(server, "mlflow server")
+        _stop(server)
 
 
 @pytest.fixture
@@ -101,7 +104,7 @@ def ray_head():
         _wait_for(f"{address}/api/version", head, log, seconds=120)
         yield address, auth
     finally:
-        _stop(head, "ray start --head")
+        _stop(head)
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
@@ -111,24 +114,22 @@ def test_ray_job_submit_runs_the_pipeline_into_an_mlflow_server(ray_head, mlflow
     submitted = subprocess.run(
         [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", ".",
          "--runtime-env-json", f'{{"env_vars": {{"MLFLOW_TRACKING_URI": "{mlflow_server}"}}}}', "--",
-         sys.executable, "pipelines/full.py", "--phases", "metadata_filter,decode", "--set", f"work_dir={work}"],
+         sys.executable, "pipelines/full.py", "--phases", "metadata_filter", "--set", f"work_dir={work}"],
         cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, **auth})
     output = submitted.stdout + submitted.stderr
     assert submitted.returncode == 0, output[-4000:]
-    assert "succeeded" in output and "ran: metadata_filter, decode" in output, output[-4000:]
+    assert "succeeded" in output and "ran: metadata_filter" in output, output[-4000:]
     assert f"MLflow:  {mlflow_server}" in output
 
     client = MlflowClient(mlflow_server)
     experiment = client.get_experiment_by_name("wuerstchen-ray")
     runs = {run.info.run_name: run for run in client.search_runs([experiment.experiment_id])}
-    assert set(runs) == {"full-tiny", "metadata_filter", "decode"}
-    parent = runs["full-tiny"].info.run_id
-    for name in ("metadata_filter", "decode"):
-        run = runs[name]
-        assert run.info.status == "FINISHED"
-        assert run.data.tags["mlflow.parentRunId"] == parent
-        assert 0 < run.data.metrics["kept"] <= run.data.metrics["samples_in"]
-    # The image grid went through the server's artifact proxy into its artifact store.
-    assert "kept_samples.png" in {a.path for a in client.list_artifacts(runs["decode"].info.run_id)}
-    assert list((tmp_path / "mlflow-artifacts").rglob("kept_samples.png"))
+    assert set(runs) == {"full-tiny", "metadata_filter"}
+    phase = runs["metadata_filter"]
+    assert phase.info.status == runs["full-tiny"].info.status == "FINISHED"
+    assert phase.data.tags["mlflow.parentRunId"] == runs["full-tiny"].info.run_id
+    assert 0 < phase.data.metrics["kept"] < phase.data.metrics["samples_in"]
+    # The phase's manifest went through the server's artifact proxy into its artifact store.
+    assert "manifest.json" in {a.path for a in client.list_artifacts(phase.info.run_id)}
+    assert list((tmp_path / "mlflow-artifacts").rglob("manifest.json"))
     assert not (work / "mlflow.db").exists(), "with a tracking server the job must not fall back to SQLite"

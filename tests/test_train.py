@@ -140,9 +140,6 @@ def test_a_killed_worker_and_a_killed_job_continue_from_the_last_checkpoint(late
         runs = clients[0].search_runs(["1"], filter_string="attributes.run_name = 'train_stage_c'")
         return [step for step, _ in _loss_history(clients[0], runs[0].info.run_id)] if runs else []
 
-    def checkpoints() -> int:
-        return len(list((work_dir / "train_stage_c").glob("ray/*/checkpoint_*/model.safetensors")))
-
     def registered_step() -> int:
         """Step of the latest checkpoint Ray Train has registered: the one a restart resumes from."""
         for snapshot in (work_dir / "train_stage_c").glob("ray/*/checkpoint_manager_snapshot.json"):
@@ -156,41 +153,38 @@ def test_a_killed_worker_and_a_killed_job_continue_from_the_last_checkpoint(late
         _wait_for(lambda: registered_step() >= 10, driver, "a registered checkpoint")
         workers = _train_workers(driver.pid)
         assert len(workers) == 2, workers
-        registered = registered_step()
+        registered_before = registered_step()
         workers[1].kill()
         killed_at = max(logged_steps())
         _wait_for(lambda: max(logged_steps()) >= killed_at + 15, driver, "training to go on after the worker died")
         steps = logged_steps()
         restarted_at = next(step for previous, step in zip(steps, steps[1:]) if step <= previous)
         # Not from scratch: from the checkpoint registered before the failure, or a later one.
-        assert registered < restarted_at <= killed_at + 10 and (restarted_at - 1) % 10 == 0, \
-            (registered, restarted_at, killed_at)
-        # The whole job dies: resubmitted, it continues from the last checkpoint.
-        _wait_for(lambda: checkpoints() >= 2, driver, "a second checkpoint")
+        assert registered_before < restarted_at <= killed_at + 10 and (restarted_at - 1) % 10 == 0, \
+            (registered_before, restarted_at, killed_at)
+        # The whole job dies: resubmitted, it continues from the last complete checkpoint.
+        _wait_for(lambda: registered_step() >= 20, driver, "a second registered checkpoint")
     finally:
         os.killpg(driver.pid, signal.SIGKILL)
         driver.wait()
     logged_before_kill = max(logged_steps())
 
-    result = subprocess.run([*args, "--set", f"train_c.steps={logged_before_kill + 30}"], cwd=ROOT, env=env,
+    # And every checkpoint but the oldest is truncated (which one Ray Train resumes from depends on
+    # what it had registered when it died): the resubmission says so for each it tries and
+    # continues from the oldest.
+    complete = sorted(folder for folder in (work_dir / "train_stage_c").glob("ray/*/checkpoint_*")
+                      if (folder / "state.json").is_file())
+    oldest_step = json.loads((complete[0] / "state.json").read_text())["step"]
+    for folder in complete[1:]:
+        with open(folder / "model.safetensors", "r+b") as stream:
+            stream.truncate(stream.seek(0, os.SEEK_END) // 2)
+    result = subprocess.run([*args, "--set", f"train_c.steps={logged_before_kill + 20}"], cwd=ROOT, env=env,
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "cannot be read" in result.stderr + result.stdout
     client, (_, resumed) = _phase_runs(work_dir, "train_stage_c")
     first_step = _loss_history(client, resumed.info.run_id)[0][0]
-    # From the last complete checkpoint (every 10 steps), never from scratch and never past what was saved.
-    assert logged_before_kill - 20 < first_step <= logged_before_kill + 1 and (first_step - 1) % 10 == 0
+    # From a complete checkpoint (every 10 steps), never from scratch and never past what was saved.
+    assert first_step == oldest_step + 1 and (first_step - 1) % 10 == 0
+    assert logged_before_kill - 40 < first_step <= logged_before_kill + 1, (logged_before_kill, first_step)
     assert (work_dir / "train_stage_c" / trained_weights.FINAL_FILE).is_file()
-
-    # The latest checkpoint is truncated: the next run warns and continues from the one before it.
-    finished = logged_before_kill + 30
-    latest, previous = sorted((p for p in (work_dir / "train_stage_c").glob("ray/*/checkpoint_*") if p.is_dir()),
-                              reverse=True)[:2]
-    previous_step = json.loads((previous / "state.json").read_text())["step"]  # kept checkpoints rotate out
-    with open(latest / "model.safetensors", "r+b") as stream:
-        stream.truncate(stream.seek(0, os.SEEK_END) // 2)
-    result = subprocess.run([*args, "--set", f"train_c.steps={finished + 10}"], cwd=ROOT, env=env,
-                            capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert f"checkpoint {latest} cannot be read" in result.stderr + result.stdout
-    client, (*_, fallback) = _phase_runs(work_dir, "train_stage_c")
-    assert _loss_history(client, fallback.info.run_id)[0][0] == previous_step + 1 <= finished
