@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import math
 import tomllib
 from pathlib import Path
@@ -133,7 +134,7 @@ def plan(config: RunConfig, phases: list[str], assumptions: Assumptions, measure
     """One row per phase that does work (training phases a config does not need are left out)."""
     keep = {"metadata_filter": 1.0, "decode": 1.0, "embed": 1.0, **assumptions.keep}
     into = {"metadata_filter": assumptions.samples}
-    for previous, phase in zip(DATA_PHASES, DATA_PHASES[1:], strict=False):
+    for previous, phase in itertools.pairwise(DATA_PHASES):
         into[phase] = math.floor(into[previous] * keep[previous])
     speed = GPU_SPEED_VS_H200[assumptions.gpu] / measured.get("speed_vs_h200", 1.0)
     rows = []
@@ -184,7 +185,7 @@ def _hours(seconds: float | None) -> str:
 
 def format_plan(rows: list[PhasePlan], assumptions: Assumptions, config: RunConfig, measured_name: str) -> str:
     """The table, its totals and its inputs, as printed by the planner and by ``full.py --dry-run``."""
-    lines = [f"| phase | runs on | samples | samples/s per unit | wall time | GPU-hours | CPU core-hours | cost (USD) | budget |",
+    lines = ["| phase | runs on | samples | samples/s per unit | wall time | GPU-hours | CPU core-hours | cost (USD) | budget |",
              "|---|---|---:|---:|---:|---:|---:|---:|---|"]
     gpu_hours = cpu_hours = cost = 0.0
     for row in rows:
@@ -206,9 +207,9 @@ def format_plan(rows: list[PhasePlan], assumptions: Assumptions, config: RunConf
                  f"{_experiment_budget(config, gpu_hours)} |")
     gpu_scaling = (f", scaled to {assumptions.gpu.upper()} (x{GPU_SPEED_VS_H200[assumptions.gpu]:g} of an H200)"
                    if any(row.unit == "gpu" for row in rows) else "")
-    lines += ["", f"Measured figures: bench/measured.toml [{measured_name}]{gpu_scaling}, to {config.decode.resolution} px "
-              f"by pixel count where the figure names a resolution; {assumptions.scaling_efficiency:.0%} scaling "
-              "efficiency above one unit (assumed)."]
+    lines += ["", (f"Measured figures: bench/measured.toml [{measured_name}]{gpu_scaling}, to {config.decode.resolution} px "
+                   f"by pixel count where the figure names a resolution; {assumptions.scaling_efficiency:.0%} scaling "
+                   "efficiency above one unit (assumed).")]
     lines += [f"  {row.phase}: {row.source}" for row in rows]
     kept = next((row.samples for row in rows if row.phase == "pre_encode"), None)
     if kept is not None:
