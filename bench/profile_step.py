@@ -11,6 +11,7 @@ measurement.
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from pathlib import Path
 
@@ -19,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
-from bench.train_step import SETUPS, build, inputs  # noqa: E402
+from bench.train_step import SETUPS, build, inputs, one_step  # noqa: E402
 from stages.diffusion import CosineDiffusion, DiffusionConfig  # noqa: E402
 
 
@@ -41,16 +42,8 @@ def main() -> None:
     diffusion = CosineDiffusion(DiffusionConfig())
     x0, cond = inputs(args.stage, config, batch, side, torch.Generator(device).manual_seed(1))
 
-    def step() -> None:
-        noised, noise, r = diffusion.noise_batch(x0)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
-            loss = diffusion.loss(model(noised, r, **cond), noise, r)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if cuda:
-            torch.cuda.synchronize()
-
+    step = functools.partial(one_step, model, optimizer, diffusion, x0, cond,
+                             torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda))
     step()
     activities = [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]
     with profile(activities=activities) as profiler:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import multiprocessing
 import platform
 import resource
@@ -88,6 +89,17 @@ def inputs(stage: str, config, batch: int, side: int, generator: torch.Generator
     }
 
 
+def one_step(model, optimizer, diffusion: CosineDiffusion, x0: torch.Tensor, cond: dict, autocast) -> float:
+    """Forward, P2-weighted epsilon loss, backward and AdamW step; returns the loss (syncs the device)."""
+    noised, noise, r = diffusion.noise_batch(x0)
+    with autocast:
+        loss = diffusion.loss(model(noised, r, **cond), noise, r)
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.item()
+
+
 def worker(job: dict) -> dict:
     """Run one (stage, implementation) measurement; executed in its own process."""
     device = torch.device(job["device"])
@@ -115,14 +127,7 @@ def worker(job: dict) -> dict:
                 check_outputs["bf16"] = model(noised, r, **cond).float().cpu()
         model.train()
 
-    def step() -> float:
-        noised, noise, r = diffusion.noise_batch(x0)
-        with autocast:
-            loss = diffusion.loss(model(noised, r, **cond), noise, r)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return loss.item()  # syncs the device
+    step = functools.partial(one_step, model, optimizer, diffusion, x0, cond, autocast)
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)

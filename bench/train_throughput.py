@@ -37,7 +37,7 @@ from mlflow.tracking import MlflowClient  # noqa: E402
 from pipelines import schema  # noqa: E402
 from pipelines.pre_encode import PreEncodeConfig, output_schema  # noqa: E402
 from pipelines.runtime import RayConfig, init_ray  # noqa: E402
-from pipelines.train import TrainConfig, WorkerArgs, train_step, trainer, update_ema  # noqa: E402
+from pipelines.train import TrainConfig, WorkerArgs, build_optimizer, train_step, trainer, update_ema  # noqa: E402
 from pipelines.train_tasks import Task, TaskSpec, build_model, input_columns  # noqa: E402
 
 RESOLUTION = {"tiny": 64, "v2": 512}
@@ -63,8 +63,7 @@ def bare_loop(spec: TaskSpec, config: TrainConfig, columns: dict[str, np.ndarray
     torch.manual_seed(config.seed)
     model = build_model(spec).to(device)
     task = Task(spec, device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay,
-                                  fused=device.type == "cuda")  # as pipelines/train.py
+    optimizer = build_optimizer(model, config, device)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     ema = [p.detach().clone() for p in model.parameters()]
     samples = len(next(iter(columns.values())))

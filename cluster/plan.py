@@ -31,7 +31,7 @@ import yaml
 from pipelines import pre_encode
 from pipelines.config import RUNS, RunConfig, load_config
 from pipelines.phases import PHASES
-from pipelines.train_phase import PHASE_STAGES, TRAINED, config_section
+from pipelines.train_phase import PHASE_STAGES, config_section, training_needed
 
 MEASURED_FILE = Path(__file__).resolve().parents[1] / "bench" / "measured.toml"
 CLUSTER_FILE = Path(__file__).resolve().parents[1] / "ray_cluster.yaml"
@@ -123,11 +123,42 @@ def latent_bytes_per_sample(config: RunConfig) -> int:
                for f in schema if isinstance(f.type, pa.FixedShapeTensorType))
 
 
-def _trains(config: RunConfig, stage: str) -> bool:
-    """Stage A and the semantic compressor train only when the config asks for its own weights."""
-    if stage not in ("stage_a", "semantic"):
-        return True
-    return getattr(config.pre_encode, "stage_a_weights" if stage == "stage_a" else "semantic_weights") == TRAINED
+@dataclasses.dataclass(frozen=True)
+class PhaseRequest:
+    """What one phase asks Ray for, per actor or worker."""
+
+    phase: str
+    setting: str
+    """The config section that sets it (what a user changes)."""
+    cpus: float
+    gpus: float
+    count: int
+    """Actors at most, or Ray Train workers."""
+    description: str
+
+
+def phase_requests(config: RunConfig, phases: list[str]) -> list[PhaseRequest]:
+    """The requests of the phases that will do work (a training the config does not need is left out)."""
+    requests = []
+    for phase in phases:
+        if phase in DATA_PHASES:
+            section = {"metadata_filter": "filter"}.get(phase, phase)
+            r = getattr(config, section).resources
+            requests.append(PhaseRequest(phase, f"{section}.resources", r.num_cpus, r.num_gpus, r.max_actors,
+                                         f"{r.min_actors}-{r.max_actors} actors x ({r.num_cpus:g} CPU, {r.num_gpus:g} GPU), "
+                                         f"{r.batch_size} rows per call"))
+        elif phase in PHASE_STAGES:
+            if not training_needed(config, PHASE_STAGES[phase]):
+                continue
+            section = config_section(PHASE_STAGES[phase])
+            t = getattr(config, section)
+            requests.append(PhaseRequest(phase, section, t.cpus_per_worker, t.gpus_per_worker, t.workers,
+                                         f"{t.workers} Ray Train workers x ({t.cpus_per_worker:g} CPU, "
+                                         f"{t.gpus_per_worker:g} GPU), {t.steps:,} steps at global batch {t.global_batch_size}"))
+        else:
+            gpus = config.generate.num_gpus
+            requests.append(PhaseRequest(phase, "generate", 1.0, gpus, 1, f"one task with {gpus:g} GPU"))
+    return requests
 
 
 def plan(config: RunConfig, phases: list[str], assumptions: Assumptions, measured: dict) -> list[PhasePlan]:
@@ -138,25 +169,18 @@ def plan(config: RunConfig, phases: list[str], assumptions: Assumptions, measure
         into[phase] = math.floor(into[previous] * keep[previous])
     speed = GPU_SPEED_VS_H200[assumptions.gpu] / measured.get("speed_vs_h200", 1.0)
     rows = []
-    for phase in phases:
-        if phase in DATA_PHASES:
-            resources = getattr(config, {"metadata_filter": "filter"}.get(phase, phase)).resources
-            on_gpu = resources.num_gpus > 0
-            asked = resources.max_actors * (resources.num_gpus if on_gpu else resources.num_cpus)
-            samples, budget = into[phase], None
-        elif phase in PHASE_STAGES:
-            stage = PHASE_STAGES[phase]
-            if not _trains(config, stage):
-                continue
-            train = getattr(config, config_section(stage))
-            on_gpu = train.gpus_per_worker > 0
-            asked = train.workers * (train.gpus_per_worker if on_gpu else train.cpus_per_worker)
+    for request in phase_requests(config, phases):
+        if request.phase in DATA_PHASES:
+            samples, budget = into[request.phase], None
+        elif request.phase in PHASE_STAGES:
+            train = getattr(config, request.setting)
             samples, budget = train.steps * train.global_batch_size, train.budget_gpu_hours
         else:
             continue  # generate: a few hundred images, nothing to plan
+        on_gpu = request.gpus > 0
         override = assumptions.gpus if on_gpu else assumptions.cpus
-        units = float(override if override is not None else asked)
-        figure = measured.get(phase)
+        units = float(override if override is not None else request.count * (request.gpus if on_gpu else request.cpus))
+        figure = measured.get(request.phase)
         rate, source = None, "no measured figure"
         if figure is not None:
             rate = figure["samples_per_second"] * (speed if figure["unit"] == "gpu" else 1.0)
@@ -165,7 +189,7 @@ def plan(config: RunConfig, phases: list[str], assumptions: Assumptions, measure
             if units > 1:
                 rate *= assumptions.scaling_efficiency
             source = figure["source"]
-        rows.append(PhasePlan(phase=phase, unit="gpu" if on_gpu else "cpu", units=units, samples=samples,
+        rows.append(PhasePlan(phase=request.phase, unit="gpu" if on_gpu else "cpu", units=units, samples=samples,
                               samples_per_second_per_unit=rate, budget=budget, source=source))
     return rows
 
@@ -236,42 +260,6 @@ def node_type_for(cpus: float, gpus: float, types: dict[str, dict[str, float]]) 
     request on a node without GPUs where one fits (GPU nodes are the expensive ones)."""
     fitting = [name for name, r in types.items() if cpus <= r.get("CPU", 0) and gpus <= r.get("GPU", 0)]
     return min(fitting, key=lambda name: (gpus == 0 and types[name].get("GPU", 0) > 0), default=None)
-
-
-@dataclasses.dataclass(frozen=True)
-class PhaseRequest:
-    """What one phase asks Ray for, per actor or worker."""
-
-    phase: str
-    setting: str
-    """The config section that sets it (what a user changes)."""
-    cpus: float
-    gpus: float
-    description: str
-
-
-def phase_requests(config: RunConfig, phases: list[str]) -> list[PhaseRequest]:
-    """The requests of the phases that will do work (a training the config does not need is left out)."""
-    requests = []
-    for phase in phases:
-        if phase in DATA_PHASES:
-            section = {"metadata_filter": "filter"}.get(phase, phase)
-            r = getattr(config, section).resources
-            requests.append(PhaseRequest(phase, f"{section}.resources", r.num_cpus, r.num_gpus,
-                                         f"{r.min_actors}-{r.max_actors} actors x ({r.num_cpus:g} CPU, {r.num_gpus:g} GPU), "
-                                         f"{r.batch_size} rows per call"))
-        elif phase in PHASE_STAGES:
-            if not _trains(config, PHASE_STAGES[phase]):
-                continue
-            section = config_section(PHASE_STAGES[phase])
-            t = getattr(config, section)
-            requests.append(PhaseRequest(phase, section, t.cpus_per_worker, t.gpus_per_worker,
-                                         f"{t.workers} Ray Train workers x ({t.cpus_per_worker:g} CPU, "
-                                         f"{t.gpus_per_worker:g} GPU), {t.steps:,} steps at global batch {t.global_batch_size}"))
-        else:
-            gpus = config.generate.num_gpus
-            requests.append(PhaseRequest(phase, "generate", 1.0, gpus, f"one task with {gpus:g} GPU"))
-    return requests
 
 
 def check_local_gpus(config: RunConfig, phases: list[str], gpus_here: int) -> None:

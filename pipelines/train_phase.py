@@ -31,6 +31,8 @@ TRAINED = "trained"  # a pre_encode.*_weights value: the output of this run's ow
 PHASE_STAGES = {"train_stage_a": "stage_a", "train_semantic": "semantic", "train_stage_b": "stage_b",
                 "train_stage_c": "stage_c"}
 _TRAINING_PHASE = {stage: phase for phase, stage in PHASE_STAGES.items()}
+# The encoders a run may train itself: the pre_encode setting that names their weights.
+_ENCODER_WEIGHTS = {"stage_a": "stage_a_weights", "semantic": "semantic_weights"}
 _SAMPLE_ROWS = 8
 
 
@@ -43,13 +45,17 @@ def config_section(stage: str) -> str:
     return {"stage_a": "train_a", "semantic": "train_semantic", "stage_b": "train_b", "stage_c": "train_c"}[stage]
 
 
+def training_needed(config, stage: str) -> bool:
+    """Stage B and Stage C always train; Stage A and the semantic compressor only when their
+    ``pre_encode.*_weights`` setting asks for this run's own weights."""
+    return stage not in _ENCODER_WEIGHTS or getattr(config.pre_encode, _ENCODER_WEIGHTS[stage]) == TRAINED
+
+
 def weights_url(context, stage: str) -> str:
     """Where a stage's weights come from: its training phase's result, or the configured path/URL."""
-    trained = f"{context.output_url(_TRAINING_PHASE[stage])}/{trained_weights.FINAL_FILE}"
-    if stage in ("stage_b", "stage_c"):
-        return trained
-    setting = context.config.pre_encode.stage_a_weights if stage == "stage_a" else context.config.pre_encode.semantic_weights
-    return trained if setting == TRAINED else setting
+    if training_needed(context.config, stage):
+        return f"{context.output_url(_TRAINING_PHASE[stage])}/{trained_weights.FINAL_FILE}"
+    return getattr(context.config.pre_encode, _ENCODER_WEIGHTS[stage])
 
 
 def run_training(context, run, phase: str) -> str:
@@ -58,11 +64,9 @@ def run_training(context, run, phase: str) -> str:
     section = config_section(stage)
     config: TrainConfig = getattr(context.config, section)
     storage = context.config.storage
-    if stage in ("stage_a", "semantic"):
-        setting = "stage_a_weights" if stage == "stage_a" else "semantic_weights"
-        if getattr(context.config.pre_encode, setting) != TRAINED:
-            run.set_tags({"phase.outcome": "not needed"})
-            return f"not needed: pre_encode.{setting} names the weights to use"
+    if not training_needed(context.config, stage):
+        run.set_tags({"phase.outcome": "not needed"})
+        return f"not needed: pre_encode.{_ENCODER_WEIGHTS[stage]} names the weights to use"
     source_phase = decode.PHASE if stage in ("stage_a", "semantic") else pre_encode.PHASE
     source = context.finished(source_phase)
     # Workers get equal rows and drop their last partial batch: a set smaller than one global
