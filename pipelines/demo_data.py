@@ -73,8 +73,10 @@ DEFECTS: dict[str, tuple[str, str]] = {
 HARD_DEFECTS: dict[str, tuple[str, str]] = {
     "whitespace_caption": ("metadata", DropReason.CAPTION_TOO_SHORT),
     "null_size": ("metadata", DropReason.METADATA_MISSING),
+    "width_not_a_number": ("metadata", DropReason.METADATA_INVALID),
     "malformed_json": ("decode", DropReason.JSON_INVALID),
     "member_path_escapes": ("decode", DropReason.SAMPLE_MISSING),
+    "member_path_absolute": ("decode", DropReason.SAMPLE_MISSING),
     "decompression_bomb": ("decode", DropReason.DECOMPRESSION_BOMB),
     "palette": ("decode", KEEP),
     "alpha": ("decode", KEEP),
@@ -389,9 +391,10 @@ def _write_shard(fs, folder: str, shard: str, samples: list[_Sample]) -> None:
             for sample, row in zip(samples, rows):
                 if sample.image is None:
                     continue  # img2dataset writes nothing to the tar for a failed download
-                # A member named ../<key>.jpg forms no key the metadata lists, as a path outside
-                # the tar would; the sample itself is then missing.
-                key = f"../{sample.key}" if sample.defect == "member_path_escapes" else sample.key
+                # A member named ../<key>.jpg or /tmp/<key>.jpg forms no key the metadata lists, as a
+                # path outside the tar would; the sample itself is then missing.
+                key = {"member_path_escapes": f"../{sample.key}",
+                       "member_path_absolute": f"/tmp/{sample.key}"}.get(sample.defect, sample.key)
                 member = {"__key__": key, "jpg": sample.image, "txt": sample.caption_bytes}
                 if sample.has_json:
                     member["json"] = (b'{"key": "' + sample.key.encode() + b'", "caption": ' if sample.defect == "malformed_json"
@@ -399,8 +402,16 @@ def _write_shard(fs, folder: str, shard: str, samples: list[_Sample]) -> None:
                 tar.write(member)
                 if sample.defect == "duplicate_member":
                     tar.write({**member, "jpg": b""})  # a second copy of the key: the first one counts
+    table_schema = _SHARD_PARQUET_SCHEMA
+    if any(s.defect == "width_not_a_number" for s in samples):
+        # A writer that stored the sizes as text: the numbers still read, the word does not.
+        for sample, row in zip(samples, rows):
+            width = row[schema.ORIGINAL_WIDTH]
+            row[schema.ORIGINAL_WIDTH] = "wide" if sample.defect == "width_not_a_number" else width and str(width)
+        column = table_schema.get_field_index(schema.ORIGINAL_WIDTH)
+        table_schema = table_schema.set(column, pa.field(schema.ORIGINAL_WIDTH, pa.string()))
     with fs.open(f"{folder}/{schema.shard_parquet(shard)}", "wb") as stream:
-        pq.write_table(pa.Table.from_pylist(rows, schema=_SHARD_PARQUET_SCHEMA), stream)
+        pq.write_table(pa.Table.from_pylist(rows, schema=table_schema), stream)
     successes = sum(s.image is not None for s in samples)
     failures = len(samples) - successes
     stats = {

@@ -15,6 +15,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -29,6 +30,7 @@ from pipelines.storage import StorageConfig, filesystem, write_atomically
 PHASE = "metadata_filter"
 METADATA_REASONS = (
     DropReason.DOWNLOAD_FAILED,
+    DropReason.METADATA_INVALID,
     DropReason.METADATA_MISSING,
     DropReason.TOO_SMALL,
     DropReason.TOO_LARGE,
@@ -40,12 +42,6 @@ METADATA_REASONS = (
     DropReason.DUPLICATE,
 )
 _DEDUP_KEY = "_dedup_key"
-# The types every later step can rely on, whatever integer or float widths a source used.
-_COLUMN_TYPES = {
-    **{field.name: field.type for field in schema.SAMPLE_METADATA_FIELDS},
-    schema.CAPTION: pa.string(),
-    schema.STATUS: pa.string(),
-}
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -103,70 +99,106 @@ class MetadataFilterConfig:
         return columns
 
 
-def normalise_columns(table: pa.Table) -> pa.Table:
-    """Canonical column names and types (see ``schema.COLUMN_ALIASES``)."""
-    names = [
-        schema.COLUMN_ALIASES[name]
-        if name in schema.COLUMN_ALIASES and schema.COLUMN_ALIASES[name] not in table.column_names
-        else name
-        for name in table.column_names
-    ]
-    table = table.rename_columns(names)
-    for name, type_ in _COLUMN_TYPES.items():
-        if name in table.column_names and table.schema.field(name).type != type_:
-            table = table.set_column(table.column_names.index(name), name, pc.cast(table[name], type_))
-    return table
+def canonical_names(names: list[str]) -> list[str]:
+    """Column names with the sources' spellings replaced (see ``schema.COLUMN_ALIASES``)."""
+    return [schema.COLUMN_ALIASES[name]
+            if name in schema.COLUMN_ALIASES and schema.COLUMN_ALIASES[name] not in names else name
+            for name in names]
+
+
+def normalise_columns(table: pa.Table) -> tuple[pa.Table, pa.Array]:
+    """The canonical columns (``schema.SHARD_METADATA_FIELDS``) in their canonical types, and which
+    rows held a value that cannot be read as its column's type (that value becomes null).
+
+    A column the source lacks is all null, so every shard gives the same schema.
+    """
+    table = table.rename_columns(canonical_names(table.column_names))
+    invalid = pa.array(np.zeros(len(table), dtype=bool))
+    columns = {}
+    for field in schema.SHARD_METADATA_FIELDS:
+        if field.name not in table.column_names:
+            columns[field.name] = pa.nulls(len(table), field.type)
+            continue
+        column = table[field.name].combine_chunks()
+        try:
+            columns[field.name] = pc.cast(column, field.type)
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
+            columns[field.name], unreadable = _cast_each(column, field.type)
+            invalid = pc.or_(invalid, unreadable)
+    return pa.table(columns, schema=pa.schema(schema.SHARD_METADATA_FIELDS)), invalid
+
+
+def _cast_each(column: pa.Array, type_: pa.DataType) -> tuple[pa.Array, pa.Array]:
+    """Value by value, for a column whose cast failed: readable values cast, the others null and flagged."""
+    values, unreadable = [], []
+    for value in column:
+        try:
+            values.append(value.cast(type_).as_py() if value.is_valid else None)
+            unreadable.append(False)
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
+            values.append(None)
+            unreadable.append(True)
+    return pa.array(values, type_), pa.array(unreadable)
+
+
+def filter_rows(table: pa.Table, shard: str, config: MetadataFilterConfig) -> pa.Table:
+    """One shard's metadata in canonical columns, its name, each row's first failed check, the dedup key."""
+    table, invalid = normalise_columns(table)
+    table = table.append_column(schema.SHARD, pa.array([shard] * len(table), pa.string()))
+    reason = pa.nulls(len(table), pa.string())
+    for name, failed in _checks(table, invalid, config):
+        reason = pc.if_else(pc.and_(pc.is_null(reason), pc.fill_null(failed, False)), str(name), reason)
+    table = table.append_column(schema.DROP_REASON, reason)
+    return table.append_column(_DEDUP_KEY, _dedup_key(table))
 
 
 class MetadataFilter:
-    """Ray Data step: canonical columns, the shard name, and each row's first failed check."""
+    """Ray Data step over shard files: reads each one's parquet and filters its rows."""
 
-    def __init__(self, config: MetadataFilterConfig):
+    def __init__(self, config: MetadataFilterConfig, shards_url: str, storage: StorageConfig):
         self.config = config
+        self.fs, self.folder = filesystem(shards_url, storage)
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        batch = normalise_columns(batch)
-        shard = pc.replace_substring_regex(batch["path"], r"^.*/|\.parquet$", "")
-        batch = batch.drop_columns(["path"]).append_column(schema.SHARD, shard)
-        reason = pa.nulls(len(batch), pa.string())
-        for name, failed in self._checks(batch):
-            reason = pc.if_else(pc.and_(pc.is_null(reason), pc.fill_null(failed, False)), str(name), reason)
-        batch = batch.append_column(schema.DROP_REASON, reason)
-        return batch.append_column(_DEDUP_KEY, self._dedup_key(batch))
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        # One file at a time: shards written with different column types cannot be read as one data set.
+        tables = []
+        for shard in batch[schema.SHARD]:
+            with self.fs.open(f"{self.folder}/{schema.shard_parquet(shard)}", "rb") as stream:
+                tables.append(filter_rows(pq.read_table(stream), str(shard), self.config))
+        return pa.concat_tables(tables)
 
-    @staticmethod
-    def _dedup_key(batch: pa.Table) -> pa.ChunkedArray:
-        """``h:<hash>``, or the unique ``k/<shard>/<key>`` for a sample without a hash."""
-        unique = pc.binary_join_element_wise("k", batch[schema.SHARD], batch[schema.KEY], "/")
-        if schema.HASH not in batch.column_names:
-            return unique
-        return pc.coalesce(pc.binary_join_element_wise("h", pc.cast(batch[schema.HASH], pa.string()), ":"), unique)
 
-    def _checks(self, batch: pa.Table) -> Iterator[tuple[DropReason, pa.ChunkedArray]]:
-        c = self.config
-        yield DropReason.DOWNLOAD_FAILED, pc.invert(pc.fill_null(pc.equal(batch[schema.STATUS], schema.STATUS_SUCCESS), False))
-        missing = pa.array([False] * len(batch))
-        for column in c.required_columns():
-            missing = pc.or_(missing, pc.is_null(batch[column]))
-        yield DropReason.METADATA_MISSING, missing
-        if (c.min_side, c.max_side, c.max_aspect_ratio) != (None, None, None):
-            width, height = batch[schema.ORIGINAL_WIDTH], batch[schema.ORIGINAL_HEIGHT]
-            short, long = pc.min_element_wise(width, height), pc.max_element_wise(width, height)
-            if c.min_side is not None:
-                yield DropReason.TOO_SMALL, pc.less(short, c.min_side)
-            if c.max_side is not None:
-                yield DropReason.TOO_LARGE, pc.greater(long, c.max_side)
-            if c.max_aspect_ratio is not None:
-                ratio = pc.divide(pc.cast(long, pa.float64()), pc.max_element_wise(short, 1))
-                yield DropReason.ASPECT_RATIO, pc.greater(ratio, c.max_aspect_ratio)
-        caption_chars = pc.utf8_length(pc.utf8_trim_whitespace(batch[schema.CAPTION]))
-        yield DropReason.CAPTION_TOO_SHORT, pc.less(caption_chars, c.min_caption_chars)
-        if c.max_pwatermark is not None:
-            yield DropReason.WATERMARK, pc.greater(batch[schema.PWATERMARK], c.max_pwatermark)
-        if c.max_punsafe is not None:
-            yield DropReason.UNSAFE, pc.greater(batch[schema.PUNSAFE], c.max_punsafe)
-        if c.min_aesthetic is not None:
-            yield DropReason.AESTHETIC, pc.less(batch[schema.AESTHETIC], c.min_aesthetic)
+def _dedup_key(batch: pa.Table) -> pa.ChunkedArray:
+    """``h:<hash>``, or the unique ``k/<shard>/<key>`` for a sample without a hash."""
+    unique = pc.binary_join_element_wise("k", batch[schema.SHARD], batch[schema.KEY], "/")
+    return pc.coalesce(pc.binary_join_element_wise("h", pc.cast(batch[schema.HASH], pa.string()), ":"), unique)
+
+
+def _checks(batch: pa.Table, invalid: pa.Array, c: MetadataFilterConfig) -> Iterator[tuple[DropReason, pa.Array]]:
+    yield DropReason.DOWNLOAD_FAILED, pc.invert(pc.fill_null(pc.equal(batch[schema.STATUS], schema.STATUS_SUCCESS), False))
+    yield DropReason.METADATA_INVALID, invalid
+    missing = pa.array([False] * len(batch))
+    for column in c.required_columns():
+        missing = pc.or_(missing, pc.is_null(batch[column]))
+    yield DropReason.METADATA_MISSING, missing
+    if (c.min_side, c.max_side, c.max_aspect_ratio) != (None, None, None):
+        width, height = batch[schema.ORIGINAL_WIDTH], batch[schema.ORIGINAL_HEIGHT]
+        short, long = pc.min_element_wise(width, height), pc.max_element_wise(width, height)
+        if c.min_side is not None:
+            yield DropReason.TOO_SMALL, pc.less(short, c.min_side)
+        if c.max_side is not None:
+            yield DropReason.TOO_LARGE, pc.greater(long, c.max_side)
+        if c.max_aspect_ratio is not None:
+            ratio = pc.divide(pc.cast(long, pa.float64()), pc.max_element_wise(short, 1))
+            yield DropReason.ASPECT_RATIO, pc.greater(ratio, c.max_aspect_ratio)
+    caption_chars = pc.utf8_length(pc.utf8_trim_whitespace(batch[schema.CAPTION]))
+    yield DropReason.CAPTION_TOO_SHORT, pc.less(caption_chars, c.min_caption_chars)
+    if c.max_pwatermark is not None:
+        yield DropReason.WATERMARK, pc.greater(batch[schema.PWATERMARK], c.max_pwatermark)
+    if c.max_punsafe is not None:
+        yield DropReason.UNSAFE, pc.greater(batch[schema.PUNSAFE], c.max_punsafe)
+    if c.min_aesthetic is not None:
+        yield DropReason.AESTHETIC, pc.less(batch[schema.AESTHETIC], c.min_aesthetic)
 
 
 class MarkDuplicates:
@@ -220,7 +252,7 @@ def list_shards(shards_url: str, storage: StorageConfig) -> list[str]:
 def check_columns(fs, first_shard: str, config: MetadataFilterConfig) -> None:
     """Fails before any work starts when an enabled check needs a column the shards lack."""
     with fs.open(first_shard, "rb") as stream:
-        names = normalise_columns(pq.read_schema(stream).empty_table()).column_names
+        names = canonical_names(pq.read_schema(stream).names)
     thresholds = {schema.PWATERMARK: "max_pwatermark", schema.PUNSAFE: "max_punsafe", schema.AESTHETIC: "min_aesthetic",
                   schema.ORIGINAL_WIDTH: "min_side", schema.ORIGINAL_HEIGHT: "min_side"}
     for column in config.required_columns():
@@ -241,8 +273,8 @@ def run(shards_url: str, output_url: str, config: MetadataFilterConfig,
     if previous is not None and previous.config == recorded:
         return previous, {}
     input_fs, input_folder = filesystem(shards_url, storage)
-    shard_files = [f"{input_folder}/{schema.shard_parquet(shard)}" for shard in list_shards(shards_url, storage)]
-    check_columns(input_fs, shard_files[0], config)
+    shards = list_shards(shards_url, storage)
+    check_columns(input_fs, f"{input_folder}/{schema.shard_parquet(shards[0])}", config)
     fs, folder = filesystem(output_url, storage)
     if previous is not None:
         remove_manifest(output_url, storage)  # a stale manifest must not vouch for the new outputs
@@ -250,13 +282,14 @@ def run(shards_url: str, output_url: str, config: MetadataFilterConfig,
 
     started = time.monotonic()
     resources = config.resources
-    dataset = ray.data.read_parquet(shard_files, filesystem=input_fs, include_paths=True, num_cpus=resources.num_cpus)
-    dataset = dataset.map_batches(MetadataFilter, fn_constructor_kwargs={"config": config}, batch_format="pyarrow",
-                                  **resources.map_batches_args())
+    dataset = ray.data.from_items([{schema.SHARD: shard} for shard in shards], override_num_blocks=len(shards))
+    dataset = dataset.map_batches(
+        MetadataFilter, fn_constructor_kwargs={"config": config, "shards_url": shards_url, "storage": storage},
+        batch_size=1, **resources.actor_args())
     if config.drop_duplicates:
-        dataset = dataset.groupby(_DEDUP_KEY, num_partitions=len(shard_files)).map_groups(
+        dataset = dataset.groupby(_DEDUP_KEY, num_partitions=len(shards)).map_groups(
             MarkDuplicates, batch_format="pyarrow", **resources.actor_args())
-    counts = dataset.groupby(schema.SHARD, num_partitions=len(shard_files)).map_groups(
+    counts = dataset.groupby(schema.SHARD, num_partitions=len(shards)).map_groups(
         WriteFilteredShard, fn_constructor_kwargs={"output_url": output_url, "storage": storage}, batch_format="pyarrow",
         **resources.actor_args()).take_all()
     seconds = time.monotonic() - started
@@ -267,6 +300,6 @@ def run(shards_url: str, output_url: str, config: MetadataFilterConfig,
         shards={row[schema.SHARD]: ShardCounts(samples_in=row["samples_in"], kept=row["kept"],
                                                dropped=json.loads(row["dropped"])) for row in counts},
     )
-    assert len(manifest.shards) == len(shard_files), "every input shard must produce one output shard"
+    assert len(manifest.shards) == len(shards), "every input shard must produce one output shard"
     write_manifest(output_url, manifest, storage)
     return manifest, {"seconds": seconds, "samples_per_second": manifest.samples_in / seconds}

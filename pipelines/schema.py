@@ -22,6 +22,7 @@ HEIGHT = "height"
 ORIGINAL_WIDTH = "original_width"
 ORIGINAL_HEIGHT = "original_height"
 EXIF = "exif"
+SHA256 = "sha256"
 
 # LAION columns that img2dataset passes through
 SIMILARITY = "similarity"
@@ -59,6 +60,20 @@ SAMPLE_METADATA_FIELDS = (
     pa.field(ORIGINAL_HEIGHT, pa.int64()),
 )
 SAMPLE_METADATA = tuple(field.name for field in SAMPLE_METADATA_FIELDS)
+
+# Every column the metadata filter carries from an img2dataset shard's parquet, with the type
+# later phases rely on whatever width or spelling a source used. Other columns are not carried:
+# shards that disagree on their types could not be read as one data set.
+SHARD_METADATA_FIELDS = (
+    *(field for field in SAMPLE_METADATA_FIELDS if field.name != SHARD),
+    pa.field(CAPTION, pa.string()),
+    pa.field(STATUS, pa.string()),
+    pa.field(ERROR_MESSAGE, pa.string()),
+    pa.field(WIDTH, pa.int64()),
+    pa.field(HEIGHT, pa.int64()),
+    pa.field(EXIF, pa.string()),
+    pa.field(SHA256, pa.string()),
+)
 
 
 def sample_schema(*fields: pa.Field, drop_reason: bool = True) -> pa.Schema:
@@ -104,6 +119,7 @@ class DropReason(enum.StrEnum):
 
     # metadata phase, in the order the checks run
     DOWNLOAD_FAILED = "download_failed"
+    METADATA_INVALID = "metadata_invalid"  # a value that cannot be read as its column's type
     METADATA_MISSING = "metadata_missing"
     TOO_SMALL = "too_small"
     TOO_LARGE = "too_large"

@@ -11,18 +11,18 @@ import pytest
 from pipelines import metadata_filter, schema
 from pipelines.config import load_config
 from pipelines.ledger import read_manifest
-from pipelines.metadata_filter import MarkDuplicates, MetadataFilter, MetadataFilterConfig
+from pipelines.metadata_filter import MarkDuplicates, MetadataFilterConfig
 from pipelines.schema import DropReason
 from pipelines.storage import StorageConfig
 
 CONFIG = MetadataFilterConfig(min_side=64, max_side=1000, max_aspect_ratio=3.0, min_caption_chars=1,
                               max_pwatermark=0.5, max_punsafe=0.99, min_aesthetic=5.0)
 GOOD = {"key": "000000001", "status": "success", "caption": "a red circle", "WIDTH": 100, "HEIGHT": 80,
-        "pwatermark": 0.1, "punsafe": 0.1, "AESTHETIC_SCORE": 6.0, "hash": 1, "path": "/data/00007.parquet"}
+        "pwatermark": 0.1, "punsafe": 0.1, "AESTHETIC_SCORE": 6.0, "hash": 1}
 
 
 def _reasons(rows: list[dict], config: MetadataFilterConfig = CONFIG) -> list[str | None]:
-    out = MetadataFilter(config)(pa.Table.from_pylist([{**GOOD, **row} for row in rows]))
+    out = metadata_filter.filter_rows(pa.Table.from_pylist([{**GOOD, **row} for row in rows]), "00007", config)
     return out[schema.DROP_REASON].to_pylist()
 
 
@@ -33,6 +33,12 @@ def _reasons(rows: list[dict], config: MetadataFilterConfig = CONFIG) -> list[st
     ({"pwatermark": None}, DropReason.METADATA_MISSING),
     ({"WIDTH": None}, DropReason.METADATA_MISSING),
     ({"caption": None}, DropReason.METADATA_MISSING),
+    # A value of the wrong type: read when it converts, dropped when it does not.
+    ({"WIDTH": "100", "AESTHETIC_SCORE": "6.0", "caption": 42}, None),
+    ({"WIDTH": "wide"}, DropReason.METADATA_INVALID),
+    ({"WIDTH": 100.5}, DropReason.METADATA_INVALID),
+    ({"caption": b"a red \xff circle"}, DropReason.METADATA_INVALID),
+    ({"exif": {"Orientation": 6}}, DropReason.METADATA_INVALID),
     ({"WIDTH": 63}, DropReason.TOO_SMALL),
     ({"HEIGHT": 1001, "WIDTH": 900}, DropReason.TOO_LARGE),
     ({"WIDTH": 301, "HEIGHT": 100}, DropReason.ASPECT_RATIO),
@@ -58,10 +64,11 @@ def test_disabled_thresholds_are_not_checked():
     assert _reasons(rows, loose) == [None]
 
 
-def test_columns_are_canonical_and_shard_comes_from_the_path():
-    out = MetadataFilter(CONFIG)(pa.Table.from_pylist([GOOD]))
-    assert {schema.ORIGINAL_WIDTH, schema.AESTHETIC, schema.SHARD} <= set(out.column_names)
-    assert "path" not in out.column_names and "AESTHETIC_SCORE" not in out.column_names
+def test_columns_are_canonical_whatever_the_source_has():
+    out = metadata_filter.filter_rows(pa.Table.from_pylist([{**GOOD, "extra": [1, 2]}]), "00007", CONFIG)
+    assert out.schema.field(schema.ORIGINAL_WIDTH).type == pa.int64() and out[schema.AESTHETIC].to_pylist() == [6.0]
+    assert "AESTHETIC_SCORE" not in out.column_names and "extra" not in out.column_names
+    assert out[schema.EXIF].to_pylist() == [None]  # absent in the source: null, so every shard has one schema
     assert out[schema.SHARD].to_pylist() == ["00007"]
 
 
