@@ -149,6 +149,8 @@ def run(phase: ShardPhase, shards: list[str], output_url: str,
     seconds = time.monotonic() - started
 
     fs.invalidate_cache()  # object-store listings cached before the actors wrote
+    for orphan in fs.glob(f"{folder}/*.tmp-*"):
+        fs.rm(orphan)  # left by an actor that died mid-shard (Ray redid the shard); no actor runs now
     ledgers = {shard: read_shard_ledger(fs, f"{folder}/{schema.shard_parquet(shard)}") for shard in shards}
     assert all(ledger is not None and ledger[1] == phase.fingerprint for ledger in ledgers.values()), \
         f"{phase.name}: a shard step returned without committing its output"

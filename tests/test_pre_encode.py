@@ -5,8 +5,11 @@ from __future__ import annotations
 import dataclasses
 import io
 import os
+import threading
+import time
 
 import numpy as np
+import psutil
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -19,7 +22,7 @@ from pipelines.storage import StorageConfig
 from stages.semantic import SEMANTIC_CONFIGS, SemanticCompressor
 from stages.stage_a import STAGE_A_CONFIGS, StageA
 from stages.text import TEXT_CONFIGS, TextEncoder
-from stages.weights import save_weights
+from stages.weights import load_weights, save_weights
 
 STORAGE = StorageConfig()
 
@@ -111,3 +114,48 @@ def test_a_resolution_stage_a_cannot_take_fails_before_work(embedded, tmp_path):
         pre_encode.phase(decoded_url=str(root / "decode"), embedded_url=str(root / "embed"), output_url=str(tmp_path),
                          embedded_fingerprint=embedded_manifest.config, resolution=66,
                          config=load_config("tiny").pre_encode, storage=STORAGE)
+
+
+def _kill_the_encoder_actor_mid_shard(output, killed: list[int]) -> None:
+    """Waits until an actor has a shard open (its temporary file exists), then SIGKILLs that actor."""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if output.is_dir() and any(".tmp-" in path.name for path in output.iterdir()):
+            for process in psutil.process_iter(["pid", "cmdline"]):
+                title = " ".join(process.info["cmdline"] or [])
+                if title.startswith("ray::") and "PreEncodeShard" in title:
+                    process.kill()
+                    killed.append(process.info["pid"])
+                    return
+        time.sleep(0.005)
+
+
+def test_an_actor_killed_mid_shard_is_replaced_and_each_sample_written_once(embedded, tmp_path):
+    root, embedded_manifest = embedded
+    config = dataclasses.replace(load_config("tiny").pre_encode, stage_a_weights="", semantic_weights="")
+    output, killed = tmp_path / "latents", []
+    killer = threading.Thread(target=_kill_the_encoder_actor_mid_shard, args=(output, killed), daemon=True)
+    killer.start()
+    manifest, metrics = _pre_encode(root, embedded_manifest, config, output)
+    killer.join()
+    assert killed, "no encoder actor was seen with a shard open"
+    assert not psutil.pid_exists(killed[0]) or psutil.Process(killed[0]).status() == psutil.STATUS_ZOMBIE
+
+    keys = [key for shard in sorted(manifest.shards) for key in pq.read_table(output / f"{shard}.parquet")[schema.KEY].to_pylist()]
+    assert len(keys) == len(set(keys)) == manifest.kept == embedded_manifest.kept
+    assert metrics["shards_processed"] == len(manifest.shards)
+    assert not [path.name for path in output.iterdir() if ".tmp-" in path.name], "the killed actor's temporary is left"
+
+
+def test_non_finite_latents_are_dropped_and_counted(embedded, tmp_path):
+    root, embedded_manifest = embedded
+    semantic = SemanticCompressor(SEMANTIC_CONFIGS["tiny"]())
+    weights = semantic.state_dict()
+    weights[next(name for name in weights if name.endswith("weight"))].fill_(float("inf"))
+    semantic.load_state_dict(weights)
+    save_weights(semantic, tmp_path / "semantic.safetensors")
+    config = dataclasses.replace(load_config("tiny").pre_encode, stage_a_weights="",
+                                 semantic_weights=str(tmp_path / "semantic.safetensors"))
+    manifest, _ = _pre_encode(root, embedded_manifest, config, tmp_path / "latents")
+    assert manifest.kept == 0 and manifest.dropped() == {"non_finite_latent": embedded_manifest.kept}
+    assert pq.read_table(tmp_path / "latents" / "00000.parquet").num_rows == 0
