@@ -22,17 +22,25 @@ class StorageConfig:
     """S3 access key id; empty: $AWS_ACCESS_KEY_ID, ~/.aws or the instance role. Never logged."""
     secret: str = dataclasses.field(default="", metadata={"secret": True})
     """S3 secret access key; empty: as for key. Never logged."""
+    max_attempts: int = 10
+    """Tries of each S3 request before it fails (botocore's standard retries: exponential backoff,
+    at most 20 s apart, about a minute in all), so a restarting or throttling server is ridden out."""
 
     def __post_init__(self):
         if bool(self.key) != bool(self.secret):
             raise ValueError("set both key and secret, or neither (to use the standard AWS settings)")
+        if self.max_attempts < 1:
+            raise ValueError(f"storage.max_attempts must be >= 1, got {self.max_attempts}")
 
     def options(self, protocol: str) -> dict[str, Any]:
         """fsspec keyword arguments for a file system of ``protocol``."""
         if protocol not in ("s3", "s3a"):
             return {}
         # Listings cached by one process go stale when other processes (Ray actors) write.
-        options: dict[str, Any] = {"use_listings_cache": False}
+        options: dict[str, Any] = {
+            "use_listings_cache": False,
+            "config_kwargs": {"retries": {"mode": "standard", "total_max_attempts": self.max_attempts}},
+        }
         if self.endpoint_url:
             options["endpoint_url"] = self.endpoint_url
         if self.key:

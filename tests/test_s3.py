@@ -2,19 +2,28 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sqlite3
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 import s3fs
+from conftest import SeaweedFS
 from mlflow.tracking import MlflowClient
 
-from pipelines import demo_data
-from pipelines.storage import StorageConfig
+from pipelines import decode, demo_data, metadata_filter, schema, shard_phase
+from pipelines.config import load_config
+from pipelines.inputs import exists
+from pipelines.ledger import ShardCounts
+from pipelines.storage import StorageConfig, filesystem
 
 ROOT = Path(__file__).resolve().parents[1]
 SECRET = "s3cr3t-never-logged-4242"
@@ -73,3 +82,84 @@ def test_full_pipeline_on_s3(s3_server, tmp_path):
     for secret in (SECRET, *planted.values()):
         assert secret not in dump and secret not in result.stderr and secret not in result.stdout, secret
         assert secret.encode() not in artifacts, secret
+
+
+@pytest.fixture
+def guarded_s3(tmp_path, monkeypatch):
+    """A SeaweedFS server that accepts only one key pair, in a test that may restart it; no AWS
+    settings from the environment or the home folder."""
+    for name in [name for name in os.environ if name.startswith("AWS_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-credentials"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-config"))
+    (tmp_path / "seaweedfs").mkdir()
+    server = SeaweedFS(tmp_path / "seaweedfs", credentials=("test-key", SECRET))
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
+
+
+def test_missing_or_wrong_credentials_stop_before_work_naming_the_settings(guarded_s3):
+    storage = StorageConfig(endpoint_url=guarded_s3.endpoint, key="test-key", secret=SECRET)
+    filesystem("s3://wuerstchen", storage)[0].mkdir("wuerstchen")
+    assert exists("s3://wuerstchen", "data.shards_url", storage)
+    for wrong, error in ((dataclasses.replace(storage, secret="not-the-secret"), "PermissionError"),
+                         (StorageConfig(endpoint_url=guarded_s3.endpoint), "NoCredentialsError")):
+        with pytest.raises(ValueError, match=rf"cannot reach data.shards_url 's3://wuerstchen' \(storage.endpoint_url="
+                                             rf"'{guarded_s3.endpoint}'; credentials from storage.key/secret.*{error}"):
+            exists("s3://wuerstchen", "data.shards_url", wrong)
+
+
+def test_a_server_restarted_during_writes_loses_nothing(guarded_s3, tmp_path, local_ray):
+    storage = StorageConfig(endpoint_url=guarded_s3.endpoint, key="test-key", secret=SECRET)
+    fs = filesystem("s3://wuerstchen", storage)[0]
+    fs.mkdir("wuerstchen")
+    truth = demo_data.generate("s3://wuerstchen/input", demo_data.DemoDataConfig(num_shards=10, samples_per_shard=10),
+                               storage)["samples"]
+    config, shards_url = load_config("tiny"), "s3://wuerstchen/input/shards"
+    filtered, _ = metadata_filter.run(shards_url, "s3://wuerstchen/filtered", config.filter, storage)
+    decode_config = dataclasses.replace(config.decode, resources=dataclasses.replace(config.decode.resources, max_actors=1))
+    phase = decode.phase(shards_url=shards_url, filtered_url="s3://wuerstchen/filtered", output_url="s3://wuerstchen/decode",
+                         filtered_fingerprint=filtered.config, config=decode_config, storage=storage)
+
+    # The server dies (SIGKILL) once the first shard is written and comes back 2 s later; the
+    # shards still to come are written through the outage by retrying.
+    restarted = []
+
+    def restart_after_the_first_shard():
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not fs.glob("wuerstchen/decode/*.parquet"):
+            time.sleep(0.05)
+        guarded_s3.stop()
+        restarted.append(time.monotonic())
+        time.sleep(2)
+        guarded_s3.start()
+
+    restarter = threading.Thread(target=restart_after_the_first_shard, daemon=True)
+    restarter.start()
+    decoded, metrics = shard_phase.run(phase, sorted(filtered.shards), "s3://wuerstchen/decode", storage)
+    finished = time.monotonic()
+    restarter.join()
+    assert restarted and restarted[0] < finished and metrics["shards_skipped"] == 0
+    keys = []
+    for shard in sorted(decoded.shards):
+        with fs.open(f"wuerstchen/decode/{shard}.parquet", "rb") as stream:
+            table = pq.read_table(stream)
+        keys += [k for k, r in zip(table[schema.KEY].to_pylist(), table[schema.DROP_REASON].to_pylist()) if r is None]
+    assert len(keys) == len(set(keys))
+    assert sorted(keys) == sorted(k for k, r in truth.items() if r["expected"] == demo_data.KEEP)
+    assert not fs.glob("wuerstchen/decode/*.tmp-*")
+
+    # A server that stays down past the retries: a clear failure, and no shard where the commit failed.
+    impatient = dataclasses.replace(storage, max_attempts=2)
+    out_fs, _ = filesystem("s3://wuerstchen/failed", impatient)
+    table_schema = pa.schema([pa.field(schema.KEY, pa.string())])
+    with pytest.raises(Exception, match="Could not connect to the endpoint URL"):
+        with shard_phase.ShardOutput(out_fs, "wuerstchen/failed/00000.parquet", table_schema) as output:
+            output.write([{schema.KEY: "000000001"}])
+            guarded_s3.stop()
+            output.commit(ShardCounts(samples_in=1, kept=1, dropped={}), {"phase": "test"})
+    guarded_s3.start()
+    assert shard_phase.read_shard_ledger(fs, "wuerstchen/failed/00000.parquet") is None

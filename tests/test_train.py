@@ -18,6 +18,7 @@ import numpy as np
 import psutil
 import pytest
 from mlflow.tracking import MlflowClient
+from safetensors.torch import load_file
 
 from pipelines import full, trained_weights
 
@@ -163,21 +164,29 @@ def test_a_killed_worker_and_a_killed_job_continue_from_the_last_checkpoint(late
         assert registered_before < restarted_at <= killed_at + 10 and (restarted_at - 1) % 10 == 0, \
             (registered_before, restarted_at, killed_at)
         # The whole job dies: resubmitted, it continues from the last complete checkpoint.
-        _wait_for(lambda: registered_step() >= 20, driver, "a second registered checkpoint")
+        _wait_for(lambda: registered_step() >= 30, driver, "a third registered checkpoint")
     finally:
         os.killpg(driver.pid, signal.SIGKILL)
         driver.wait()
     logged_before_kill = max(logged_steps())
 
-    # And every checkpoint but the oldest is truncated (which one Ray Train resumes from depends on
-    # what it had registered when it died): the resubmission says so for each it tries and
-    # continues from the oldest.
+    # And every checkpoint but the oldest is damaged (which one Ray Train resumes from depends on
+    # what it had registered when it died): the newest has a byte flipped in a tensor, its size
+    # right and its format still loadable; the others are truncated. The resubmission says so for
+    # each it tries and continues from the oldest.
     complete = sorted(folder for folder in (work_dir / "train_stage_c").glob("ray/*/checkpoint_*")
                       if (folder / "state.json").is_file())
     oldest_step = json.loads((complete[0] / "state.json").read_text())["step"]
-    for folder in complete[1:]:
+    assert len(complete) >= 3, complete
+    for folder in complete[1:-1]:
         with open(folder / "model.safetensors", "r+b") as stream:
             stream.truncate(stream.seek(0, os.SEEK_END) // 2)
+    with open(complete[-1] / "model.safetensors", "r+b") as stream:
+        stream.seek(-1, os.SEEK_END)  # the last byte of the last tensor's data
+        last = stream.read(1)
+        stream.seek(-1, os.SEEK_END)
+        stream.write(bytes([last[0] ^ 0x40]))
+    load_file(complete[-1] / "model.safetensors")  # the format alone would not notice
     result = subprocess.run([*args, "--set", f"train_c.steps={logged_before_kill + 20}"], cwd=ROOT, env=env,
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
