@@ -452,12 +452,7 @@ def _restore(checkpoint: Checkpoint, model, optimizer, schedule, ema: list[torch
     with checkpoint.as_directory() as folder:
         folder = Path(folder)
         state, files = _read_state(folder)
-        for name, written in files.items():
-            found = {"bytes": (folder / name).stat().st_size}
-            if found["bytes"] == written["bytes"]:
-                found["sha256"] = _sha256(folder / name)
-            if found != written:
-                raise ValueError(f"{name} is not what the checkpoint wrote ({found} != {written})")
+        verify_files(folder, files)
         # A run stopped by its budget continues when resubmitted (with a larger one).
         state = dataclasses.replace(state, stop_reason="")
         model_state, ema_state = load_file(folder / _MODEL), load_file(folder / _EMA)
@@ -480,7 +475,17 @@ def _read_state(folder: Path) -> tuple[TrainingState, dict[str, dict[str, Any]]]
     return TrainingState(**recorded), files
 
 
-def _file_record(path: Path) -> dict[str, Any]:
+def verify_files(folder: Path, files: dict[str, dict[str, Any]]) -> None:
+    """Raises ValueError unless each file has the size and SHA-256 digest recorded when it was written."""
+    for name, written in files.items():
+        found = {"bytes": (folder / name).stat().st_size}
+        if found["bytes"] == written["bytes"]:
+            found["sha256"] = _sha256(folder / name)
+        if found != written:
+            raise ValueError(f"{name} is not what the checkpoint wrote ({found} != {written})")
+
+
+def file_record(path: Path) -> dict[str, Any]:
     return {"bytes": path.stat().st_size, "sha256": _sha256(path)}
 
 
@@ -510,7 +515,7 @@ def _report(model, ema, optimizer, state: TrainingState, meter: BudgetMeter, *, 
         save_file({k: v.contiguous() for k, v in ema_state.items()}, Path(folder) / _EMA)
         torch.save(optimizer_state, Path(folder) / _OPTIMIZER)
         # Hashing costs about a second per 2 GB on rank 0 (v2 Stage C: ~14 GB with the optimizer).
-        files = {name: _file_record(Path(folder) / name) for name in (_MODEL, _EMA, _OPTIMIZER)}
+        files = {name: file_record(Path(folder) / name) for name in (_MODEL, _EMA, _OPTIMIZER)}
         (Path(folder) / _STATE).write_text(json.dumps({**dataclasses.asdict(state), "files": files}))
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(folder))
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import socket
 import subprocess
@@ -16,6 +17,18 @@ import pytest
 import ray
 
 from pipelines import demo_data
+
+
+def process_group_gone(pgid: int, seconds: float = 30) -> bool:
+    """Waits until no process of group ``pgid`` (a killed driver and the local Ray it started) is left."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.2)
+    return False
 
 
 @pytest.fixture(scope="session")

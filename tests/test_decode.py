@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from conftest import process_group_gone
 from PIL import Image
 
 from pipelines import decode, demo_data, metadata_filter, schema, shard_phase
@@ -161,14 +162,6 @@ def test_phase_keeps_exactly_the_ground_truth_and_reruns_do_nothing(demo_set, tm
     assert redone.to_json() == manifest.to_json()
 
 
-def _no_ray_left(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return True
-    return False
-
-
 def test_driver_killed_mid_decode_then_rerun_keeps_each_sample_once(tmp_path):
     work_dir = tmp_path / "work"
     # Many small shards widen the window in which the driver dies with some shards done.
@@ -189,10 +182,7 @@ def test_driver_killed_mid_decode_then_rerun_keeps_each_sample_once(tmp_path):
     finally:
         os.killpg(driver.pid, signal.SIGKILL)  # the driver and the local Ray it started
         driver.wait()
-    deadline = time.monotonic() + 30
-    while not _no_ray_left(driver.pid) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert _no_ray_left(driver.pid), "the killed driver's local Ray outlived it"
+    assert process_group_gone(driver.pid), "the killed driver's local Ray outlived it"
     finished = [p for p in outputs.iterdir() if p.suffix == ".parquet"]
     assert 2 <= len(finished) < 12 and not (outputs / "manifest.json").exists()
 

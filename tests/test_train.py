@@ -17,10 +17,13 @@ from pathlib import Path
 import numpy as np
 import psutil
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
-from safetensors.torch import load_file
+from conftest import process_group_gone
+from safetensors.torch import load_file, save_file
 
 from pipelines import full, trained_weights
+from pipelines.train import file_record, verify_files
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL_DATA = ["--set", "data.demo.num_shards=2", "--set", "data.demo.samples_per_shard=24"]
@@ -168,25 +171,27 @@ def test_a_killed_worker_and_a_killed_job_continue_from_the_last_checkpoint(late
     finally:
         os.killpg(driver.pid, signal.SIGKILL)
         driver.wait()
+    assert process_group_gone(driver.pid), "the killed job's local Ray outlived it"  # nothing writes or prunes now
     logged_before_kill = max(logged_steps())
 
-    # And every checkpoint but the oldest is damaged (which one Ray Train resumes from depends on
-    # what it had registered when it died): the newest has a byte flipped in a tensor, its size
-    # right and its format still loadable; the others are truncated. The resubmission says so for
-    # each it tries and continues from the oldest.
-    complete = sorted(folder for folder in (work_dir / "train_stage_c").glob("ray/*/checkpoint_*")
-                      if (folder / "state.json").is_file())
-    oldest_step = json.loads((complete[0] / "state.json").read_text())["step"]
-    assert len(complete) >= 3, complete
-    for folder in complete[1:-1]:
-        with open(folder / "model.safetensors", "r+b") as stream:
-            stream.truncate(stream.seek(0, os.SEEK_END) // 2)
-    with open(complete[-1] / "model.safetensors", "r+b") as stream:
+    # And the checkpoints the resubmission tries before the oldest registered one are damaged: the
+    # latest registered (tried first) has a byte flipped in a tensor, its size right and its format
+    # still loadable; the others are truncated. It says so for each and continues from the oldest.
+    (snapshot,) = (work_dir / "train_stage_c").glob("ray/*/checkpoint_manager_snapshot.json")
+    registered = json.loads(snapshot.read_text())
+    oldest, latest = registered["checkpoint_results"][0], registered["latest_checkpoint_result"]
+    oldest_step = oldest["metrics"]["step"]
+    assert oldest["checkpoint_dir_name"] < latest["checkpoint_dir_name"], registered["checkpoint_results"]
+    for folder in snapshot.parent.glob("checkpoint_*"):
+        if oldest["checkpoint_dir_name"] < folder.name < latest["checkpoint_dir_name"]:
+            with open(folder / "model.safetensors", "r+b") as stream:
+                stream.truncate(stream.seek(0, os.SEEK_END) // 2)
+    with open(snapshot.parent / latest["checkpoint_dir_name"] / "model.safetensors", "r+b") as stream:
         stream.seek(-1, os.SEEK_END)  # the last byte of the last tensor's data
         last = stream.read(1)
         stream.seek(-1, os.SEEK_END)
         stream.write(bytes([last[0] ^ 0x40]))
-    load_file(complete[-1] / "model.safetensors")  # the format alone would not notice
+    load_file(snapshot.parent / latest["checkpoint_dir_name"] / "model.safetensors")  # the format would not notice
     result = subprocess.run([*args, "--set", f"train_c.steps={logged_before_kill + 20}"], cwd=ROOT, env=env,
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -197,3 +202,18 @@ def test_a_killed_worker_and_a_killed_job_continue_from_the_last_checkpoint(late
     assert first_step == oldest_step + 1 and (first_step - 1) % 10 == 0
     assert logged_before_kill - 40 < first_step <= logged_before_kill + 1, (logged_before_kill, first_step)
     assert (work_dir / "train_stage_c" / trained_weights.FINAL_FILE).is_file()
+
+
+def test_a_checkpoint_file_truncated_or_altered_is_refused(tmp_path):
+    save_file({"weight": torch.arange(64, dtype=torch.float32)}, tmp_path / "model.safetensors")
+    written = {"model.safetensors": file_record(tmp_path / "model.safetensors")}
+    verify_files(tmp_path, written)
+    data = bytearray((tmp_path / "model.safetensors").read_bytes())
+    data[-1] ^= 0x40  # one bit of the last value: the same size, still a valid safetensors file
+    (tmp_path / "model.safetensors").write_bytes(bytes(data))
+    load_file(tmp_path / "model.safetensors")
+    with pytest.raises(ValueError, match="model.safetensors is not what the checkpoint wrote.*sha256"):
+        verify_files(tmp_path, written)
+    (tmp_path / "model.safetensors").write_bytes(bytes(data[:100]))
+    with pytest.raises(ValueError, match=r"\{'bytes': 100\} != \{'bytes': "):
+        verify_files(tmp_path, written)
