@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-import uuid
 from collections.abc import Iterator
 from typing import Any
 
@@ -27,7 +26,7 @@ import ray.data
 from cluster.resources import StepResources
 from pipelines import schema
 from pipelines.ledger import Manifest, ShardCounts, read_manifest, remove_manifest, write_manifest
-from pipelines.storage import StorageConfig, filesystem
+from pipelines.storage import StorageConfig, filesystem, remove_orphaned_temporaries, temporary_name
 
 _COUNTS = b"wuerstchen.counts"
 _FINGERPRINT = b"wuerstchen.fingerprint"
@@ -38,7 +37,7 @@ class ShardOutput:
 
     def __init__(self, fs, path: str, table_schema: pa.Schema):
         self.fs, self.path = fs, path
-        self.temporary = f"{path}.tmp-{uuid.uuid4().hex}"
+        self.temporary = temporary_name(path)
         self.stream = fs.open(self.temporary, "wb")
         # Dictionaries and min/max statistics of tensor columns cost most of the write time (about 2/3
         # for a v2 latent shard) and buy nothing: real latents take too many distinct values.
@@ -149,8 +148,7 @@ def run(phase: ShardPhase, shards: list[str], output_url: str,
     seconds = time.monotonic() - started
 
     fs.invalidate_cache()  # object-store listings cached before the actors wrote
-    for orphan in fs.glob(f"{folder}/*.tmp-*"):
-        fs.rm(orphan)  # left by an actor that died mid-shard (Ray redid the shard); no actor runs now
+    remove_orphaned_temporaries(fs, folder)  # of actors that died mid-shard (Ray redid those shards)
     ledgers = {shard: read_shard_ledger(fs, f"{folder}/{schema.shard_parquet(shard)}") for shard in shards}
     assert all(ledger is not None and ledger[1] == phase.fingerprint for ledger in ledgers.values()), \
         f"{phase.name}: a shard step returned without committing its output"

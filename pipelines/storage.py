@@ -58,13 +58,27 @@ def join(url: str, *names: str) -> str:
     return "/".join([url.rstrip("/"), *names])
 
 
+_TEMPORARY = ".tmp-"
+
+
+def temporary_name(path: str) -> str:
+    """A unique name beside ``path`` to write it under until it is complete."""
+    return f"{path}{_TEMPORARY}{uuid.uuid4().hex}"
+
+
+def remove_orphaned_temporaries(fs: fsspec.AbstractFileSystem, folder: str) -> None:
+    """Removes the temporaries in ``folder`` left by writers that died; call it only when none is writing."""
+    for orphan in fs.glob(f"{folder}/*{_TEMPORARY}*"):
+        fs.rm(orphan)
+
+
 def write_atomically(fs: fsspec.AbstractFileSystem, path: str, write: Callable[[IO[bytes]], None]) -> None:
     """Writes ``path`` through a temporary name, so readers see the whole file or nothing.
 
     A rename is atomic on local disks; on object stores the final object appears in one PUT
     (copy), so a crash leaves at most an orphaned temporary file, never a partial ``path``.
     """
-    temporary = f"{path}.tmp-{uuid.uuid4().hex}"
+    temporary = temporary_name(path)
     try:
         with fs.open(temporary, "wb") as stream:
             write(stream)
@@ -83,7 +97,7 @@ def local_copy(url: str, storage: StorageConfig | None = None, cache_dir: str | 
     if not target.is_file():
         cache.mkdir(parents=True, exist_ok=True)
         fs, path = filesystem(url, storage)
-        temporary = target.with_name(f"{target.name}.tmp-{uuid.uuid4().hex}")
+        temporary = Path(temporary_name(str(target)))
         fs.get(path, str(temporary))
         temporary.rename(target)
     return str(target)

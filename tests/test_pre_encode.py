@@ -22,7 +22,7 @@ from pipelines.storage import StorageConfig
 from stages.semantic import SEMANTIC_CONFIGS, SemanticCompressor
 from stages.stage_a import STAGE_A_CONFIGS, StageA
 from stages.text import TEXT_CONFIGS, TextEncoder
-from stages.weights import load_weights, save_weights
+from stages.weights import save_weights
 
 STORAGE = StorageConfig()
 
