@@ -9,6 +9,9 @@ the step, the data position and the GPU-hours used; Ray Train persists it only o
 complete, restarts failed workers from the latest one (``max_failures``), and a resubmitted job
 with the same work dir continues from it. The random draws of step ``s`` on rank ``k`` come from
 a generator seeded with (seed, k, s), so a resumed run draws what the uninterrupted one would have.
+Ray Data hands out the training set in a fixed order (``preserve_order``), so each epoch gives every
+rank the same batches: a seeded run repeats, and a resumed run skips exactly the batches its
+checkpoint had consumed.
 
 Rank 0 logs into the MLflow run the driver opened (params, loss, LR, grad norm, samples/s,
 data-wait fraction, peak memory, GPU-hours) and prints a progress line at a steady interval.
@@ -33,7 +36,7 @@ import pyarrow.fs
 import ray.train
 import torch
 import torch.distributed as dist
-from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import Checkpoint, CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -524,6 +527,8 @@ def trainer(*, name: str, args: WorkerArgs, dataset, storage_path: str,
             storage_filesystem: pyarrow.fs.FileSystem | None) -> TorchTrainer:
     """The TorchTrainer of one training run; same ``name`` and storage: a rerun resumes it."""
     config = args.train
+    ingest = DataConfig.default_ingest_options()
+    ingest.preserve_order = True  # otherwise blocks reach the ranks in the order Ray Data's tasks finish
     return TorchTrainer(
         train_worker,
         train_loop_config=args,
@@ -541,6 +546,7 @@ def trainer(*, name: str, args: WorkerArgs, dataset, storage_path: str,
             checkpoint_config=CheckpointConfig(num_to_keep=config.keep_checkpoints),
         ),
         datasets={"train": dataset.select_columns(input_columns(args.task))},
+        dataset_config=DataConfig(execution_options=ingest),
     )
 
 

@@ -86,6 +86,7 @@ def run_training(context, run, phase: str) -> str:
                         experiment_budget=context.config.tracking.experiment_budget_gpu_hours,
                         experiment_used=context.tracker.experiment_gpu_hours(), setting=f"{section}.budget_gpu_hours")
     dataset = _dataset(context, stage, sorted(source.shards), config.seed)
+    dataset.context.execution_options.preserve_order = True  # the cached blocks in a fixed order, too
     if config.cache_data:
         dataset = dataset.materialize()
     spec = _task_spec(context, stage, config, dataset)
