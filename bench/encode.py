@@ -189,7 +189,8 @@ def end_to_end(folder: Path, shards: list[str], config: PreEncodeConfig, resolut
     storage = StorageConfig()
     phase = pre_encode.phase(decoded_url=str(folder / "decode"), embedded_url=str(folder / "embed"),
                              output_url=str(output), embedded_fingerprint={"bench": "encode"},
-                             resolution=resolution, config=config, storage=storage)  # fmt: skip
+                             crops=((resolution, resolution),), resolution=resolution, config=config,
+                             storage=storage)  # fmt: skip
     start = time.perf_counter()
     manifest, _ = shard_phase.run(phase, shards, str(output), storage)
     seconds = time.perf_counter() - start

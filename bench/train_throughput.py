@@ -37,7 +37,15 @@ from mlflow.tracking import MlflowClient  # noqa: E402
 from pipelines import schema  # noqa: E402
 from pipelines.pre_encode import PreEncodeConfig, output_schema  # noqa: E402
 from pipelines.runtime import RayConfig, init_ray  # noqa: E402
-from pipelines.train import TrainConfig, WorkerArgs, build_optimizer, train_step, trainer, update_ema  # noqa: E402
+from pipelines.train import (  # noqa: E402
+    TRAIN_DATASET,
+    TrainConfig,
+    WorkerArgs,
+    build_optimizer,
+    train_step,
+    trainer,
+    update_ema,
+)
 from pipelines.train_tasks import Task, TaskSpec, build_model, input_columns  # noqa: E402
 
 RESOLUTION = {"tiny": 64, "v2": 512}
@@ -45,7 +53,7 @@ RESOLUTION = {"tiny": 64, "v2": 512}
 
 def synthetic_columns(spec: TaskSpec, samples: int, resolution: int) -> dict[str, np.ndarray]:
     """Random values of the latent-shard columns the task reads, in their stored shapes and dtypes."""
-    fields = output_schema(PreEncodeConfig(models=spec.models), resolution)
+    fields = output_schema(PreEncodeConfig(models=spec.models), ((resolution, resolution),), resolution)
     rng = np.random.default_rng(0)
     columns = {}
     for name in input_columns(spec):
@@ -91,7 +99,7 @@ def ray_train_run(spec: TaskSpec, config: TrainConfig, columns: dict[str, np.nda
                                    for i in range(len(next(iter(columns.values()))))]).materialize()
     args = WorkerArgs(train=config, task=spec, budget=None, tracking_uri=client.tracking_uri, run_id=run_id,
                       init_weights_path="")
-    trainer(name="throughput", args=args, dataset=dataset, storage_path=str(folder / "ray"),
+    trainer(name="throughput", args=args, datasets={TRAIN_DATASET: dataset}, storage_path=str(folder / "ray"),
             storage_filesystem=None).fit()
     history = {name: [m.value for m in sorted(client.get_metric_history(run_id, name), key=lambda m: m.step)]
                for name in ("samples_per_second", "data_wait_fraction")}

@@ -5,7 +5,9 @@ is a JPEG/PNG/WebP that is not a decompression bomb, has the size its metadata s
 rotation), and decodes. Large JPEGs are decoded at reduced scale (DCT scaling, PIL's draft mode)
 when the crop is smaller, which skips most of the decoding work. The image is converted to RGB
 (CMYK, greyscale, 16-bit, palette and alpha included), EXIF orientation applied, resized and
-centre-cropped to ``resolution`` and stored re-encoded for the encoders.
+centre-cropped, and stored re-encoded for the encoders. The crop is the ``resolution`` square, or
+with ``crop="buckets"`` the aspect-ratio bucket nearest the image's own shape (about as many pixels
+as the square), so wide and tall images keep their composition.
 """
 
 from __future__ import annotations
@@ -56,6 +58,15 @@ class DecodeConfig:
 
     resolution: int = 512
     """Side of the square crop handed to Stage A and the semantic compressor, in pixels."""
+    crop: Literal["centre", "buckets"] = "centre"
+    """centre: every image becomes the ``resolution`` square; buckets: the bucket of
+    ``bucket_aspect_ratios`` nearest its shape (Stage B and Stage C then train on every bucket)."""
+    bucket_aspect_ratios: tuple[float, ...] = (1.0, 4 / 3, 3 / 2, 16 / 9, 2.0)
+    """Long side / short side of the buckets; each is made landscape and portrait."""
+    bucket_multiple: int = 128
+    """Bucket sides are multiples of this, so that both encoders divide them (pre-encode checks):
+    128 at v2's 1024 px (Stage A downsamples by 4; the semantic compressor by 32 after scaling
+    1024 px to 768 px)."""
     max_pixels: int = 50_000_000
     """Images declaring more pixels are refused as decompression bombs before decoding."""
     image_format: Literal["png", "jpeg"] = "jpeg"
@@ -70,6 +81,27 @@ class DecodeConfig:
             raise ValueError(f"max_pixels ({self.max_pixels}) must be >= resolution² ({self.resolution ** 2})")
         if self.resources.num_gpus:
             raise ValueError("decode runs on CPU workers: set decode.resources.num_gpus=0")
+        if self.crop not in ("centre", "buckets"):
+            raise ValueError(f"crop must be 'centre' or 'buckets', got {self.crop!r}")
+        if self.crop == "buckets":
+            if self.bucket_multiple < 1 or self.resolution % self.bucket_multiple:
+                raise ValueError(f"bucket_multiple ({self.bucket_multiple}) must divide resolution ({self.resolution})")
+            if not self.bucket_aspect_ratios or min(self.bucket_aspect_ratios) < 1:
+                raise ValueError(f"bucket_aspect_ratios must be long side / short side, each >= 1, "
+                                 f"got {self.bucket_aspect_ratios}")
+
+    def crop_sizes(self) -> tuple[tuple[int, int], ...]:
+        """(width, height) of every crop this config produces, in a fixed order."""
+        if self.crop == "centre":
+            return ((self.resolution, self.resolution),)
+        sizes = set()
+        for ratio in self.bucket_aspect_ratios:
+            long, short = self._bucket_side(self.resolution * math.sqrt(ratio)), self._bucket_side(self.resolution / math.sqrt(ratio))
+            sizes |= {(long, short), (short, long)}
+        return tuple(sorted(sizes))
+
+    def _bucket_side(self, pixels: float) -> int:
+        return max(self.bucket_multiple, round(pixels / self.bucket_multiple) * self.bucket_multiple)
 
     def outcome(self) -> dict[str, Any]:
         return {k: v for k, v in dataclasses.asdict(self).items() if k != "resources"}
@@ -101,7 +133,10 @@ def decode_image(data: bytes, expected_size: tuple[int, int] | None,
     upright = (height, width) if orientation in _TRANSPOSED_ORIENTATIONS else (width, height)
     if expected_size is not None and upright != expected_size:
         return DropReason.SIZE_MISMATCH
-    scale = config.resolution / min(width, height)
+    crop = nearest_crop(upright, config.crop_sizes())
+    # The crop's side across the image's own (stored, not yet rotated) axes decides the scale.
+    crop_across = crop if upright == (width, height) else crop[::-1]
+    scale = max(crop_across[0] / width, crop_across[1] / height)
     if image.format == "JPEG" and scale < 1:
         # DCT scaling decodes at 1/2, 1/4 or 1/8 size, as long as the result stays >= this.
         image.draft(None, (math.ceil(width * scale), math.ceil(height * scale)))
@@ -110,7 +145,12 @@ def decode_image(data: bytes, expected_size: tuple[int, int] | None,
         image = ImageOps.exif_transpose(image)
     except (OSError, SyntaxError, ValueError):
         return DropReason.IMAGE_CORRUPT
-    return ImageOps.fit(to_rgb(image), (config.resolution, config.resolution), Image.Resampling.BICUBIC)
+    return ImageOps.fit(to_rgb(image), crop, Image.Resampling.BICUBIC)
+
+
+def nearest_crop(size: tuple[int, int], crops: tuple[tuple[int, int], ...]) -> tuple[int, int]:
+    """The crop whose aspect ratio is nearest (on a log scale: 2:1 and 1:2 are as far from 1:1) ``size``'s."""
+    return min(crops, key=lambda crop: abs(math.log(crop[0] / crop[1]) - math.log(size[0] / size[1])))
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

@@ -99,7 +99,8 @@ def run_pre_encode(context: PhaseContext, run: TrackedRun) -> str:
     trained = {stage: trained_weights.fingerprint_of(url, storage) for stage, url in encoders.items() if url}
     phase = pre_encode.phase(decoded_url=context.output_url(decode.PHASE), embedded_url=context.output_url(embed.PHASE),
                              output_url=output_url, embedded_fingerprint={**embedded.config, "encoders": trained},
-                             resolution=context.config.decode.resolution, config=config, storage=storage)
+                             crops=context.config.decode.crop_sizes(), resolution=context.config.decode.resolution,
+                             config=config, storage=storage)
     manifest, metrics = shard_phase.run(phase, sorted(embedded.shards), output_url, context.config.storage)
     fs, folder = filesystem(output_url, context.config.storage)
     total_bytes = sum(fs.size(f"{folder}/{schema.shard_parquet(shard)}") for shard in manifest.shards)

@@ -9,8 +9,10 @@ Per sample, from the decoded crop and its caption:
   config stores tokens only and leaves text encoding to training time.
 
 Latent shards are Parquet with Arrow fixed-shape tensor columns (float16), one per input shard,
-holding only kept samples; training reads them and never touches pixels again. See
-docs/data_format.md for the bytes per sample of each option.
+holding only kept samples; training reads them and never touches pixels again. Crops in
+aspect-ratio buckets (``decode.crop=buckets``) give latents of several shapes: those shards store
+each latent flattened in a list column, with the sample's ``crop_width`` and ``crop_height`` to
+reshape it by (``latent_shapes``). See docs/data_format.md for the bytes per sample of each option.
 """
 
 from __future__ import annotations
@@ -73,23 +75,50 @@ class PreEncodeConfig:
         return {k: v for k, v in dataclasses.asdict(self).items() if k != "resources"}
 
 
-def output_schema(config: PreEncodeConfig, resolution: int) -> pa.Schema:
-    """The latent shard schema for ``resolution`` px crops; tensors are float16, tokens int32."""
+def semantic_input_size(config: PreEncodeConfig, crop: tuple[int, int], resolution: int) -> tuple[int, int] | None:
+    """(height, width) the semantic compressor sees a (width, height) crop at: scaled as the square
+    ``resolution`` crop is to its image size; None for that square (the compressor's own resize)."""
+    if crop == (resolution, resolution):
+        return None
+    semantic = SEMANTIC_CONFIGS[config.models]()
+    size = tuple(side * semantic.image_size / resolution for side in crop[::-1])
+    if any(side != int(side) or side % semantic.downsampling for side in size):
+        raise ValueError(f"the {crop[0]}x{crop[1]} crop bucket scales to {size[1]:g}x{size[0]:g} px for the semantic "
+                         f"compressor, not a multiple of its downsampling ({semantic.downsampling}): choose a "
+                         f"decode.bucket_multiple that makes it one")
+    return int(size[0]), int(size[1])
+
+
+def latent_shapes(config: PreEncodeConfig, crop: tuple[int, int], resolution: int) -> dict[str, tuple[int, ...]]:
+    """The Stage C and Stage B latent shapes of a (width, height) crop."""
     semantic = SEMANTIC_CONFIGS[config.models]()
     stage_a = STAGE_A_CONFIGS[config.models]()
+    width, height = crop
+    if width % stage_a.downsampling or height % stage_a.downsampling:
+        setting = "decode.resolution" if width == height == resolution else "decode.bucket_multiple"
+        raise ValueError(f"the {width}x{height} crop is not a multiple of Stage A's downsampling ({stage_a.downsampling}) "
+                         f"to pre-encode with the {config.models!r} models: change {setting}")
+    semantic_size = semantic_input_size(config, crop, resolution) or (semantic.image_size, semantic.image_size)
+    return {
+        schema.STAGE_C_LATENT: (semantic.c_latent, *(side // semantic.downsampling for side in semantic_size)),
+        schema.STAGE_B_LATENT: (stage_a.latent_channels, height // stage_a.downsampling, width // stage_a.downsampling),
+    }
+
+
+def output_schema(config: PreEncodeConfig, crops: tuple[tuple[int, int], ...], resolution: int) -> pa.Schema:
+    """The latent shard schema for the decoded crops; tensors are float16, tokens int32."""
     text = TEXT_CONFIGS[config.models]()
-    if resolution % stage_a.downsampling:
-        raise ValueError(f"decode.resolution ({resolution}) must be a multiple of Stage A's downsampling "
-                         f"({stage_a.downsampling}) to pre-encode with the {config.models!r} models")
-    latent_side = resolution // stage_a.downsampling
+    shapes = [latent_shapes(config, crop, resolution) for crop in crops]
+    if len(crops) == 1:
+        latents = [pa.field(name, pa.fixed_shape_tensor(pa.float16(), list(shape))) for name, shape in shapes[0].items()]
+    else:
+        latents = [pa.field(schema.CROP_WIDTH, pa.int32()), pa.field(schema.CROP_HEIGHT, pa.int32()),
+                   *(pa.field(name, pa.list_(pa.float16())) for name in shapes[0])]
     fields = [
         pa.field(schema.CAPTION, pa.string()),
         pa.field(schema.CLIP_SIMILARITY, pa.float32()),
         pa.field(schema.AESTHETIC_SCORE, pa.float32()),
-        pa.field(schema.STAGE_C_LATENT, pa.fixed_shape_tensor(
-            pa.float16(), [semantic.c_latent, semantic.latent_size, semantic.latent_size])),
-        pa.field(schema.STAGE_B_LATENT, pa.fixed_shape_tensor(
-            pa.float16(), [stage_a.latent_channels, latent_side, latent_side])),
+        *latents,
         pa.field(schema.TEXT_TOKENS, pa.fixed_shape_tensor(pa.int32(), [MAX_LENGTH])),
     ]
     if config.text == "hidden_states":
@@ -113,12 +142,15 @@ class PreEncodeShard:
     """Ray Data step: encodes one shard's kept samples into ``pre_encode/{shard}.parquet``."""
 
     def __init__(self, *, decoded_url: str, embedded_url: str, output_url: str, config: PreEncodeConfig,
-                 resolution: int, fingerprint: dict[str, Any], storage: StorageConfig):
+                 crops: tuple[tuple[int, int], ...], resolution: int, fingerprint: dict[str, Any],
+                 storage: StorageConfig):
         self.decoded, self.decoded_folder = filesystem(decoded_url, storage)
         self.embedded, self.embedded_folder = filesystem(embedded_url, storage)
         self.output, self.output_folder = filesystem(output_url, storage)
         self.config, self.fingerprint = config, fingerprint
-        self.schema = output_schema(config, resolution)
+        self.schema = output_schema(config, crops, resolution)
+        self.bucketed = len(crops) > 1
+        self.semantic_sizes = {crop: semantic_input_size(config, crop, resolution) for crop in crops}
         self.device = torch.device("cuda" if config.resources.num_gpus and torch.cuda.is_available() else "cpu")
         torch.manual_seed(config.seed)
         self.stage_a = _random_or_loaded(StageA(STAGE_A_CONFIGS[config.models]()), config.stage_a_weights,
@@ -155,8 +187,9 @@ class PreEncodeShard:
         # uint8 crosses to the device (a quarter of the bytes of float32) and is converted there.
         pixels = batch.pixels.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float() / 255
         out = {}
+        semantic_size = self.semantic_sizes[(pixels.shape[3], pixels.shape[2])]
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
-            out[schema.STAGE_C_LATENT] = self.semantic.encode_stage_c_latents(pixels)
+            out[schema.STAGE_C_LATENT] = self.semantic.encode_stage_c_latents(pixels, semantic_size)
             out[schema.STAGE_B_LATENT] = self.stage_a.encode_stage_b_latents(pixels)
             for name, encoder in self.text_encoders.items():
                 out[name] = encoder(batch.tokens.to(self.device), batch.mask.to(self.device))
@@ -183,14 +216,15 @@ class PreEncodeShard:
                                                        schema.DROP_REASON])
             for row in rows if row[schema.DROP_REASON] is None
         }
-        batches = (
-            kept for rows in shard_phase.iter_rows(self.decoded, f"{self.decoded_folder}/{schema.shard_parquet(shard)}",
+        batches = _batches_by_crop(
+            (row for rows in shard_phase.iter_rows(self.decoded, f"{self.decoded_folder}/{schema.shard_parquet(shard)}",
                                                    batch_size=self.config.resources.batch_size)
-            if (kept := [row for row in rows if row[schema.KEY] in embedded])
-        )
+             for row in rows if row[schema.KEY] in embedded),
+            self.config.resources.batch_size)
         dropped: Counter[str] = Counter()
 
-        def write(output: shard_phase.ShardOutput, rows: list[dict[str, Any]], arrays: dict[str, np.ndarray]) -> None:
+        def write(output: shard_phase.ShardOutput, rows: list[dict[str, Any]], arrays: dict[str, np.ndarray],
+                  crop: tuple[int, int]) -> None:
             kept = []
             for index, row in enumerate(rows):
                 tensors = {name: values[index] for name, values in arrays.items()}
@@ -198,7 +232,8 @@ class PreEncodeShard:
                     dropped[DropReason.NON_FINITE_LATENT] += 1
                     continue
                 scores = embedded[row[schema.KEY]]
-                kept.append({**row, **tensors, schema.CLIP_SIMILARITY: scores[schema.CLIP_SIMILARITY],
+                kept.append({**row, **tensors, schema.CROP_WIDTH: crop[0], schema.CROP_HEIGHT: crop[1],
+                             schema.CLIP_SIMILARITY: scores[schema.CLIP_SIMILARITY],
                              schema.AESTHETIC_SCORE: scores[schema.AESTHETIC_SCORE]})
             output.write(kept)
 
@@ -212,7 +247,7 @@ class PreEncodeShard:
                 arrays = self.encode(batch)
                 if written is not None:
                     written.result()  # at most one batch waits to be written: memory stays bounded
-                written = writer.submit(write, output, batch.rows, arrays)
+                written = writer.submit(write, output, batch.rows, arrays, batch.crop)
             if written is not None:
                 written.result()
             counts = ShardCounts(samples_in=len(embedded), kept=len(embedded) - sum(dropped.values()),
@@ -229,6 +264,24 @@ class PreparedBatch:
     tokens: torch.Tensor
     mask: torch.Tensor
 
+    @property
+    def crop(self) -> tuple[int, int]:
+        """(width, height) of the batch's crops."""
+        return self.pixels.shape[2], self.pixels.shape[1]
+
+
+def _batches_by_crop(rows: Iterable[dict[str, Any]], batch_size: int) -> Iterator[list[dict[str, Any]]]:
+    """Batches of rows whose crops share one size (a batch is one tensor), each yielded once it is full,
+    the partial ones at the end. The size comes from the image header, without decoding."""
+    filling: dict[tuple[int, int], list[dict[str, Any]]] = {}
+    for row in rows:
+        size = Image.open(io.BytesIO(row[schema.IMAGE])).size
+        batch = filling.setdefault(size, [])
+        batch.append(row)
+        if len(batch) == batch_size:
+            yield filling.pop(size)
+    yield from filling.values()
+
 
 def _one_ahead(pool: ThreadPoolExecutor, function: Callable[[Any], Any], items: Iterable[Any]) -> Iterator[Any]:
     """``map(function, items)``, with the next result computed on ``pool`` while the caller uses the current."""
@@ -243,14 +296,16 @@ def _one_ahead(pool: ThreadPoolExecutor, function: Callable[[Any], Any], items: 
 
 
 def phase(*, decoded_url: str, embedded_url: str, output_url: str, embedded_fingerprint: dict[str, Any],
-          resolution: int, config: PreEncodeConfig, storage: StorageConfig) -> shard_phase.ShardPhase:
-    output_schema(config, resolution)  # a resolution the encoders cannot take fails here, before any work
+          crops: tuple[tuple[int, int], ...], resolution: int, config: PreEncodeConfig,
+          storage: StorageConfig) -> shard_phase.ShardPhase:
+    output_schema(config, crops, resolution)  # crops the encoders cannot take fail here, before any work
     fingerprint = {"input": embedded_fingerprint, **config.outcome()}
     return shard_phase.ShardPhase(
         name=PHASE,
         step=PreEncodeShard,
         step_kwargs={"decoded_url": decoded_url, "embedded_url": embedded_url, "output_url": output_url,
-                     "config": config, "resolution": resolution, "fingerprint": fingerprint, "storage": storage},
+                     "config": config, "crops": crops, "resolution": resolution, "fingerprint": fingerprint,
+                     "storage": storage},
         resources=config.resources,
         fingerprint=fingerprint,
     )

@@ -7,7 +7,7 @@ import textwrap
 import numpy as np
 import torch
 from matplotlib.figure import Figure
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageOps
 
 _TILE = 128
 _CAPTION_LINES = 3
@@ -20,7 +20,7 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
 
 
 def image_grid(images: list[Image.Image], captions: list[str], columns: int = 4) -> Image.Image:
-    """Tiles of ``_TILE`` px with their captions (wrapped, cut at three lines) beneath them."""
+    """Tiles of ``_TILE`` px (an image keeps its aspect ratio) with their captions (wrapped, cut at three lines) beneath them."""
     assert len(images) == len(captions) and images, "a grid needs images and one caption each"
     rows = -(-len(images) // columns)
     cell_height = _TILE + _CAPTION_LINES * _LINE_HEIGHT + 4
@@ -28,7 +28,7 @@ def image_grid(images: list[Image.Image], captions: list[str], columns: int = 4)
     draw = ImageDraw.Draw(grid)
     for index, (image, caption) in enumerate(zip(images, captions)):
         left, top = (index % columns) * _TILE, (index // columns) * cell_height
-        grid.paste(image.convert("RGB").resize((_TILE, _TILE), Image.Resampling.NEAREST), (left, top))
+        grid.paste(ImageOps.contain(image.convert("RGB"), (_TILE, _TILE), Image.Resampling.NEAREST), (left, top))
         for line_index, line in enumerate(textwrap.wrap(caption, width=22)[:_CAPTION_LINES]):
             draw.text((left + 2, top + _TILE + 2 + line_index * _LINE_HEIGHT), line, fill="black")
     return grid

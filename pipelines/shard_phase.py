@@ -77,6 +77,8 @@ def rows_to_table(rows: list[dict[str, Any]], table_schema: pa.Schema) -> pa.Tab
         values = [row[field.name] for row in rows]
         if isinstance(field.type, pa.FixedShapeTensorType):
             columns[field.name] = _tensor_column(field.type, values)
+        elif pa.types.is_list(field.type) and values and isinstance(values[0], np.ndarray):
+            columns[field.name] = _ragged_column(field.type, values)
         else:
             columns[field.name] = pa.array(values, type=field.type)
     return pa.Table.from_pydict(columns, schema=table_schema)
@@ -88,6 +90,24 @@ def _tensor_column(tensor_type: pa.FixedShapeTensorType, values: list) -> pa.Ext
     flat = np.stack([np.asarray(value, dtype=tensor_type.value_type.to_pandas_dtype()).reshape(size) for value in values])
     storage = pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1), type=tensor_type.value_type), size)
     return pa.ExtensionArray.from_storage(tensor_type, storage)
+
+
+def _ragged_column(list_type: pa.ListType, values: list[np.ndarray]) -> pa.ListArray:
+    """Arrays of differing sizes as one list column, each flattened, without a Python loop over elements."""
+    flat = [np.asarray(value, dtype=list_type.value_type.to_pandas_dtype()).reshape(-1) for value in values]
+    offsets = np.concatenate([[0], np.cumsum([len(f) for f in flat])]).astype(np.int32)
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(np.concatenate(flat), type=list_type.value_type))
+
+
+def unflatten_ragged(batch: dict[str, Any], shapes: dict[str, tuple[int, ...]]) -> dict[str, Any]:
+    """Ray Data step, the reader's side of ``_ragged_column``: rows whose arrays share one shape (one
+    aspect-ratio bucket) -> a (rows, *shape) array per column. Here, not beside the models, because
+    each Ray worker that runs it imports its module."""
+    for name, shape in shapes.items():
+        if name in batch:
+            values = list(batch[name])
+            batch[name] = np.stack(values).reshape(-1, *shape) if values else np.empty((0, *shape), np.float16)
+    return batch
 
 
 def read_shard_ledger(fs, path: str) -> tuple[ShardCounts, dict[str, Any]] | None:
@@ -119,6 +139,10 @@ class ShardPhase:
     resources: StepResources
     fingerprint: dict[str, Any]
     """Everything that decides the phase's output (its settings and its input's fingerprint)."""
+
+    def __post_init__(self):
+        # As the ledgers and the manifest give it back (JSON: a tuple returns as a list), to compare.
+        object.__setattr__(self, "fingerprint", json.loads(json.dumps(self.fingerprint)))
 
 
 def run(phase: ShardPhase, shards: list[str], output_url: str,

@@ -11,7 +11,9 @@ with the same work dir continues from it. The random draws of step ``s`` on rank
 a generator seeded with (seed, k, s), so a resumed run draws what the uninterrupted one would have.
 Ray Data hands out the training set in a fixed order (``preserve_order``), so each epoch gives every
 rank the same batches: a seeded run repeats, and a resumed run skips exactly the batches its
-checkpoint had consumed.
+checkpoint had consumed. Latents in aspect-ratio buckets come as one data set per bucket; a step's
+batch is from one bucket, and the buckets take turns in an order drawn from (seed, epoch), the
+same on every rank (each holds as many batches of each bucket).
 
 Rank 0 logs into the MLflow run the driver opened (params, loss, LR, grad norm, samples/s,
 data-wait fraction, peak memory, GPU-hours) and prints a progress line at a steady interval.
@@ -25,6 +27,7 @@ import hashlib
 import json
 import logging
 import math
+import random
 import tempfile
 import time
 import warnings
@@ -33,6 +36,7 @@ from typing import Any, Iterator, Literal
 
 import numpy as np
 import pyarrow.fs
+import ray.data
 import ray.train
 import torch
 import torch.distributed as dist
@@ -163,6 +167,12 @@ class WorkerArgs:
     tracking_uri: str
     run_id: str
     init_weights_path: str
+    buckets: dict[str, int] = dataclasses.field(default_factory=dict)
+    """Aspect-ratio buckets: data set name -> batches each worker takes from it per epoch. Empty: the
+    one data set ``train``, read to its end."""
+
+
+TRAIN_DATASET = "train"
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -248,16 +258,19 @@ def train_worker(args: WorkerArgs) -> None:
     meter = BudgetMeter(units_held=config.units_held, budget=args.budget, used_before=state.gpu_hours_used)
     run = connect(args.tracking_uri, args.run_id) if rank == 0 else None
 
-    shard = ray.train.get_dataset_shard("train")
+    names = list(args.buckets) or [TRAIN_DATASET]
+    shards = [ray.train.get_dataset_shard(name) for name in names]
     per_worker = config.global_batch_size // config.workers
     window = _Window()
     step_seconds = 0.0
     last_log = time.monotonic()
-    cache = _ShardCache() if config.cache_data else None
+    caches = [_ShardCache() if config.cache_data else None for _ in names]
     while state.step < config.steps and not state.stop_reason:
         waited_since = time.monotonic()
         index = -1
-        for index, batch in enumerate(_epoch_batches(shard, cache, config, per_worker, device, rank, state.epoch)):
+        batches = _epoch_batches(shards, caches, list(args.buckets.values()), config, per_worker, device, rank,
+                                 state.epoch)
+        for index, batch in enumerate(batches):
             if index < state.batches_in_epoch:
                 waited_since = time.monotonic()
                 continue  # consumed before the checkpoint this run resumed from
@@ -310,9 +323,26 @@ class _ShardCache:
         self.batches = []
 
 
-def _epoch_batches(shard, cache: _ShardCache | None, config: TrainConfig, per_worker: int, device: torch.device,
+def _epoch_batches(shards: list, caches: list[_ShardCache | None], batches_per_bucket: list[int], config: TrainConfig,
+                   per_worker: int, device: torch.device, rank: int, epoch: int) -> Iterator[dict[str, torch.Tensor]]:
+    """One epoch of this worker's batches. Buckets take turns in an order shuffled by (seed, epoch) alone:
+    every rank holds as many batches of each bucket, so all ranks step through the same order."""
+    if not batches_per_bucket:
+        yield from _shard_batches(shards[0], caches[0], config, per_worker, device, rank, epoch)
+        return
+    order = [bucket for bucket, batches in enumerate(batches_per_bucket) for _ in range(batches)]
+    random.Random(_step_seed(config.seed, 0, epoch)).shuffle(order)
+    iterators = [_shard_batches(shard, cache, config, per_worker, device, rank, epoch)
+                 for shard, cache in zip(shards, caches)]
+    for bucket in order:
+        yield next(iterators[bucket])
+    for bucket, iterator in enumerate(iterators):  # read to the end: a cache seals, Ray Data's pass finishes
+        assert next(iterator, None) is None, f"bucket {bucket} holds more than its {batches_per_bucket[bucket]} batches"
+
+
+def _shard_batches(shard, cache: _ShardCache | None, config: TrainConfig, per_worker: int, device: torch.device,
                    rank: int, epoch: int) -> Iterator[dict[str, torch.Tensor]]:
-    """One epoch of this worker's batches: from Ray Data, or from the cache once it holds the shard."""
+    """One epoch of a data set's batches: from Ray Data, or from the cache once it holds the shard."""
     if cache is not None and cache.columns is not None:
         rows = next(iter(cache.columns.values())).shape[0]
         order = torch.randperm(rows, generator=torch.Generator().manual_seed(_step_seed(config.seed, rank, epoch)))
@@ -523,7 +553,7 @@ def _report(model, ema, optimizer, state: TrainingState, meter: BudgetMeter, *, 
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(folder))
 
 
-def trainer(*, name: str, args: WorkerArgs, dataset, storage_path: str,
+def trainer(*, name: str, args: WorkerArgs, datasets: dict[str, ray.data.Dataset], storage_path: str,
             storage_filesystem: pyarrow.fs.FileSystem | None) -> TorchTrainer:
     """The TorchTrainer of one training run; same ``name`` and storage: a rerun resumes it."""
     config = args.train
@@ -545,7 +575,7 @@ def trainer(*, name: str, args: WorkerArgs, dataset, storage_path: str,
             failure_config=FailureConfig(max_failures=config.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=config.keep_checkpoints),
         ),
-        datasets={"train": dataset.select_columns(input_columns(args.task))},
+        datasets={name: dataset.select_columns(input_columns(args.task)) for name, dataset in datasets.items()},
         dataset_config=DataConfig(execution_options=ingest),
     )
 

@@ -15,15 +15,16 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+import pyarrow.dataset
 import pyarrow.fs
 import ray.data
 from ray.data.expressions import col
 from safetensors.torch import load as load_safetensors
 
-from pipelines import decode, pre_encode, schema, trained_weights
+from pipelines import decode, pre_encode, schema, shard_phase, trained_weights
 from pipelines.overrides import to_flat_dict
 from pipelines.storage import StorageConfig, filesystem, local_copy
-from pipelines.train import TrainConfig, WorkerArgs, exported_state, read_checkpoint_weights, trainer
+from pipelines.train import TRAIN_DATASET, TrainConfig, WorkerArgs, exported_state, read_checkpoint_weights, trainer
 from pipelines.train_tasks import TaskSpec, decode_images, input_columns
 from cluster.budget import run_budget
 
@@ -85,17 +86,14 @@ def run_training(context, run, phase: str) -> str:
     budget = run_budget(run_budget=config.budget_gpu_hours,
                         experiment_budget=context.config.tracking.experiment_budget_gpu_hours,
                         experiment_used=context.tracker.experiment_gpu_hours(), setting=f"{section}.budget_gpu_hours")
-    dataset = _dataset(context, stage, sorted(source.shards), config.seed)
-    dataset.context.execution_options.preserve_order = True  # the cached blocks in a fixed order, too
-    if config.cache_data:
-        dataset = dataset.materialize()
-    spec = _task_spec(context, stage, config, dataset)
+    datasets, buckets = _datasets(context, stage, sorted(source.shards), config, run)
+    spec = _task_spec(context, stage, config, datasets[max(buckets, key=buckets.get) if buckets else TRAIN_DATASET])
     init_weights = local_copy(config.init_weights, storage) if config.init_weights else ""
     args = WorkerArgs(train=config, task=spec, budget=budget, tracking_uri=context.tracker.uri, run_id=run.run_id,
-                      init_weights_path=init_weights)
+                      init_weights_path=init_weights, buckets=buckets)
     run.log_params({"budget_gpu_hours": budget, "units_held": config.units_held})
     storage_fs, storage_path = _ray_storage(f"{context.output_url(phase)}/ray", storage)
-    result = trainer(name=_ray_run_name(phase, fingerprint), args=args, dataset=dataset, storage_path=storage_path,
+    result = trainer(name=_ray_run_name(phase, fingerprint), args=args, datasets=datasets, storage_path=storage_path,
                      storage_filesystem=storage_fs).fit()
     ema, state = read_checkpoint_weights(result.checkpoint)
     run.log_metrics({"gpu_hours": state.gpu_hours_used, "final_step": state.step, "final_loss": state.last_loss,
@@ -123,16 +121,57 @@ def _ray_run_name(phase: str, fingerprint: dict) -> str:
     return f"{phase}-{hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]}"
 
 
-def _dataset(context, stage: str, shards: list[str], seed: int) -> ray.data.Dataset:
+def _datasets(context, stage: str, shards: list[str], config: TrainConfig,
+              run) -> tuple[dict[str, ray.data.Dataset], dict[str, int]]:
+    """The training data: one data set, or with aspect-ratio buckets one per bucket, with the batches
+    each worker takes from it per epoch (a bucket too small for one global batch is left out)."""
     storage = context.config.storage
+    resolution = context.config.decode.resolution
     phase = decode.PHASE if stage in ("stage_a", "semantic") else pre_encode.PHASE
     fs, folder = filesystem(context.output_url(phase), storage)
     files = [f"{folder}/{schema.shard_parquet(shard)}" for shard in shards]
-    if stage in ("stage_b", "stage_c"):
-        columns = [*input_columns(_spec_stub(context, stage)), schema.CAPTION]
-        return ray.data.read_parquet(files, filesystem=fs).select_columns(columns).randomize_block_order(seed=seed)
-    dataset = ray.data.read_parquet(files, filesystem=fs, columns=[schema.IMAGE, schema.CAPTION, schema.DROP_REASON])
-    return dataset.filter(expr=col(schema.DROP_REASON).is_null()).map_batches(decode_images).randomize_block_order(seed=seed)
+    if stage in ("stage_a", "semantic"):
+        dataset = ray.data.read_parquet(files, filesystem=fs, columns=[schema.IMAGE, schema.CAPTION, schema.DROP_REASON])
+        dataset = dataset.filter(expr=col(schema.DROP_REASON).is_null()).map_batches(
+            decode_images, fn_kwargs={"resolution": resolution})
+        return {TRAIN_DATASET: _in_fixed_order(dataset, config).randomize_block_order(seed=config.seed)}, {}
+    columns = [*input_columns(_spec_stub(context, stage)), schema.CAPTION]
+    crops = context.config.decode.crop_sizes()
+    if len(crops) == 1:
+        dataset = ray.data.read_parquet(files, filesystem=fs).select_columns(columns)
+        return {TRAIN_DATASET: _in_fixed_order(dataset, config).randomize_block_order(seed=config.seed)}, {}
+
+    crop_columns = [schema.CROP_WIDTH, schema.CROP_HEIGHT]
+    # Two int columns of every shard, read here: Ray Data's group-by would start a shuffle for them.
+    counted = pyarrow.dataset.dataset(files, format="parquet", filesystem=fs).to_table(columns=crop_columns)
+    rows = {(row[schema.CROP_WIDTH], row[schema.CROP_HEIGHT]): row["count_all"]
+            for row in counted.group_by(crop_columns).aggregate([([], "count_all")]).to_pylist()}
+    everything = ray.data.read_parquet(files, filesystem=fs, columns=[*columns, *crop_columns])
+    per_worker = config.global_batch_size // config.workers
+    datasets, buckets = {}, {}
+    for width, height in crops:
+        batches = rows.get((width, height), 0) // config.workers // per_worker
+        if batches:
+            name = f"{TRAIN_DATASET}_{width}x{height}"
+            shapes = pre_encode.latent_shapes(context.config.pre_encode, (width, height), resolution)
+            bucket = (everything.filter(expr=(col(schema.CROP_WIDTH) == width) & (col(schema.CROP_HEIGHT) == height))
+                      .map_batches(shard_phase.unflatten_ragged, fn_kwargs={"shapes": shapes}).select_columns(columns))
+            datasets[name] = _in_fixed_order(bucket, config).randomize_block_order(seed=config.seed)
+            buckets[name] = batches
+    run.log_params({"bucket_samples": json.dumps({f"{w}x{h}": n for (w, h), n in sorted(rows.items())}),
+                    "bucket_batches_per_worker": json.dumps(buckets)})
+    if not buckets:
+        raise ValueError(f"no aspect-ratio bucket holds {config.global_batch_size} samples (global_batch_size), "
+                         f"samples per bucket: {dict(sorted(rows.items()))}: lower the batch size or use fewer "
+                         "decode.bucket_aspect_ratios")
+    return datasets, buckets
+
+
+def _in_fixed_order(dataset: ray.data.Dataset, config: TrainConfig) -> ray.data.Dataset:
+    """Blocks in the order of the files, not of the tasks that finish first (the train loop's ``preserve_order``
+    covers the read each epoch; this the copy ``cache_data`` keeps)."""
+    dataset.context.execution_options.preserve_order = True
+    return dataset.materialize() if config.cache_data else dataset
 
 
 def _spec_stub(context, stage: str) -> TaskSpec:

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageOps
 from torch import nn
 
 from pipelines import schema
@@ -308,7 +308,12 @@ def _pil_images(images: torch.Tensor) -> list[Image.Image]:
     return [Image.fromarray(image) for image in to_uint8(images)]
 
 
-def decode_images(batch: dict[str, Any]) -> dict[str, Any]:
-    """Ray Data step for the image-trained stages: encoded crops -> uint8 arrays (B, R, R, 3)."""
-    batch[schema.IMAGE] = np.stack([np.asarray(Image.open(io.BytesIO(data)).convert("RGB")) for data in batch[schema.IMAGE]])
+def decode_images(batch: dict[str, Any], resolution: int) -> dict[str, Any]:
+    """Ray Data step for the image-trained stages: encoded crops -> uint8 arrays (B, R, R, 3). The
+    encoders learn from squares: a crop of an aspect-ratio bucket gives its centre square."""
+    images = [Image.open(io.BytesIO(data)).convert("RGB") for data in batch[schema.IMAGE]]
+    batch[schema.IMAGE] = np.stack([np.asarray(ImageOps.fit(image, (resolution, resolution), Image.Resampling.BICUBIC)
+                                               if image.size != (resolution, resolution) else image)
+                                    for image in images])
     return batch
+

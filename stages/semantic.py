@@ -172,18 +172,25 @@ class SemanticCompressor(nn.Module):
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
 
-    def preprocess(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) in [0, 1] -> (B, 3, S, S) resized, centre-cropped, ImageNet-normalised."""
-        size = self.config.image_size
-        images = TF.resize(images, [size], interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
-        images = TF.center_crop(images, [size, size])
+    def preprocess(self, images: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
+        """(B, 3, H, W) in [0, 1] -> ImageNet-normalised input: resized (shorter side) and centre-cropped
+        to the S x S square, or resized to ``size`` (height, width) for a crop of another aspect ratio."""
+        if size is None:
+            side = self.config.image_size
+            images = TF.resize(images, [side], interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
+            images = TF.center_crop(images, [side, side])
+        else:
+            images = TF.resize(images, list(size), interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
         return (images - self.mean) / self.std
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) in [0, 1] -> semantic latents e (B, c_latent, h, w), about N(0, 1)."""
+    def forward(self, images: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
+        """(B, 3, H, W) in [0, 1] -> semantic latents e (B, c_latent, h, w), about N(0, 1); ``size`` as in
+        ``preprocess``."""
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"SemanticCompressor expects images (B, 3, H, W), got {tuple(images.shape)}")
-        return self.mapper(self.backbone(self.preprocess(images)))
+        if size is not None and (size[0] % self.config.downsampling or size[1] % self.config.downsampling):
+            raise ValueError(f"semantic input size {size} must be a multiple of {self.config.downsampling} on each side")
+        return self.mapper(self.backbone(self.preprocess(images, size)))
 
     @torch.no_grad()
     def scale_output_(self) -> None:
@@ -191,6 +198,6 @@ class SemanticCompressor(nn.Module):
         self.mapper[1].weight.mul_(self.config.output_scale)
         self.mapper[1].bias.mul_(self.config.output_scale)
 
-    def encode_stage_c_latents(self, images: torch.Tensor) -> torch.Tensor:
-        """Images in [0, 1] -> Stage C's training target (e + 1) / 42."""
-        return to_stage_c_latents(self(images))
+    def encode_stage_c_latents(self, images: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
+        """Images in [0, 1] -> Stage C's training target (e + 1) / 42; ``size`` as in ``preprocess``."""
+        return to_stage_c_latents(self(images, size))

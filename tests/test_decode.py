@@ -91,6 +91,33 @@ def test_large_jpeg_decoded_at_reduced_scale_matches_full_decode():
     assert np.abs(fast - full).mean() < 6  # resampling differences only
 
 
+def test_buckets_give_each_image_the_crop_nearest_its_aspect_ratio():
+    buckets = DecodeConfig(resolution=64, crop="buckets", bucket_multiple=16, image_format="png")
+    assert buckets.crop_sizes() == ((48, 80), (48, 96), (64, 64), (80, 48), (96, 48))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored landscape, upright portrait: bucketed as it is seen
+    for data, upright, expected in [
+        (_encoded(_halves(300, 200), "JPEG"), (300, 200), (80, 48)),
+        (_encoded(_halves(200, 300), "PNG"), (200, 300), (48, 80)),
+        (_encoded(_halves(420, 200), "WEBP"), (420, 200), (96, 48)),
+        (_encoded(_halves(210, 200), "JPEG"), (210, 200), (64, 64)),
+        (_encoded(_halves(240, 320).rotate(90, expand=True), "JPEG", exif=exif.tobytes()), (240, 320), (48, 80)),
+    ]:
+        crop = decode_image(data, upright, buckets)
+        assert crop.size == expected and _left_is_red(crop), (upright, crop.size)
+    # A large wide JPEG is decoded at reduced scale for its bucket as for the square.
+    rng = np.random.default_rng(0)
+    wide = Image.fromarray(np.kron(rng.integers(0, 255, (20, 40, 3), dtype=np.uint8), np.ones((64, 64, 1), np.uint8)))
+    data = _encoded(wide, "JPEG", quality=95)  # 2560x1280
+    fast = np.asarray(decode_image(data, wide.size, buckets), np.float32)
+    full = np.asarray(Image.open(io.BytesIO(data)).convert("RGB").resize((96, 48), Image.Resampling.BICUBIC), np.float32)
+    assert fast.shape == full.shape and np.abs(fast - full).mean() < 6
+    with pytest.raises(ValueError, match=r"bucket_multiple \(48\) must divide resolution \(64\)"):
+        DecodeConfig(resolution=64, crop="buckets", bucket_multiple=48)
+    with pytest.raises(ValueError, match="each >= 1"):
+        DecodeConfig(resolution=64, crop="buckets", bucket_multiple=16, bucket_aspect_ratios=(1.0, 0.5))
+
+
 @pytest.mark.parametrize("data, expected_size, reason", [
     (b"", None, DropReason.IMAGE_EMPTY),
     (b"not an image at all", None, DropReason.IMAGE_CORRUPT),

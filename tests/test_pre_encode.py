@@ -46,7 +46,8 @@ def embedded(tmp_path_factory, local_ray):
 
 def _pre_encode(root, embedded_manifest, config, output):
     phase = pre_encode.phase(decoded_url=str(root / "decode"), embedded_url=str(root / "embed"), output_url=str(output),
-                             embedded_fingerprint=embedded_manifest.config, resolution=64, config=config, storage=STORAGE)
+                             embedded_fingerprint=embedded_manifest.config, crops=((64, 64),), resolution=64, config=config,
+                             storage=STORAGE)
     return shard_phase.run(phase, sorted(embedded_manifest.shards), str(output), STORAGE)
 
 
@@ -110,9 +111,9 @@ def test_tokens_only_stores_no_hidden_states_and_costs_less(embedded, tmp_path):
 
 def test_a_resolution_stage_a_cannot_take_fails_before_work(embedded, tmp_path):
     root, embedded_manifest = embedded
-    with pytest.raises(ValueError, match=r"decode.resolution \(66\) must be a multiple"):
+    with pytest.raises(ValueError, match=r"66x66 crop is not a multiple of Stage A's .*change decode.resolution"):
         pre_encode.phase(decoded_url=str(root / "decode"), embedded_url=str(root / "embed"), output_url=str(tmp_path),
-                         embedded_fingerprint=embedded_manifest.config, resolution=66,
+                         embedded_fingerprint=embedded_manifest.config, crops=((66, 66),), resolution=66,
                          config=load_config("tiny").pre_encode, storage=STORAGE)
 
 

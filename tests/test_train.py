@@ -1,11 +1,14 @@
-"""Training on Ray Train (2 CPU workers, tiny configs): resume, budgets, a killed job.
+"""Training on Ray Train (2 CPU workers, tiny configs): resume, budgets, a killed job, all on
+latents in aspect-ratio buckets (the batches of a step come from one bucket, the buckets take turns).
 
-Learning, checkpoints and logged weights of every stage are checked on the end-to-end run (test_full).
+Learning, checkpoints and logged weights of every stage, on centre crops, are checked on the
+end-to-end run (test_full).
 """
 
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import signal
@@ -16,17 +19,25 @@ from pathlib import Path
 
 import numpy as np
 import psutil
+import pyarrow.parquet as pq
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
 from conftest import process_group_gone
+from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from pipelines import full, trained_weights
+from pipelines import full, schema, trained_weights
+from pipelines.config import load_config
+from pipelines.pre_encode import latent_shapes, semantic_input_size
 from pipelines.train import file_record, verify_files
+from stages.semantic import SEMANTIC_CONFIGS, SemanticCompressor
+from stages.stage_a import STAGE_A_CONFIGS, StageA
 
 ROOT = Path(__file__).resolve().parents[1]
-SMALL_DATA = ["--set", "data.demo.num_shards=2", "--set", "data.demo.samples_per_shard=24"]
+# Enough samples for a global batch (32) in the landscape and in the portrait bucket.
+SMALL_DATA = ["--set", "data.demo.num_shards=2", "--set", "data.demo.samples_per_shard=64",
+              "--set", "decode.crop=buckets", "--set", "decode.bucket_multiple=16"]
 # Random encoders: trained ones are test_full's subject, and their training would double the set-up.
 RANDOM_ENCODERS = ["--set", "pre_encode.stage_a_weights=", "--set", "pre_encode.semantic_weights="]
 
@@ -65,6 +76,30 @@ def _fresh_copy(latents: Path, tmp_path: Path) -> Path:
     return work_dir
 
 
+def test_each_bucket_holds_the_latents_the_encoders_compute_for_its_crop(latents):
+    config = load_config("tiny", SMALL_DATA[1::2])
+    decoded = {row[schema.KEY]: row for row in pq.read_table(latents / "decode" / "00000.parquet").to_pylist()}
+    # The random encoders of the pre-encode actors: seeded by pre_encode.seed, Stage A first.
+    torch.manual_seed(config.pre_encode.seed)
+    stage_a, semantic = StageA(STAGE_A_CONFIGS["tiny"]()).eval(), SemanticCompressor(SEMANTIC_CONFIGS["tiny"]()).eval()
+    crops = set()
+    for row in pq.read_table(latents / "pre_encode" / "00000.parquet").to_pylist():
+        crop = (row[schema.CROP_WIDTH], row[schema.CROP_HEIGHT])
+        crops.add(crop)
+        image = Image.open(io.BytesIO(decoded[row[schema.KEY]][schema.IMAGE]))
+        assert image.size == crop
+        pixels = torch.from_numpy(np.asarray(image.convert("RGB"))).permute(2, 0, 1)[None].float() / 255
+        with torch.no_grad():
+            expected = {schema.STAGE_B_LATENT: stage_a.encode_stage_b_latents(pixels),
+                        schema.STAGE_C_LATENT: semantic.encode_stage_c_latents(
+                            pixels, semantic_input_size(config.pre_encode, crop, config.decode.resolution))}
+        for name, shape in latent_shapes(config.pre_encode, crop, config.decode.resolution).items():
+            assert expected[name].shape[1:] == shape
+            stored = np.asarray(row[name], np.float32).reshape(shape)
+            np.testing.assert_allclose(stored, expected[name][0].numpy(), atol=2e-2, rtol=1e-2, err_msg=f"{name} {crop}")
+    assert {(64, 64), (80, 48), (48, 80)} <= crops, crops
+
+
 def test_budgets_stop_a_run_with_a_checkpoint_and_refuse_one_that_cannot_fit(latents, tmp_path, capsys):
     work_dir = _fresh_copy(latents, tmp_path)
     budget = 0.004  # worker-hours: ~7 s of wall time for 2 workers
@@ -72,6 +107,8 @@ def test_budgets_stop_a_run_with_a_checkpoint_and_refuse_one_that_cannot_fit(lat
           "--set", f"train_c.budget_gpu_hours={budget}", "--set", "train_c.log_every_seconds=0")
     assert "stopped before: generate" in capsys.readouterr().err
     client, (run,) = _phase_runs(work_dir, "train_stage_c")
+    # The square bucket (1 in 7 demo images) holds less than a global batch and sits out.
+    assert json.loads(run.data.params["bucket_batches_per_worker"]) == {"train_48x80": 1, "train_80x48": 1}, run.data.params
     assert "GPU-hour budget reached" in run.data.tags["stop_reason"]
     assert run.data.params["budget_gpu_hours"] == str(budget)
     used = run.data.metrics["gpu_hours"]
