@@ -117,10 +117,13 @@ def measured_table_for(config: RunConfig) -> str:
 
 
 def latent_bytes_per_sample(config: RunConfig) -> int:
-    """Tensor payload of one latent-shard row (what the training phases read)."""
-    schema = pre_encode.output_schema(config.pre_encode, config.decode.resolution)
-    return sum(int(np.prod(f.type.shape)) * f.type.value_type.bit_width // 8
-               for f in schema if isinstance(f.type, pa.FixedShapeTensorType))
+    """Tensor payload of one latent-shard row (what the training phases read); with aspect-ratio
+    buckets, that of the largest crop, since how the data splits over buckets is unknown before decode."""
+    def payload(crop: tuple[int, int]) -> int:
+        schema = pre_encode.output_schema(config.pre_encode, (crop,), config.decode.resolution)
+        return sum(int(np.prod(f.type.shape)) * f.type.value_type.bit_width // 8
+                   for f in schema if isinstance(f.type, pa.FixedShapeTensorType))
+    return max(payload(crop) for crop in config.decode.crop_sizes())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -238,7 +241,8 @@ def format_plan(rows: list[PhasePlan], assumptions: Assumptions, config: RunConf
     kept = next((row.samples for row in rows if row.phase == "pre_encode"), None)
     if kept is not None:
         per_sample = latent_bytes_per_sample(config)
-        lines.append(f"Latent shards: {per_sample:,} bytes per sample (tensor payload, pre_encode.text="
+        largest = ", largest bucket" if config.decode.crop == "buckets" else ""
+        lines.append(f"Latent shards: {per_sample:,} bytes per sample (tensor payload{largest}, pre_encode.text="
                      f"{config.pre_encode.text}) x {kept:,} samples = {_bytes(per_sample * kept)}.")
     stage_c = next((row for row in rows if row.phase == "train_stage_c"), None)
     if stage_c is not None and stage_c.unit == "gpu" and stage_c.unit_hours is not None:

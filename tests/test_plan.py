@@ -46,6 +46,16 @@ def test_planner_prints_the_table_the_paper_comparison_and_budgets(capsys):
     assert "bench/measured.toml [v2_h200]" in out
 
 
+def test_latent_bytes_per_sample_are_the_v2_shard_payload_and_the_largest_bucket():
+    text_states = 77 * (1280 + 1024) * 2  # bigG and H last hidden states, float16
+    tokens = 77 * 4
+    centre = load_config("v2", [])
+    assert plan.latent_bytes_per_sample(centre) == 16 * 24 * 24 * 2 + 4 * 256 * 256 * 2 + tokens + text_states
+    # 1280x896 is the largest v2 bucket: Stage B at f4, Stage C from the semantic input scaled to 960x672 at f32
+    buckets = load_config("v2", ["decode.crop=buckets"])
+    assert plan.latent_bytes_per_sample(buckets) == 16 * 30 * 21 * 2 + 4 * 320 * 224 * 2 + tokens + text_states
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--keep", "decode=2"], "keep fraction for decode must be in [0, 1]"),
     (["--keep", "pre_encode=0.5"], "only metadata_filter, decode, embed drop samples"),
