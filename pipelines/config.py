@@ -101,8 +101,8 @@ def tiny() -> RunConfig:
         # Runs this short learn best from their last weights; only Stage C keeps an EMA.
         train_a=_tiny_training(steps=300, lr=3e-3, ema_beta=0.0),
         train_semantic=_tiny_training(steps=300, lr=3e-3, ema_beta=0.0),
-        train_b=_tiny_training(steps=1200, lr=2e-3, ema_beta=0.0),
-        train_c=_tiny_training(steps=1000, lr=3e-3, ema_beta=0.99),
+        train_b=_tiny_training(steps=800, lr=2e-3, ema_beta=0.0),
+        train_c=_tiny_training(steps=700, lr=3e-3, ema_beta=0.99),
         # 16 prompts per demo colour: the learning measure of the test suite, and a grid to look at.
         generate=SampleConfig(prompts=colour_prompts(16), size=64, score_colours=True, num_gpus=0),
     )

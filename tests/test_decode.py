@@ -189,6 +189,7 @@ def test_phase_keeps_exactly_the_ground_truth_and_reruns_do_nothing(demo_set, tm
     assert redone.to_json() == manifest.to_json()
 
 
+@pytest.mark.slow
 def test_driver_killed_mid_decode_then_rerun_keeps_each_sample_once(tmp_path):
     work_dir = tmp_path / "work"
     # Many small shards widen the window in which the driver dies with some shards done.

@@ -74,7 +74,7 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path, capsys):
     full.main(["--dry-run", "--set", f"work_dir={work}", "--set", "train_c.budget_gpu_hours=0.001"])
     out = capsys.readouterr().out
     assert "nothing is started or written" in out
-    assert "train_stage_c: 2 Ray Train workers x (0.5 CPU, 0 GPU), 1,000 steps at global batch 32" in out
+    assert "train_stage_c: 2 Ray Train workers x (0.5 CPU, 0 GPU), 700 steps at global batch 32" in out
     assert "320 input rows" in out  # the demo's 4 shards x 80
     assert re.search(r"\| train_stage_c \|.*\| 0\.0: (OVER|fits) \|", out)
     assert not work.exists(), "a dry run must not create the work dir, the demo data or an MLflow store"

@@ -163,6 +163,7 @@ def _wait_for(condition, driver: subprocess.Popen, what: str, seconds: float = 3
         time.sleep(0.2)
 
 
+@pytest.mark.slow
 def test_a_killed_worker_and_a_killed_job_continue_from_the_last_checkpoint(latents, tmp_path):
     work_dir = _fresh_copy(latents, tmp_path)
     args = [sys.executable, "pipelines/full.py", "--set", f"work_dir={work_dir}", *SMALL_DATA, *RANDOM_ENCODERS,
