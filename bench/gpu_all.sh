@@ -27,6 +27,10 @@ bench() {  # bench NAME SECONDS ARGS...
 # Measured on an H200 (docs/benchmarks.md): train_step ~165 s, encode ~110 s, profile ~45 s; the
 # Ray Train run spends ~100 s starting (dataset, worker, v2 model) before its first step.
 bench train_step 240 $python bench/train_step.py --device cuda --config v2 --steps 10
+# Stage B's memory goal (<= 0.5x the reference) needs activation checkpointing by the CPU count of
+# bench/activation_memory.py (docs/benchmarks.md); this measures what it costs in samples/s.
+bench train_step_b_checkpointing 150 $python bench/train_step.py --device cuda --config v2 --steps 10 --stages b \
+    --checkpointing
 bench encode 180 $python bench/encode.py --device cuda --shards 5 --shard-size 512 --no-dashboard
 bench train_throughput 300 $python bench/train_throughput.py --device cuda --models v2 --batch 32 --steps 200 \
     --cpus 8 --batches-per-epoch 64 --no-dashboard
