@@ -98,6 +98,15 @@ def test_each_bucket_holds_the_latents_the_encoders_compute_for_its_crop(latents
             stored = np.asarray(row[name], np.float32).reshape(shape)
             np.testing.assert_allclose(stored, expected[name][0].numpy(), atol=2e-2, rtol=1e-2, err_msg=f"{name} {crop}")
     assert {(64, 64), (80, 48), (48, 80)} <= crops, crops
+    # Each row group holds one crop, with min/max statistics on the crop columns: the per-bucket filter
+    # that Ray Data pushes into the Parquet read skips the other buckets' row groups.
+    metadata = pq.ParquetFile(latents / "pre_encode" / "00000.parquet").metadata
+    names = metadata.schema.to_arrow_schema().names
+    assert metadata.num_row_groups >= len(crops)
+    for group in range(metadata.num_row_groups):
+        for column in (schema.CROP_WIDTH, schema.CROP_HEIGHT):
+            statistics = metadata.row_group(group).column(names.index(column)).statistics
+            assert statistics.has_min_max and statistics.min == statistics.max, (group, column)
 
 
 def test_budgets_stop_a_run_with_a_checkpoint_and_refuse_one_that_cannot_fit(latents, tmp_path, capsys):
