@@ -244,6 +244,7 @@ def train_worker(args: WorkerArgs) -> None:
     state = TrainingState()
 
     candidates = list(_resume_candidates(ray.train.get_checkpoint()))
+    unreadable: list[str] = []
     for checkpoint in candidates:
         try:
             state, ema = _restore(checkpoint, model, optimizer, schedule, ema)
@@ -251,12 +252,15 @@ def train_worker(args: WorkerArgs) -> None:
         except (OSError, ValueError, RuntimeError, KeyError, TypeError) as error:
             # The next candidate sets model, optimizer, schedule and EMA again, whole.
             logger.warning("checkpoint %s cannot be read (%s): trying the previous one", checkpoint.path, error)
+            unreadable.append(Path(checkpoint.path).name)
     else:
         if candidates:  # never silently start over: that would spend the budget again
             raise RuntimeError(f"none of the {len(candidates)} checkpoints beside {candidates[0].path} can be read; "
                                "delete them to train from the start")
     meter = BudgetMeter(units_held=config.units_held, budget=args.budget, used_before=state.gpu_hours_used)
     run = connect(args.tracking_uri, args.run_id) if rank == 0 else None
+    if run is not None and unreadable:  # the console line can scroll away; the run keeps it
+        run.set_tags({"resume.unreadable_checkpoints": json.dumps(unreadable)})
 
     names = list(args.buckets) or [TRAIN_DATASET]
     shards = [ray.train.get_dataset_shard(name) for name in names]
