@@ -67,12 +67,12 @@ def write_shard(path: str, rows_per_batch: int, batches_per_bucket: int) -> list
     with shard_phase.ShardOutput(fsspec.filesystem("file"), path, table_schema) as output:
         for crop in crops:
             shapes = latent_shapes(config.pre_encode, crop, config.decode.resolution)
-            for _ in range(batches_per_bucket):
+            for batch in range(batches_per_bucket):
                 rows = []
                 for index in range(rows_per_batch):
                     row = {field.name: None for field in table_schema}
                     row.update({name: generator.standard_normal(shape).astype(np.float16) for name, shape in shapes.items()})
-                    row.update({schema.KEY: f"{crop[0]}x{crop[1]}-{len(rows)}-{index}", schema.CAPTION: "a photo",
+                    row.update({schema.KEY: f"{crop[0]}x{crop[1]}-{batch}-{index}", schema.CAPTION: "a photo",
                                 schema.CROP_WIDTH: crop[0], schema.CROP_HEIGHT: crop[1],
                                 schema.TEXT_TOKENS: np.zeros(MAX_LENGTH, np.int32)})
                     rows.append(row)
