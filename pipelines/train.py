@@ -245,9 +245,11 @@ def train_worker(args: WorkerArgs) -> None:
 
     candidates = list(_resume_candidates(ray.train.get_checkpoint()))
     unreadable: list[str] = []
+    resumed_from = ""
     for checkpoint in candidates:
         try:
             state, ema = _restore(checkpoint, model, optimizer, schedule, ema)
+            resumed_from = Path(checkpoint.path).name
             break
         except (OSError, ValueError, RuntimeError, KeyError, TypeError) as error:
             # The next candidate sets model, optimizer, schedule and EMA again, whole.
@@ -259,8 +261,9 @@ def train_worker(args: WorkerArgs) -> None:
                                "delete them to train from the start")
     meter = BudgetMeter(units_held=config.units_held, budget=args.budget, used_before=state.gpu_hours_used)
     run = connect(args.tracking_uri, args.run_id) if rank == 0 else None
-    if run is not None and unreadable:  # the console line can scroll away; the run keeps it
-        run.set_tags({"resume.unreadable_checkpoints": json.dumps(unreadable)})
+    if run is not None and candidates:  # the console line can scroll away; the run keeps it
+        run.set_tags({"resume.checkpoint": resumed_from, "resume.step": str(state.step),
+                      "resume.unreadable_checkpoints": json.dumps(unreadable)})
 
     names = list(args.buckets) or [TRAIN_DATASET]
     shards = [ray.train.get_dataset_shard(name) for name in names]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -13,21 +14,32 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import psutil
 import pytest
 import ray
 
 from pipelines import demo_data
 
 
-def process_group_gone(pgid: int, seconds: float = 30) -> bool:
-    """Waits until no process of group ``pgid`` (a killed driver and the local Ray it started) is left."""
+def kill_session(sid: int, seconds: float = 30) -> bool:
+    """SIGKILLs every process of session ``sid`` (a driver started with ``start_new_session`` and the
+    local Ray it started) until none is left; False if some outlive ``seconds``. By session, not by
+    process group: each Ray worker process (the Train controller, the training workers, Ray Data's
+    actors) puts itself in a group of its own, and would go on writing checkpoints and snapshots after
+    a ``killpg`` of the driver's group until it noticed its raylet was gone."""
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
-        try:
-            os.killpg(pgid, 0)
-        except ProcessLookupError:
+        members = []
+        for process in psutil.process_iter():
+            with contextlib.suppress(ProcessLookupError, psutil.NoSuchProcess):
+                if os.getsid(process.pid) == sid:
+                    members.append(process)
+        if not members:
             return True
-        time.sleep(0.2)
+        for process in members:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                process.kill()
+        psutil.wait_procs(members, timeout=1)
     return False
 
 

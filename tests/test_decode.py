@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import signal
 import subprocess
 import sys
 import tarfile
@@ -15,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from conftest import process_group_gone
+from conftest import kill_session
 from PIL import Image
 
 from pipelines import decode, demo_data, metadata_filter, schema, shard_phase
@@ -208,9 +207,8 @@ def test_driver_killed_mid_decode_then_rerun_keeps_each_sample_once(tmp_path):
             time.sleep(0.05)
         assert driver.poll() is None, "the driver finished before it could be killed; make the phase slower"
     finally:
-        os.killpg(driver.pid, signal.SIGKILL)  # the driver and the local Ray it started
+        assert kill_session(driver.pid), "the killed driver's local Ray outlived it"
         driver.wait()
-    assert process_group_gone(driver.pid), "the killed driver's local Ray outlived it"
     finished = [p for p in outputs.iterdir() if p.suffix == ".parquet"]
     assert 2 <= len(finished) < 12 and not (outputs / "manifest.json").exists()
 
