@@ -4,10 +4,24 @@
 # bench-results/), one file per bench. Sized for one H200 (the v2 reference train steps need
 # ~137 GiB); lower the batches in bench/train_step.py's SETUPS on a smaller card.
 #
-#     bench/gpu_all.sh [results-dir]
+#     bench/gpu_all.sh [results-dir [bench-name...]]
+#
+# With names, only those benches run: all of them take ~16 minutes, more than one device call (10
+# minutes) and a session's device time (15 minutes, start-up included), so a session picks what its
+# open issues need, in calls that fit, e.g. `train_step_b_checkpointing encode` then
+# `train_throughput`.
 set -u
 cd "$(dirname "$0")/.."
 results=${1:-bench-results}
+shift $(( $# > 0 ? 1 : 0 ))
+selected=" $* "
+known=" train_step train_step_b_checkpointing encode train_throughput profile_stage_b "
+for name in $selected; do
+    if [[ $known != *" $name "* ]]; then
+        echo "unknown bench '$name': pick from$known" >&2
+        exit 2
+    fi
+done
 mkdir -p "$results"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 python=${PYTHON:-python3}
@@ -18,6 +32,9 @@ $python -c "import torch, sys; print('python', sys.version.split()[0], 'torch', 
 bench() {  # bench NAME SECONDS ARGS...
     local name=$1 seconds=$2
     shift 2
+    if [[ $selected != "  " && $selected != *" $name "* ]]; then
+        return
+    fi
     echo "== $name: $*  ($(date -u +%FT%TZ))" | tee "$results/$name.log"
     timeout "$seconds" "$@" 2>&1 | tee -a "$results/$name.log"
     echo "== $name exit ${PIPESTATUS[0]} ($(date -u +%FT%TZ))" | tee -a "$results/$name.log"
