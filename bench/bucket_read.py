@@ -27,9 +27,8 @@ import fsspec  # noqa: E402
 import numpy as np  # noqa: E402
 import ray  # noqa: E402
 from fsspec.implementations.local import LocalFileSystem  # noqa: E402
-from ray.data.expressions import col  # noqa: E402
 
-from pipelines import schema, shard_phase  # noqa: E402
+from pipelines import schema, shard_phase, train_phase  # noqa: E402
 from pipelines.config import load_config  # noqa: E402
 from pipelines.ledger import ShardCounts  # noqa: E402
 from pipelines.pre_encode import latent_shapes, output_schema  # noqa: E402
@@ -109,8 +108,7 @@ def main() -> None:
             print(f"whole shard: {rows} rows, {whole / 2**20:.1f} MiB read ({whole / size:.2f} of the file)")
             total = 0
             for width, height in crops:
-                bucket = everything.filter(expr=(col(schema.CROP_WIDTH) == width) & (col(schema.CROP_HEIGHT) == height))
-                rows, read = read_bytes(log, bucket)
+                rows, read = read_bytes(log, train_phase.in_bucket(everything, (width, height)))
                 total += read
                 print(f"bucket {width}x{height}: {rows} rows, {read / 2**20:.1f} MiB read ({read / size:.2f} of the file)")
             print(f"all buckets together: {total / whole:.2f}x the bytes of one whole-shard read")

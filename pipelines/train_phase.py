@@ -154,7 +154,7 @@ def _datasets(context, stage: str, shards: list[str], config: TrainConfig,
         if batches:
             name = f"{TRAIN_DATASET}_{width}x{height}"
             shapes = pre_encode.latent_shapes(context.config.pre_encode, (width, height), resolution)
-            bucket = (everything.filter(expr=(col(schema.CROP_WIDTH) == width) & (col(schema.CROP_HEIGHT) == height))
+            bucket = (in_bucket(everything, (width, height))
                       .map_batches(shard_phase.unflatten_ragged, fn_kwargs={"shapes": shapes}).select_columns(columns))
             datasets[name] = _in_fixed_order(bucket, config).randomize_block_order(seed=config.seed)
             buckets[name] = batches
@@ -165,6 +165,13 @@ def _datasets(context, stage: str, shards: list[str], config: TrainConfig,
                          f"samples per bucket: {dict(sorted(rows.items()))}: lower the batch size or use fewer "
                          "decode.bucket_aspect_ratios")
     return datasets, buckets
+
+
+def in_bucket(dataset: ray.data.Dataset, crop: tuple[int, int]) -> ray.data.Dataset:
+    """The rows of ``dataset`` cut to ``crop``: an expression Ray Data pushes into the Parquet read,
+    which then skips the other buckets' row groups by their statistics."""
+    width, height = crop
+    return dataset.filter(expr=(col(schema.CROP_WIDTH) == width) & (col(schema.CROP_HEIGHT) == height))
 
 
 def _in_fixed_order(dataset: ray.data.Dataset, config: TrainConfig) -> ray.data.Dataset:

@@ -110,8 +110,9 @@ def test_each_bucket_holds_the_latents_the_encoders_compute_for_its_crop(latents
 
 def test_budgets_stop_a_run_with_a_checkpoint_and_refuse_one_that_cannot_fit(latents, tmp_path, capsys):
     work_dir = _fresh_copy(latents, tmp_path)
-    # Worker-hours: ~14 s of wall time for 2 workers, ~25 steps on 2 cores. The stop must come after
-    # the loss's first drop (step ~14), or resumed and fresh losses look alike.
+    # Worker-hours: ~14 s of wall time for 2 workers, start-up included (~100 steps on 2 cores; half of
+    # it stopped CI's run at step 11). The stop must come after the loss's first drop (step ~14), or
+    # resumed and fresh losses look alike.
     budget = 0.008
     _main(work_dir, "--phases", "train_stage_c,generate", "--set", "train_c.steps=100000",
           "--set", f"train_c.budget_gpu_hours={budget}", "--set", "train_c.log_every_seconds=0")
