@@ -207,8 +207,9 @@ def test_driver_killed_mid_decode_then_rerun_keeps_each_sample_once(tmp_path):
             time.sleep(0.05)
         assert driver.poll() is None, "the driver finished before it could be killed; make the phase slower"
     finally:
-        assert kill_session(driver.pid), "the killed driver's local Ray outlived it"
+        killed = kill_session(driver.pid)
         driver.wait()
+    assert killed, "the killed driver's local Ray outlived it"
     finished = [p for p in outputs.iterdir() if p.suffix == ".parquet"]
     assert 2 <= len(finished) < 12 and not (outputs / "manifest.json").exists()
 

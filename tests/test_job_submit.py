@@ -25,7 +25,8 @@ BIN = Path(sys.executable).parent
 
 def _answers(url: str) -> bool:
     try:
-        urllib.request.urlopen(url, timeout=2)
+        with urllib.request.urlopen(url, timeout=2):
+            pass
     except urllib.error.HTTPError:
         return True  # it answers (Ray's dashboard asks for its auth token): it is up
     except OSError:
@@ -71,8 +72,9 @@ def mlflow_server(tmp_path):
         _wait_for(f"{url}/health", server, log, seconds=90)
         yield url
     finally:
-        stop_session(server.pid)
+        stopped = stop_session(server.pid)
         server.wait()
+        assert stopped, "mlflow server's processes outlived SIGKILL"
 
 
 @pytest.fixture
@@ -107,9 +109,10 @@ def ray_head():
     finally:
         # Ten seconds of grace: the test's outputs are read already, and a graceful Ray shutdown
         # can take half a minute.
-        stop_session(head.pid, grace=10)
+        stopped = stop_session(head.pid, grace=10)
         head.wait()
         shutil.rmtree(temp_dir, ignore_errors=True)
+        assert stopped, "the Ray head's processes outlived SIGKILL"
 
 
 def test_ray_job_submit_runs_the_pipeline_into_an_mlflow_server(ray_head, mlflow_server, tmp_path):

@@ -221,8 +221,9 @@ def test_a_killed_worker_and_a_killed_job_continue_from_the_last_checkpoint(late
     finally:
         # Every process of the job, or a surviving one may still register a checkpoint after the
         # snapshot is read below.
-        assert kill_session(driver.pid), "the killed job's local Ray outlived it"
+        killed = kill_session(driver.pid)
         driver.wait()
+    assert killed, "the killed job's local Ray outlived it"
     logged_before_kill = max(logged_steps())
 
     # And the checkpoints the resubmission tries before the oldest registered one are damaged: the
