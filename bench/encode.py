@@ -16,7 +16,9 @@ Two measurements in one run, random weights throughout:
   and the last shard's commit), so that the actor's start-up, which a long run amortises, stays
   out; the rate with start-up included is printed beside it.
 
-end to end / direct says whether the pipeline keeps the encoders busy (1.0: no overhead at all).
+end to end / direct says whether the pipeline keeps the encoders busy (1.0: no overhead at all). The
+run also checks what the end-to-end run stored: one batch of image latents against the same encoders
+called directly (it fails beyond rounding). ``--actors 2`` runs two actors that share the device.
 
     python bench/encode.py                                     # CPU, v2 shapes, a handful of samples
     python bench/encode.py --models tiny                       # CPU, every column through Ray, quickly
@@ -38,6 +40,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import io
 import os
 import platform
 import statistics
@@ -55,6 +58,7 @@ import numpy as np  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 import ray  # noqa: E402
 import torch  # noqa: E402
+from PIL import Image  # noqa: E402
 
 from bench.decode import load_average, synthetic_image  # noqa: E402
 from cluster.resources import StepResources  # noqa: E402
@@ -102,6 +106,9 @@ DEFAULT_SIZES = {
     ("cuda", "v2"): Sizes(resolution=512, batch=64, steps=20, warmup=3, shards=8, batches_per_shard=16),
     ("cuda", "tiny"): Sizes(resolution=64, batch=256, steps=20, warmup=3, shards=8, batches_per_shard=16),
 }
+# Rounding (float16 storage; bf16 on a GPU, where batch composition changes the kernels) stays far
+# below this; a latent read from host memory before its copy landed does not.
+MAX_DIFFERENCE = 0.05
 EMBED_DIM = 768  # CLIP ViT-L/14, the v2 config's embed model: only the embed shards' size depends on it
 WORDS = ("a", "photo", "of", "the", "red", "small", "dog", "house", "on", "beach", "at", "sunset", "with",
          "painting", "portrait", "woman", "city", "street", "night", "green", "forest", "mountain", "lake")
@@ -184,7 +191,7 @@ def write_input_shards(folder: Path, *, shards: int, shard_size: int, resolution
 
 
 def end_to_end(folder: Path, shards: list[str], config: PreEncodeConfig, resolution: int) -> tuple[float, float]:
-    """(steady samples/s, samples/s with the actor's start-up) of the pre-encode phase over the shards."""
+    """(steady samples/s, samples/s with the actors' start-up) of the pre-encode phase over the shards."""
     output = folder / "pre_encode"
     storage = StorageConfig()
     phase = pre_encode.phase(decoded_url=str(folder / "decode"), embedded_url=str(folder / "embed"),
@@ -195,11 +202,38 @@ def end_to_end(folder: Path, shards: list[str], config: PreEncodeConfig, resolut
     manifest, _ = shard_phase.run(phase, shards, str(output), storage)
     seconds = time.perf_counter() - start
     assert manifest.kept == manifest.samples_in > 0, f"pre-encode dropped generated samples: {manifest.dropped()}"
-    # One actor takes the shards one after another; each output is moved into place when its shard is
-    # done, so the spread of the commit times covers every shard but the first.
+    # Each actor takes shards one after another and each output is moved into place when its shard is
+    # done, so from the moment every actor has committed its first shard to the last commit, the
+    # actors wrote all the shards but their first ones (all shards hold the same number of samples).
+    actors = config.resources.max_actors
     commits = sorted(os.stat(output / schema.shard_parquet(shard)).st_mtime for shard in shards)
-    after_first = manifest.samples_in - manifest.shards[shards[0]].samples_in
-    return after_first / (commits[-1] - commits[0]), manifest.samples_in / seconds
+    after_first = manifest.samples_in * (len(shards) - actors) / len(shards)
+    return after_first / (commits[-1] - commits[actors - 1]), manifest.samples_in / seconds
+
+
+def largest_difference(folder: Path, shard: str, config: PreEncodeConfig, device: torch.device) -> dict[str, float]:
+    """Per image latent, the largest difference between what the end-to-end run stored for the shard's
+    first batch and the same encoders (same seed: same weights) called directly on those crops.
+
+    The direct call copies to the host synchronously, so a copy that the pipeline read before it had
+    landed shows up here; in float16 and bf16 the two differ only by rounding."""
+    torch.manual_seed(config.seed)  # as PreEncodeShard builds them
+    stage_a = StageA(STAGE_A_CONFIGS[config.models]()).to(device).eval()
+    semantic = SemanticCompressor(SEMANTIC_CONFIGS[config.models]()).to(device).eval()
+    stored = pq.read_table(folder / "pre_encode" / schema.shard_parquet(shard)).slice(0, config.resources.batch_size)
+    decoded = {row[schema.KEY]: row[schema.IMAGE]
+               for row in pq.read_table(folder / "decode" / schema.shard_parquet(shard)).to_pylist()}
+    crops = [np.asarray(Image.open(io.BytesIO(decoded[key])).convert("RGB")) for key in stored[schema.KEY].to_pylist()]
+    pixels = torch.from_numpy(np.stack(crops)).to(device).permute(0, 3, 1, 2).float() / 255
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    with torch.inference_mode(), autocast:
+        direct = {schema.STAGE_B_LATENT: stage_a.encode_stage_b_latents(pixels),
+                  schema.STAGE_C_LATENT: semantic.encode_stage_c_latents(pixels)}
+    differences = {}
+    for name, value in direct.items():
+        written = torch.from_numpy(stored[name].combine_chunks().to_numpy_ndarray().astype(np.float32))
+        differences[name] = (written - value.float().cpu()).abs().max().item() / value.float().abs().max().item()
+    return differences
 
 
 def main() -> None:
@@ -221,6 +255,8 @@ def main() -> None:
     parser.add_argument("--actor-cpus", type=float, default=None,
                         help="CPUs of the pre-encode actor; Ray gives it as many torch threads (default: the "
                              "threads of the direct run on cpu, 8 on cuda as in the v2 config)")
+    parser.add_argument("--actors", type=int, default=1,
+                        help="pre-encode actors; on cuda they share the one GPU (each holds 1/actors of it)")
     parser.add_argument("--no-dashboard", dest="dashboard", action="store_false",
                         help="local Ray without its dashboard (a minimal ray install has none)")
     args = parser.parse_args()
@@ -231,8 +267,9 @@ def main() -> None:
     resolution, batch = args.resolution or sizes.resolution, args.batch or sizes.batch
     steps, warmup = args.steps or sizes.steps, args.warmup if args.warmup is not None else sizes.warmup
     shards, shard_size = args.shards or sizes.shards, args.shard_size or batch * sizes.batches_per_shard
-    if shards < 2:
-        parser.error("--shards must be >= 2: the steady rate is measured over the shards after the first")
+    if shards <= args.actors:
+        parser.error("--shards must exceed --actors: the steady rate is measured over the shards after each "
+                     "actor's first")
     towers = TEXT_CONFIGS[args.models]()
     text_from_hub = any(tower.pretrained for tower in (towers.stage_c, towers.stage_b))
     text = args.text or ("tokens" if text_from_hub else "hidden_states")
@@ -248,11 +285,13 @@ def main() -> None:
     seconds = direct_seconds(args.models, tuple(ENCODERS), device, batch, resolution, warmup, steps)
     init_ray(RayConfig(progress_bars=False, dashboard=args.dashboard))
     config = PreEncodeConfig(models=args.models, stage_a_weights="", semantic_weights="", text=text,
-                             resources=StepResources(num_cpus=actor_cpus, num_gpus=int(cuda), batch_size=batch))
+                             resources=StepResources(num_cpus=actor_cpus, num_gpus=int(cuda) / args.actors,
+                                                     min_actors=args.actors, max_actors=args.actors, batch_size=batch))
     with tempfile.TemporaryDirectory(prefix="bench-encode-") as folder:
         names = write_input_shards(Path(folder), shards=shards, shard_size=shard_size, resolution=resolution)
         steady, with_startup = end_to_end(Path(folder), names, config, resolution)
-    ray.shutdown()  # Ray's own processes must not compete with the second direct measurement
+        ray.shutdown()  # Ray's own processes must not compete with the measurements below
+        differences = largest_difference(Path(folder), names[-1], config, device)
     # Timed again after the end-to-end run; the faster run of each is the ceiling (see the docstring).
     again = direct_seconds(args.models, used, device, batch, resolution, warmup, steps)
 
@@ -268,11 +307,16 @@ def main() -> None:
     print(f"  all four encoders, one after another (best runs): {direct_all:9.2f} samples/s")
     if len(used) < len(ENCODERS):
         print(f"  {' + '.join(used)} (best runs): {direct_used:9.2f} samples/s (the end-to-end run's work)")
+    gpus = f" and {1 / args.actors:g} GPU" if cuda else ""
     print(f"\nend to end: pre-encode phase through Ray Data, text={text}, {shards} shards x {shard_size} samples, "
-          f"1 actor with {actor_cpus:g} CPUs{' and 1 GPU' if cuda else ''}")  # fmt: skip
-    print(f"  steady (shards after the first): {steady:9.2f} samples/s")
-    print(f"  with the actor's start-up:       {with_startup:9.2f} samples/s")
+          f"{args.actors} actor(s) with {actor_cpus:g} CPUs{gpus} each")  # fmt: skip
+    print(f"  steady (after each actor's first shard): {steady:9.2f} samples/s")
+    print(f"  with the actors' start-up:               {with_startup:9.2f} samples/s")
     print(f"end to end / direct (same encoders): {steady / direct_used:.2f}x")
+    print("stored vs direct, first batch of the last shard (largest difference / largest value): " +
+          ", ".join(f"{name} {value:.2e}" for name, value in differences.items()))
+    assert max(differences.values()) < MAX_DIFFERENCE, \
+        f"the stored latents are not what the encoders compute (more than {MAX_DIFFERENCE} of the largest value)"
     print(f"load average at end: {load_average()}")
 
 

@@ -8,14 +8,14 @@
 #
 # With names, only those benches run: all of them take ~16 minutes, more than one device call (10
 # minutes) and a session's device time (15 minutes, start-up included), so a session picks what its
-# open issues need, in calls that fit, e.g. `train_step_b_checkpointing encode` then
+# open issues need, in calls that fit, e.g. `train_step_b_checkpointing encode encode_two_actors` then
 # `train_throughput`.
 set -u
 cd "$(dirname "$0")/.."
 results=${1:-bench-results}
 shift $(( $# > 0 ? 1 : 0 ))
 selected=" $* "
-known=" train_step train_step_b_checkpointing encode train_throughput profile_stage_b "
+known=" train_step train_step_b_checkpointing encode encode_two_actors train_throughput profile_stage_b "
 for name in $selected; do
     if [[ $known != *" $name "* ]]; then
         echo "unknown bench '$name': pick from$known" >&2
@@ -49,6 +49,9 @@ bench train_step 240 $python bench/train_step.py --device cuda --config v2 --ste
 bench train_step_b_checkpointing 150 $python bench/train_step.py --device cuda --config v2 --steps 10 --stages b \
     --checkpointing
 bench encode 180 $python bench/encode.py --device cuda --shards 5 --shard-size 512 --no-dashboard
+# Two actors on the one GPU: while one waits on its CPU work, the other's batches keep the GPU busy.
+bench encode_two_actors 180 $python bench/encode.py --device cuda --shards 6 --shard-size 512 --actors 2 \
+    --actor-cpus 7 --no-dashboard
 bench train_throughput 300 $python bench/train_throughput.py --device cuda --models v2 --batch 32 --steps 200 \
     --cpus 8 --batches-per-epoch 64 --no-dashboard
 bench profile_stage_b 90 $python bench/profile_step.py --device cuda --stage b --impl ours --steps 2 --rows 30

@@ -182,8 +182,9 @@ class PreEncodeShard:
         return {schema.SHARD: np.array([shard]), "samples_in": np.array([counts.samples_in])}
 
     @torch.inference_mode()
-    def encode(self, batch: PreparedBatch) -> dict[str, np.ndarray]:
-        """Targets and conditioning of a batch, as float16 arrays (tokens int32)."""
+    def encode(self, batch: PreparedBatch) -> EncodedBatch:
+        """Targets and conditioning of a batch, float16 as stored (tokens int32). On a GPU this returns
+        once the work is queued, so the caller can queue the next batch while this one runs."""
         # uint8 crosses to the device (a quarter of the bytes of float32) and is converted there.
         pixels = batch.pixels.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float() / 255
         out = {}
@@ -192,18 +193,31 @@ class PreEncodeShard:
             out[schema.STAGE_C_LATENT] = self.semantic.encode_stage_c_latents(pixels, semantic_size)
             out[schema.STAGE_B_LATENT] = self.stage_a.encode_stage_b_latents(pixels)
             for name, encoder in self.text_encoders.items():
-                out[name] = encoder(batch.tokens.to(self.device), batch.mask.to(self.device))
-        arrays = {name: value.float().cpu().numpy().astype(np.float16) for name, value in out.items()}
-        arrays[schema.TEXT_TOKENS] = batch.tokens.numpy().astype(np.int32)
-        return arrays
+                out[name] = encoder(batch.tokens.to(self.device, non_blocking=True),
+                                    batch.mask.to(self.device, non_blocking=True))
+        # Converted and checked where they were computed: half the bytes cross to the host, and a value
+        # beyond float16's range, which becomes inf here, is caught with the rest.
+        out = {name: value.to(torch.float16) for name, value in out.items()}
+        finite = torch.stack([value.isfinite().flatten(1).all(1) for value in out.values()]).all(0)
+        asynchronous = self.device.type == "cuda"  # a non-blocking copy to the host lands in pinned memory
+        host = {name: value.to("cpu", non_blocking=asynchronous) for name, value in out.items()}
+        host[schema.TEXT_TOKENS] = batch.tokens.to(torch.int32)
+        finite = finite.to("cpu", non_blocking=asynchronous)
+        copied = None
+        if asynchronous:
+            copied = torch.cuda.Event()
+            copied.record()
+        return EncodedBatch(arrays=host, finite=finite, copied=copied)
 
     def prepare(self, rows: list[dict[str, Any]], decoders: ThreadPoolExecutor) -> PreparedBatch:
         """The CPU side of a batch: crops decoded (on the decoder threads) and stacked, captions tokenised."""
         crops = list(decoders.map(lambda row: np.asarray(Image.open(io.BytesIO(row[schema.IMAGE])).convert("RGB")), rows))
         pixels = torch.from_numpy(np.stack(crops))
-        if self.device.type == "cuda":
-            pixels = pixels.pin_memory()  # lets the copy to the GPU run asynchronously
         tokens, mask = tokenize([row[schema.CAPTION] for row in rows])
+        if self.device.type == "cuda":
+            # Copies to the GPU from pinned memory run asynchronously; from pageable memory they would
+            # wait for the work already queued.
+            pixels, tokens, mask = pixels.pin_memory(), tokens.pin_memory(), mask.pin_memory()
         return PreparedBatch(rows=rows, pixels=pixels, tokens=tokens, mask=mask)
 
     def encode_shard(self, shard: str) -> ShardCounts:
@@ -223,19 +237,18 @@ class PreEncodeShard:
             self.config.resources.batch_size)
         dropped: Counter[str] = Counter()
 
-        def write(output: shard_phase.ShardOutput, rows: list[dict[str, Any]], arrays: dict[str, np.ndarray],
-                  crop: tuple[int, int]) -> None:
-            kept = []
-            for index, row in enumerate(rows):
-                tensors = {name: values[index] for name, values in arrays.items()}
-                if not all(np.isfinite(t).all() for t in tensors.values()):
-                    dropped[DropReason.NON_FINITE_LATENT] += 1
-                    continue
-                scores = embedded[row[schema.KEY]]
-                kept.append({**row, **tensors, schema.CROP_WIDTH: crop[0], schema.CROP_HEIGHT: crop[1],
-                             schema.CLIP_SIMILARITY: scores[schema.CLIP_SIMILARITY],
-                             schema.AESTHETIC_SCORE: scores[schema.AESTHETIC_SCORE]})
-            output.write(kept)
+        def write(output: shard_phase.ShardOutput, batch: PreparedBatch, encoded: EncodedBatch) -> None:
+            encoded.wait()
+            finite = encoded.finite.numpy()
+            dropped[DropReason.NON_FINITE_LATENT] += int(finite.size - finite.sum())
+            rows = [row for row, keep in zip(batch.rows, finite, strict=True) if keep]
+            columns = {name: [row[name] for row in rows] for name in (*schema.SAMPLE_METADATA, schema.CAPTION)}
+            for name in (schema.CLIP_SIMILARITY, schema.AESTHETIC_SCORE):
+                columns[name] = [embedded[row[schema.KEY]][name] for row in rows]
+            width, height = batch.crop
+            columns[schema.CROP_WIDTH], columns[schema.CROP_HEIGHT] = [width] * len(rows), [height] * len(rows)
+            columns.update({name: value.numpy()[finite] for name, value in encoded.arrays.items()})
+            output.write_columns(columns)
 
         path = f"{self.output_folder}/{schema.shard_parquet(shard)}"
         decode_threads = max(1, int(self.config.resources.num_cpus))
@@ -244,10 +257,10 @@ class PreEncodeShard:
               ThreadPoolExecutor(1) as preparer, ThreadPoolExecutor(1) as writer):
             written: Future | None = None
             for batch in _one_ahead(preparer, lambda rows: self.prepare(rows, decoders), batches):
-                arrays = self.encode(batch)
+                encoded = self.encode(batch)
                 if written is not None:
                     written.result()  # at most one batch waits to be written: memory stays bounded
-                written = writer.submit(write, output, batch.rows, arrays, batch.crop)
+                written = writer.submit(write, output, batch, encoded)
             if written is not None:
                 written.result()
             counts = ShardCounts(samples_in=len(embedded), kept=len(embedded) - sum(dropped.values()),
@@ -268,6 +281,21 @@ class PreparedBatch:
     def crop(self) -> tuple[int, int]:
         """(width, height) of the batch's crops."""
         return self.pixels.shape[2], self.pixels.shape[1]
+
+
+@dataclasses.dataclass(frozen=True)
+class EncodedBatch:
+    arrays: dict[str, torch.Tensor]
+    """Per column, (B, ...) on the host: float16 latents and hidden states, int32 tokens."""
+    finite: torch.Tensor
+    """(B,) bool: every value of the sample is finite."""
+    copied: torch.cuda.Event | None
+    """Recorded after the copies to the host were queued; None when they were synchronous (CPU)."""
+
+    def wait(self) -> None:
+        """Returns once the host tensors hold their values."""
+        if self.copied is not None:
+            self.copied.synchronize()
 
 
 def _batches_by_crop(rows: Iterable[dict[str, Any]], batch_size: int) -> Iterator[list[dict[str, Any]]]:

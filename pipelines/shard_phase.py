@@ -50,6 +50,12 @@ class ShardOutput:
         if rows:
             self.writer.write_table(rows_to_table(rows, self.writer.schema))
 
+    def write_columns(self, columns: dict[str, Any]) -> None:
+        """Rows given column by column (see ``columns_to_table``)."""
+        table = columns_to_table(columns, self.writer.schema)
+        if table.num_rows:
+            self.writer.write_table(table)
+
     def commit(self, counts: ShardCounts, fingerprint: dict[str, Any]) -> None:
         self.writer.add_key_value_metadata({
             _COUNTS: json.dumps(dataclasses.asdict(counts)),
@@ -72,27 +78,37 @@ class ShardOutput:
 
 def rows_to_table(rows: list[dict[str, Any]], table_schema: pa.Schema) -> pa.Table:
     """Rows (dicts) as a table; tensor columns take numpy arrays (never null: Parquet cannot round-trip it)."""
-    columns = {}
+    return columns_to_table({field.name: [row[field.name] for row in rows] for field in table_schema}, table_schema)
+
+
+def columns_to_table(columns: dict[str, Any], table_schema: pa.Schema) -> pa.Table:
+    """The schema's columns as a table. A column is a list of values, or for tensor and list fields
+    also one array whose first axis runs over the rows; columns the schema lacks are left out."""
+    arrays = {}
     for field in table_schema:
-        values = [row[field.name] for row in rows]
+        values = columns[field.name]
         if isinstance(field.type, pa.FixedShapeTensorType):
-            columns[field.name] = _tensor_column(field.type, values)
-        elif pa.types.is_list(field.type) and values and isinstance(values[0], np.ndarray):
-            columns[field.name] = _ragged_column(field.type, values)
+            arrays[field.name] = _tensor_column(field.type, values)
+        elif pa.types.is_list(field.type) and len(values) and isinstance(values[0], np.ndarray):
+            arrays[field.name] = _ragged_column(field.type, values)
         else:
-            columns[field.name] = pa.array(values, type=field.type)
-    return pa.Table.from_pydict(columns, schema=table_schema)
+            arrays[field.name] = pa.array(values, type=field.type)
+    return pa.Table.from_pydict(arrays, schema=table_schema)
 
 
-def _tensor_column(tensor_type: pa.FixedShapeTensorType, values: list) -> pa.ExtensionArray:
+def _tensor_column(tensor_type: pa.FixedShapeTensorType, values: list | np.ndarray) -> pa.ExtensionArray:
     size = int(np.prod(tensor_type.shape))
-    assert all(value is not None for value in values), "tensor columns hold a value in every row"
-    flat = np.stack([np.asarray(value, dtype=tensor_type.value_type.to_pandas_dtype()).reshape(size) for value in values])
+    dtype = tensor_type.value_type.to_pandas_dtype()
+    if isinstance(values, np.ndarray):
+        flat = np.asarray(values, dtype=dtype).reshape(len(values), size)
+    else:
+        assert all(value is not None for value in values), "tensor columns hold a value in every row"
+        flat = np.stack([np.asarray(value, dtype=dtype).reshape(size) for value in values])
     storage = pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1), type=tensor_type.value_type), size)
     return pa.ExtensionArray.from_storage(tensor_type, storage)
 
 
-def _ragged_column(list_type: pa.ListType, values: list[np.ndarray]) -> pa.ListArray:
+def _ragged_column(list_type: pa.ListType, values: list[np.ndarray] | np.ndarray) -> pa.ListArray:
     """Arrays of differing sizes as one list column, each flattened, without a Python loop over elements."""
     flat = [np.asarray(value, dtype=list_type.value_type.to_pandas_dtype()).reshape(-1) for value in values]
     offsets = np.concatenate([[0], np.cumsum([len(f) for f in flat])]).astype(np.int32)

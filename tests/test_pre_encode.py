@@ -160,3 +160,46 @@ def test_non_finite_latents_are_dropped_and_counted(embedded, tmp_path):
     manifest, _ = _pre_encode(root, embedded_manifest, config, tmp_path / "latents")
     assert manifest.kept == 0 and manifest.dropped() == {"non_finite_latent": embedded_manifest.kept}
     assert pq.read_table(tmp_path / "latents" / "00000.parquet").num_rows == 0
+
+
+def test_a_batch_with_some_non_finite_samples_keeps_the_others_with_their_own_latents(embedded, tmp_path):
+    """Rows and latents are selected column by column: the kept rows must keep their own latents."""
+    root, embedded_manifest = embedded
+    config = dataclasses.replace(load_config("tiny").pre_encode, stage_a_weights="", semantic_weights="", text="tokens")
+    with pytest.warns(UserWarning, match="random weights"):
+        step = pre_encode.PreEncodeShard(
+            decoded_url=str(root / "decode"), embedded_url=str(root / "embed"), output_url=str(tmp_path),
+            config=config, crops=((64, 64),), resolution=64, fingerprint={}, storage=STORAGE)
+    kept_keys = set(pq.read_table(root / "embed" / "00000.parquet").to_pandas().query("drop_reason.isna()")[schema.KEY])
+    decoded = {row[schema.KEY]: row for row in pq.read_table(root / "decode" / "00000.parquet").to_pylist()
+               if row[schema.KEY] in kept_keys}
+    images = {key: torch.from_numpy(np.array(Image.open(io.BytesIO(row[schema.IMAGE])))).permute(2, 0, 1).float() / 255
+              for key, row in decoded.items()}
+    brightness = {key: image.mean().item() for key, image in images.items()}
+    threshold = float(np.median(list(brightness.values())))
+    compress = step.semantic.encode_stage_c_latents
+
+    def overflowing_for_bright_images(pixels, size=None):
+        latents = compress(pixels, size)
+        latents[pixels.mean((1, 2, 3)) > threshold] = 1e6  # beyond float16's range: inf once stored
+        return latents
+
+    step.semantic.encode_stage_c_latents = overflowing_for_bright_images
+    counts = step.encode_shard("00000")
+
+    expected = sorted(key for key in decoded if brightness[key] <= threshold)
+    assert 0 < len(expected) < len(decoded)
+    assert (counts.samples_in, counts.kept) == (len(decoded), len(expected))
+    assert counts.dropped == {"non_finite_latent": len(decoded) - len(expected)}
+    table = pq.read_table(tmp_path / "00000.parquet")
+    assert sorted(table[schema.KEY].to_pylist()) == expected
+    with torch.no_grad():
+        for index, key in enumerate(table[schema.KEY].to_pylist()):
+            image = images[key][None]
+            stage_b = table[schema.STAGE_B_LATENT].combine_chunks().to_numpy_ndarray()[index]
+            stage_c = table[schema.STAGE_C_LATENT].combine_chunks().to_numpy_ndarray()[index]
+            expected_b = step.stage_a.encode_stage_b_latents(image)[0].numpy()
+            np.testing.assert_allclose(stage_b.astype(np.float32), expected_b, atol=2e-2, rtol=1e-2, err_msg=key)
+            np.testing.assert_allclose(stage_c.astype(np.float32), compress(image)[0].numpy(), atol=2e-2, rtol=1e-2,
+                                       err_msg=key)
+            assert table[schema.CAPTION][index].as_py() == decoded[key][schema.CAPTION]
