@@ -15,7 +15,7 @@ cd "$(dirname "$0")/.."
 results=${1:-bench-results}
 shift $(( $# > 0 ? 1 : 0 ))
 selected=" $* "
-known=" train_step train_step_b_checkpointing encode encode_two_actors train_throughput profile_stage_b "
+known=" train_step train_step_b_checkpointing train_step_b_compile encode encode_two_actors train_throughput profile_stage_b "
 for name in $selected; do
     if [[ $known != *" $name "* ]]; then
         echo "unknown bench '$name': pick from$known" >&2
@@ -48,6 +48,10 @@ bench train_step 240 $python bench/train_step.py --device cuda --config v2 --ste
 # bench/activation_memory.py (docs/benchmarks.md); this measures what it costs in samples/s.
 bench train_step_b_checkpointing 150 $python bench/train_step.py --device cuda --config v2 --steps 10 --stages b \
     --checkpointing
+# Inductor fuses the elementwise passes that dominate Stage B's step (docs/benchmarks.md) and its
+# partitioner recomputes cheap ones in backward instead of saving them; the reference stays eager.
+bench train_step_b_compile 300 $python bench/train_step.py --device cuda --config v2 --steps 10 --stages b \
+    --compile ours
 bench encode 180 $python bench/encode.py --device cuda --shards 5 --shard-size 512 --no-dashboard
 # Two actors on the one GPU: while one waits on its CPU work, the other's batches keep the GPU busy.
 bench encode_two_actors 180 $python bench/encode.py --device cuda --shards 6 --shard-size 512 --actors 2 \

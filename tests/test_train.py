@@ -32,6 +32,7 @@ from pipelines.pre_encode import latent_shapes, semantic_input_size
 from pipelines.train import file_record, verify_files
 from stages.semantic import SEMANTIC_CONFIGS, SemanticCompressor
 from stages.stage_a import STAGE_A_CONFIGS, StageA
+from stages.stage_c import STAGE_C_CONFIGS, StageC
 
 ROOT = Path(__file__).resolve().parents[1]
 # Enough samples for a global batch (32) in the landscape and in the portrait bucket.
@@ -155,6 +156,24 @@ def test_a_batch_larger_than_the_training_set_refuses_to_start(latents, tmp_path
     work_dir = _fresh_copy(latents, tmp_path)
     with pytest.raises(SystemExit, match=r"train_b.global_batch_size \(1000\) is larger than the training set"):
         _main(work_dir, "--phases", "train_stage_b", "--set", "train_b.global_batch_size=1000")
+
+
+@pytest.mark.slow
+def test_a_compiled_run_follows_the_eager_loss_curve(latents, tmp_path):
+    losses = {}
+    for compiled in ("false", "true"):
+        (tmp_path / compiled).mkdir()
+        work_dir = _fresh_copy(latents, tmp_path / compiled)
+        _main(work_dir, "--phases", "train_stage_c", "--set", "train_c.steps=12", "--set", f"train_c.compile={compiled}",
+              "--set", "train_c.log_every_seconds=0")
+        client, (run,) = _phase_runs(work_dir, "train_stage_c")
+        losses[compiled] = _loss_history(client, run.info.run_id)
+        # The weights keep the model's own parameter names: later phases load them strictly.
+        trained_weights.load(StageC(STAGE_C_CONFIGS["tiny"]()), str(work_dir / "train_stage_c" / trained_weights.FINAL_FILE))
+    eager, compiled = losses["false"], losses["true"]
+    assert [step for step, _ in compiled] == [step for step, _ in eager] == list(range(1, 13))
+    # Inductor fuses and reorders float arithmetic: close to the eager curve, not bit-equal to it.
+    np.testing.assert_allclose([loss for _, loss in compiled], [loss for _, loss in eager], rtol=1e-3)
 
 
 def _train_workers(driver_pid: int) -> list[psutil.Process]:
