@@ -56,6 +56,6 @@ bench encode 180 $python bench/encode.py --device cuda --shards 5 --shard-size 5
 # Two actors on the one GPU: while one waits on its CPU work, the other's batches keep the GPU busy.
 bench encode_two_actors 180 $python bench/encode.py --device cuda --shards 6 --shard-size 512 --actors 2 \
     --actor-cpus 7 --no-dashboard
-bench train_throughput 300 $python bench/train_throughput.py --device cuda --models v2 --batch 32 --steps 200 \
+bench train_throughput 240 $python bench/train_throughput.py --device cuda --models v2 --batch 32 --steps 120 \
     --cpus 8 --batches-per-epoch 64 --no-dashboard
 bench profile_stage_b 90 $python bench/profile_step.py --device cuda --stage b --impl ours --steps 2 --rows 30

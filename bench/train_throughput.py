@@ -137,7 +137,12 @@ def main() -> None:
     if device.type == "cpu":
         torch.set_num_threads(options.cpus)
 
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    print(f"{options.stage} ({options.models}), batch {options.batch}, {options.steps} steps, "
+          f"{options.batches_per_epoch} batches per epoch, cache_data={options.cache_data}, {name}")
     bare = bare_loop(spec, config, columns, device, warmup=options.steps // 10)
+    # Printed now: a run cut short by a time limit still leaves it, beside the Ray run's progress lines.
+    print(f"  bare PyTorch loop: {bare:9.1f} samples/s", flush=True)
     if device.type == "cuda":
         torch.cuda.empty_cache()  # the Ray Train worker needs the memory the bare loop's allocator kept
     init_ray(RayConfig(num_cpus=max(2, options.cpus + 1), dashboard=options.dashboard))
@@ -145,10 +150,6 @@ def main() -> None:
         on_ray, data_wait = ray_train_run(spec, config, columns, Path(folder))
     ray.shutdown()
 
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
-    print(f"{options.stage} ({options.models}), batch {options.batch}, {options.steps} steps, "
-          f"{options.batches_per_epoch} batches per epoch, cache_data={options.cache_data}, {name}")
-    print(f"  bare PyTorch loop: {bare:9.1f} samples/s")
     print(f"  Ray Train loop:    {on_ray:9.1f} samples/s, data wait {data_wait:.1%}")
     print(f"  Ray Train / bare:  {on_ray / bare:.3f} (overhead {1 - on_ray / bare:+.1%})")
 
