@@ -244,7 +244,8 @@ def train_worker(args: WorkerArgs) -> None:
     task = Task(spec, device)
     model = ray.train.torch.prepare_model(model, parallel_strategy=config.strategy)
     # Shares the model's parameters. Static shapes: a run has a handful of batch shapes at most, and
-    # with dynamic ones inductor (torch 2.14.1) failed to lower a tiny Stage C's second shape.
+    # with dynamic ones inductor (torch 2.14.1) fails on the second shape of tiny Stage B and Stage C
+    # (ordering the symbolic strides of a convolution's input, docs/benchmarks.md).
     forward = torch.compile(model, dynamic=False) if config.compile else model
     optimizer = build_optimizer(model, config, device)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _lr_factor(step, config.warmup_steps))
