@@ -211,15 +211,17 @@ def end_to_end(folder: Path, shards: list[str], config: PreEncodeConfig, resolut
     return after_first / (commits[-1] - commits[actors - 1]), manifest.samples_in / seconds
 
 
-def largest_difference(folder: Path, shard: str, config: PreEncodeConfig, device: torch.device) -> dict[str, float]:
+def largest_difference(folder: Path, shard: str, config: PreEncodeConfig, resolution: int,
+                       device: torch.device) -> dict[str, float]:
     """Per image latent, the largest difference between what the end-to-end run stored for the shard's
-    first batch and the same encoders (same seed: same weights) called directly on those crops.
+    first batch and the same encoders (an actor built the same way: same weights) called directly
+    on those crops.
 
     The direct call copies to the host synchronously, so a copy that the pipeline read before it had
     landed shows up here; in float16 and bf16 the two differ only by rounding."""
-    torch.manual_seed(config.seed)  # as PreEncodeShard builds them
-    stage_a = StageA(STAGE_A_CONFIGS[config.models]()).to(device).eval()
-    semantic = SemanticCompressor(SEMANTIC_CONFIGS[config.models]()).to(device).eval()
+    step = pre_encode.PreEncodeShard(
+        decoded_url=str(folder / "decode"), embedded_url=str(folder / "embed"), output_url=str(folder / "pre_encode"),
+        config=config, crops=((resolution, resolution),), resolution=resolution, fingerprint={}, storage=StorageConfig())
     stored = pq.read_table(folder / "pre_encode" / schema.shard_parquet(shard)).slice(0, config.resources.batch_size)
     decoded = {row[schema.KEY]: row[schema.IMAGE]
                for row in pq.read_table(folder / "decode" / schema.shard_parquet(shard)).to_pylist()}
@@ -227,8 +229,8 @@ def largest_difference(folder: Path, shard: str, config: PreEncodeConfig, device
     pixels = torch.from_numpy(np.stack(crops)).to(device).permute(0, 3, 1, 2).float() / 255
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     with torch.inference_mode(), autocast:
-        direct = {schema.STAGE_B_LATENT: stage_a.encode_stage_b_latents(pixels),
-                  schema.STAGE_C_LATENT: semantic.encode_stage_c_latents(pixels)}
+        direct = {schema.STAGE_B_LATENT: step.stage_a.encode_stage_b_latents(pixels),
+                  schema.STAGE_C_LATENT: step.semantic.encode_stage_c_latents(pixels)}
     differences = {}
     for name, value in direct.items():
         written = torch.from_numpy(stored[name].combine_chunks().to_numpy_ndarray().astype(np.float32))
@@ -291,7 +293,7 @@ def main() -> None:
         names = write_input_shards(Path(folder), shards=shards, shard_size=shard_size, resolution=resolution)
         steady, with_startup = end_to_end(Path(folder), names, config, resolution)
         ray.shutdown()  # Ray's own processes must not compete with the measurements below
-        differences = largest_difference(Path(folder), names[-1], config, device)
+        differences = largest_difference(Path(folder), names[-1], config, resolution, device)
     # Timed again after the end-to-end run; the faster run of each is the ceiling (see the docstring).
     again = direct_seconds(args.models, used, device, batch, resolution, warmup, steps)
 

@@ -192,9 +192,10 @@ class PreEncodeShard:
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
             out[schema.STAGE_C_LATENT] = self.semantic.encode_stage_c_latents(pixels, semantic_size)
             out[schema.STAGE_B_LATENT] = self.stage_a.encode_stage_b_latents(pixels)
-            for name, encoder in self.text_encoders.items():
-                out[name] = encoder(batch.tokens.to(self.device, non_blocking=True),
-                                    batch.mask.to(self.device, non_blocking=True))
+            if self.text_encoders:
+                tokens, mask = (t.to(self.device, non_blocking=True) for t in (batch.tokens, batch.mask))
+                for name, encoder in self.text_encoders.items():
+                    out[name] = encoder(tokens, mask)
         # Converted and checked where they were computed: half the bytes cross to the host, and a value
         # beyond float16's range, which becomes inf here, is caught with the rest.
         out = {name: value.to(torch.float16) for name, value in out.items()}
