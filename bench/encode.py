@@ -18,7 +18,8 @@ Two measurements in one run, random weights throughout:
 
 end to end / direct says whether the pipeline keeps the encoders busy (1.0: no overhead at all). The
 run also checks what the end-to-end run stored: one batch of image latents against the same encoders
-called directly (it fails beyond rounding). ``--actors 2`` runs two actors that share the device.
+called directly (it fails beyond rounding). ``--actors 2`` runs two actors that share the device;
+``--calls-per-actor 2`` lets each actor work on two shards at once (``StepResources.calls_per_actor``).
 
     python bench/encode.py                                     # CPU, v2 shapes, a handful of samples
     python bench/encode.py --models tiny                       # CPU, every column through Ray, quickly
@@ -202,13 +203,13 @@ def end_to_end(folder: Path, shards: list[str], config: PreEncodeConfig, resolut
     manifest, _ = shard_phase.run(phase, shards, str(output), storage)
     seconds = time.perf_counter() - start
     assert manifest.kept == manifest.samples_in > 0, f"pre-encode dropped generated samples: {manifest.dropped()}"
-    # Each actor takes shards one after another and each output is moved into place when its shard is
-    # done, so from the moment every actor has committed its first shard to the last commit, the
+    # Each actor call takes shards one after another and each output is moved into place when its shard
+    # is done, so from the moment every call has committed its first shard to the last commit, the
     # actors wrote all the shards but their first ones (all shards hold the same number of samples).
-    actors = config.resources.max_actors
+    first = config.resources.max_actors * config.resources.calls_per_actor
     commits = sorted(os.stat(output / schema.shard_parquet(shard)).st_mtime for shard in shards)
-    after_first = manifest.samples_in * (len(shards) - actors) / len(shards)
-    return after_first / (commits[-1] - commits[actors - 1]), manifest.samples_in / seconds
+    after_first = manifest.samples_in * (len(shards) - first) / len(shards)
+    return after_first / (commits[-1] - commits[first - 1]), manifest.samples_in / seconds
 
 
 def largest_difference(folder: Path, shard: str, config: PreEncodeConfig, resolution: int,
@@ -259,6 +260,7 @@ def main() -> None:
                              "threads of the direct run on cpu, 8 on cuda as in the v2 config)")
     parser.add_argument("--actors", type=int, default=1,
                         help="pre-encode actors; on cuda they share the one GPU (each holds 1/actors of it)")
+    parser.add_argument("--calls-per-actor", type=int, default=1, help="shards each actor works on at once")
     parser.add_argument("--no-dashboard", dest="dashboard", action="store_false",
                         help="local Ray without its dashboard (a minimal ray install has none)")
     args = parser.parse_args()
@@ -269,9 +271,9 @@ def main() -> None:
     resolution, batch = args.resolution or sizes.resolution, args.batch or sizes.batch
     steps, warmup = args.steps or sizes.steps, args.warmup if args.warmup is not None else sizes.warmup
     shards, shard_size = args.shards or sizes.shards, args.shard_size or batch * sizes.batches_per_shard
-    if shards <= args.actors:
-        parser.error("--shards must exceed --actors: the steady rate is measured over the shards after each "
-                     "actor's first")
+    if shards <= args.actors * args.calls_per_actor:
+        parser.error("--shards must exceed --actors x --calls-per-actor: the steady rate is measured over the "
+                     "shards after each actor call's first")
     towers = TEXT_CONFIGS[args.models]()
     text_from_hub = any(tower.pretrained for tower in (towers.stage_c, towers.stage_b))
     text = args.text or ("tokens" if text_from_hub else "hidden_states")
@@ -288,7 +290,8 @@ def main() -> None:
     init_ray(RayConfig(progress_bars=False, dashboard=args.dashboard))
     config = PreEncodeConfig(models=args.models, stage_a_weights="", semantic_weights="", text=text,
                              resources=StepResources(num_cpus=actor_cpus, num_gpus=int(cuda) / args.actors,
-                                                     min_actors=args.actors, max_actors=args.actors, batch_size=batch))
+                                                     min_actors=args.actors, max_actors=args.actors, batch_size=batch,
+                                                     calls_per_actor=args.calls_per_actor))
     with tempfile.TemporaryDirectory(prefix="bench-encode-") as folder:
         names = write_input_shards(Path(folder), shards=shards, shard_size=shard_size, resolution=resolution)
         steady, with_startup = end_to_end(Path(folder), names, config, resolution)
@@ -311,8 +314,8 @@ def main() -> None:
         print(f"  {' + '.join(used)} (best runs): {direct_used:9.2f} samples/s (the end-to-end run's work)")
     gpus = f" and {1 / args.actors:g} GPU" if cuda else ""
     print(f"\nend to end: pre-encode phase through Ray Data, text={text}, {shards} shards x {shard_size} samples, "
-          f"{args.actors} actor(s) with {actor_cpus:g} CPUs{gpus} each")  # fmt: skip
-    print(f"  steady (after each actor's first shard): {steady:9.2f} samples/s")
+          f"{args.actors} actor(s) with {actor_cpus:g} CPUs{gpus} and {args.calls_per_actor} call(s) at once each")  # fmt: skip
+    print(f"  steady (after each call's first shard):  {steady:9.2f} samples/s")
     print(f"  with the actors' start-up:               {with_startup:9.2f} samples/s")
     print(f"end to end / direct (same encoders): {steady / direct_used:.2f}x")
     print("stored vs direct, first batch of the last shard (largest difference / largest value): " +

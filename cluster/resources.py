@@ -26,6 +26,11 @@ class StepResources:
     """Upper bound the pool may scale to when the cluster has room."""
     batch_size: int = 1024
     """Rows handed to one call of the step."""
+    calls_per_actor: int = 1
+    """Calls one actor runs at once, each on a thread of its own (the steps keep no per-call state on
+    the actor). With 2, a GPU actor of a shard phase starts its next shard (reading, decoding the
+    first batch) while it still writes and commits the last one, so the device does not wait
+    between shards."""
 
     def __post_init__(self):
         if self.num_cpus < 0:
@@ -38,11 +43,15 @@ class StepResources:
             raise ValueError(f"max_actors ({self.max_actors}) must be >= min_actors ({self.min_actors})")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.calls_per_actor < 1:
+            raise ValueError(f"calls_per_actor must be >= 1, got {self.calls_per_actor}")
 
     def actor_args(self) -> dict[str, Any]:
         """Keyword arguments of ``map_batches``/``map_groups`` that place a callable-class step."""
         return {
-            "compute": ActorPoolStrategy(min_size=self.min_actors, max_size=self.max_actors),
+            "compute": ActorPoolStrategy(min_size=self.min_actors, max_size=self.max_actors,
+                                         max_concurrent_calls_per_actor=self.calls_per_actor,
+                                         enable_true_multi_threading=self.calls_per_actor > 1),
             "num_cpus": self.num_cpus,
             "num_gpus": self.num_gpus,
         }

@@ -148,6 +148,32 @@ def test_an_actor_killed_mid_shard_is_replaced_and_each_sample_written_once(embe
     assert not [path.name for path in output.iterdir() if ".tmp-" in path.name], "the killed actor's temporary is left"
 
 
+def _most_temporaries_seen_at_once(output, seen: list[int], done: threading.Event) -> None:
+    while not done.is_set():
+        names = os.listdir(output) if output.is_dir() else []
+        seen.append(sum(".tmp-" in name for name in names))
+        time.sleep(0.001)
+
+
+def test_an_actor_with_two_calls_works_on_two_shards_at_once_and_writes_the_same(embedded, tmp_path):
+    root, embedded_manifest = embedded
+    config = dataclasses.replace(load_config("tiny").pre_encode, stage_a_weights="", semantic_weights="")
+    one_at_a_time, _ = _pre_encode(root, embedded_manifest, config, tmp_path / "one")
+    concurrent = dataclasses.replace(config, resources=dataclasses.replace(config.resources, min_actors=1, max_actors=1,
+                                                                           calls_per_actor=2))
+    seen, done = [], threading.Event()
+    watcher = threading.Thread(target=_most_temporaries_seen_at_once, args=(tmp_path / "two", seen, done), daemon=True)
+    watcher.start()
+    manifest, _ = _pre_encode(root, embedded_manifest, concurrent, tmp_path / "two")
+    done.set()
+    watcher.join()
+    assert max(seen) == len(embedded_manifest.shards) == 2, "the one actor never had both shards open at once"
+    assert manifest.to_json() == one_at_a_time.to_json()
+    for shard in manifest.shards:
+        assert pq.read_table(tmp_path / "two" / f"{shard}.parquet").equals(
+            pq.read_table(tmp_path / "one" / f"{shard}.parquet")), shard
+
+
 def test_non_finite_latents_are_dropped_and_counted(embedded, tmp_path):
     root, embedded_manifest = embedded
     semantic = SemanticCompressor(SEMANTIC_CONFIGS["tiny"]())
