@@ -6,16 +6,19 @@
 #
 #     bench/gpu_all.sh [results-dir [bench-name...]]
 #
-# With names, only those benches run: all of them take ~16 minutes, more than one device call (10
+# On a lent machine: run bench/device_packages.sh here first, then the device call
+# `bench/gpu_all.sh $OUT/r NAMES...` with `.whl` in its carry.
+#
+# With names, only those benches run: all of them take ~25 minutes, more than one device call (10
 # minutes) and a session's device time (15 minutes, start-up included), so a session picks what its
-# open issues need, in calls that fit, e.g. `train_step_b_checkpointing encode encode_two_actors` then
-# `train_throughput`.
+# open issues need, in calls that fit, e.g. `encode_two_calls encode_two_actors
+# train_step_b_compile_checkpointing`.
 set -u
 cd "$(dirname "$0")/.."
 results=${1:-bench-results}
 shift $(( $# > 0 ? 1 : 0 ))
 selected=" $* "
-known=" train_step train_step_b_checkpointing train_step_b_compile encode encode_two_actors train_throughput profile_stage_b "
+known=" train_step train_step_b_checkpointing train_step_b_compile train_step_b_compile_checkpointing encode encode_two_actors encode_two_calls train_throughput profile_stage_b "
 for name in $selected; do
     if [[ $known != *" $name "* ]]; then
         echo "unknown bench '$name': pick from$known" >&2
@@ -25,6 +28,13 @@ done
 mkdir -p "$results"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 python=${PYTHON:-python3}
+# A lent machine starts bare, without Ray, MLflow or diffusers: bench/device_packages.sh packs them
+# here, and the device call carries `.whl`.
+if [[ -f .whl/site312.tar.xz ]]; then
+    site=/tmp/device-site
+    [[ -d $site/ray ]] || { mkdir -p "$site" && tar -xJf .whl/site312.tar.xz -C "$site"; } || exit 1
+    export PYTHONPATH=$site${PYTHONPATH:+:$PYTHONPATH}
+fi
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$results/device.txt"
 $python -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__)" | tee -a "$results/device.txt"
@@ -41,8 +51,7 @@ bench() {  # bench NAME SECONDS ARGS...
 }
 
 # Dashboard-free local Ray: a minimal ray install has no dashboard, and these benches need none.
-# Measured on an H200 (docs/benchmarks.md): train_step ~165 s, encode ~110 s, profile ~45 s; the
-# Ray Train run spends ~100 s starting (dataset, worker, v2 model) before its first step.
+# Measured on an H200 (docs/benchmarks.md): train_step ~165 s, encode ~115 s, profile ~45 s.
 bench train_step 240 $python bench/train_step.py --device cuda --config v2 --steps 10
 # Stage B's memory goal (<= 0.5x the reference) needs activation checkpointing by the CPU count of
 # bench/activation_memory.py (docs/benchmarks.md); this measures what it costs in samples/s.
@@ -52,10 +61,19 @@ bench train_step_b_checkpointing 150 $python bench/train_step.py --device cuda -
 # partitioner recomputes cheap ones in backward instead of saving them; the reference stays eager.
 bench train_step_b_compile 300 $python bench/train_step.py --device cuda --config v2 --steps 10 --stages b \
     --compile ours
+# Stage B's two goals at once: checkpointing for the memory, inductor to win back its recompute and more.
+bench train_step_b_compile_checkpointing 300 $python bench/train_step.py --device cuda --config v2 --steps 10 \
+    --stages b --compile ours --checkpointing
 bench encode 180 $python bench/encode.py --device cuda --shards 5 --shard-size 512 --no-dashboard
 # Two actors on the one GPU: while one waits on its CPU work, the other's batches keep the GPU busy.
 bench encode_two_actors 180 $python bench/encode.py --device cuda --shards 6 --shard-size 512 --actors 2 \
     --actor-cpus 7 --no-dashboard
-bench train_throughput 240 $python bench/train_throughput.py --device cuda --models v2 --batch 32 --steps 120 \
+# ~300 s on an H200: ~75 s for the bare loop, ~45 s for Ray and the worker's model, ~45 s of Ray Train
+# steps, then ~60 s for the run's final checkpoint (the v2 Stage C model, EMA and AdamW state: 16 GB).
+# One actor on two shards at once: it reads and decodes its next shard while it writes and commits
+# the last one, which a single call leaves the GPU idle for (docs/benchmarks.md).
+bench encode_two_calls 180 $python bench/encode.py --device cuda --shards 6 --shard-size 512 --calls-per-actor 2 \
+    --no-dashboard
+bench train_throughput 330 $python bench/train_throughput.py --device cuda --models v2 --batch 32 --steps 120 \
     --cpus 8 --batches-per-epoch 64 --no-dashboard
 bench profile_stage_b 90 $python bench/profile_step.py --device cuda --stage b --impl ours --steps 2 --rows 30
