@@ -176,6 +176,35 @@ def test_a_compiled_run_follows_the_eager_loss_curve(latents, tmp_path):
     np.testing.assert_allclose([loss for _, loss in compiled], [loss for _, loss in eager], rtol=1e-3)
 
 
+@pytest.mark.slow
+def test_an_fsdp_run_follows_the_ddp_loss_curve_resumes_and_samples(latents, tmp_path):
+    histories = {}
+    for strategy in ("ddp", "fsdp"):
+        (tmp_path / strategy).mkdir()
+        work_dir = _fresh_copy(latents, tmp_path / strategy)
+        # Each run ends at step 6 and is resubmitted to 12: under FSDP its full-state checkpoint loads
+        # into the shards.
+        for steps in (6, 12):
+            _main(work_dir, "--phases", "train_stage_c", "--set", f"train_c.steps={steps}",
+                  "--set", f"train_c.strategy={strategy}", "--set", "train_c.log_every_seconds=0")
+        client, (first, resumed) = _phase_runs(work_dir, "train_stage_c")
+        assert resumed.data.tags["resume.step"] == "6"
+        histories[strategy] = [point for run in (first, resumed) for point in _loss_history(client, run.info.run_id)]
+        trained_weights.load(StageC(STAGE_C_CONFIGS["tiny"]()), str(work_dir / "train_stage_c" / trained_weights.FINAL_FILE))
+    ddp, fsdp = histories["ddp"], histories["fsdp"]
+    assert [step for step, _ in fsdp] == [step for step, _ in ddp] == list(range(1, 13))
+    # The same averaged gradients, reduced in another order (equal to 1e-7 here).
+    np.testing.assert_allclose([loss for _, loss in fsdp], [loss for _, loss in ddp], rtol=1e-5)
+
+    # Stage A draws a grid at every sample step without partner stages. Rank 0 alone samples, but under
+    # FSDP it cannot run the sharded model alone: every rank takes part in gathering the weights.
+    _main(work_dir, "--phases", "train_stage_a", "--set", "pre_encode.stage_a_weights=trained", "--set", "train_a.steps=4",
+          "--set", "train_a.strategy=fsdp", "--set", "train_a.sample_every=2")
+    client, (run,) = _phase_runs(work_dir, "train_stage_a")
+    grids = [artifact.path for artifact in client.list_artifacts(run.info.run_id, "samples")]
+    assert {"samples/step_0000002.png", "samples/step_0000004.png"} <= set(grids), grids
+
+
 def _train_workers(driver_pid: int) -> list[psutil.Process]:
     """The Ray Train worker processes of the local Ray that the driver started."""
     workers = []
