@@ -27,6 +27,7 @@ from pipelines.storage import StorageConfig, filesystem, local_copy
 from pipelines.train import TRAIN_DATASET, TrainConfig, WorkerArgs, exported_state, read_checkpoint_weights, trainer
 from pipelines.train_tasks import TaskSpec, decode_images, input_columns
 from cluster.budget import run_budget
+from stages.stage_b import STAGE_B_CONFIGS
 
 TRAINED = "trained"  # a pre_encode.*_weights value: the output of this run's own training phase
 PHASE_STAGES = {"train_stage_a": "stage_a", "train_semantic": "semantic", "train_stage_b": "stage_b",
@@ -138,6 +139,8 @@ def _datasets(context, stage: str, shards: list[str], config: TrainConfig,
     columns = [*input_columns(_spec_stub(context, stage)), schema.CAPTION]
     crops = context.config.decode.crop_sizes()
     if len(crops) == 1:
+        if stage == "stage_b":
+            _check_stage_b_takes(context, crops[0])
         dataset = ray.data.read_parquet(files, filesystem=fs).select_columns(columns)
         return {TRAIN_DATASET: _in_fixed_order(dataset, config).randomize_block_order(seed=config.seed)}, {}
 
@@ -152,6 +155,8 @@ def _datasets(context, stage: str, shards: list[str], config: TrainConfig,
     for width, height in crops:
         batches = rows.get((width, height), 0) // config.workers // per_worker
         if batches:
+            if stage == "stage_b":
+                _check_stage_b_takes(context, (width, height))
             name = f"{TRAIN_DATASET}_{width}x{height}"
             shapes = pre_encode.latent_shapes(context.config.pre_encode, (width, height), resolution)
             bucket = (in_bucket(everything, (width, height))
@@ -165,6 +170,20 @@ def _datasets(context, stage: str, shards: list[str], config: TrainConfig,
                          f"samples per bucket: {dict(sorted(rows.items()))}: lower the batch size or use fewer "
                          "decode.bucket_aspect_ratios")
     return datasets, buckets
+
+
+def _check_stage_b_takes(context, crop: tuple[int, int]) -> None:
+    """Refuses, before Ray Train starts, a crop whose Stage A latent Stage B cannot take: each worker
+    would fail on its first batch of it, and again on every restart."""
+    config = context.config
+    models = config.pre_encode.models
+    multiple = STAGE_B_CONFIGS[models]().size_multiple
+    _, height, width = pre_encode.latent_shapes(config.pre_encode, crop, config.decode.resolution)[schema.STAGE_B_LATENT]
+    if height % multiple or width % multiple:
+        pixels = multiple * crop[0] // width
+        raise ValueError(f"train_stage_b: the {crop[0]}x{crop[1]} crops have {width}x{height} Stage A latents, and the "
+                         f"{models!r} Stage B takes sides that are multiples of {multiple}: set decode.bucket_multiple "
+                         f"(or decode.resolution) to a multiple of {pixels}")
 
 
 def in_bucket(dataset: ray.data.Dataset, crop: tuple[int, int]) -> ray.data.Dataset:

@@ -158,6 +158,15 @@ def test_a_batch_larger_than_the_training_set_refuses_to_start(latents, tmp_path
         _main(work_dir, "--phases", "train_stage_b", "--set", "train_b.global_batch_size=1000")
 
 
+def test_crops_whose_latents_stage_b_cannot_take_refuse_to_start(latents, tmp_path):
+    # SMALL_DATA's buckets (multiples of 16 px) give 48x80 crops: 12x20 latents, and the tiny Stage B
+    # takes multiples of 8 (the rest of this file trains Stage C on them).
+    work_dir = _fresh_copy(latents, tmp_path)
+    with pytest.raises(SystemExit, match=r"48x80 crops have 12x20 Stage A latents.*multiples of 8.*multiple of 32"):
+        _main(work_dir, "--phases", "train_stage_b")
+    assert not (work_dir / "train_stage_b" / "ray").exists()
+
+
 @pytest.mark.slow
 def test_a_compiled_run_follows_the_eager_loss_curve(latents, tmp_path):
     losses = {}
