@@ -167,19 +167,23 @@ def test_crops_whose_latents_stage_b_cannot_take_refuse_to_start(latents, tmp_pa
     assert not (work_dir / "train_stage_b" / "ray").exists()
 
 
+def _stage_c_losses(latents: Path, folder: Path, setting: str, lengths: tuple[int, ...] = (12,)) -> list[tuple[int, float]]:
+    """(step, loss) of the tiny Stage C trained with ``setting`` in runs of ``lengths`` steps, each run
+    after the first resuming the one before; its final weights load strictly (later phases load them)."""
+    folder.mkdir()
+    work_dir = _fresh_copy(latents, folder)
+    for steps in lengths:
+        _main(work_dir, "--phases", "train_stage_c", "--set", f"train_c.steps={steps}", "--set", setting,
+              "--set", "train_c.log_every_seconds=0")
+    client, runs = _phase_runs(work_dir, "train_stage_c")
+    assert [run.data.tags.get("resume.step") for run in runs[1:]] == [str(steps) for steps in lengths[:-1]]
+    trained_weights.load(StageC(STAGE_C_CONFIGS["tiny"]()), str(work_dir / "train_stage_c" / trained_weights.FINAL_FILE))
+    return [point for run in runs for point in _loss_history(client, run.info.run_id)]
+
+
 @pytest.mark.slow
 def test_a_compiled_run_follows_the_eager_loss_curve(latents, tmp_path):
-    losses = {}
-    for compiled in ("false", "true"):
-        (tmp_path / compiled).mkdir()
-        work_dir = _fresh_copy(latents, tmp_path / compiled)
-        _main(work_dir, "--phases", "train_stage_c", "--set", "train_c.steps=12", "--set", f"train_c.compile={compiled}",
-              "--set", "train_c.log_every_seconds=0")
-        client, (run,) = _phase_runs(work_dir, "train_stage_c")
-        losses[compiled] = _loss_history(client, run.info.run_id)
-        # The weights keep the model's own parameter names: later phases load them strictly.
-        trained_weights.load(StageC(STAGE_C_CONFIGS["tiny"]()), str(work_dir / "train_stage_c" / trained_weights.FINAL_FILE))
-    eager, compiled = losses["false"], losses["true"]
+    eager, compiled = (_stage_c_losses(latents, tmp_path / value, f"train_c.compile={value}") for value in ("false", "true"))
     assert [step for step, _ in compiled] == [step for step, _ in eager] == list(range(1, 13))
     # Inductor fuses and reorders float arithmetic: close to the eager curve, not bit-equal to it.
     np.testing.assert_allclose([loss for _, loss in compiled], [loss for _, loss in eager], rtol=1e-3)
@@ -187,26 +191,17 @@ def test_a_compiled_run_follows_the_eager_loss_curve(latents, tmp_path):
 
 @pytest.mark.slow
 def test_an_fsdp_run_follows_the_ddp_loss_curve_resumes_and_samples(latents, tmp_path):
-    histories = {}
-    for strategy in ("ddp", "fsdp"):
-        (tmp_path / strategy).mkdir()
-        work_dir = _fresh_copy(latents, tmp_path / strategy)
-        # Each run ends at step 6 and is resubmitted to 12: under FSDP its full-state checkpoint loads
-        # into the shards.
-        for steps in (6, 12):
-            _main(work_dir, "--phases", "train_stage_c", "--set", f"train_c.steps={steps}",
-                  "--set", f"train_c.strategy={strategy}", "--set", "train_c.log_every_seconds=0")
-        client, (first, resumed) = _phase_runs(work_dir, "train_stage_c")
-        assert resumed.data.tags["resume.step"] == "6"
-        histories[strategy] = [point for run in (first, resumed) for point in _loss_history(client, run.info.run_id)]
-        trained_weights.load(StageC(STAGE_C_CONFIGS["tiny"]()), str(work_dir / "train_stage_c" / trained_weights.FINAL_FILE))
-    ddp, fsdp = histories["ddp"], histories["fsdp"]
+    # Each run ends at step 6 and is resubmitted to 12: under FSDP its full-state checkpoint loads into
+    # the shards.
+    ddp, fsdp = (_stage_c_losses(latents, tmp_path / strategy, f"train_c.strategy={strategy}", lengths=(6, 12))
+                 for strategy in ("ddp", "fsdp"))
     assert [step for step, _ in fsdp] == [step for step, _ in ddp] == list(range(1, 13))
-    # The same averaged gradients, reduced in another order (equal to 1e-7 here).
+    # The same averaged gradients, reduced in another order (equal to 7 digits here).
     np.testing.assert_allclose([loss for _, loss in fsdp], [loss for _, loss in ddp], rtol=1e-5)
 
     # Stage A draws a grid at every sample step without partner stages. Rank 0 alone samples, but under
     # FSDP it cannot run the sharded model alone: every rank takes part in gathering the weights.
+    work_dir = tmp_path / "fsdp" / "work"
     _main(work_dir, "--phases", "train_stage_a", "--set", "pre_encode.stage_a_weights=trained", "--set", "train_a.steps=4",
           "--set", "train_a.strategy=fsdp", "--set", "train_a.sample_every=2")
     client, (run,) = _phase_runs(work_dir, "train_stage_a")
