@@ -9,9 +9,6 @@ the step, the data position and the GPU-hours used; Ray Train persists it only o
 complete, restarts failed workers from the latest one (``max_failures``), and a resubmitted job
 with the same work dir continues from it. The random draws of step ``s`` on rank ``k`` come from
 a generator seeded with (seed, k, s), so a resumed run draws what the uninterrupted one would have.
-(Measured on the tiny Stage C: the checkpoint a resumed run starts from is bit-equal to the
-uninterrupted run's state at that step, yet its first loss differs by ~2e-5 relative, as much as a
-streamed epoch differs from a cached one; the cause is not located.)
 Ray Data hands out the training set in a fixed order (``preserve_order``), so each epoch gives every
 rank the same batches: a seeded run repeats, and a resumed run skips exactly the batches its
 checkpoint had consumed. Latents in aspect-ratio buckets come as one data set per bucket; a step's
@@ -369,6 +366,13 @@ def _epoch_batches(shards: list, caches: list[_ShardCache | None], batches_per_b
 def _shard_batches(shard, cache: _ShardCache | None, config: TrainConfig, per_worker: int, device: torch.device,
                    rank: int, epoch: int) -> Iterator[dict[str, torch.Tensor]]:
     """One epoch of a data set's batches: from Ray Data, or from the cache once it holds the shard."""
+    if cache is not None and cache.columns is None and epoch > 0:
+        # A run resumed after its first epoch fills the cache first, in the order the first epoch streams
+        # (the local shuffle is seeded per epoch), and takes this epoch from it: the batches the run
+        # would have had without the interruption, and the ones its checkpoint counted as consumed.
+        cache.batches.extend(_streamed_batches(shard, config, per_worker, device, epoch=0))
+        if cache.batches:
+            cache.seal()
     if cache is not None and cache.columns is not None:
         rows = next(iter(cache.columns.values())).shape[0]
         order = torch.randperm(rows, generator=torch.Generator().manual_seed(_step_seed(config.seed, rank, epoch)))
@@ -376,14 +380,19 @@ def _shard_batches(shard, cache: _ShardCache | None, config: TrainConfig, per_wo
             chosen = order[start:start + per_worker].to(device)
             yield {name: values[chosen] for name, values in cache.columns.items()}
         return
-    for batch in shard.iter_torch_batches(batch_size=per_worker, drop_last=True, device=device,
-                                          local_shuffle_buffer_size=4 * per_worker,
-                                          local_shuffle_seed=config.seed * 1000 + epoch):
+    for batch in _streamed_batches(shard, config, per_worker, device, epoch):
         if cache is not None:
             cache.batches.append(batch)
         yield batch
     if cache is not None and cache.batches:
         cache.seal()
+
+
+def _streamed_batches(shard, config: TrainConfig, per_worker: int, device: torch.device,
+                      epoch: int) -> Iterator[dict[str, torch.Tensor]]:
+    return shard.iter_torch_batches(batch_size=per_worker, drop_last=True, device=device,
+                                    local_shuffle_buffer_size=4 * per_worker,
+                                    local_shuffle_seed=config.seed * 1000 + epoch)
 
 
 def update_ema(ema: list[torch.Tensor], model: nn.Module, step: int, config: TrainConfig) -> None:
