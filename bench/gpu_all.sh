@@ -68,12 +68,13 @@ bench encode 180 $python bench/encode.py --device cuda --shards 5 --shard-size 5
 # Two actors on the one GPU: while one waits on its CPU work, the other's batches keep the GPU busy.
 bench encode_two_actors 180 $python bench/encode.py --device cuda --shards 6 --shard-size 512 --actors 2 \
     --actor-cpus 7 --no-dashboard
-# ~300 s on an H200: ~75 s for the bare loop, ~45 s for Ray and the worker's model, ~45 s of Ray Train
-# steps, then ~60 s for the run's final checkpoint (the v2 Stage C model, EMA and AdamW state: 16 GB).
 # One actor on two shards at once: it reads and decodes its next shard while it writes and commits
 # the last one, which a single call leaves the GPU idle for (docs/benchmarks.md).
 bench encode_two_calls 180 $python bench/encode.py --device cuda --shards 6 --shard-size 512 --calls-per-actor 2 \
     --no-dashboard
+# ~300 s on an H200: ~75 s for the bare loop, ~45 s for Ray and the worker's model, ~45 s of Ray Train
+# steps, then the end of the run, which 50 s did not cover there (most likely its final checkpoint:
+# the v2 Stage C model, EMA and AdamW state, 16 GB).
 bench train_throughput 330 $python bench/train_throughput.py --device cuda --models v2 --batch 32 --steps 120 \
     --cpus 8 --batches-per-epoch 64 --no-dashboard
 bench profile_stage_b 90 $python bench/profile_step.py --device cuda --stage b --impl ours --steps 2 --rows 30
