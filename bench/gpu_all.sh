@@ -11,14 +11,13 @@
 #
 # With names, only those benches run: all of them take ~25 minutes, more than one device call (10
 # minutes) and a session's device time (15 minutes, start-up included), so a session picks what its
-# open issues need, in calls that fit, e.g. `encode_two_calls encode_two_actors
-# train_step_b_compile_checkpointing`.
+# open issues need, in calls that fit, e.g. `encode_two_calls train_step_b_variants`.
 set -u
 cd "$(dirname "$0")/.."
 results=${1:-bench-results}
 shift $(( $# > 0 ? 1 : 0 ))
 selected=" $* "
-known=" train_step train_step_b_checkpointing train_step_b_compile train_step_b_compile_checkpointing encode encode_two_actors encode_two_calls train_throughput profile_stage_b "
+known=" train_step train_step_b_variants encode encode_two_actors encode_two_calls train_throughput profile_stage_b "
 for name in $selected; do
     if [[ $known != *" $name "* ]]; then
         echo "unknown bench '$name': pick from$known" >&2
@@ -54,16 +53,11 @@ bench() {  # bench NAME SECONDS ARGS...
 # Measured on an H200 (docs/benchmarks.md): train_step ~165 s, encode ~115 s, profile ~45 s.
 bench train_step 240 $python bench/train_step.py --device cuda --config v2 --steps 10
 # Stage B's memory goal (<= 0.5x the reference) needs activation checkpointing by the CPU count of
-# bench/activation_memory.py (docs/benchmarks.md); this measures what it costs in samples/s.
-bench train_step_b_checkpointing 150 $python bench/train_step.py --device cuda --config v2 --steps 10 --stages b \
-    --checkpointing
-# Inductor fuses the elementwise passes that dominate Stage B's step (docs/benchmarks.md) and its
-# partitioner recomputes cheap ones in backward instead of saving them; the reference stays eager.
-bench train_step_b_compile 300 $python bench/train_step.py --device cuda --config v2 --steps 10 --stages b \
-    --compile ours
-# Stage B's two goals at once: checkpointing for the memory, inductor to win back its recompute and more.
-bench train_step_b_compile_checkpointing 300 $python bench/train_step.py --device cuda --config v2 --steps 10 \
-    --stages b --compile ours --checkpointing
+# bench/activation_memory.py (docs/benchmarks.md), which costs a second forward pass; inductor fuses
+# the elementwise passes that dominate Stage B's step (docs/benchmarks.md) to win that back. Against
+# one eager reference run, most telling first: each compilation of the v2 Stage B takes minutes.
+bench train_step_b_variants 400 $python bench/train_step.py --device cuda --config v2 --steps 10 --stages b \
+    --ours compile+checkpointing,checkpointing,compile
 bench encode 180 $python bench/encode.py --device cuda --shards 5 --shard-size 512 --no-dashboard
 # Two actors on the one GPU: while one waits on its CPU work, the other's batches keep the GPU busy.
 bench encode_two_actors 180 $python bench/encode.py --device cuda --shards 6 --shard-size 512 --actors 2 \

@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
-from bench.train_step import SETUPS, build, inputs, one_step  # noqa: E402
+from bench.train_step import SETUPS, adamw, build, inputs, one_step  # noqa: E402
 from stages.diffusion import CosineDiffusion, DiffusionConfig  # noqa: E402
 
 
@@ -38,7 +38,7 @@ def main() -> None:
     config = factory()
     torch.manual_seed(0)
     model = build(args.stage, args.impl, config).to(device).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    optimizer = adamw(model, device)
     diffusion = CosineDiffusion(DiffusionConfig())
     x0, cond = inputs(args.stage, config, batch, side, torch.Generator(device).manual_seed(1))
 

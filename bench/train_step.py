@@ -7,8 +7,11 @@ RSS over its size before building the model on CPU.
 
     python bench/train_step.py                              # CPU, reduced-width configs, fp32
     python bench/train_step.py --device cuda --config v2    # GPU, official v2 configs, bf16 autocast
+    python bench/train_step.py --stages b --ours compile+checkpointing,compile   # two variants of ours
 
-Prints samples/s and peak memory for both and the ratios ours / reference. Both start from the
+Prints samples/s and peak memory for the reference and each variant of ours (`--ours`: eager, or
+compiled with inductor and/or with activation checkpointing; the reference always runs eager), and
+the ratios ours / reference. Both start from the
 same weights: the original init plus small seeded noise (so that the parts it leaves at zero, such
 as Stage C's output convolution, count), copied into the reference. Before the timed steps each
 implementation runs one forward pass in eval mode on the same seeded inputs, in fp32 and under the
@@ -65,6 +68,7 @@ SETUPS = {
     "v2": {"c": (STAGE_C_CONFIGS["v2"], 32, 24), "b": (STAGE_B_CONFIGS["v2"], 16, 128)},
 }
 TEXT_TOKENS = 77
+VARIANT_OPTIONS = frozenset({"compile", "checkpointing"})
 
 
 def build(stage: str, impl: str, config: StageCConfig | StageBConfig) -> torch.nn.Module:
@@ -89,6 +93,26 @@ def inputs(stage: str, config, batch: int, side: int, generator: torch.Generator
     }
 
 
+def adamw(model: torch.nn.Module, device: torch.device) -> torch.optim.AdamW:
+    """The optimizer of the training loop and of the reference script: fused on CUDA, for both."""
+    return torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+
+
+def parse_variants(text: str) -> list[frozenset[str]]:
+    """'compile+checkpointing,eager' -> [{'compile', 'checkpointing'}, set()]."""
+    variants = []
+    for variant in text.split(","):
+        options = frozenset() if variant == "eager" else frozenset(variant.split("+"))
+        if not options <= VARIANT_OPTIONS:
+            raise argparse.ArgumentTypeError(f"{text!r}: each variant is 'eager' or '+'-joined from {sorted(VARIANT_OPTIONS)}")
+        variants.append(options)
+    return variants
+
+
+def label(impl: str, options: frozenset[str]) -> str:
+    return "+".join([impl, *sorted(options)])
+
+
 def one_step(model, optimizer, diffusion: CosineDiffusion, x0: torch.Tensor, cond: dict, autocast) -> float:
     """Forward, P2-weighted epsilon loss, backward and AdamW step; returns the loss (syncs the device)."""
     noised, noise, r = diffusion.noise_batch(x0)
@@ -106,12 +130,12 @@ def worker(job: dict) -> dict:
     baseline_rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     torch.manual_seed(0)
     factory, batch, side = SETUPS[job["config"]][job["stage"]]
-    config = dataclasses.replace(factory(), checkpointing=job["checkpointing"])  # the reference ignores it
+    config = dataclasses.replace(factory(), checkpointing="checkpointing" in job["options"])  # reference ignores it
     model = build(job["stage"], job["impl"], config).to(device).train()
     # The checks below run the eager module: compiled, each of them (eval mode, autocast on and off)
     # would be one more compilation of the whole model, minutes for the v2 Stage B on an H200.
-    trained = torch.compile(model) if job["compile"] in ("both", job["impl"]) else model
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    trained = torch.compile(model) if "compile" in job["options"] else model
+    optimizer = adamw(model, device)
     diffusion = CosineDiffusion(DiffusionConfig())
     # Seeded on the device, so both implementations see the same batch whatever else drew numbers.
     generator = torch.Generator(device).manual_seed(1)
@@ -153,8 +177,8 @@ def worker(job: dict) -> dict:
     }
 
 
-def describe(stage: str, impl: str, res: dict) -> str:
-    return (f"stage {stage.upper()} {impl:9s}: {res['params_m']:8.2f}M params, batch {res['batch']:3d}: "
+def describe(stage: str, name: str, res: dict) -> str:
+    return (f"stage {stage.upper()} {name:26s}: {res['params_m']:8.2f}M params, batch {res['batch']:3d}: "
             f"{res['samples_per_s']:8.2f} samples/s, peak {res['peak_gib']:7.3f} GiB")
 
 
@@ -168,8 +192,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1, help="runs per implementation, alternating; best kept")
     parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                         help="bf16 autocast (default: on for cuda, off for cpu)")  # fmt: skip
-    parser.add_argument("--compile", default="none", choices=["none", "ours", "both"])
-    parser.add_argument("--checkpointing", action="store_true", help="activation checkpointing in ours")
+    parser.add_argument("--ours", default="eager", type=parse_variants,
+                        help="comma-separated variants of ours, each measured against the one reference run: "
+                             "'eager', or '+'-joined from compile (inductor) and checkpointing (activation "
+                             "checkpointing per block), e.g. 'compile+checkpointing,compile'")  # fmt: skip
     args = parser.parse_args()
     config = args.config or ("v2" if args.device == "cuda" else "reduced")
     steps = args.steps or (20 if args.device == "cuda" else 5)
@@ -180,39 +206,45 @@ def main() -> None:
     else:
         device_name = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
     print(f"device: {device_name}; torch {torch.__version__}; config {config}; bf16 autocast {bf16}; "
-          f"compile {args.compile}; checkpointing (ours) {args.checkpointing}; {steps} timed steps")  # fmt: skip
+          f"variants of ours {', '.join(label('ours', v) for v in args.ours)}; fused AdamW {args.device == 'cuda'}; {steps} timed steps")  # fmt: skip
 
     context = multiprocessing.get_context("spawn")
     for stage in args.stages.split(","):
         results: dict[str, dict] = {}
-        # Alternate the implementations so that a change in machine load hits both alike; keep each
-        # one's best run.
+        # Alternate the runs so that a change in machine load hits all alike; keep each one's best.
+        runs = [("reference", frozenset()), *[("ours", options) for options in args.ours]]
         for _ in range(args.repeats):
-            for impl in ("reference", "ours"):
-                job = dict(stage=stage, impl=impl, device=args.device, config=config, steps=steps,
-                           warmup=args.warmup, bf16=bf16, compile=args.compile,
-                           checkpointing=args.checkpointing)  # fmt: skip
+            for impl, options in runs:
+                job = dict(stage=stage, impl=impl, options=options, device=args.device, config=config,
+                           steps=steps, warmup=args.warmup, bf16=bf16)  # fmt: skip
                 with context.Pool(1) as pool:
                     res = pool.apply(worker, (job,))
+                name = label(impl, options)
                 # Printed as it lands: a run cut short by a time limit keeps what it measured.
-                print(describe(stage, impl, res), flush=True)
-                if impl not in results or res["samples_per_s"] > results[impl]["samples_per_s"]:
-                    results[impl] = res
+                print(describe(stage, name, res), flush=True)
+                if name not in results or res["samples_per_s"] > results[name]["samples_per_s"]:
+                    results[name] = res
         if args.repeats > 1:
-            for impl, res in results.items():
-                print(f"best of {args.repeats}: {describe(stage, impl, res)}")
-        ours, ref = results["ours"], results["reference"]
+            for name, res in results.items():
+                print(f"best of {args.repeats}: {describe(stage, name, res)}")
+        ref = results.pop("reference")
         # Against the reference in fp32: ours in fp32 must match it to rounding, and ours under bf16
-        # autocast must stay as close to it as the reference under the same autocast is.
+        # autocast must stay as close to it as the reference under the same autocast is. The check
+        # runs the eager module in eval mode, the same for every variant of ours: the first one's.
         exact = ref["check_outputs"]["fp32"]
+        ours_checked = next(iter(results.values()))["check_outputs"]
         print(f"stage {stage.upper()} eval forward on the same weights and inputs, vs the reference in fp32 "
               f"(max |out| {exact.abs().max():.3g}, mean |out| {exact.abs().mean():.3g}):")  # fmt: skip
-        for impl, precision in [("ours", "fp32"), *[(impl, "bf16") for impl in results if bf16]]:
-            difference = (results[impl]["check_outputs"][precision] - exact).abs()
+        checked = [("ours", "fp32", ours_checked)]
+        if bf16:
+            checked += [("reference", "bf16", ref["check_outputs"]), ("ours", "bf16", ours_checked)]
+        for impl, precision, outputs in checked:
+            difference = (outputs[precision] - exact).abs()
             print(f"  {impl:9s} {precision}: max |diff| {difference.max():.3g}, mean |diff| {difference.mean():.3g} "
                   f"({difference.mean() / exact.abs().mean():.3g} of the mean |out|)")  # fmt: skip
-        print(f"stage {stage.upper()} ours / reference: {ours['samples_per_s'] / ref['samples_per_s']:.2f}x samples/s, "
-              f"{ours['peak_gib'] / ref['peak_gib']:.2f}x peak memory")  # fmt: skip
+        for name, ours in results.items():
+            print(f"stage {stage.upper()} {name} / reference: {ours['samples_per_s'] / ref['samples_per_s']:.2f}x "
+                  f"samples/s, {ours['peak_gib'] / ref['peak_gib']:.2f}x peak memory")  # fmt: skip
 
 
 if __name__ == "__main__":
