@@ -81,8 +81,7 @@ def bare_loop(spec: TaskSpec, config: TrainConfig, columns: dict[str, np.ndarray
     seconds = []
     for step in range(config.steps):
         started = time.perf_counter()
-        generator = torch.Generator(device).manual_seed(step)
-        train_step(model, optimizer, schedule, task, batches[step % len(batches)], config, generator)
+        train_step(model, optimizer, schedule, task, batches[step % len(batches)], config, seed=step)
         update_ema(ema, model, step + 1, config)
         if device.type == "cuda":
             torch.cuda.synchronize(device)

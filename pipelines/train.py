@@ -7,8 +7,9 @@ GPU. Distribution is DDP by default (FSDP as an option); the model code stays si
 What survives a failure: each checkpoint holds the model, its EMA, the optimizer, the LR schedule,
 the step, the data position and the GPU-hours used; Ray Train persists it only once it is
 complete, restarts failed workers from the latest one (``max_failures``), and a resubmitted job
-with the same work dir continues from it. The random draws of step ``s`` on rank ``k`` come from
-a generator seeded with (seed, k, s), so a resumed run draws what the uninterrupted one would have.
+with the same work dir continues from it. The random draws of step ``s`` on rank ``k`` (noise, time,
+conditioning dropout, and the models' own dropout) all follow from (seed, k, s), so a resumed run
+draws what the uninterrupted one would have.
 Ray Data hands out the training set in a fixed order (``preserve_order``), so each epoch gives every
 rank the same batches: a seeded run repeats, and a resumed run skips exactly the batches its
 checkpoint had consumed. Latents in aspect-ratio buckets come as one data set per bucket; a step's
@@ -202,10 +203,6 @@ def _step_seed(seed: int, rank: int, step: int) -> int:
     return (seed * 1_000_003 + rank) * 10_000_019 + step
 
 
-def _step_generator(seed: int, rank: int, step: int, device: torch.device) -> torch.Generator:
-    return torch.Generator(device).manual_seed(_step_seed(seed, rank, step))
-
-
 def _lr_factor(step: int, warmup_steps: int) -> float:
     return min(1.0, (step + 1) / warmup_steps) if warmup_steps else 1.0
 
@@ -304,7 +301,7 @@ def train_worker(args: WorkerArgs) -> None:
                 break
             started = time.monotonic()
             loss, grad_norm = train_step(forward, optimizer, schedule, task, batch, config,
-                                          _step_generator(config.seed, rank, state.step, device))
+                                          _step_seed(config.seed, rank, state.step))
             state.step += 1
             state.batches_in_epoch += 1
             state.samples_seen += config.global_batch_size
@@ -421,9 +418,15 @@ def build_optimizer(model: nn.Module, config: TrainConfig, device: torch.device)
                              fused=device.type == "cuda")
 
 
-def train_step(model, optimizer, schedule, task: Task, batch, config: TrainConfig, generator) -> tuple[float, float]:
-    """One optimizer step on ``batch``; returns the loss and the gradient norm before clipping."""
+def train_step(model, optimizer, schedule, task: Task, batch, config: TrainConfig, seed: int) -> tuple[float, float]:
+    """One optimizer step on ``batch`` whose random draws all follow from ``seed``; returns the loss and
+    the gradient norm before clipping."""
     device = next(model.parameters()).device
+    generator = torch.Generator(device).manual_seed(seed)
+    # Dropout inside the models draws from the global generators: seeded per step as well (with a seed
+    # the task's generator never gets, so the two streams differ), a resumed run draws the masks that
+    # the uninterrupted one would have.
+    torch.manual_seed(seed ^ (1 << 63))
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
         loss = task.loss(model, batch, generator, step=schedule.last_epoch)
     if not torch.isfinite(loss):

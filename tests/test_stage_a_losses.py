@@ -95,7 +95,7 @@ def test_training_with_both_terms_counts_the_critic_from_its_start_step():
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     batch = {"image": (_images(0, side=64).permute(0, 2, 3, 1) * 255).to(torch.uint8)}
     for step in range(4):
-        loss, _ = train_step(model, optimizer, schedule, task, batch, config, torch.Generator().manual_seed(step))
+        loss, _ = train_step(model, optimizer, schedule, task, batch, config, seed=step)
         assert torch.isfinite(torch.tensor(loss))
         critic_gradient = sum(p.grad.abs().sum() for p in model.critic.parameters())
         # Before its start step the critic runs, weighted 0: every parameter has a (zero) gradient.

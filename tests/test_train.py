@@ -8,6 +8,7 @@ end-to-end run (test_full).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 import os
@@ -29,7 +30,8 @@ from safetensors.torch import load_file, save_file
 from pipelines import full, schema, trained_weights
 from pipelines.config import load_config
 from pipelines.pre_encode import latent_shapes, semantic_input_size
-from pipelines.train import file_record, verify_files
+from pipelines.train import TrainConfig, file_record, train_step, verify_files
+from pipelines.train_tasks import Task, TaskSpec
 from stages.semantic import SEMANTIC_CONFIGS, SemanticCompressor
 from stages.stage_a import STAGE_A_CONFIGS, StageA
 from stages.stage_c import STAGE_C_CONFIGS, StageC
@@ -327,3 +329,31 @@ def test_a_checkpoint_file_truncated_or_altered_is_refused(tmp_path):
     (tmp_path / "model.safetensors").write_bytes(bytes(data[:100]))
     with pytest.raises(ValueError, match=r"\{'bytes': 100\} != \{'bytes': "):
         verify_files(tmp_path, written)
+
+
+def test_a_step_draws_its_dropout_masks_from_its_seed_alone():
+    # v2's Stage B and C use dropout 0.1, which draws from the global generators: a resumed run must
+    # draw the masks the uninterrupted one would have, whatever ran in the process before.
+    stage_c = dataclasses.replace(STAGE_C_CONFIGS["tiny"](), dropout=0.5)
+    spec = TaskSpec(stage="stage_c", models="tiny", caption_dropout=0, semantic_dropout=0, semantic_noise=0,
+                    text_from_tokens=False,
+                    empty_caption={schema.TEXT_STAGE_C: np.zeros((1, 77, stage_c.c_cond), np.float32)})
+    task = Task(spec, torch.device("cpu"))
+    config = TrainConfig(steps=1, global_batch_size=4, warmup_steps=0)
+    generator = torch.Generator().manual_seed(0)
+    batch = {schema.STAGE_C_LATENT: torch.randn(4, stage_c.c_in, 4, 4, generator=generator),
+             schema.TEXT_STAGE_C: torch.randn(4, 77, stage_c.c_cond, generator=generator)}
+
+    def weights_after_one_step(global_seed: int, step_seed: int) -> torch.Tensor:
+        torch.manual_seed(0)
+        model = StageC(stage_c)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+        torch.manual_seed(global_seed)  # what the process drew before this step
+        train_step(model, optimizer, schedule, task, batch, config, step_seed)
+        # Not the loss: Stage C's zeroed output convolution hides the masks from the first loss.
+        return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+    reference = weights_after_one_step(global_seed=1, step_seed=7)
+    assert torch.equal(weights_after_one_step(global_seed=2, step_seed=7), reference)
+    assert not torch.equal(weights_after_one_step(global_seed=1, step_seed=8), reference)
