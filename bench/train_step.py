@@ -3,7 +3,9 @@
 One train step = forward, P2-weighted epsilon loss, backward, AdamW step, at the same config and
 batch for both implementations. Each (stage, implementation) runs in a fresh subprocess, so peak
 memory is its own: `torch.cuda.max_memory_allocated` on a GPU, the growth of the process's peak
-RSS over its size before building the model on CPU.
+RSS over its size before building the model on CPU, where compiling adds to it; so on CPU the
+script also prints "step +X", the most that one timed step adds to the resident size it starts
+from (activations, gradients, temporaries), which compilation does not touch.
 
     python bench/train_step.py                              # CPU, reduced-width configs, fp32
     python bench/train_step.py --device cuda --config v2    # GPU, official v2 configs, bf16 autocast
@@ -11,8 +13,7 @@ RSS over its size before building the model on CPU.
 
 Prints samples/s and peak memory for the reference and each variant of ours (`--ours`: eager, or
 compiled with inductor and/or with activation checkpointing; the reference always runs eager), and
-the ratios ours / reference. Both start from the
-same weights: the original init plus small seeded noise (so that the parts it leaves at zero, such
+the ratios ours / reference. Both start from the same weights: the original init plus small seeded noise (so that the parts it leaves at zero, such
 as Stage C's output convolution, count), copied into the reference. Before the timed steps each
 implementation runs one forward pass in eval mode on the same seeded inputs, in fp32 and under the
 run's autocast, and the script prints how far each is from the reference in fp32: ours in fp32
@@ -26,6 +27,7 @@ import argparse
 import dataclasses
 import functools
 import multiprocessing
+import os
 import platform
 import resource
 import statistics
@@ -39,6 +41,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # the stages, and the test orac
 import torch  # noqa: E402
 from stage_oracle import perturb_, reference_like  # noqa: E402
 
+from pipelines.train import compile_blocks  # noqa: E402
 from stages.diffusion import CosineDiffusion, DiffusionConfig  # noqa: E402
 from stages.stage_b import STAGE_B_CONFIGS, StageB, StageBConfig  # noqa: E402
 from stages.stage_c import STAGE_C_CONFIGS, StageC, StageCConfig  # noqa: E402
@@ -130,11 +133,13 @@ def worker(job: dict) -> dict:
     baseline_rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     torch.manual_seed(0)
     factory, batch, side = SETUPS[job["config"]][job["stage"]]
+    batch = job["batch"] or batch
     config = dataclasses.replace(factory(), checkpointing="checkpointing" in job["options"])  # reference ignores it
     model = build(job["stage"], job["impl"], config).to(device).train()
-    # The checks below run the eager module: compiled, each of them (eval mode, autocast on and off)
-    # would be one more compilation of the whole model, minutes for the v2 Stage B on an H200.
-    trained = torch.compile(model) if "compile" in job["options"] else model
+    trained = compile_blocks(model) if "compile" in job["options"] else model  # the training loop's `compile`
+    # The checks below run eager: compiled, each of them (eval mode, autocast on and off) would be one
+    # more compilation of every block.
+    eager = torch.compiler.set_stance("force_eager")
     optimizer = adamw(model, device)
     diffusion = CosineDiffusion(DiffusionConfig())
     # Seeded on the device, so both implementations see the same batch whatever else drew numbers.
@@ -144,7 +149,7 @@ def worker(job: dict) -> dict:
 
     noised, _, r = diffusion.noise_batch(x0, generator=generator)
     check_outputs = {}
-    with torch.no_grad():
+    with torch.no_grad(), eager:
         model.eval()
         check_outputs["fp32"] = model(noised, r, **cond).cpu()
         if job["bf16"]:
@@ -158,16 +163,24 @@ def worker(job: dict) -> dict:
         torch.cuda.reset_peak_memory_stats(device)
     for _ in range(job["warmup"]):
         step()
-    step_times = []
+    step_times, step_growth_gib = [], 0.0
     for _ in range(job["steps"]):
+        if device.type == "cpu":
+            before_gib = rss_gib("VmRSS")
+            Path("/proc/self/clear_refs").write_text("5")  # the peak RSS starts again from the current RSS
         start = time.perf_counter()
         step()
         step_times.append(time.perf_counter() - start)
+        if device.type == "cpu":
+            step_growth_gib = max(step_growth_gib, rss_gib("VmHWM") - before_gib)
     if device.type == "cuda":
         peak_gib = torch.cuda.max_memory_allocated(device) / 2**30
     else:  # ru_maxrss is in KiB on Linux
         peak_gib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - baseline_rss_kb) / 2**20
     return {
+        # CPU only: what one step adds at its peak to what the process held before it (activations,
+        # gradients, temporaries), leaving out what building and compiling the model left behind.
+        "step_growth_gib": step_growth_gib,
         # The median step resists the hiccups of a shared machine.
         "samples_per_s": batch / statistics.median(step_times),
         "peak_gib": peak_gib,
@@ -177,9 +190,16 @@ def worker(job: dict) -> dict:
     }
 
 
+def rss_gib(field: str) -> float:
+    """VmRSS (resident now) or VmHWM (peak resident) of this process, from /proc (Linux)."""
+    kib = next(line.split()[1] for line in Path("/proc/self/status").read_text().splitlines() if line.startswith(field))
+    return int(kib) / 2**20
+
+
 def describe(stage: str, name: str, res: dict) -> str:
+    step_growth = f", step +{res['step_growth_gib']:6.3f} GiB" if res["step_growth_gib"] else ""
     return (f"stage {stage.upper()} {name:26s}: {res['params_m']:8.2f}M params, batch {res['batch']:3d}: "
-            f"{res['samples_per_s']:8.2f} samples/s, peak {res['peak_gib']:7.3f} GiB")
+            f"{res['samples_per_s']:8.2f} samples/s, peak {res['peak_gib']:7.3f} GiB{step_growth}")
 
 
 def main() -> None:
@@ -188,14 +208,16 @@ def main() -> None:
     parser.add_argument("--config", default=None, choices=sorted(SETUPS), help="default: reduced on cpu, v2 on cuda")
     parser.add_argument("--stages", default="c,b", help="comma-separated subset of c,b")
     parser.add_argument("--steps", type=int, default=None, help="timed steps (default: 5 on cpu, 20 on cuda)")
+    parser.add_argument("--batch", type=int, default=None, help="batch of every stage (default: the config's, SETUPS)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=1, help="runs per implementation, alternating; best kept")
     parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                         help="bf16 autocast (default: on for cuda, off for cpu)")  # fmt: skip
     parser.add_argument("--ours", default="eager", type=parse_variants,
                         help="comma-separated variants of ours, each measured against the one reference run: "
-                             "'eager', or '+'-joined from compile (inductor) and checkpointing (activation "
-                             "checkpointing per block), e.g. 'compile+checkpointing,compile'")  # fmt: skip
+                             "'eager', or '+'-joined from compile (inductor, each block on its own, as the "
+                             "training loop's `compile`) and checkpointing (activation checkpointing per "
+                             "block), e.g. 'compile+checkpointing,compile'")  # fmt: skip
     args = parser.parse_args()
     config = args.config or ("v2" if args.device == "cuda" else "reduced")
     steps = args.steps or (20 if args.device == "cuda" else 5)
@@ -208,6 +230,10 @@ def main() -> None:
     print(f"device: {device_name}; torch {torch.__version__}; config {config}; bf16 autocast {bf16}; "
           f"variants of ours {', '.join(label('ours', v) for v in args.ours)}; fused AdamW {args.device == 'cuda'}; {steps} timed steps")  # fmt: skip
 
+    if args.device == "cpu":
+        # Freed activations go back to the system at once (glibc keeps smaller blocks for reuse), so that
+        # each step's peak shows in its resident size; read by the workers' allocator as they start.
+        os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")
     context = multiprocessing.get_context("spawn")
     for stage in args.stages.split(","):
         results: dict[str, dict] = {}
@@ -215,7 +241,7 @@ def main() -> None:
         runs = [("reference", frozenset()), *[("ours", options) for options in args.ours]]
         for _ in range(args.repeats):
             for impl, options in runs:
-                job = dict(stage=stage, impl=impl, options=options, device=args.device, config=config,
+                job = dict(stage=stage, impl=impl, options=options, device=args.device, config=config, batch=args.batch,
                            steps=steps, warmup=args.warmup, bf16=bf16)  # fmt: skip
                 with context.Pool(1) as pool:
                     res = pool.apply(worker, (job,))

@@ -72,6 +72,10 @@ class RunConfig:
         for section in ("train_semantic", "train_b", "train_c"):
             if getattr(self, section).stage_a_losses.active:
                 raise ValueError(f"{section}.stage_a_losses sets Stage A's loss terms: they apply to train_a only")
+        for section in ("train_a", "train_semantic"):
+            if getattr(self, section).activation_checkpointing:
+                raise ValueError(f"{section}.activation_checkpointing: only Stage B and Stage C checkpoint their "
+                                 "blocks; set it in train_b or train_c")
 
     def resolved_work_dir(self) -> str:
         """``work_dir`` as an absolute path (URLs unchanged), fixed before anything is written."""

@@ -58,7 +58,7 @@ from torch.distributed.fsdp import FSDPModule, fully_shard
 from cluster.budget import BudgetMeter
 from pipelines.train_tasks import StageALosses, Task, TaskSpec, build_model, exported, input_columns
 from pipelines.tracking import TrackedRun, connect
-from stages.blocks import AttnBlock, ResBlock
+from stages.blocks import AttnBlock, ResBlock, TimestepBlock
 from stages.stage_a import MixingBlock
 
 logger = logging.getLogger(__name__)
@@ -107,8 +107,14 @@ class TrainConfig:
     gradients and optimizer state over the workers, each residual and attention block a unit of its
     own, so a worker holds one block's full weights at a time (for the large configs; gloo on CPU)."""
     compile: bool = False
-    """torch.compile the training forward (and so its backward), one graph per batch shape: each
-    aspect-ratio bucket compiles once. DDP only; checkpoints and samples use the eager model."""
+    """torch.compile each block of the model on its own (residual, attention, timestep and Stage A
+    mixing blocks; a model without them, the semantic compressor, whole), as torchtitan does: blocks
+    of one shape share their compiled code, and activation checkpointing keeps its eager memory. One
+    compilation per block shape and batch shape: each aspect-ratio bucket compiles its own. DDP only;
+    samples are drawn eager."""
+    activation_checkpointing: bool = False
+    """Stage B and Stage C: recompute each block's activations in backward instead of keeping them,
+    for a fraction of the step's memory at the cost of a second forward pass (docs/benchmarks.md)."""
     checkpoint_every: int = 1_000
     """Steps between checkpoints (one is also written at the end and when the budget stops the run)."""
     keep_checkpoints: int = 3
@@ -163,7 +169,7 @@ class TrainConfig:
         """Settings that decide the trained weights (scale, logging and budget do not)."""
         ignored = {"workers", "gpus_per_worker", "cpus_per_worker", "checkpoint_every", "keep_checkpoints",
                    "sample_every", "log_every_seconds", "max_failures", "budget_gpu_hours", "cache_data", "compile",
-                   "strategy"}
+                   "strategy", "activation_checkpointing"}
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in ignored}
 
 
@@ -247,10 +253,7 @@ def train_worker(args: WorkerArgs) -> None:
         model = _fully_sharded(model.to(device), device)
     else:
         model = ray.train.torch.prepare_model(model, parallel_strategy="ddp")
-    # Shares the model's parameters. Static shapes: a run has a handful of batch shapes at most, and
-    # with dynamic ones inductor (torch 2.14.1) fails on the second shape of tiny Stage B and Stage C
-    # (ordering the symbolic strides of a convolution's input, docs/benchmarks.md).
-    forward = torch.compile(model, dynamic=False) if config.compile else model
+    forward = compile_blocks(model) if config.compile else model
     optimizer = build_optimizer(model, config, device)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _lr_factor(step, config.warmup_steps))
     ema = [p.detach().clone() for p in model.parameters()]
@@ -506,10 +509,34 @@ def _log_samples(run: TrackedRun | None, task: Task, model: nn.Module, ema: list
     elif run is None:
         return
     else:
-        with _swapped_in(model, ema):
+        # Eager: with `compile`, the blocks are compiled in place, and sampling (no grad, other batch
+        # shapes) would compile each of them again.
+        with _swapped_in(model, ema), torch.compiler.set_stance("force_eager"):
             grid = task.samples(_unwrapped(model), step)
     if grid is not None:
         run.log_image(grid, f"samples/step_{step:07d}.png")
+
+
+COMPILED_BLOCKS = (ResBlock, AttnBlock, TimestepBlock, MixingBlock)
+
+
+def compile_blocks(model: nn.Module) -> nn.Module:
+    """``model`` with each block compiled in place, or compiled whole if it has no such blocks.
+
+    Compiled whole, a checkpointed v2 Stage B kept far more alive in backward than eager
+    checkpointing (25.6 against 17.6 GiB on an H200, docs/benchmarks.md): per block, inductor's
+    backward of one block is all that a checkpoint recomputes. Static shapes: a run has a handful of
+    batch shapes, and with dynamic ones inductor (torch 2.14.1) fails on the second shape of tiny
+    Stage B and Stage C (ordering the symbolic strides of a convolution's input)."""
+    blocks = [module for module in model.modules() if isinstance(module, COMPILED_BLOCKS)]
+    if not blocks:
+        return torch.compile(model, dynamic=False)
+    # The blocks of one class share their forward's code, so each (block shape, batch shape) counts
+    # against one recompile limit, whose default (8) the v2 Stage B's levels alone would reach.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    for block in blocks:
+        block.compile(dynamic=False)
+    return model
 
 
 def _fully_sharded(model: nn.Module, device: torch.device) -> nn.Module:

@@ -230,6 +230,7 @@ def _task_spec(context, stage: str, config: TrainConfig, dataset: ray.data.Datas
         partner_weights=partners,
         resolution=context.config.decode.resolution,
         stage_a_losses=config.stage_a_losses,
+        activation_checkpointing=config.activation_checkpointing,
         perceptual_weights_path=(local_copy(config.stage_a_losses.perceptual_weights, storage)
                                  if stage == "stage_a" and config.stage_a_losses.perceptual_weight > 0
                                  and config.stage_a_losses.perceptual_weights else ""),

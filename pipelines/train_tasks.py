@@ -92,6 +92,8 @@ class TaskSpec:
     stage_a_losses: StageALosses = dataclasses.field(default_factory=StageALosses)
     perceptual_weights_path: str = ""
     """Local copy of ``stage_a_losses.perceptual_weights``."""
+    activation_checkpointing: bool = False
+    """Stage B and Stage C recompute each block's activations in backward."""
 
 
 def input_columns(spec: TaskSpec) -> list[str]:
@@ -109,8 +111,10 @@ def input_columns(spec: TaskSpec) -> list[str]:
 def build_model(spec: TaskSpec) -> nn.Module:
     """The freshly initialised model the task trains."""
     return {
-        "stage_c": lambda: StageC(STAGE_C_CONFIGS[spec.models]()),
-        "stage_b": lambda: StageB(STAGE_B_CONFIGS[spec.models]()),
+        "stage_c": lambda: StageC(dataclasses.replace(STAGE_C_CONFIGS[spec.models](),
+                                                      checkpointing=spec.activation_checkpointing)),
+        "stage_b": lambda: StageB(dataclasses.replace(STAGE_B_CONFIGS[spec.models](),
+                                                      checkpointing=spec.activation_checkpointing)),
         "stage_a": lambda: (
             StageAWithCritic(StageA(STAGE_A_CONFIGS[spec.models]()), PatchCritic(STAGE_A_LOSS_CONFIGS[spec.models]().critic))
             if spec.stage_a_losses.adversarial_weight > 0 else StageA(STAGE_A_CONFIGS[spec.models]())),

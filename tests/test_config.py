@@ -55,6 +55,7 @@ def test_overrides_parse_by_field_type():
     ("pre_encode.resources.calls_per_actor=0", "pre_encode.resources.calls_per_actor.*must be >= 1"),
     ("min_side", "must look like dotted.key=value"),
     ("train_b.compile=true train_b.strategy=fsdp", "train_b.*compile works with strategy 'ddp' only"),
+    ("train_a.activation_checkpointing=true", "train_a.activation_checkpointing: only Stage B and Stage C"),
 ])
 def test_bad_overrides_name_the_key(override, message):
     with pytest.raises(ValueError, match=message):
