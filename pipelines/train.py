@@ -532,7 +532,8 @@ def compile_blocks(model: nn.Module) -> nn.Module:
     if not blocks:
         return torch.compile(model, dynamic=False)
     # The blocks of one class share their forward's code, so each (block shape, batch shape) counts
-    # against one recompile limit, whose default (8) the v2 Stage B's levels alone would reach.
+    # against one recompile limit: the v2 Stage B has up to 7 block shapes per class, and each
+    # aspect-ratio bucket multiplies them, past the default of 8.
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     for block in blocks:
         block.compile(dynamic=False)
