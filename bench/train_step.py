@@ -13,12 +13,13 @@ from (activations, gradients, temporaries), which compilation does not touch.
 
 Prints samples/s and peak memory for the reference and each variant of ours (`--ours`: eager, or
 compiled with inductor and/or with activation checkpointing; the reference always runs eager), and
-the ratios ours / reference. Both start from the same weights: the original init plus small seeded noise (so that the parts it leaves at zero, such
-as Stage C's output convolution, count), copied into the reference. Before the timed steps each
-implementation runs one forward pass in eval mode on the same seeded inputs, in fp32 and under the
-run's autocast, and the script prints how far each is from the reference in fp32: ours in fp32
-must match it to rounding, ours in bf16 must stay as close as the reference in bf16 does. That is
-the correctness check for the device and dtype of the run, at no extra cost in model builds.
+the ratios ours / reference. Both start from the same weights: the original init plus small
+seeded noise (so that the parts it leaves at zero, such as Stage C's output convolution, count),
+copied into the reference. Before the timed steps each implementation runs one forward pass in
+eval mode on the same seeded inputs, in fp32 and under the run's autocast, and the script prints
+how far each is from the reference in fp32: ours in fp32 must match it to rounding, ours in bf16
+must stay as close as the reference in bf16 does. That is the correctness check for the device and
+dtype of the run, at no extra cost in model builds.
 """
 
 from __future__ import annotations
@@ -137,9 +138,6 @@ def worker(job: dict) -> dict:
     config = dataclasses.replace(factory(), checkpointing="checkpointing" in job["options"])  # reference ignores it
     model = build(job["stage"], job["impl"], config).to(device).train()
     trained = compile_blocks(model) if "compile" in job["options"] else model  # the training loop's `compile`
-    # The checks below run eager: compiled, each of them (eval mode, autocast on and off) would be one
-    # more compilation of every block.
-    eager = torch.compiler.set_stance("force_eager")
     optimizer = adamw(model, device)
     diffusion = CosineDiffusion(DiffusionConfig())
     # Seeded on the device, so both implementations see the same batch whatever else drew numbers.
@@ -149,7 +147,8 @@ def worker(job: dict) -> dict:
 
     noised, _, r = diffusion.noise_batch(x0, generator=generator)
     check_outputs = {}
-    with torch.no_grad(), eager:
+    # Eager: compiled, each check (eval mode, autocast on and off) would compile every block once more.
+    with torch.no_grad(), torch.compiler.set_stance("force_eager"):
         model.eval()
         check_outputs["fp32"] = model(noised, r, **cond).cpu()
         if job["bf16"]:

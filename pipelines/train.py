@@ -63,6 +63,11 @@ from stages.stage_a import MixingBlock
 
 logger = logging.getLogger(__name__)
 
+# The repeated blocks of the models: FSDP's units, and (with the small timestep blocks) what `compile`
+# compiles one by one.
+SHARDED_BLOCKS = (ResBlock, AttnBlock, MixingBlock)
+COMPILED_BLOCKS = (*SHARDED_BLOCKS, TimestepBlock)
+
 _MODEL, _EMA, _OPTIMIZER, _STATE = "model.safetensors", "ema.safetensors", "optimizer.pt", "state.json"
 
 
@@ -517,9 +522,6 @@ def _log_samples(run: TrackedRun | None, task: Task, model: nn.Module, ema: list
         run.log_image(grid, f"samples/step_{step:07d}.png")
 
 
-COMPILED_BLOCKS = (ResBlock, AttnBlock, TimestepBlock, MixingBlock)
-
-
 def compile_blocks(model: nn.Module) -> nn.Module:
     """``model`` with each block compiled in place, or compiled whole if it has no such blocks.
 
@@ -545,7 +547,7 @@ def _fully_sharded(model: nn.Module, device: torch.device) -> nn.Module:
     while it runs forward or backward; the rest (embeddings, timestep blocks, heads) with the root."""
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     for module in model.modules():
-        if isinstance(module, (ResBlock, AttnBlock, MixingBlock)):
+        if isinstance(module, SHARDED_BLOCKS):
             fully_shard(module, mesh=mesh)
     fully_shard(model, mesh=mesh)
     return model
