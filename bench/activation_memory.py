@@ -4,10 +4,13 @@ Peak training memory on a GPU is about the static part (fp32 weights, gradients 
 moments: 16 bytes per parameter) plus what the forward pass saves for backward. The second part
 does not depend on the device: this script counts it on any machine, with autograd's
 saved-tensor hooks, under the run's autocast. Each distinct storage is counted once; parameters
-are not counted, the bf16 copies autocast makes of them are (in the fixed part). With
-``--checkpointing`` ours saves only what the checkpointed blocks do not recompute; not counted then:
-the inputs each checkpoint holds for its recompute (mostly the previous block's output) and the
-transient recompute of one block during backward.
+are not counted, the bf16 copies autocast makes of them are (in the fixed part). Variants of ours
+(``--ours``, as in bench/train_step.py): checkpointed, ours saves only what the checkpointed blocks
+do not recompute; not counted then: the inputs each checkpoint holds for its recompute (mostly the
+previous block's output) and the transient recompute of one block during backward. Compiled (per
+block, as the training loop compiles), ours saves what inductor's partitioner keeps for each
+block's backward, within the memory budget if one is given; what a compiled block saves is
+counted as saved by the module around it (its hooks run inside the compiled code).
 
 Two forward passes (batch 1 and 2) split the saved bytes into a per-sample part and a fixed part,
 then the script predicts the peak at the batch of bench/train_step.py (static + fixed + batch x
@@ -16,6 +19,7 @@ the per-sample bytes are saved (by module class, and by the model's top-level pa
 
     python bench/activation_memory.py --stage b                 # reduced config, bf16 autocast
     python bench/activation_memory.py --stage b --config v2     # official v2 config (CPU: ~10 GB RAM)
+    python bench/activation_memory.py --stage b --config v2 --ours compile,compile+budget=0.3
 """
 
 from __future__ import annotations
@@ -31,7 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from bench.train_step import SETUPS, build, inputs  # noqa: E402
+from bench.train_step import SETUPS, build, inputs, label, memory_budget, parse_variants  # noqa: E402
+from pipelines.train import compile_blocks  # noqa: E402
 from stages.diffusion import CosineDiffusion, DiffusionConfig  # noqa: E402
 
 STATIC_BYTES_PER_PARAM = 16  # fp32 weight, fp32 gradient, AdamW exp_avg and exp_avg_sq
@@ -86,11 +91,13 @@ def saved_for_backward(model: torch.nn.Module, x: torch.Tensor, r: torch.Tensor,
     return Saved(by_class, by_part)
 
 
-def measure(stage: str, impl: str, config_name: str, checkpointing: bool, bf16: bool) -> dict:
+def measure(stage: str, impl: str, options: frozenset[str], config_name: str, bf16: bool) -> dict:
     torch.manual_seed(0)
     factory, batch, side = SETUPS[config_name][stage]
-    config = dataclasses.replace(factory(), checkpointing=checkpointing)  # the reference ignores it
+    config = dataclasses.replace(factory(), checkpointing="checkpointing" in options)  # the reference ignores it
     model = build(stage, impl, config).train()
+    if "compile" in options:
+        compile_blocks(model, memory_budget(options))
     diffusion = CosineDiffusion(DiffusionConfig())
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
     passes = {}
@@ -119,15 +126,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--stage", default="b", choices=["c", "b"])
     parser.add_argument("--config", default="reduced", choices=sorted(SETUPS))
-    parser.add_argument("--checkpointing", action="store_true", help="activation checkpointing in ours")
+    parser.add_argument("--ours", default="eager", type=parse_variants,
+                        help="comma-separated variants of ours, as in bench/train_step.py (e.g. 'eager,checkpointing')")
     parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True, help="bf16 autocast")
     args = parser.parse_args()
-    print(f"stage {args.stage.upper()}, config {args.config}, bf16 autocast {args.bf16}, "
-          f"checkpointing (ours) {args.checkpointing}; torch {torch.__version__}")
+    print(f"stage {args.stage.upper()}, config {args.config}, bf16 autocast {args.bf16}; torch {torch.__version__}")
     results = {}
-    for impl in ("reference", "ours"):  # one process each: a v2 model and its graph fill a small machine
+    # One process each: a v2 model and its graph fill a small machine.
+    for impl, options in [("reference", frozenset()), *[("ours", options) for options in args.ours]]:
         with multiprocessing.get_context("spawn").Pool(1) as pool:
-            results[impl] = pool.apply(measure, (args.stage, impl, args.config, args.checkpointing, args.bf16))
+            results[label(impl, options)] = pool.apply(measure, (args.stage, impl, options, args.config, args.bf16))
     for impl, res in results.items():
         static = STATIC_BYTES_PER_PARAM * res["params"]
         peak = static + res["fixed"] + res["batch"] * res["per_sample"]
@@ -137,8 +145,10 @@ def main() -> None:
         for title, counter in (("by module class", res["by_class"]), ("by top-level part", res["by_part"])):
             rows = ", ".join(f"{name} {share / res['per_sample']:.0%}" for name, share in counter.most_common(TOP_ROWS))
             print(f"  per sample {title}: {rows}")
-    ours, reference = results["ours"], results["reference"]
-    print(f"\nours / reference: {ours['per_sample'] / reference['per_sample']:.2f}x saved bytes per sample")
+    print()
+    reference = results.pop("reference")
+    for name, ours in results.items():
+        print(f"{name} / reference: {ours['per_sample'] / reference['per_sample']:.2f}x saved bytes per sample")
 
 
 if __name__ == "__main__":

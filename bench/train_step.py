@@ -10,12 +10,13 @@ from (activations, gradients, temporaries), which compilation does not touch.
     python bench/train_step.py                              # CPU, reduced-width configs, fp32
     python bench/train_step.py --device cuda --config v2    # GPU, official v2 configs, bf16 autocast
     python bench/train_step.py --stages b --ours compile+checkpointing,compile   # two variants of ours
+    python bench/train_step.py --stages b --ours compile+budget=0.25   # compiled, a quarter of its saved activations
 
 Prints samples/s and peak memory for the reference and each variant of ours (`--ours`: eager, or
-compiled with inductor and/or with activation checkpointing; the reference always runs eager), and
-the ratios ours / reference. Both start from the same weights: the original init plus small
-seeded noise (so that the parts it leaves at zero, such as Stage C's output convolution, count),
-copied into the reference. Before the timed steps each implementation runs one forward pass in
+compiled with inductor, with activation checkpointing or an activation memory budget; the reference
+always runs eager), and the ratios ours / reference. Both start from the same weights: the
+original init plus small seeded noise (so that the parts it leaves at zero, such as Stage C's
+output convolution, count), copied into the reference. Before the timed steps each implementation runs one forward pass in
 eval mode on the same seeded inputs, in fp32 and under the run's autocast, and the script prints
 how far each is from the reference in fp32: ours in fp32 must match it to rounding, ours in bf16
 must stay as close as the reference in bf16 does. That is the correctness check for the device and
@@ -72,7 +73,7 @@ SETUPS = {
     "v2": {"c": (STAGE_C_CONFIGS["v2"], 32, 24), "b": (STAGE_B_CONFIGS["v2"], 16, 128)},
 }
 TEXT_TOKENS = 77
-VARIANT_OPTIONS = frozenset({"compile", "checkpointing"})
+VARIANT_OPTIONS = ("compile", "checkpointing", "budget=<0..1>")
 
 
 def build(stage: str, impl: str, config: StageCConfig | StageBConfig) -> torch.nn.Module:
@@ -107,10 +108,23 @@ def parse_variants(text: str) -> list[frozenset[str]]:
     variants = []
     for variant in text.split(","):
         options = frozenset() if variant == "eager" else frozenset(variant.split("+"))
-        if not options <= VARIANT_OPTIONS:
-            raise argparse.ArgumentTypeError(f"{text!r}: each variant is 'eager' or '+'-joined from {sorted(VARIANT_OPTIONS)}")
+        for option in options:
+            if option.startswith("budget="):
+                try:
+                    budget = float(option.removeprefix("budget="))
+                except ValueError:
+                    budget = -1.0
+                if not 0 <= budget <= 1 or "compile" not in options or "checkpointing" in options:
+                    raise argparse.ArgumentTypeError(f"{variant!r}: budget=B takes a B from 0 to 1, with compile "
+                                                     "and without checkpointing (TrainConfig.activation_memory_budget)")
+            elif option not in VARIANT_OPTIONS:
+                raise argparse.ArgumentTypeError(f"{text!r}: each variant is 'eager' or '+'-joined from {VARIANT_OPTIONS}")
         variants.append(options)
     return variants
+
+
+def memory_budget(options: frozenset[str]) -> float:
+    return next((float(option.removeprefix("budget=")) for option in options if option.startswith("budget=")), 1.0)
 
 
 def label(impl: str, options: frozenset[str]) -> str:
@@ -137,7 +151,8 @@ def worker(job: dict) -> dict:
     batch = job["batch"] or batch
     config = dataclasses.replace(factory(), checkpointing="checkpointing" in job["options"])  # reference ignores it
     model = build(job["stage"], job["impl"], config).to(device).train()
-    trained = compile_blocks(model) if "compile" in job["options"] else model  # the training loop's `compile`
+    # The training loop's `compile` and `activation_memory_budget`.
+    trained = compile_blocks(model, memory_budget(job["options"])) if "compile" in job["options"] else model
     optimizer = adamw(model, device)
     diffusion = CosineDiffusion(DiffusionConfig())
     # Seeded on the device, so both implementations see the same batch whatever else drew numbers.
@@ -215,8 +230,10 @@ def main() -> None:
     parser.add_argument("--ours", default="eager", type=parse_variants,
                         help="comma-separated variants of ours, each measured against the one reference run: "
                              "'eager', or '+'-joined from compile (inductor, each block on its own, as the "
-                             "training loop's `compile`) and checkpointing (activation checkpointing per "
-                             "block), e.g. 'compile+checkpointing,compile'")  # fmt: skip
+                             "training loop's `compile`), checkpointing (activation checkpointing per "
+                             "block) and budget=B (with compile: each block keeps at most B of what it saves "
+                             "for backward by default, the training loop's `activation_memory_budget`), "
+                             "e.g. 'compile+checkpointing,compile,compile+budget=0.3'")  # fmt: skip
     args = parser.parse_args()
     config = args.config or ("v2" if args.device == "cuda" else "reduced")
     steps = args.steps or (20 if args.device == "cuda" else 5)

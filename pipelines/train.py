@@ -40,6 +40,7 @@ import pyarrow.fs
 import ray.data
 import ray.train
 import torch
+import torch._functorch.config
 import torch.distributed as dist
 from ray.train import Checkpoint, CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
@@ -120,6 +121,11 @@ class TrainConfig:
     activation_checkpointing: bool = False
     """Stage B and Stage C: recompute each block's activations in backward instead of keeping them,
     for a fraction of the step's memory at the cost of a second forward pass (docs/benchmarks.md)."""
+    activation_memory_budget: float = 1.0
+    """With ``compile``: the share, from 0 to 1, of what each compiled block saves for backward by
+    default that it may keep; inductor's partitioner recomputes the ops that cost least per byte to
+    stay under it (0 keeps what checkpointing every block keeps, 1 is its own speed-first choice).
+    A middle ground between ``activation_checkpointing`` and neither (docs/benchmarks.md)."""
     checkpoint_every: int = 1_000
     """Steps between checkpoints (one is also written at the end and when the budget stops the run)."""
     keep_checkpoints: int = 3
@@ -164,6 +170,13 @@ class TrainConfig:
             raise ValueError(f"budget_gpu_hours must be > 0 or none, got {self.budget_gpu_hours}")
         if self.compile and self.strategy == "fsdp":
             raise ValueError("compile works with strategy 'ddp' only: set compile=false or strategy=ddp")
+        if not 0 <= self.activation_memory_budget <= 1:
+            raise ValueError(f"activation_memory_budget must be in [0, 1], got {self.activation_memory_budget}")
+        if self.activation_memory_budget < 1 and not self.compile:
+            raise ValueError("activation_memory_budget below 1 needs compile=true (it steers inductor's partitioner)")
+        if self.activation_memory_budget < 1 and self.activation_checkpointing:
+            raise ValueError("activation_memory_budget and activation_checkpointing both trade recompute for memory; "
+                             "set one of them")
 
     @property
     def units_held(self) -> float:
@@ -174,7 +187,7 @@ class TrainConfig:
         """Settings that decide the trained weights (scale, logging and budget do not)."""
         ignored = {"workers", "gpus_per_worker", "cpus_per_worker", "checkpoint_every", "keep_checkpoints",
                    "sample_every", "log_every_seconds", "max_failures", "budget_gpu_hours", "cache_data", "compile",
-                   "strategy", "activation_checkpointing"}
+                   "strategy", "activation_checkpointing", "activation_memory_budget"}
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in ignored}
 
 
@@ -258,7 +271,7 @@ def train_worker(args: WorkerArgs) -> None:
         model = _fully_sharded(model.to(device), device)
     else:
         model = ray.train.torch.prepare_model(model, parallel_strategy="ddp")
-    forward = compile_blocks(model) if config.compile else model
+    forward = compile_blocks(model, config.activation_memory_budget) if config.compile else model
     optimizer = build_optimizer(model, config, device)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _lr_factor(step, config.warmup_steps))
     ema = [p.detach().clone() for p in model.parameters()]
@@ -522,14 +535,18 @@ def _log_samples(run: TrackedRun | None, task: Task, model: nn.Module, ema: list
         run.log_image(grid, f"samples/step_{step:07d}.png")
 
 
-def compile_blocks(model: nn.Module) -> nn.Module:
-    """``model`` with each block compiled in place, or compiled whole if it has no such blocks.
+def compile_blocks(model: nn.Module, memory_budget: float = 1.0) -> nn.Module:
+    """``model`` with each block compiled in place, or compiled whole if it has no such blocks, each
+    graph keeping at most ``memory_budget`` of its default saved activations (TrainConfig).
 
     Compiled whole, a checkpointed v2 Stage B kept far more alive in backward than eager
     checkpointing (25.6 against 17.6 GiB on an H200, docs/benchmarks.md): per block, inductor's
     backward of one block is all that a checkpoint recomputes. Static shapes: a run has a handful of
     batch shapes, and with dynamic ones inductor (torch 2.14.1) fails on the second shape of tiny
     Stage B and Stage C (ordering the symbolic strides of a convolution's input)."""
+    # Process-wide: the partitioner reads it whenever a graph compiles, which is at a block's first
+    # call and at every recompile, long after this returns.
+    torch._functorch.config.activation_memory_budget = memory_budget
     blocks = [module for module in model.modules() if isinstance(module, COMPILED_BLOCKS)]
     if not blocks:
         return torch.compile(model, dynamic=False)

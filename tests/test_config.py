@@ -56,6 +56,10 @@ def test_overrides_parse_by_field_type():
     ("min_side", "must look like dotted.key=value"),
     ("train_b.compile=true train_b.strategy=fsdp", "train_b.*compile works with strategy 'ddp' only"),
     ("train_a.activation_checkpointing=true", "train_a.activation_checkpointing: only Stage B and Stage C"),
+    ("train_c.compile=true train_c.activation_memory_budget=1.5", "train_c.*activation_memory_budget must be in"),
+    ("train_c.activation_memory_budget=0.5", "train_c.*activation_memory_budget below 1 needs compile=true"),
+    ("train_c.compile=true train_c.activation_memory_budget=0.5 train_c.activation_checkpointing=true",
+     "train_c.*set one of them"),
 ])
 def test_bad_overrides_name_the_key(override, message):
     with pytest.raises(ValueError, match=message):
