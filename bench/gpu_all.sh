@@ -57,7 +57,7 @@ bench train_step 240 $python bench/train_step.py --device cuda --config v2 --ste
 # training loop's `compile` since then) with a memory budget, the partitioner recomputes only the
 # cheapest ops; budgets 0.25 and 0.4 bracket the goal by the CPU's shares. Against one eager
 # reference run, most telling first; ~230 s for the whole-model compile, per block not timed yet.
-bench train_step_b_variants 560 $python bench/train_step.py --device cuda --config v2 --steps 10 --stages b \
+bench train_step_b_variants 540 $python bench/train_step.py --device cuda --config v2 --steps 10 --stages b \
     --ours compile+budget=0.25,compile,compile+budget=0.4,compile+checkpointing
 bench encode 180 $python bench/encode.py --device cuda --shards 5 --shard-size 512 --no-dashboard
 # Two actors on the one GPU: while one waits on its CPU work, the other's batches keep the GPU busy.

@@ -116,8 +116,8 @@ class TrainConfig:
     """torch.compile each block of the model on its own (residual, attention, timestep and Stage A
     mixing blocks; a model without them, the semantic compressor, whole), as torchtitan does: blocks
     of one shape share their compiled code, and activation checkpointing keeps its eager memory. One
-    compilation per block shape and batch shape: each aspect-ratio bucket compiles its own. DDP only;
-    samples are drawn eager."""
+    compilation per block shape and batch shape: each aspect-ratio bucket compiles its own. With DDP
+    or FSDP; samples are drawn eager."""
     activation_checkpointing: bool = False
     """Stage B and Stage C: recompute each block's activations in backward instead of keeping them,
     for a fraction of the step's memory at the cost of a second forward pass (docs/benchmarks.md)."""
@@ -168,8 +168,6 @@ class TrainConfig:
             raise ValueError("lr and grad_clip must be > 0 and warmup_steps >= 0")
         if self.budget_gpu_hours is not None and self.budget_gpu_hours <= 0:
             raise ValueError(f"budget_gpu_hours must be > 0 or none, got {self.budget_gpu_hours}")
-        if self.compile and self.strategy == "fsdp":
-            raise ValueError("compile works with strategy 'ddp' only: set compile=false or strategy=ddp")
         if not 0 <= self.activation_memory_budget <= 1:
             raise ValueError(f"activation_memory_budget must be in [0, 1], got {self.activation_memory_budget}")
         if self.activation_memory_budget < 1 and not self.compile:

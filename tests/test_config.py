@@ -54,7 +54,6 @@ def test_overrides_parse_by_field_type():
     ("filter.resources.max_actors=0", "filter.resources.max_actors.*must be >= min_actors"),
     ("pre_encode.resources.calls_per_actor=0", "pre_encode.resources.calls_per_actor.*must be >= 1"),
     ("min_side", "must look like dotted.key=value"),
-    ("train_b.compile=true train_b.strategy=fsdp", "train_b.*compile works with strategy 'ddp' only"),
     ("train_a.activation_checkpointing=true", "train_a.activation_checkpointing: only Stage B and Stage C"),
     ("train_c.compile=true train_c.activation_memory_budget=1.5", "train_c.*activation_memory_budget must be in"),
     ("train_c.activation_memory_budget=0.5", "train_c.*activation_memory_budget below 1 needs compile=true"),

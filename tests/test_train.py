@@ -198,10 +198,10 @@ def test_resumed_compiled_and_fsdp_runs_follow_the_uninterrupted_loss_curve(late
     np.testing.assert_allclose([loss for _, loss in fsdp], [loss for _, loss in whole], rtol=1e-5)
     # Inductor fuses and reorders float arithmetic: close to the eager curve, not bit-equal to it.
     # Checkpointed blocks recompute the same values (and draw the same dropout masks) in backward.
-    # So do the ops that a memory budget has the partitioner recompute.
-    for name, memory_setting in [("checkpointed", "train_c.activation_checkpointing=true"),
-                                 ("budgeted", "train_c.activation_memory_budget=0.5")]:
-        compiled = _stage_c_losses(latents, tmp_path / name, "train_c.compile=true", memory_setting)
+    # So do the ops that a memory budget has the partitioner recompute, here in blocks sharded by FSDP.
+    for name, settings in [("checkpointed", ["train_c.activation_checkpointing=true"]),
+                           ("budgeted-fsdp", ["train_c.activation_memory_budget=0.5", "train_c.strategy=fsdp"])]:
+        compiled = _stage_c_losses(latents, tmp_path / name, "train_c.compile=true", *settings)
         assert [step for step, _ in compiled] == list(range(1, 13)), name
         np.testing.assert_allclose([loss for _, loss in compiled], [loss for _, loss in whole], rtol=1e-3, err_msg=name)
 
