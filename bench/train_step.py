@@ -16,11 +16,11 @@ Prints samples/s and peak memory for the reference and each variant of ours (`--
 compiled with inductor, with activation checkpointing or an activation memory budget; the reference
 always runs eager), and the ratios ours / reference. Both start from the same weights: the
 original init plus small seeded noise (so that the parts it leaves at zero, such as Stage C's
-output convolution, count), copied into the reference. Before the timed steps each implementation runs one forward pass in
-eval mode on the same seeded inputs, in fp32 and under the run's autocast, and the script prints
-how far each is from the reference in fp32: ours in fp32 must match it to rounding, ours in bf16
-must stay as close as the reference in bf16 does. That is the correctness check for the device and
-dtype of the run, at no extra cost in model builds.
+output convolution, count), copied into the reference. Before the timed steps each implementation
+runs one forward pass in eval mode on the same seeded inputs, in fp32 and under the run's
+autocast, and the script prints how far each is from the reference in fp32: ours in fp32 must
+match it to rounding, ours in bf16 must stay as close as the reference in bf16 does. That is the
+correctness check for the device and dtype of the run, at no extra cost in model builds.
 """
 
 from __future__ import annotations

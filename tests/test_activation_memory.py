@@ -13,6 +13,8 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.activation_memory import saved_for_backward  # noqa: E402
+from pipelines.train import compile_blocks  # noqa: E402
+from stages.stage_c import STAGE_C_CONFIGS, StageC  # noqa: E402
 
 
 class Scaled(nn.Module):
@@ -34,3 +36,30 @@ def test_each_saved_storage_counts_once_for_the_module_that_saved_it_and_paramet
                                                  "(top level)": batch * 4})
     assert saved.activations == batch * 13 * 4
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())  # hooks removed
+
+
+def test_a_lower_activation_memory_budget_saves_less_for_backward_and_changes_no_gradient(monkeypatch):
+    # compile_blocks sets these process-wide; the monkeypatch puts them back after the test.
+    monkeypatch.setattr(torch._functorch.config, "activation_memory_budget", 1.0)
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", torch._dynamo.config.recompile_limit)
+    generator = torch.Generator().manual_seed(0)
+    x, r, c = torch.randn(4, 16, 8, 8, generator=generator), torch.rand(4, generator=generator), torch.randn(4, 77, 32, generator=generator)
+
+    def saved_bytes_and_gradients(budget: float | None) -> tuple[int, list[torch.Tensor]]:
+        torch._dynamo.reset()  # compiled code is cached per block class, whatever budget it was compiled under
+        torch.manual_seed(0)
+        model = StageC(STAGE_C_CONFIGS["tiny"]())
+        if budget is not None:
+            compile_blocks(model, budget)
+        saved = saved_for_backward(model, x, r, {"c": c}, contextlib.nullcontext()).activations
+        model(x, r, c).square().mean().backward()
+        return saved, [parameter.grad for parameter in model.parameters()]
+
+    eager_bytes, eager_gradients = saved_bytes_and_gradients(None)
+    full_bytes, full_gradients = saved_bytes_and_gradients(1.0)
+    low_bytes, low_gradients = saved_bytes_and_gradients(0.0)
+    # Measured: 9.7 MB eager, 7.7 MB compiled, 1.5 MB at budget 0.
+    assert low_bytes < 0.5 * full_bytes and full_bytes < eager_bytes, (eager_bytes, full_bytes, low_bytes)
+    for gradients in (full_gradients, low_gradients):
+        for expected, got in zip(eager_gradients, gradients):
+            torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
