@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -69,7 +70,8 @@ class StageBConfig:
     dropout: float = 0.0
     """Dropout in the MLPs and after attention (the official v2 training used 0.1)."""
     checkpointing: bool = False
-    """Recompute each block's activations in backward (less memory, ~1/3 more compute)."""
+    """Recompute the activations of each repeat of a level's pattern in backward (less memory, ~1/3
+    more compute)."""
     channels_last: bool = True
     """Keep activations in channels_last memory so per-pixel ops run on free NHWC views."""
 
@@ -233,22 +235,43 @@ class StageB(nn.Module):
         out = mapper(resized.to(effnet.dtype))
         return (out.contiguous(memory_format=torch.channels_last) if self.config.channels_last else out,)
 
-    def _run(
-        self,
-        block: nn.Module,
+    @staticmethod
+    def _repeat(
+        blocks: tuple[nn.Module, ...],
         x: torch.Tensor,
         r_embed: torch.Tensor,
         clip: torch.Tensor,
-        skips: tuple[torch.Tensor, ...],
+        semantic: tuple[torch.Tensor, ...],
+        encoder_skip: tuple[torch.Tensor, ...],
     ) -> torch.Tensor:
-        checkpointing = self.config.checkpointing
-        if isinstance(block, ResBlock):
-            return run_block(block, x, *skips, checkpointing=checkpointing)
-        if isinstance(block, TimestepBlock):
-            return run_block(block, x, r_embed, checkpointing=checkpointing)
-        if isinstance(block, AttnBlock):
-            return run_block(block, x, clip, checkpointing=checkpointing)
-        return block(x)  # down/up-sampling
+        """One repeat of a level's block pattern; the encoder's features go to its first block only."""
+        for k, block in enumerate(blocks):
+            if isinstance(block, ResBlock):
+                x = block(x, *(encoder_skip if k == 0 else ()), *semantic)
+            elif isinstance(block, TimestepBlock):
+                x = block(x, r_embed)
+            else:
+                x = block(x, clip)
+        return x
+
+    def _run_repeats(
+        self,
+        blocks: nn.ModuleList,
+        pattern: str,
+        h: torch.Tensor,
+        r_embed: torch.Tensor,
+        clip: torch.Tensor,
+        semantic: tuple[torch.Tensor, ...],
+        encoder_skip: tuple[torch.Tensor, ...] = (),
+    ) -> torch.Tensor:
+        """A level's blocks, one checkpoint per repeat of its pattern (as Stage C's triples): a
+        checkpointed repeat keeps only its input for backward, where one checkpoint per block would
+        also keep the input of each block after the first."""
+        for start in range(0, len(blocks), len(pattern)):
+            repeat = partial(self._repeat, tuple(blocks[start : start + len(pattern)]),
+                             semantic=semantic, encoder_skip=encoder_skip if start == 0 else ())  # fmt: skip
+            h = run_block(repeat, h, r_embed, clip, checkpointing=self.config.checkpointing)
+        return h
 
     def forward(self, x: torch.Tensor, r: torch.Tensor, effnet: torch.Tensor, clip: torch.Tensor) -> torch.Tensor:
         """Predict the noise.
@@ -276,16 +299,20 @@ class StageB(nn.Module):
 
         level_outputs = []  # deepest level first
         for i, level in enumerate(self.down_blocks):
-            semantic = self._semantic(i, effnet, sizes[i])
-            for block in level:
-                h = self._run(block, h, r_embed, clip, semantic)
+            if i > 0:
+                h = level[0](h)  # down-sampling
+            repeats = level[1:] if i > 0 else level
+            h = self._run_repeats(repeats, cfg.level_config[i], h, r_embed, clip, self._semantic(i, effnet, sizes[i]))
             level_outputs.insert(0, h)
 
         for i, level in enumerate(self.up_blocks):
-            semantic = self._semantic(levels + i, effnet, sizes[levels - 1 - i])
-            for j, block in enumerate(level):
-                encoder_skip = (level_outputs[i],) if j == 0 and i > 0 else ()
-                h = self._run(block, h, r_embed, clip, encoder_skip + semantic)
+            depth = levels - 1 - i
+            repeats = level[:-1] if depth > 0 else level
+            semantic = self._semantic(levels + i, effnet, sizes[depth])
+            encoder_skip = (level_outputs[i],) if i > 0 else ()
+            h = self._run_repeats(repeats, cfg.level_config[depth], h, r_embed, clip, semantic, encoder_skip)
+            if depth > 0:
+                h = level[-1](h)  # up-sampling
 
         a, b = self.clf(h).chunk(2, dim=1)  # (B, c_out, H, W) each
         b = b.sigmoid() * (1 - 2 * OUTPUT_EPS) + OUTPUT_EPS
