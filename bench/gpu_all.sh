@@ -52,13 +52,14 @@ bench() {  # bench NAME SECONDS ARGS...
 # Dashboard-free local Ray: a minimal ray install has no dashboard, and these benches need none.
 # Measured on an H200 (docs/benchmarks.md): train_step ~165 s, encode ~115 s, profile ~45 s.
 bench train_step 240 $python bench/train_step.py --device cuda --config v2 --steps 10
-# Stage B's two goals at once (>= 1.5x, <= 0.5x memory): compiled whole, the v2 Stage B made 1.72x at
-# 0.70x, and checkpointing every block 0.61x at 1.39x (docs/benchmarks.md). Compiled per block (the
-# training loop's `compile` since then) with a memory budget, the partitioner recomputes only the
-# cheapest ops; budgets 0.25 and 0.4 bracket the goal by the CPU's shares. Against one eager
-# reference run, most telling first; ~230 s for the whole-model compile, per block not timed yet.
+# Stage B's two goals at once (>= 1.5x, <= 0.5x memory, i.e. <= 20.8 GiB): compiled whole, the v2
+# Stage B made 1.72x at 0.70x, and compiled and checkpointed 1.39x at 0.61x (docs/benchmarks.md).
+# Compiled per block (the training loop's `compile`) with a memory budget, the partitioner recomputes
+# only the cheapest ops. Predicted on CPU (bench/peak_memory.py; not exact for compiled graphs):
+# budget 0.4 19.3 GiB, 0.5 20.8, 0.25 17.9; without a budget 30.3, so that one is left out. Against
+# one eager reference run, most telling first; ~230 s for the whole-model compile, per block not timed.
 bench train_step_b_variants 540 $python bench/train_step.py --device cuda --config v2 --steps 10 --stages b \
-    --ours compile+budget=0.25,compile,compile+budget=0.4,compile+checkpointing
+    --ours compile+budget=0.4,compile+budget=0.5,compile+budget=0.25
 bench encode 180 $python bench/encode.py --device cuda --shards 5 --shard-size 512 --no-dashboard
 # Two actors on the one GPU: while one waits on its CPU work, the other's batches keep the GPU busy.
 bench encode_two_actors 180 $python bench/encode.py --device cuda --shards 6 --shard-size 512 --actors 2 \

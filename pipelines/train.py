@@ -119,8 +119,9 @@ class TrainConfig:
     compilation per block shape and batch shape: each aspect-ratio bucket compiles its own. With DDP
     or FSDP; samples are drawn eager."""
     activation_checkpointing: bool = False
-    """Stage B and Stage C: recompute each block's activations in backward instead of keeping them,
-    for a fraction of the step's memory at the cost of a second forward pass (docs/benchmarks.md)."""
+    """Stage B and Stage C: recompute the activations of each repeat of the block pattern in backward
+    instead of keeping them, for a fraction of the step's memory at the cost of a second forward pass
+    (docs/benchmarks.md)."""
     activation_memory_budget: float = 1.0
     """With ``compile``: the share, from 0 to 1, of what each compiled block saves for backward by
     default that it may keep; inductor's partitioner recomputes the ops that cost least per byte to
@@ -533,9 +534,11 @@ def _log_samples(run: TrackedRun | None, task: Task, model: nn.Module, ema: list
         run.log_image(grid, f"samples/step_{step:07d}.png")
 
 
-def compile_blocks(model: nn.Module, memory_budget: float = 1.0) -> nn.Module:
+def compile_blocks(model: nn.Module, memory_budget: float = 1.0, backend: str = "inductor") -> nn.Module:
     """``model`` with each block compiled in place, or compiled whole if it has no such blocks, each
     graph keeping at most ``memory_budget`` of its default saved activations (TrainConfig).
+    ``backend``: inductor to train; bench/peak_memory.py runs the same partitioned graphs op by op
+    (``aot_eager_decomp_partition``), which fake tensors can go through.
 
     Compiled whole, a checkpointed v2 Stage B kept far more alive in backward than eager
     checkpointing (25.6 against 17.6 GiB on an H200, docs/benchmarks.md): per block, inductor's
@@ -547,13 +550,13 @@ def compile_blocks(model: nn.Module, memory_budget: float = 1.0) -> nn.Module:
     torch._functorch.config.activation_memory_budget = memory_budget
     blocks = [module for module in model.modules() if isinstance(module, COMPILED_BLOCKS)]
     if not blocks:
-        return torch.compile(model, dynamic=False)
+        return torch.compile(model, backend=backend, dynamic=False)
     # The blocks of one class share their forward's code, so each (block shape, batch shape) counts
     # against one recompile limit: the v2 Stage B has up to 7 block shapes per class, and each
     # aspect-ratio bucket multiplies them, past the default of 8.
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     for block in blocks:
-        block.compile(dynamic=False)
+        block.compile(backend=backend, dynamic=False)
     return model
 
 
