@@ -6,7 +6,10 @@ batch, initial weights, bf16 autocast, fused AdamW, the variants of ``--ours``) 
 (torch's FakeTensorMode: shapes, dtypes and storages, no data, no arithmetic), and a dispatch mode
 adds up the bytes of every storage from the op that creates it until it is freed, rounded up as the
 CUDA caching allocator rounds. The peak is that of the second step, the first one with AdamW's
-state; the script says where in the step it falls and what made it up.
+state; the script says where in the step it falls and what made it up, and the step's FLOPs in
+matrix products, convolutions and attention, forward and backward: what checkpointing or a memory
+budget recomputes shows as FLOPs above the eager step's (in arithmetic; the time it costs a GPU is
+also memory traffic, which this does not count).
 
 How it differs from the GPU run:
 - Autocast is the CPU's. Ours runs layer norm and GRN outside autocast on every device, so this
@@ -50,18 +53,42 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch._subclasses.fake_tensor import FakeTensorMode  # noqa: E402
 from torch.utils import _pytree as pytree  # noqa: E402
+from torch.utils.flop_counter import conv_flop_count, flop_registry, sdpa_backward_flop, sdpa_flop  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 from bench.train_step import SETUPS, build, inputs, label, memory_budget, parse_variants  # noqa: E402
 from pipelines.train import compile_blocks  # noqa: E402
 from stages.diffusion import CosineDiffusion, DiffusionConfig  # noqa: E402
 
+aten = torch.ops.aten
+
+
+def convolution_backward_flops(grad_out, input, weight, bias_sizes, stride, padding, dilation, transposed,
+                               output_padding, groups, output_mask, **kwargs) -> int:
+    """A convolution's input and weight gradients each cost its forward's multiplications. Torch's own
+    formula counts the weight gradient as an ungrouped convolution: c times too much for a depthwise one."""
+    forward = conv_flop_count(list(input.shape), list(weight.shape), list(grad_out.shape), transposed)
+    return forward * (int(output_mask[0]) + int(output_mask[1]))
+
+
+# torch's FlopCounterMode formulas, with the CPU's fused attention (which they leave out) counted as its
+# CUDA kernels are, and grouped convolutions' backward corrected.
+FLOP_FORMULAS = {
+    **flop_registry,
+    aten._scaled_dot_product_flash_attention_for_cpu: lambda query, key, value, *args, **kwargs: sdpa_flop(
+        query.shape, key.shape, value.shape),
+    aten._scaled_dot_product_flash_attention_for_cpu_backward: lambda grad, query, key, value, *args, **kwargs: (
+        sdpa_backward_flop(grad.shape, query.shape, key.shape, value.shape)),
+    aten.convolution_backward: convolution_backward_flops,
+}
 CUDA_BLOCK_BYTES = 512  # the caching allocator's smallest block: every allocation is a multiple of it
 GIB = 2**30
 
 
 class LiveStorages(TorchDispatchMode):
-    """The bytes of all live storages created under this mode, their peak, and what the peak held.
+    """The bytes of all live storages created under this mode, their peak, and what the peak held;
+    and the FLOPs of the matrix products, convolutions and attention run in each phase, by torch's
+    FlopCounterMode formulas (what recomputation for backward adds shows there).
 
     Not torch's MemTracker (torch.distributed._tools), which counts the same way: its module and
     gradient hooks hold references that keep autograd from taking a compiled block's gradients as
@@ -85,9 +112,14 @@ class LiveStorages(TorchDispatchMode):
         self.peak = 0
         self.peak_phase = ""
         self.peak_gradients = 0
+        self.flops: dict[str, int] = {}
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if func.overloadpacket in FLOP_FORMULAS:
+            flops = FLOP_FORMULAS[func.overloadpacket](*args, **kwargs, out_val=out)
+            self.flops[self.phase] = self.flops.get(self.phase, 0) + flops
         for tensor in pytree.tree_leaves(out):
             if isinstance(tensor, torch.Tensor):
                 self._add(tensor.untyped_storage())
@@ -111,6 +143,7 @@ class LiveStorages(TorchDispatchMode):
 
     def start_peak(self) -> None:
         self.peak, self.peak_phase, self.peak_gradients = self.current, self.phase, 0
+        self.flops = {}
 
 
 CPU_DROPOUT = F.dropout
@@ -169,6 +202,8 @@ def predict(stage: str, impl: str, options: frozenset[str], config_name: str, ba
         "static": params + optimizer_state,
         "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
         "batch": batch,
+        "forward_flops": tracker.flops.get("forward", 0),
+        "backward_flops": tracker.flops.get("backward", 0),
     }
 
 
@@ -176,7 +211,8 @@ def describe(name: str, res: dict) -> str:
     rest = res["peak"] - res["static"] - res["gradients"]
     return (f"{name:30s}: {res['params_m']:8.1f}M params, batch {res['batch']}: peak {res['peak'] / GIB:6.2f} GiB in "
             f"the {res['phase']:>14s} = weights and AdamW state {res['static'] / GIB:5.2f} + gradients "
-            f"{res['gradients'] / GIB:5.2f} + activations and temporaries {rest / GIB:5.2f}")
+            f"{res['gradients'] / GIB:5.2f} + activations and temporaries {rest / GIB:5.2f}; "
+            f"{res['forward_flops'] / 1e9:,.0f} GFLOP forward, {res['backward_flops'] / 1e9:,.0f} backward")
 
 
 def main() -> None:
@@ -205,8 +241,9 @@ def main() -> None:
     for name, ours in results.items():
         against_measured = (f", {ours['peak'] / GIB / args.reference_peak:.2f}x the reference's measured "
                             f"{args.reference_peak:.2f} GiB" if args.reference_peak else "")  # fmt: skip
+        flops = (ours["forward_flops"] + ours["backward_flops"]) / (reference["forward_flops"] + reference["backward_flops"])
         print(f"{name} / reference: {ours['peak'] / reference['peak']:.2f}x the reference's predicted peak"
-              f"{against_measured}")
+              f"{against_measured}; {flops:.2f}x its FLOPs")
 
 
 if __name__ == "__main__":

@@ -37,6 +37,20 @@ def test_live_storages_count_each_storage_once_rounded_as_cuda_allocates_until_i
     assert tracker.peak == 2 * 4096  # a and b, before the view let a's storage go
 
 
+def test_flops_count_a_depthwise_convolution_s_gradients_as_two_of_its_forward() -> None:
+    conv = torch.nn.Conv2d(64, 64, 3, padding=1, groups=64)
+    x = torch.randn(2, 64, 8, 8, requires_grad=True)
+    tracker = LiveStorages()
+    with tracker:
+        tracker.phase = "forward"
+        y = conv(x)
+        tracker.phase = "backward"
+        y.sum().backward()
+    forward = 2 * (2 * 64 * 8 * 8) * 9  # a multiply and an add per output element and tap
+    # torch's own formula counts the weight gradient as an ungrouped convolution: 64x too much here.
+    assert tracker.flops == {"forward": forward, "backward": 2 * forward}
+
+
 def tiny_step_peak(fake: bool, checkpointing: bool) -> LiveStorages:
     """Two train steps of a tiny Stage C with dropout, on real or fake tensors."""
     tracker = LiveStorages()
@@ -70,6 +84,14 @@ def test_checkpointing_lowers_the_predicted_peak_of_the_reduced_stage_b() -> Non
     reference = predict("b", "reference", frozenset(), "reduced", 16)
     assert reference["static"] == eager["static"]
     assert eager["peak"] < reference["peak"]
+    # The same math: the same FLOPs, a backward of about twice the forward's; checkpointing adds at most
+    # one more forward (the embedding and the head are not recomputed).
+    flops = ("forward_flops", "backward_flops")
+    assert [reference[key] for key in flops] == [eager[key] for key in flops]
+    assert 1.9 < eager["backward_flops"] / eager["forward_flops"] < 2.1
+    assert checkpointed["forward_flops"] == eager["forward_flops"]
+    recomputed = checkpointed["backward_flops"] - eager["backward_flops"]
+    assert 0.5 * eager["forward_flops"] < recomputed <= eager["forward_flops"]
 
 
 @pytest.mark.parametrize("stage", ["b", "c"])
