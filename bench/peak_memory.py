@@ -241,7 +241,8 @@ def main() -> None:
     for name, ours in results.items():
         against_measured = (f", {ours['peak'] / GIB / args.reference_peak:.2f}x the reference's measured "
                             f"{args.reference_peak:.2f} GiB" if args.reference_peak else "")  # fmt: skip
-        flops = (ours["forward_flops"] + ours["backward_flops"]) / (reference["forward_flops"] + reference["backward_flops"])
+        flops = ((ours["forward_flops"] + ours["backward_flops"])
+                 / (reference["forward_flops"] + reference["backward_flops"]))
         print(f"{name} / reference: {ours['peak'] / reference['peak']:.2f}x the reference's predicted peak"
               f"{against_measured}; {flops:.2f}x its FLOPs")
 
