@@ -54,14 +54,15 @@ bench() {  # bench NAME SECONDS ARGS...
 bench train_step 240 $python bench/train_step.py --device cuda --config v2 --steps 10
 # Stage B's two goals at once (>= 1.5x, <= 0.5x memory, i.e. <= 20.8 GiB): compiled whole, the v2
 # Stage B made 1.72x at 0.70x, and compiled and checkpointed 1.39x at 0.61x (docs/benchmarks.md).
-# Compiled per block (the training loop's `compile`) with a memory budget, the partitioner recomputes
-# only the cheapest ops. Predicted on CPU (bench/peak_memory.py; compiled graphs run op by op there,
-# which likely keeps more temporaries than inductor's kernels): budget 0.5 20.8 GiB at 1.04x the
-# eager step's FLOPs, 0.4 19.3 GiB at 1.13x, 0.25 17.9 GiB at 1.20x; without a budget 30.3 GiB, so
-# that one is left out. Against one eager reference run, least recompute first; ~230 s for the
-# whole-model compile, per block not timed.
+# Compiled per block (the training loop's `compile`) with a memory budget per level (64x64 / 32x32 /
+# 16x16 / 8x8), the partitioner recomputes only the cheapest ops. Predicted on CPU
+# (bench/peak_memory.py; compiled graphs run op by op there, which likely keeps more temporaries
+# than inductor's kernels): 0.3/0.4/0.6/0.5 20.1 GiB at 1.04x the eager step's FLOPs, 0.3/0.4/0.5/0.5
+# 19.5 GiB at 1.06x, 0.3/0.4/0.4/0.5 18.6 GiB at 1.14x; without a budget 30.3 GiB, so that one is
+# left out. Against one eager reference run, least recompute first; ~230 s for the whole-model
+# compile, per block not timed.
 bench train_step_b_variants 540 $python bench/train_step.py --device cuda --config v2 --steps 10 --stages b \
-    --ours compile+budget=0.5,compile+budget=0.4,compile+budget=0.25
+    --ours compile+budget=0.3/0.4/0.6/0.5,compile+budget=0.3/0.4/0.5/0.5,compile+budget=0.3/0.4/0.4/0.5
 bench encode 180 $python bench/encode.py --device cuda --shards 5 --shard-size 512 --no-dashboard
 # Two actors on the one GPU: while one waits on its CPU work, the other's batches keep the GPU busy.
 bench encode_two_actors 180 $python bench/encode.py --device cuda --shards 6 --shard-size 512 --actors 2 \

@@ -11,6 +11,7 @@ from (activations, gradients, temporaries), which compilation does not touch.
     python bench/train_step.py --device cuda --config v2    # GPU, official v2 configs, bf16 autocast
     python bench/train_step.py --stages b --ours compile+checkpointing,compile   # two variants of ours
     python bench/train_step.py --stages b --ours compile+budget=0.25   # compiled, a quarter of its saved activations
+    python bench/train_step.py --stages b --ours compile+budget=0.3/0.4/0.6/1   # a budget per level
 
 Prints samples/s and peak memory for the reference and each variant of ours (`--ours`: eager, or
 compiled with inductor, with activation checkpointing or an activation memory budget; the reference
@@ -73,7 +74,7 @@ SETUPS = {
     "v2": {"c": (STAGE_C_CONFIGS["v2"], 32, 24), "b": (STAGE_B_CONFIGS["v2"], 16, 128)},
 }
 TEXT_TOKENS = 77
-VARIANT_OPTIONS = ("compile", "checkpointing", "budget=<0..1>")
+VARIANT_OPTIONS = ("compile", "checkpointing", "budget=<0..1>[/<0..1>...]")
 
 
 def build(stage: str, impl: str, config: StageCConfig | StageBConfig) -> torch.nn.Module:
@@ -111,20 +112,26 @@ def parse_variants(text: str) -> list[frozenset[str]]:
         for option in options:
             if option.startswith("budget="):
                 try:
-                    budget = float(option.removeprefix("budget="))
+                    budgets = _budgets(option)
                 except ValueError:
-                    budget = -1.0
-                if not 0 <= budget <= 1 or "compile" not in options or "checkpointing" in options:
-                    raise argparse.ArgumentTypeError(f"{variant!r}: budget=B takes a B from 0 to 1, with compile "
-                                                     "and without checkpointing (TrainConfig.activation_memory_budget)")
+                    budgets = (-1.0,)
+                in_range = all(0 <= budget <= 1 for budget in budgets)
+                if not in_range or "compile" not in options or "checkpointing" in options:
+                    raise argparse.ArgumentTypeError(
+                        f"{variant!r}: budget=B takes a B from 0 to 1, or for Stage B one per level joined by '/', "
+                        "with compile and without checkpointing (TrainConfig.activation_memory_budget)")
             elif option not in VARIANT_OPTIONS:
                 raise argparse.ArgumentTypeError(f"{text!r}: each variant is 'eager' or '+'-joined from {VARIANT_OPTIONS}")
         variants.append(options)
     return variants
 
 
-def memory_budget(options: frozenset[str]) -> float:
-    return next((float(option.removeprefix("budget=")) for option in options if option.startswith("budget=")), 1.0)
+def _budgets(option: str) -> tuple[float, ...]:
+    return tuple(float(share) for share in option.removeprefix("budget=").split("/"))
+
+
+def memory_budget(options: frozenset[str]) -> tuple[float, ...]:
+    return next((_budgets(option) for option in options if option.startswith("budget=")), (1.0,))
 
 
 def label(impl: str, options: frozenset[str]) -> str:
@@ -232,8 +239,9 @@ def main() -> None:
                              "'eager', or '+'-joined from compile (inductor, each block on its own, as the "
                              "training loop's `compile`), checkpointing (activation checkpointing per "
                              "block) and budget=B (with compile: each block keeps at most B of what it saves "
-                             "for backward by default, the training loop's `activation_memory_budget`), "
-                             "e.g. 'compile+checkpointing,compile,compile+budget=0.3'")  # fmt: skip
+                             "for backward by default, the training loop's `activation_memory_budget`; for "
+                             "Stage B one B per level, outermost first, joined by '/'), "
+                             "e.g. 'compile+checkpointing,compile+budget=0.3,compile+budget=0.3/0.4/0.6/1'")
     args = parser.parse_args()
     config = args.config or ("v2" if args.device == "cuda" else "reduced")
     steps = args.steps or (20 if args.device == "cuda" else 5)

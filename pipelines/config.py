@@ -24,6 +24,7 @@ from pipelines.tracking import TrackingConfig
 from pipelines.train import TrainConfig
 from pipelines.train_tasks import StageALosses
 from stages.stage_a_losses import VGG16_WEIGHTS_URL
+from stages.stage_b import STAGE_B_CONFIGS
 
 
 def _v2_stage_c_training() -> TrainConfig:
@@ -76,6 +77,13 @@ class RunConfig:
             if getattr(self, section).activation_checkpointing:
                 raise ValueError(f"{section}.activation_checkpointing: only Stage B and Stage C checkpoint their "
                                  "blocks; set it in train_b or train_c")
+        levels = len(STAGE_B_CONFIGS[self.pre_encode.models]().c_hidden)
+        for section in ("train_a", "train_semantic", "train_b", "train_c"):
+            budgets = getattr(self, section).activation_memory_budget
+            if len(budgets) > 1 and (section != "train_b" or len(budgets) != levels):
+                raise ValueError(f"{section}.activation_memory_budget has {len(budgets)} shares: give one for every "
+                                 f"block, or in train_b one per level of the {self.pre_encode.models!r} Stage B "
+                                 f"({levels})")
 
     def resolved_work_dir(self) -> str:
         """``work_dir`` as an absolute path (URLs unchanged), fixed before anything is written."""

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -61,6 +62,7 @@ from pipelines.train_tasks import StageALosses, Task, TaskSpec, build_model, exp
 from pipelines.tracking import TrackedRun, connect
 from stages.blocks import AttnBlock, ResBlock, TimestepBlock
 from stages.stage_a import MixingBlock
+from stages.stage_b import StageB
 
 logger = logging.getLogger(__name__)
 
@@ -122,11 +124,14 @@ class TrainConfig:
     """Stage B and Stage C: recompute the activations of each repeat of the block pattern in backward
     instead of keeping them, for a fraction of the step's memory at the cost of a second forward pass
     (docs/benchmarks.md)."""
-    activation_memory_budget: float = 1.0
+    activation_memory_budget: tuple[float, ...] = (1.0,)
     """With ``compile``: the share, from 0 to 1, of what each compiled block saves for backward by
     default that it may keep; inductor's partitioner recomputes the ops that cost least per byte to
     stay under it (0 keeps what checkpointing every block keeps, 1 is its own speed-first choice).
-    A middle ground between ``activation_checkpointing`` and neither (docs/benchmarks.md)."""
+    A middle ground between ``activation_checkpointing`` and neither (docs/benchmarks.md). One share
+    for every block, or for Stage B one per U-Net level, outermost first (e.g. ``0.3,0.4,0.6,1``
+    for v2): each block meets its budget on its own, and under one share for all the inner levels'
+    blocks give up matrix products where the outer levels could give up more elementwise work."""
     checkpoint_every: int = 1_000
     """Steps between checkpoints (one is also written at the end and when the budget stops the run)."""
     keep_checkpoints: int = 3
@@ -169,11 +174,12 @@ class TrainConfig:
             raise ValueError("lr and grad_clip must be > 0 and warmup_steps >= 0")
         if self.budget_gpu_hours is not None and self.budget_gpu_hours <= 0:
             raise ValueError(f"budget_gpu_hours must be > 0 or none, got {self.budget_gpu_hours}")
-        if not 0 <= self.activation_memory_budget <= 1:
-            raise ValueError(f"activation_memory_budget must be in [0, 1], got {self.activation_memory_budget}")
-        if self.activation_memory_budget < 1 and not self.compile:
+        budgets = self.activation_memory_budget
+        if not budgets or not all(0 <= budget <= 1 for budget in budgets):
+            raise ValueError(f"activation_memory_budget must be one or more shares in [0, 1], got {budgets}")
+        if min(budgets) < 1 and not self.compile:
             raise ValueError("activation_memory_budget below 1 needs compile=true (it steers inductor's partitioner)")
-        if self.activation_memory_budget < 1 and self.activation_checkpointing:
+        if min(budgets) < 1 and self.activation_checkpointing:
             raise ValueError("activation_memory_budget and activation_checkpointing both trade recompute for memory; "
                              "set one of them")
 
@@ -534,10 +540,11 @@ def _log_samples(run: TrackedRun | None, task: Task, model: nn.Module, ema: list
         run.log_image(grid, f"samples/step_{step:07d}.png")
 
 
-def compile_blocks(model: nn.Module, memory_budget: float = 1.0, backend: str = "inductor") -> nn.Module:
+def compile_blocks(model: nn.Module, memory_budget: tuple[float, ...] = (1.0,), backend: str = "inductor") -> nn.Module:
     """``model`` with each block compiled in place, or compiled whole if it has no such blocks, each
-    graph keeping at most ``memory_budget`` of its default saved activations (TrainConfig).
-    ``backend``: inductor to train; bench/peak_memory.py runs the same partitioned graphs op by op
+    graph keeping at most its budget's share of its default saved activations: one budget for every
+    block, or one per level of a Stage B (TrainConfig.activation_memory_budget). ``backend``:
+    inductor to train; bench/peak_memory.py runs the same partitioned graphs op by op
     (``aot_eager_decomp_partition``), which fake tensors can go through.
 
     Compiled whole, a checkpointed v2 Stage B kept far more alive in backward than eager
@@ -545,19 +552,47 @@ def compile_blocks(model: nn.Module, memory_budget: float = 1.0, backend: str = 
     backward of one block is all that a checkpoint recomputes. Static shapes: a run has a handful of
     batch shapes, and with dynamic ones inductor (torch 2.14.1) fails on the second shape of tiny
     Stage B and Stage C (ordering the symbolic strides of a convolution's input)."""
-    # Process-wide: the partitioner reads it whenever a graph compiles, which is at a block's first
-    # call and at every recompile, long after this returns.
-    torch._functorch.config.activation_memory_budget = memory_budget
-    blocks = [module for module in model.modules() if isinstance(module, COMPILED_BLOCKS)]
+    blocks = _blocks_with_budgets(_unwrapped(model), memory_budget)
     if not blocks:
+        (budget,) = memory_budget
+        # Process-wide: the partitioner reads it whenever the graph compiles, which is at the first
+        # call and at every recompile, long after this returns.
+        torch._functorch.config.activation_memory_budget = budget
         return torch.compile(model, backend=backend, dynamic=False)
-    # The blocks of one class share their forward's code, so each (block shape, batch shape) counts
-    # against one recompile limit: the v2 Stage B has up to 7 block shapes per class, and each
-    # aspect-ratio bucket multiplies them, past the default of 8.
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-    for block in blocks:
-        block.compile(backend=backend, dynamic=False)
+    # Every block runs through one compiled function, so each (block shape, budget, batch shape)
+    # counts against one recompile limit: the v2 Stage B has 14 block shapes, and each of up to 9
+    # aspect-ratio buckets compiles them again, far past the default of 8.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
+    compiled = torch.compile(_forward_within_budget, backend=backend, dynamic=False)
+    for block, budget in blocks:
+        # Forward hooks (FSDP's gathers) stay eager around it, as with torchtitan's per-block compile.
+        block.forward = functools.partial(compiled, block, budget)
     return model
+
+
+def _blocks_with_budgets(model: nn.Module, memory_budget: tuple[float, ...]) -> list[tuple[nn.Module, float]]:
+    """The blocks ``compile_blocks`` compiles, each with its budget."""
+    if len(memory_budget) == 1:
+        groups = [[model]]
+    elif isinstance(model, StageB) and len(memory_budget) == len(model.config.c_hidden):
+        groups = model.blocks_by_level()
+    else:
+        levels = len(model.config.c_hidden) if isinstance(model, StageB) else 1
+        raise ValueError(f"activation_memory_budget has {len(memory_budget)} shares: give one for every block, or for "
+                         f"Stage B one per level ({levels} here)")
+    return [(block, budget) for group, budget in zip(groups, memory_budget)
+            for module in group for block in module.modules() if isinstance(block, COMPILED_BLOCKS)]
+
+
+def _forward_within_budget(block: nn.Module, budget: float, *args: Any, **kwargs: Any) -> Any:
+    """``block``'s forward with the partitioner held to ``budget`` in its graph. The budget, an
+    argument, is part of what the compiled code is cached under: blocks of one shape with different
+    budgets compile apart, which the process-wide setting cannot tell."""
+    forward = type(block).forward
+    if not torch.compiler.is_compiling():  # under torch.compiler.set_stance("force_eager"): samples
+        return forward(block, *args, **kwargs)
+    with torch.autograd.graph.region_activation_memory_budget(budget):
+        return forward(block, *args, **kwargs)
 
 
 def _fully_sharded(model: nn.Module, device: torch.device) -> nn.Module:

@@ -225,6 +225,11 @@ class StageB(nn.Module):
                 elif isinstance(block, TimestepBlock):
                     nn.init.zeros_(block.mapper.weight)
 
+    def blocks_by_level(self) -> list[list[nn.Module]]:
+        """Each U-Net level's modules, outermost level first: those going down, then those coming up."""
+        levels = len(self.config.c_hidden)
+        return [[*self.down_blocks[i], *self.up_blocks[levels - 1 - i]] for i in range(levels)]
+
     def _semantic(self, slot: int, effnet: torch.Tensor, size: tuple[int, int]) -> tuple[torch.Tensor, ...]:
         """The semantic latent resized to `size` and mapped by mapper `slot`: () or ((B, c_cond, *size),)."""
         mapper = self.effnet_mappers[slot]

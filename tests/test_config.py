@@ -28,7 +28,7 @@ def test_overrides_parse_by_field_type():
     config = load_config("tiny", [
         "filter.min_side=256", "filter.max_aspect_ratio=2.5", "filter.min_aesthetic=none",
         "filter.drop_duplicates=false", "data.demo.seed=7", "work_dir=/tmp/elsewhere",
-        "filter.resources.max_actors=4",
+        "filter.resources.max_actors=4", "train_b.compile=true", "train_b.activation_memory_budget=0.3,0.5,1",
     ])
     assert config.filter.min_side == 256
     assert config.filter.max_aspect_ratio == 2.5
@@ -37,6 +37,7 @@ def test_overrides_parse_by_field_type():
     assert config.data.demo.seed == 7
     assert config.work_dir == "/tmp/elsewhere"
     assert config.filter.resources.max_actors == 4
+    assert config.train_b.activation_memory_budget == (0.3, 0.5, 1.0)  # one share per level of the tiny Stage B
     assert load_config("tiny").filter.min_side == 64, "overrides must not change the named run"
 
 
@@ -55,7 +56,9 @@ def test_overrides_parse_by_field_type():
     ("pre_encode.resources.calls_per_actor=0", "pre_encode.resources.calls_per_actor.*must be >= 1"),
     ("min_side", "must look like dotted.key=value"),
     ("train_a.activation_checkpointing=true", "train_a.activation_checkpointing: only Stage B and Stage C"),
-    ("train_c.compile=true train_c.activation_memory_budget=1.5", "train_c.*activation_memory_budget must be in"),
+    ("train_c.compile=true train_c.activation_memory_budget=1.5", "train_c.*activation_memory_budget must be one or"),
+    ("train_c.compile=true train_c.activation_memory_budget=0.5,0.5", "train_c.activation_memory_budget has 2 shares"),
+    ("train_b.compile=true train_b.activation_memory_budget=0.5,0.5", "one per level of the 'tiny' Stage B \\(3\\)"),
     ("train_c.activation_memory_budget=0.5", "train_c.*activation_memory_budget below 1 needs compile=true"),
     ("train_c.compile=true train_c.activation_memory_budget=0.5 train_c.activation_checkpointing=true",
      "train_c.*set one of them"),
