@@ -34,7 +34,7 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import Any, Callable, Iterator, Literal
 
 import numpy as np
 import pyarrow.fs
@@ -563,10 +563,10 @@ def compile_blocks(model: nn.Module, memory_budget: tuple[float, ...] = (1.0,), 
     # counts against one recompile limit: the v2 Stage B has 14 block shapes, and each of up to 9
     # aspect-ratio buckets compiles them again, far past the default of 8.
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
-    compiled = torch.compile(_forward_within_budget, backend=backend, dynamic=False)
+    compiled = torch.compile(_block_forward, backend=backend, dynamic=False)
     for block, budget in blocks:
         # Forward hooks (FSDP's gathers) stay eager around it, as with torchtitan's per-block compile.
-        block.forward = functools.partial(compiled, block, budget)
+        block.forward = functools.partial(_call_within_budget, compiled, block, budget)
     return model
 
 
@@ -584,15 +584,20 @@ def _blocks_with_budgets(model: nn.Module, memory_budget: tuple[float, ...]) -> 
             for module in group for block in module.modules() if isinstance(block, COMPILED_BLOCKS)]
 
 
-def _forward_within_budget(block: nn.Module, budget: float, *args: Any, **kwargs: Any) -> Any:
-    """``block``'s forward with the partitioner held to ``budget`` in its graph. The budget, an
-    argument, is part of what the compiled code is cached under: blocks of one shape with different
-    budgets compile apart, which the process-wide setting cannot tell."""
-    forward = type(block).forward
-    if not torch.compiler.is_compiling():  # under torch.compiler.set_stance("force_eager"): samples
-        return forward(block, *args, **kwargs)
-    with torch.autograd.graph.region_activation_memory_budget(budget):
-        return forward(block, *args, **kwargs)
+def _call_within_budget(compiled: Callable[..., Any], block: nn.Module, budget: float, *args: Any, **kwargs: Any) -> Any:
+    """``block``'s compiled forward, partitioned under ``budget`` when it compiles, which happens
+    inside this call (at the first one and at every recompile). The process-wide setting, patched
+    per call, not torch's ``region_activation_memory_budget``: that came after torch 2.11, which the
+    lent GPU machines run."""
+    with torch._functorch.config.patch(activation_memory_budget=budget):
+        return compiled(block, budget, *args, **kwargs)
+
+
+def _block_forward(block: nn.Module, budget: float, *args: Any, **kwargs: Any) -> Any:
+    # Reading the budget makes it part of what the compiled code is cached under, so blocks of one
+    # shape with different budgets compile apart instead of reusing each other's partition.
+    assert 0 <= budget <= 1, budget
+    return type(block).forward(block, *args, **kwargs)
 
 
 def _fully_sharded(model: nn.Module, device: torch.device) -> nn.Module:
