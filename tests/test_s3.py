@@ -29,6 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SECRET = "s3cr3t-never-logged-4242"
 
 
+@pytest.mark.slow
 def test_full_pipeline_on_s3(s3_server, tmp_path):
     fs = s3fs.S3FileSystem(key="test-key", secret=SECRET, endpoint_url=s3_server, use_listings_cache=False)
     fs.mkdir("wuerstchen")

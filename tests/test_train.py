@@ -111,6 +111,7 @@ def test_each_bucket_holds_the_latents_the_encoders_compute_for_its_crop(latents
             assert statistics.has_min_max and statistics.min == statistics.max, (group, column)
 
 
+@pytest.mark.slow
 def test_budgets_stop_a_run_with_a_checkpoint_and_refuse_one_that_cannot_fit(latents, tmp_path, capsys):
     work_dir = _fresh_copy(latents, tmp_path)
     # Worker-hours: ~14 s of wall time for 2 workers, start-up included (~100 steps on 2 cores; half of
