@@ -22,7 +22,7 @@ $(VENV)/.installed-test: pyproject.toml $(VENV)/.installed-run
 demo: $(VENV)/.installed-run
 	$(PY) pipelines/full.py
 
-# `make test` leaves out the tests marked slow (stop or kill and rerun, compiled, FSDP, the pipeline on S3) to stay under 20 minutes on
+# `make test` leaves out the tests marked slow (stop or kill and rerun, compiled, FSDP, the pipeline on S3) to stay near 20 minutes on
 # 2 cores; `make test-slow` runs just those, and CI runs both.
 # PYTEST_RC_FILE lets .ci/run report pytest's own exit code (make would turn every failure into 2).
 MARKS := not slow
