@@ -4,11 +4,12 @@ With ``decode.crop=buckets`` training builds one Ray Data set per bucket, each a
 ``crop_width``/``crop_height`` over every latent shard. Without ``train.cache_data`` each epoch runs
 each of them again. This checks what that costs in reading: it writes a synthetic shard in the v2
 bucket shapes through the pre-encode phase's own writer (``shard_phase.ShardOutput``: one row
-group per batch, a batch is one crop), reads it through Ray Data whole and bucket by bucket as
-``pipelines.train_phase`` does, and counts the bytes each read pulls from the file (a counting
-fsspec filesystem, in the read tasks' processes). If Ray pushes the filter into the Parquet read
-and the read skips row groups by their statistics, the buckets together read about one shard;
-otherwise each reads all of it.
+group per batch, a batch is one crop), reads Stage B's training columns of it through Ray Data
+whole and bucket by bucket as ``pipelines.train_phase`` does, and counts the bytes each read
+pulls from the file (a counting fsspec filesystem, in the read tasks' processes). If Ray pushes
+the column selection and the filter into the Parquet read and the read skips row groups by their
+statistics, the buckets together read about one shard's training columns; otherwise each reads
+all of it.
 
     python bench/bucket_read.py
 """
@@ -32,6 +33,7 @@ from pipelines import schema, shard_phase, train_phase  # noqa: E402
 from pipelines.config import load_config  # noqa: E402
 from pipelines.ledger import ShardCounts  # noqa: E402
 from pipelines.pre_encode import latent_shapes, output_schema  # noqa: E402
+from pipelines.train_tasks import TaskSpec, input_columns  # noqa: E402
 from stages.text import MAX_LENGTH  # noqa: E402
 
 
@@ -103,7 +105,10 @@ def main() -> None:
         from bench.bucket_read import CountingFileSystem as Importable
 
         try:
-            everything = ray.data.read_parquet([path], filesystem=Importable(str(log)))
+            stage_b = TaskSpec(stage="stage_b", models="v2", caption_dropout=0.0, semantic_dropout=0.0,
+                               semantic_noise=0.0, text_from_tokens=True)
+            columns = [*input_columns(stage_b), schema.CAPTION]
+            everything = train_phase.bucketed_source([path], Importable(str(log)), columns)
             rows, whole = read_bytes(log, everything)
             print(f"whole shard: {rows} rows, {whole / 2**20:.1f} MiB read ({whole / size:.2f} of the file)")
             total = 0

@@ -36,6 +36,7 @@ _TRAINING_PHASE = {stage: phase for phase, stage in PHASE_STAGES.items()}
 # The encoders a run may train itself: the pre_encode setting that names their weights.
 _ENCODER_WEIGHTS = {"stage_a": "stage_a_weights", "semantic": "semantic_weights"}
 _SAMPLE_ROWS = 8
+_CROP_COLUMNS = [schema.CROP_WIDTH, schema.CROP_HEIGHT]  # the bucket of a row of bucketed latent shards
 
 
 class BudgetStop(Exception):
@@ -132,7 +133,7 @@ def _datasets(context, stage: str, shards: list[str], config: TrainConfig,
     fs, folder = filesystem(context.output_url(phase), storage)
     files = [f"{folder}/{schema.shard_parquet(shard)}" for shard in shards]
     if stage in ("stage_a", "semantic"):
-        dataset = ray.data.read_parquet(files, filesystem=fs, columns=[schema.IMAGE, schema.CAPTION, schema.DROP_REASON])
+        dataset = ray.data.read_parquet(files, filesystem=fs).select_columns([schema.IMAGE, schema.CAPTION, schema.DROP_REASON])
         dataset = dataset.filter(expr=col(schema.DROP_REASON).is_null()).map_batches(
             decode_images, fn_kwargs={"resolution": resolution})
         return {TRAIN_DATASET: _in_fixed_order(dataset, config).randomize_block_order(seed=config.seed)}, {}
@@ -144,12 +145,11 @@ def _datasets(context, stage: str, shards: list[str], config: TrainConfig,
         dataset = ray.data.read_parquet(files, filesystem=fs).select_columns(columns)
         return {TRAIN_DATASET: _in_fixed_order(dataset, config).randomize_block_order(seed=config.seed)}, {}
 
-    crop_columns = [schema.CROP_WIDTH, schema.CROP_HEIGHT]
     # Two int columns of every shard, read here: Ray Data's group-by would start a shuffle for them.
-    counted = pyarrow.dataset.dataset(files, format="parquet", filesystem=fs).to_table(columns=crop_columns)
+    counted = pyarrow.dataset.dataset(files, format="parquet", filesystem=fs).to_table(columns=_CROP_COLUMNS)
     rows = {(row[schema.CROP_WIDTH], row[schema.CROP_HEIGHT]): row["count_all"]
-            for row in counted.group_by(crop_columns).aggregate([([], "count_all")]).to_pylist()}
-    everything = ray.data.read_parquet(files, filesystem=fs, columns=[*columns, *crop_columns])
+            for row in counted.group_by(_CROP_COLUMNS).aggregate([([], "count_all")]).to_pylist()}
+    everything = bucketed_source(files, fs, columns)
     per_worker = config.global_batch_size // config.workers
     datasets, buckets = {}, {}
     for width, height in crops:
@@ -184,6 +184,12 @@ def _check_stage_b_takes(context, crop: tuple[int, int]) -> None:
         raise ValueError(f"train_stage_b: the {crop[0]}x{crop[1]} crops have {width}x{height} Stage A latents, and the "
                          f"{models!r} Stage B takes sides that are multiples of {multiple}: set decode.bucket_multiple "
                          f"(or decode.resolution) to a multiple of {pixels}")
+
+
+def bucketed_source(files: list[str], fs, columns: list[str]) -> ray.data.Dataset:
+    """Every bucket's rows of the latent shards ``files``: ``columns`` and the crop columns that
+    ``in_bucket`` cuts by. The projection and each bucket's filter both go into the Parquet read."""
+    return ray.data.read_parquet(files, filesystem=fs).select_columns([*columns, *_CROP_COLUMNS])
 
 
 def in_bucket(dataset: ray.data.Dataset, crop: tuple[int, int]) -> ray.data.Dataset:
