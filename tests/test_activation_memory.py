@@ -53,7 +53,9 @@ def test_a_lower_activation_memory_budget_saves_less_for_backward_and_changes_no
         torch.manual_seed(0)
         model = StageC(STAGE_C_CONFIGS["tiny"]())
         if budget is not None:
-            compile_blocks(model, (budget,))
+            # The partitioner picks what is saved; inductor's kernels do not change it (the same
+            # bytes either way) and cost half a minute more to build here.
+            compile_blocks(model, (budget,), backend="aot_eager_decomp_partition")
         saved = saved_for_backward(model, x, r, {"c": c}, contextlib.nullcontext()).activations
         model(x, r, c).square().mean().backward()
         return saved, [parameter.grad for parameter in model.parameters()]
@@ -61,7 +63,7 @@ def test_a_lower_activation_memory_budget_saves_less_for_backward_and_changes_no
     eager_bytes, eager_gradients = saved_bytes_and_gradients(None)
     full_bytes, full_gradients = saved_bytes_and_gradients(1.0)
     low_bytes, low_gradients = saved_bytes_and_gradients(0.0)
-    # Measured: 9.7 MB eager, 7.7 MB compiled, 1.5 MB at budget 0.
+    # Measured: 9.7 MB eager, 7.7 MB compiled, 1.5 MB at budget 0 (with inductor and without).
     assert low_bytes < 0.5 * full_bytes and full_bytes < eager_bytes, (eager_bytes, full_bytes, low_bytes)
     for gradients in (full_gradients, low_gradients):
         for expected, got in zip(eager_gradients, gradients):
