@@ -60,7 +60,7 @@ bench train_step 240 $python bench/train_step.py --device cuda --config v2 --ste
 # than inductor's kernels): 0.3/0.4/0.6/0.5 20.1 GiB at 1.04x the eager step's FLOPs, 0.3/0.4/0.5/0.5
 # 19.5 GiB at 1.06x, 0.3/0.4/0.4/0.5 18.6 GiB at 1.14x; without a budget 30.3 GiB, so that one is
 # left out. Against one eager reference run, least recompute first; ~230 s for the whole-model
-# compile, per block not timed.
+# compile, per block not timed yet (each line the bench prints ends with its variant's seconds in all).
 bench train_step_b_variants 540 $python bench/train_step.py --device cuda --config v2 --steps 10 --stages b \
     --ours compile+budget=0.3/0.4/0.6/0.5,compile+budget=0.3/0.4/0.5/0.5,compile+budget=0.3/0.4/0.4/0.5
 bench encode 180 $python bench/encode.py --device cuda --shards 5 --shard-size 512 --no-dashboard

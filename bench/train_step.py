@@ -165,6 +165,7 @@ def one_step(model, optimizer, diffusion: CosineDiffusion, x0: torch.Tensor, con
 
 def worker(job: dict) -> dict:
     """Run one (stage, implementation) measurement; executed in its own process."""
+    started = time.perf_counter()
     device = torch.device(job["device"])
     baseline_rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     torch.manual_seed(0)
@@ -223,6 +224,8 @@ def worker(job: dict) -> dict:
         "batch": batch,
         "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
         "check_outputs": check_outputs,
+        # Building, compiling, checking and stepping: what a run of this variant costs a device call.
+        "worker_seconds": time.perf_counter() - started,
     }
 
 
@@ -235,7 +238,8 @@ def rss_gib(field: str) -> float:
 def describe(stage: str, name: str, res: dict) -> str:
     step_growth = f", step +{res['step_growth_gib']:6.3f} GiB" if res["step_growth_gib"] else ""
     return (f"stage {stage.upper()} {name:26s}: {res['params_m']:8.2f}M params, batch {res['batch']:3d}: "
-            f"{res['samples_per_s']:8.2f} samples/s, peak {res['peak_gib']:7.3f} GiB{step_growth}")
+            f"{res['samples_per_s']:8.2f} samples/s, peak {res['peak_gib']:7.3f} GiB{step_growth}, "
+            f"{res['worker_seconds']:.0f} s in all")
 
 
 def main() -> None:
