@@ -224,7 +224,7 @@ def worker(job: dict) -> dict:
         "batch": batch,
         "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
         "check_outputs": check_outputs,
-        # Building, compiling, checking and stepping: what a run of this variant costs a device call.
+        # Building, compiling, checking and stepping, not the process start-up and imports before them.
         "worker_seconds": time.perf_counter() - started,
     }
 
