@@ -8,7 +8,10 @@ from __future__ import annotations
 from unittest import mock
 
 import torch
+from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from diffusers.pipelines.deprecated.wuerstchen import PaellaVQModel, WuerstchenDiffNeXt, WuerstchenPrior
+from diffusers.pipelines.deprecated.wuerstchen.modeling_wuerstchen_common import AttnBlock, ResBlock, TimestepBlock
+from diffusers.pipelines.deprecated.wuerstchen.modeling_wuerstchen_diffnext import ResBlockStageB
 from torch import nn
 
 from stages.stage_a import StageA, StageAConfig
@@ -70,6 +73,20 @@ def reference_like(model: StageA | StageB | StageC) -> nn.Module:
     reference = build(model.config).train(model.training)
     reference.load_state_dict(model.state_dict(), strict=True)
     return reference
+
+
+def use_fused_attention_(reference: nn.Module) -> nn.Module:
+    """The reference with every attention on `F.scaled_dot_product_attention`: what a diffusers user gets
+    from one `set_attn_processor(AttnProcessor2_0())` call. The prior's constructor picks the unfused
+    processor, which keeps every attention matrix for backward; the decoder already uses this one."""
+    for module in reference.modules():
+        if isinstance(module, Attention):
+            module.set_processor(AttnProcessor2_0())
+    return reference
+
+
+REFERENCE_BLOCKS = (ResBlock, ResBlockStageB, TimestepBlock, AttnBlock)
+"""The reference's repeated blocks, which a user compiles one by one (regional compilation)."""
 
 
 @torch.no_grad()
