@@ -1,10 +1,13 @@
-"""Model FLOP utilisation: the FLOPs of a train step (pipelines/flops.py)."""
+"""Model FLOP utilisation: the FLOPs of a train step (pipelines/flops.py) and the GPUs' peaks
+(cluster/gpus.py)."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
+from cluster.gpus import peak_flops
 from pipelines.flops import train_step_flops
 
 
@@ -22,3 +25,16 @@ def test_a_step_counts_the_forward_and_the_gradients_the_backward_takes() -> Non
     # counted as an ungrouped convolution's, 4x this); the others take input and weight gradients.
     expected = depthwise + pointwise + linear + depthwise + 2 * (pointwise + linear)
     assert train_step_flops(build, lambda model: model(x).sum()) == expected
+
+
+@pytest.mark.parametrize("name, flops", [
+    ("NVIDIA A100-SXM4-80GB", 312e12),
+    ("NVIDIA A100 80GB PCIe", 312e12),
+    ("NVIDIA H100 80GB HBM3", 989.5e12),
+    ("NVIDIA H100 PCIe", 756e12),
+    ("NVIDIA H200", 989.5e12),
+    ("NVIDIA GeForce RTX 4090", None),
+    ("NVIDIA A10", None),
+])
+def test_peak_flops_by_device_name_and_none_for_an_unknown_device(name: str, flops: float | None) -> None:
+    assert peak_flops(name) == flops
