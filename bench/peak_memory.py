@@ -53,42 +53,21 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch._subclasses.fake_tensor import FakeTensorMode  # noqa: E402
 from torch.utils import _pytree as pytree  # noqa: E402
-from torch.utils.flop_counter import conv_flop_count, flop_registry, sdpa_backward_flop, sdpa_flop  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 from bench.train_step import SETUPS, build, inputs, label, memory_budget, parse_variants  # noqa: E402
+from pipelines.flops import FLOP_FORMULAS  # noqa: E402
 from pipelines.train import compile_blocks  # noqa: E402
 from stages.diffusion import CosineDiffusion, DiffusionConfig  # noqa: E402
 
-aten = torch.ops.aten
-
-
-def convolution_backward_flops(grad_out, input, weight, bias_sizes, stride, padding, dilation, transposed,
-                               output_padding, groups, output_mask, **kwargs) -> int:
-    """A convolution's input and weight gradients each cost its forward's multiplications. Torch's own
-    formula counts the weight gradient as an ungrouped convolution: c times too much for a depthwise one."""
-    forward = conv_flop_count(list(input.shape), list(weight.shape), list(grad_out.shape), transposed)
-    return forward * (int(output_mask[0]) + int(output_mask[1]))
-
-
-# torch's FlopCounterMode formulas, with the CPU's fused attention (which they leave out) counted as its
-# CUDA kernels are, and grouped convolutions' backward corrected.
-FLOP_FORMULAS = {
-    **flop_registry,
-    aten._scaled_dot_product_flash_attention_for_cpu: lambda query, key, value, *args, **kwargs: sdpa_flop(
-        query.shape, key.shape, value.shape),
-    aten._scaled_dot_product_flash_attention_for_cpu_backward: lambda grad, query, key, value, *args, **kwargs: (
-        sdpa_backward_flop(grad.shape, query.shape, key.shape, value.shape)),
-    aten.convolution_backward: convolution_backward_flops,
-}
 CUDA_BLOCK_BYTES = 512  # the caching allocator's smallest block: every allocation is a multiple of it
 GIB = 2**30
 
 
 class LiveStorages(TorchDispatchMode):
     """The bytes of all live storages created under this mode, their peak, and what the peak held;
-    and the FLOPs of the matrix products, convolutions and attention run in each phase, by torch's
-    FlopCounterMode formulas (what recomputation for backward adds shows there).
+    and the FLOPs of the matrix products, convolutions and attention run in each phase, by the
+    formulas of pipelines/flops.py (what recomputation for backward adds shows there).
 
     Not torch's MemTracker (torch.distributed._tools), which counts the same way: its module and
     gradient hooks hold references that keep autograd from taking a compiled block's gradients as

@@ -17,7 +17,8 @@ batch is from one bucket, and the buckets take turns in an order drawn from (see
 same on every rank (each holds as many batches of each bucket).
 
 Rank 0 logs into the MLflow run the driver opened (params, loss, LR, grad norm, samples/s,
-data-wait fraction, peak memory, GPU-hours) and prints a progress line at a steady interval.
+data-wait fraction, peak memory, GPU-hours, FLOPs per sample and, on a GPU whose peak is known, the
+model FLOP utilisation) and prints a progress line at a steady interval.
 """
 
 from __future__ import annotations
@@ -58,6 +59,8 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, fully_shard
 
 from cluster.budget import BudgetMeter
+from cluster.gpus import peak_flops
+from pipelines.flops import train_step_flops
 from pipelines.train_tasks import StageALosses, Task, TaskSpec, build_model, exported, input_columns
 from pipelines.tracking import TrackedRun, connect
 from stages.blocks import AttnBlock, ResBlock, TimestepBlock
@@ -300,6 +303,7 @@ def train_worker(args: WorkerArgs) -> None:
                                "delete them to train from the start")
     meter = BudgetMeter(units_held=config.units_held, budget=args.budget, used_before=state.gpu_hours_used)
     run = connect(args.tracking_uri, args.run_id) if rank == 0 else None
+    peak = _run_peak_flops(device, config) if run is not None else None
     if run is not None and candidates:  # the console line can scroll away; the run keeps it
         run.set_tags({"resume.checkpoint": resumed_from, "resume.step": str(state.step),
                       "resume.unreadable_checkpoints": json.dumps(unreadable)})
@@ -308,6 +312,7 @@ def train_worker(args: WorkerArgs) -> None:
     shards = [ray.train.get_dataset_shard(name) for name in names]
     per_worker = config.global_batch_size // config.workers
     window = _Window()
+    flops_by_shapes: dict[tuple, float] = {}  # FLOPs per sample, by the shapes of a batch (its bucket)
     step_seconds = 0.0
     last_log = time.monotonic()
     caches = [_ShardCache() if config.cache_data else None for _ in names]
@@ -333,10 +338,17 @@ def train_worker(args: WorkerArgs) -> None:
             state.samples_seen += config.global_batch_size
             update_ema(ema, model, state.step, config)
             step_seconds = time.monotonic() - started
+            total_seconds = time.monotonic() - waited_since
             state.last_loss = loss
-            window.add(loss, grad_norm, data_wait, time.monotonic() - waited_since)
+            flops = None
+            if run is not None:  # after the step's timing: counting a new bucket's shapes is not the step's
+                shapes = tuple(tuple(values.shape) for values in batch.values())
+                if shapes not in flops_by_shapes:
+                    flops_by_shapes[shapes] = _flops_per_sample(task, batch, per_worker, state.step - 1)
+                flops = flops_by_shapes[shapes]
+            window.add(loss, grad_norm, data_wait, total_seconds, flops)
             if run is not None and time.monotonic() - last_log >= config.log_every_seconds:
-                _log_progress(run, state, window, meter, config, optimizer, device)
+                _log_progress(run, state, window, meter, config, optimizer, device, peak)
                 last_log = time.monotonic()
             if config.sample_every and state.step % config.sample_every == 0:
                 _log_samples(run, task, model, ema, state.step)
@@ -352,7 +364,7 @@ def train_worker(args: WorkerArgs) -> None:
             state.epoch += 1
             state.batches_in_epoch = 0
     if run is not None:
-        _log_progress(run, state, window, meter, config, optimizer, device)
+        _log_progress(run, state, window, meter, config, optimizer, device, peak)
     _log_samples(run, task, model, ema, state.step)
     _report(model, ema, optimizer, state, meter, final=True)
 
@@ -465,17 +477,48 @@ def train_step(model, optimizer, schedule, task: Task, batch, config: TrainConfi
     return loss.item(), float(grad_norm)
 
 
+def _flops_per_sample(task: Task, batch: dict[str, torch.Tensor], per_worker: int, step: int) -> float:
+    """FLOPs of one sample's forward and backward through ``task.loss`` at ``step``, counted on fake
+    tensors. The model is built without activation checkpointing: MFU counts the model's FLOPs, and
+    what a checkpoint recomputes is the run's cost, not the model's work. The loss draws from a
+    generator of its own, so the training's draws stay as they were."""
+    spec = dataclasses.replace(task.spec, activation_checkpointing=False)
+
+    def build() -> nn.Module:
+        with task.device:  # built there: fake parameters cannot be moved (``to`` cannot swap them)
+            return build_model(spec)
+
+    flops = train_step_flops(build, lambda model: task.loss(model, batch, torch.Generator(task.device).manual_seed(0),
+                                                            step=step))
+    return flops / per_worker
+
+
+def _run_peak_flops(device: torch.device, config: TrainConfig) -> float | None:
+    """Dense bf16 FLOP/s of all the GPUs the run holds; None on CPU and on a GPU cluster/gpus.py does
+    not know (the run then logs no MFU)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    per_gpu = peak_flops(name)
+    if per_gpu is None:
+        logger.warning(f"no peak FLOP/s known for {name!r} (add it to cluster/gpus.py): this run logs no MFU")
+        return None
+    return per_gpu * config.workers * config.gpus_per_worker
+
+
 class _Window:
     """Figures since the last log line."""
 
     def __init__(self):
         self.losses, self.grad_norms, self.waits, self.totals = [], [], [], []
+        self.flops: list[float | None] = []
 
-    def add(self, loss: float, grad_norm: float, wait: float, total: float) -> None:
+    def add(self, loss: float, grad_norm: float, wait: float, total: float, flops_per_sample: float | None) -> None:
         self.losses.append(loss)
         self.grad_norms.append(grad_norm)
         self.waits.append(wait)
         self.totals.append(total)
+        self.flops.append(flops_per_sample)
 
     def drain(self) -> dict[str, float]:
         if not self.losses:
@@ -486,12 +529,17 @@ class _Window:
             "data_wait_fraction": float(np.sum(self.waits) / max(np.sum(self.totals), 1e-9)),
             "step_seconds": float(np.mean(self.totals)),
         }
+        if None not in self.flops:
+            # Every step takes the global batch: the mean per sample over the steps, times samples/s, is
+            # the window's FLOP/s, whatever buckets it mixed.
+            figures["flops_per_sample"] = float(np.mean(self.flops))
         self.__init__()
         return figures
 
 
 def _log_progress(run: TrackedRun, state: TrainingState, window: _Window, meter: BudgetMeter, config: TrainConfig,
-                  optimizer, device: torch.device) -> None:
+                  optimizer, device: torch.device, peak: float | None) -> None:
+    """Logs the window's figures; ``peak``: the FLOP/s of all GPUs held, None for no MFU."""
     figures = window.drain()
     if not figures:
         return
@@ -509,12 +557,16 @@ def _log_progress(run: TrackedRun, state: TrainingState, window: _Window, meter:
         metrics["gpu_hours_remaining"] = meter.remaining(metrics["gpu_hours"])
     if device.type == "cuda":
         metrics["peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    if peak is not None and "flops_per_sample" in figures:
+        metrics["mfu"] = figures["flops_per_sample"] * samples_per_second / peak
     run.log_metrics(metrics, step=state.step)
     budget = ("no budget" if meter.budget is None
               else f"{metrics['gpu_hours_remaining']:.3g} of {meter.budget:.3g} GPU-h left")
+    mfu = f"MFU {metrics['mfu']:.0%}  " if "mfu" in metrics else ""
     # Ray Train sends the root logger to the driver's console once (its patched print shows twice).
     logger.info(f"step {state.step}/{config.steps}  loss {figures['loss']:.4f}  {samples_per_second:.1f} samples/s  "
-                f"data wait {figures['data_wait_fraction']:.0%}  ETA {metrics['eta_seconds'] / 60:.1f} min  {budget}")
+                f"{mfu}data wait {figures['data_wait_fraction']:.0%}  ETA {metrics['eta_seconds'] / 60:.1f} min  "
+                f"{budget}")
 
 
 def _log_samples(run: TrackedRun | None, task: Task, model: nn.Module, ema: list[torch.Tensor], step: int) -> None:

@@ -135,8 +135,10 @@ def test_each_stage_learns_checkpoints_and_logs_loadable_weights(first_run, phas
     (run,) = _ran(runs, phase)
     losses = [m.value for m in sorted(client.get_metric_history(run.info.run_id, "loss"), key=lambda m: m.step)]
     assert len(losses) >= 2 and losses[-1] < 0.5 * losses[0], losses
-    for name in ("lr", "grad_norm", "samples_per_second", "data_wait_fraction", "gpu_hours", "eta_seconds"):
+    for name in ("lr", "grad_norm", "samples_per_second", "data_wait_fraction", "gpu_hours", "eta_seconds",
+                 "flops_per_sample"):
         assert name in run.data.metrics, name
+    assert "mfu" not in run.data.metrics  # a CPU has no peak FLOP/s to divide by
     assert 0 <= run.data.metrics["data_wait_fraction"] <= 1
     assert run.data.params["units_held"] == "2.0"
     checkpoints = list((work_dir / phase / "ray").glob("*/checkpoint_*/model.safetensors"))
