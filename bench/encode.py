@@ -17,19 +17,23 @@ Two measurements in one run, random weights throughout:
   out; the rate with start-up included is printed beside it.
 
 end to end / direct says whether the pipeline keeps the encoders busy (1.0: no overhead at all). The
-run also checks what the end-to-end run stored: one batch of image latents against the same encoders
-called directly (it fails beyond rounding). ``--actors 2`` runs two actors that share the device;
-``--calls-per-actor 2`` lets each actor work on two shards at once (``StepResources.calls_per_actor``).
+run also checks what the end-to-end run stored: one batch of image latents, and of text hidden states
+when it stored them, against the same encoders called directly (it fails beyond rounding).
+``--actors 2`` runs two actors that share the device; ``--calls-per-actor 2`` lets each actor work on
+two shards at once (``StepResources.calls_per_actor``).
 
     python bench/encode.py                                     # CPU, v2 shapes, a handful of samples
     python bench/encode.py --models tiny                       # CPU, every column through Ray, quickly
     python bench/encode.py --device cuda                       # GPU, bf16 autocast, image encoders end to end
-    python bench/encode.py --device cuda --text hidden_states  # ... and the real text towers (from the hub)
+    python bench/encode.py --device cuda --text hidden_states  # ... and both text towers in the actor
 
-The v2 text towers load from the hub by name, which an offline machine cannot do, so with v2 the
-end-to-end run stores tokens only by default (``--text tokens``: the image encoders) and the text
-towers are measured directly, as random towers of the v2 shapes. Tiny towers are random in any
-case, so with ``--models tiny`` the end-to-end run encodes every column.
+With v2 the end-to-end run stores tokens only by default (``--text tokens``: the two image encoders,
+as the v2 figures of docs/benchmarks.md were taken); ``--text hidden_states`` runs both text towers in
+the actor too, as the v2 config does. The v2 towers load their weights from the hub by name, which an
+offline machine cannot do, so both runs build them randomly initialised at the v2 architecture
+(``pre_encode.text_weights=random``, seeded: the actor and the direct run build the same towers),
+which costs what the real ones cost. Tiny towers are random in any case, so with ``--models tiny``
+the end-to-end run encodes every column by default.
 
 On CPU the direct run uses torch's threads and the actor as many (``--actor-cpus``). On a machine
 that other jobs share, ``OMP_NUM_THREADS=1`` gives steadier figures: threads that must meet at
@@ -39,7 +43,6 @@ every parallel region stall whenever another process holds a core.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import functools
 import io
 import os
@@ -146,14 +149,15 @@ def direct_seconds(models: str, columns: tuple[str, ...], device: torch.device, 
     # machine of docs/benchmarks.md), so a contiguous tensor would understate the ceiling.
     pixels = torch.from_numpy(images).permute(0, 3, 1, 2).to(device, torch.float32) / 255
     tokens, mask = (t.to(device) for t in tokenize(captions(rng, batch)))
-    text = TEXT_CONFIGS[models]()
+    # Random towers of the configured architecture, as the end-to-end run's (pre_encode.text_weights=random):
+    # the cost of a tower does not depend on its weights.
+    text = TEXT_CONFIGS[models]().with_random_weights()
     # Built one at a time and freed after their measurement: the v2 bigG tower alone is 2.8 GB in fp32.
     builders: dict[str, Callable[[], Callable[[], torch.Tensor]]] = {
         schema.STAGE_B_LATENT: lambda: StageA(STAGE_A_CONFIGS[models]()).to(device).eval().encode_stage_b_latents,
         schema.STAGE_C_LATENT: lambda: SemanticCompressor(SEMANTIC_CONFIGS[models]()).to(device).eval().encode_stage_c_latents,
-        # Random towers of the configured shapes: the cost of a tower does not depend on its weights.
-        schema.TEXT_STAGE_C: lambda: TextEncoder(dataclasses.replace(text.stage_c, pretrained=None)).to(device),
-        schema.TEXT_STAGE_B: lambda: TextEncoder(dataclasses.replace(text.stage_b, pretrained=None)).to(device),
+        schema.TEXT_STAGE_C: lambda: TextEncoder(text.stage_c).to(device),
+        schema.TEXT_STAGE_B: lambda: TextEncoder(text.stage_b).to(device),
     }
     seconds = {}
     for column in columns:
@@ -214,9 +218,9 @@ def end_to_end(folder: Path, shards: list[str], config: PreEncodeConfig, resolut
 
 def largest_difference(folder: Path, shard: str, config: PreEncodeConfig, resolution: int,
                        device: torch.device) -> dict[str, float]:
-    """Per image latent, the largest difference between what the end-to-end run stored for the shard's
-    first batch and the same encoders (an actor built the same way: same weights) called directly
-    on those crops.
+    """Per stored column (image latents, and text hidden states when stored), the largest difference
+    between what the end-to-end run stored for the shard's first batch and the same encoders (an actor
+    built the same way: same weights) called directly on those crops and captions.
 
     The direct call copies to the host synchronously, so a copy that the pipeline read before it had
     landed shows up here; in float16 and bf16 the two differ only by rounding."""
@@ -228,10 +232,12 @@ def largest_difference(folder: Path, shard: str, config: PreEncodeConfig, resolu
                for row in pq.read_table(folder / "decode" / schema.shard_parquet(shard)).to_pylist()}
     crops = [np.asarray(Image.open(io.BytesIO(decoded[key])).convert("RGB")) for key in stored[schema.KEY].to_pylist()]
     pixels = torch.from_numpy(np.stack(crops)).to(device).permute(0, 3, 1, 2).float() / 255
+    tokens, mask = (t.to(device) for t in tokenize(stored[schema.CAPTION].to_pylist()))
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     with torch.inference_mode(), autocast:
         direct = {schema.STAGE_B_LATENT: step.stage_a.encode_stage_b_latents(pixels),
-                  schema.STAGE_C_LATENT: step.semantic.encode_stage_c_latents(pixels)}
+                  schema.STAGE_C_LATENT: step.semantic.encode_stage_c_latents(pixels),
+                  **{name: encoder(tokens, mask) for name, encoder in step.text_encoders.items()}}
     differences = {}
     for name, value in direct.items():
         written = torch.from_numpy(stored[name].combine_chunks().to_numpy_ndarray().astype(np.float32))
@@ -254,7 +260,7 @@ def main() -> None:
     parser.add_argument("--shard-size", type=int, default=None, help="samples per end-to-end input shard")
     parser.add_argument("--text", default=None, choices=["tokens", "hidden_states"],
                         help="what the end-to-end run stores (default: tokens when the text towers load from "
-                             "the hub, as v2's do; else hidden_states)")
+                             "the hub, as v2's do; else hidden_states); the text towers are random either way")
     parser.add_argument("--actor-cpus", type=float, default=None,
                         help="CPUs of the pre-encode actor; Ray gives it as many torch threads (default: the "
                              "threads of the direct run on cpu, 8 on cuda as in the v2 config)")
@@ -288,7 +294,10 @@ def main() -> None:
     used = IMAGE_COLUMNS + (TEXT_COLUMNS if text == "hidden_states" else ())
     seconds = direct_seconds(args.models, tuple(ENCODERS), device, batch, resolution, warmup, steps)
     init_ray(RayConfig(progress_bars=False, dashboard=args.dashboard))
+    # Random text towers only where the actor builds them: with tokens, the setting is refused as ignored.
+    text_weights = "random" if text == "hidden_states" else "pretrained"
     config = PreEncodeConfig(models=args.models, stage_a_weights="", semantic_weights="", text=text,
+                             text_weights=text_weights,
                              resources=StepResources(num_cpus=actor_cpus, num_gpus=int(cuda) / args.actors,
                                                      min_actors=args.actors, max_actors=args.actors, batch_size=batch,
                                                      calls_per_actor=args.calls_per_actor))
@@ -313,7 +322,8 @@ def main() -> None:
     if len(used) < len(ENCODERS):
         print(f"  {' + '.join(used)} (best runs): {direct_used:9.2f} samples/s (the end-to-end run's work)")
     gpus = f" and {1 / args.actors:g} GPU" if cuda else ""
-    print(f"\nend to end: pre-encode phase through Ray Data, text={text}, {shards} shards x {shard_size} samples, "
+    random_towers = ", text towers randomly initialised" if text == "hidden_states" else ""
+    print(f"\nend to end: pre-encode phase through Ray Data, text={text}{random_towers}, {shards} shards x {shard_size} samples, "
           f"{args.actors} actor(s) with {actor_cpus:g} CPUs{gpus} and {args.calls_per_actor} call(s) at once each")  # fmt: skip
     print(f"  steady (after each call's first shard):  {steady:9.2f} samples/s")
     print(f"  with the actors' start-up:               {with_startup:9.2f} samples/s")

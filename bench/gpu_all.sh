@@ -17,7 +17,7 @@ cd "$(dirname "$0")/.."
 results=${1:-bench-results}
 shift $(( $# > 0 ? 1 : 0 ))
 selected=" $* "
-known=" train_step_b train_step_c train_step_compiled_references train_step encode encode_two_actors encode_two_calls train_throughput profile_stage_b "
+known=" train_step_b train_step_c train_step_compiled_references train_step encode encode_hidden_states encode_two_actors encode_two_calls train_throughput profile_stage_b "
 for name in $selected; do
     if [[ $known != *" $name "* ]]; then
         echo "unknown bench '$name': pick from$known" >&2
@@ -71,6 +71,10 @@ bench train_step_compiled_references 240 $python bench/train_step.py --device cu
     --stages c,b --reference sdpa+compile --ours eager
 bench train_step 240 $python bench/train_step.py --device cuda --config v2 --steps 10
 bench encode 180 $python bench/encode.py --device cuda --shards 5 --shard-size 512 --no-dashboard
+# As the v2 config runs the phase: both CLIP text towers in the actor too, randomly initialised at the
+# v2 architecture (their weights come from the hub, which a lent machine cannot reach). Not timed yet.
+bench encode_hidden_states 200 $python bench/encode.py --device cuda --shards 5 --shard-size 512 --text hidden_states \
+    --no-dashboard
 # Two actors on the one GPU: while one waits on its CPU work, the other's batches keep the GPU busy.
 bench encode_two_actors 180 $python bench/encode.py --device cuda --shards 6 --shard-size 512 --actors 2 \
     --actor-cpus 7 --no-dashboard

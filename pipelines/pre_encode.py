@@ -62,6 +62,9 @@ class PreEncodeConfig:
     """Path or URL of the semantic compressor's weights; empty: random weights seeded by ``seed``."""
     text: Literal["hidden_states", "tokens"] = "hidden_states"
     """Store both CLIP hidden states (fast training, ~355 kB/sample in v2) or tokens only (encode at train time)."""
+    text_weights: Literal["pretrained", "random"] = "pretrained"
+    """The text towers' weights with ``text=hidden_states``: the models' own (v2: by hub name), or random at the
+    same architecture, seeded (an offline benchmark of the phase; the hidden states mean nothing)."""
     seed: int = 0
     """Seed of random weights, the same in every actor."""
     resources: StepResources = dataclasses.field(default_factory=lambda: StepResources(num_gpus=1, batch_size=64))
@@ -70,6 +73,10 @@ class PreEncodeConfig:
     def __post_init__(self):
         if self.models not in STAGE_A_CONFIGS:
             raise ValueError(f"models {self.models!r} is not a stage size; choose from {', '.join(STAGE_A_CONFIGS)}")
+        if self.text_weights == "random" and self.text == "tokens":
+            # Training would encode the tokens with the models' own towers, so the setting would be ignored.
+            raise ValueError("text_weights=random applies only to text=hidden_states (tokens are encoded at train "
+                             "time with the models' own towers): set text=hidden_states or text_weights=pretrained")
 
     def outcome(self) -> dict[str, Any]:
         return {k: v for k, v in dataclasses.asdict(self).items() if k != "resources"}
@@ -158,6 +165,10 @@ class PreEncodeShard:
         self.semantic = _random_or_loaded(SemanticCompressor(SEMANTIC_CONFIGS[config.models]()),
                                           config.semantic_weights, "the semantic compressor", storage).to(self.device).eval()
         text = TEXT_CONFIGS[config.models]()
+        if config.text_weights == "random":
+            warnings.warn("pre_encode: the text towers have random weights (text_weights=random); their hidden "
+                          "states are only meaningful for benchmarks", stacklevel=2)
+            text = text.with_random_weights()
         self.text_encoders = (
             {schema.TEXT_STAGE_C: TextEncoder(text.stage_c).to(self.device),
              schema.TEXT_STAGE_B: TextEncoder(text.stage_b).to(self.device)}

@@ -18,7 +18,7 @@ import functools
 import gzip
 import importlib.util
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -73,6 +73,12 @@ class TextConfig:
     """Conditioning of Stage C (CLIP bigG in v2)."""
     stage_b: TextEncoderConfig
     """Conditioning of Stage B (CLIP H in v2)."""
+
+    def with_random_weights(self) -> TextConfig:
+        """The same towers built random (seeded by their ``init_seed``) instead of loaded by hub name: the
+        architecture and cost of the real ones where their weights cannot be fetched (offline benchmarks)."""
+        return replace(self, stage_c=replace(self.stage_c, pretrained=None),
+                       stage_b=replace(self.stage_b, pretrained=None))
 
 
 def tiny() -> TextConfig:

@@ -117,6 +117,13 @@ def test_a_resolution_stage_a_cannot_take_fails_before_work(embedded, tmp_path):
                          config=load_config("tiny").pre_encode, storage=STORAGE)
 
 
+def test_random_text_weights_with_tokens_only_fail_naming_both_settings():
+    # Training encodes stored tokens with the models' own towers: random ones would be ignored.
+    with pytest.raises(ValueError, match=r"pre_encode\.text, pre_encode\.text_weights: text_weights=random applies "
+                                         r"only to text=hidden_states"):
+        load_config("tiny", ["pre_encode.text=tokens", "pre_encode.text_weights=random"])
+
+
 def _kill_the_encoder_actor_mid_shard(output, killed: list[int]) -> None:
     """Waits until an actor has a shard open (its temporary file exists), then SIGKILLs that actor."""
     deadline = time.monotonic() + 120

@@ -72,11 +72,13 @@ def test_tiny_encoders_are_reproducible_and_distinct() -> None:
 
 @pytest.mark.parametrize("which, params", [("stage_c", 695e6), ("stage_b", 354e6)])
 def test_v2_architectures_are_the_laion_text_towers(which: str, params: float) -> None:
-    """Built on the meta device with the v2 fields (from_pretrained needs the network)."""
+    """Built on the meta device as random towers of the v2 fields (from_pretrained needs the network)."""
     config = getattr(TEXT_CONFIGS["v2"](), which)
     assert config.pretrained.startswith("laion/CLIP-ViT-")
+    random = getattr(TEXT_CONFIGS["v2"]().with_random_weights(), which)
+    assert random == dataclasses.replace(config, pretrained=None)
     with torch.device("meta"):
-        model = build_clip_text_model(dataclasses.replace(config, pretrained=None))
+        model = build_clip_text_model(random)
     assert model.config.hidden_size == config.hidden_size
     assert sum(p.numel() for p in model.parameters()) == pytest.approx(params, rel=0.01)  # DESIGN.md
 
