@@ -9,15 +9,16 @@
 # On a lent machine: run bench/device_packages.sh here first, then the device call
 # `bench/gpu_all.sh $OUT/r NAMES...` with `.whl` in its carry.
 #
-# With names, only those benches run: all of them take ~25 minutes, more than one device call (10
-# minutes) and a session's device time (15 minutes, start-up included), so a session picks what its
-# open issues need, in calls that fit, e.g. `train_step_b train_step_c`.
+# Without names, the prepared call: the figures the open issues lack, most important first, in about
+# 9 minutes on an H200 (predicted from each part's time there on 2026-12-04). With names, only those
+# benches run: all of them take over 30 minutes, more than one device call (10 minutes) or a
+# session's device time (15 minutes, start-up included).
 set -u
 cd "$(dirname "$0")/.."
 results=${1:-bench-results}
 shift $(( $# > 0 ? 1 : 0 ))
-selected=" $* "
-known=" train_step_b train_step_c train_step_compiled_references train_step encode encode_hidden_states encode_two_actors encode_two_calls train_throughput profile_stage_b "
+selected=" ${*:-train_step_best encode_hidden_states} "
+known=" train_step_best train_step_b train_step_c train_step_compiled_references train_step encode encode_hidden_states encode_two_actors encode_two_calls train_throughput profile_stage_b "
 for name in $selected; do
     if [[ $known != *" $name "* ]]; then
         echo "unknown bench '$name': pick from$known" >&2
@@ -41,7 +42,7 @@ $python -c "import torch, sys; print('python', sys.version.split()[0], 'torch', 
 bench() {  # bench NAME SECONDS ARGS...
     local name=$1 seconds=$2
     shift 2
-    if [[ $selected != "  " && $selected != *" $name "* ]]; then
+    if [[ $selected != *" $name "* ]]; then
         return
     fi
     echo "== $name: $*  ($(date -u +%FT%TZ))" | tee "$results/$name.log"
@@ -50,14 +51,17 @@ bench() {  # bench NAME SECONDS ARGS...
 }
 
 # Dashboard-free local Ray: a minimal ray install has no dashboard, and these benches need none.
-# Most important first. The three train-step benches make one device call (`bench/gpu_all.sh $OUT/r
-# train_step_b train_step_c train_step_compiled_references`, under 10 minutes, predicted): each
-# implementation builds its model once and measures its variants in turn, and the bench exits
+# Measured on an H200 on 2026-12-04 (docs/benchmarks.md): train_step_b 214 s, train_step_c 192 s.
+# Each implementation builds its model once and measures its variants in turn; the bench exits
 # non-zero when ours leaves the reference in fp32.
-# Stage B's goals, both at once: >= 1.5x the best reference's samples/s at <= 0.5x its peak memory.
-# Compiled per block with a budget per level, the v2 Stage B kept 0.48x of the reference's memory on
-# an H200 (2026-12-04) but ran between 0.88x and 1.38x, no faster than eager ours; the profile and
-# the CUDA-graph variants say whether the host's launches are what the step waits on.
+# The prepared call's first part, ~330 s (predicted): ours compiled and in a CUDA graph against the
+# reference at its best, compiled and in a graph too, in one run for each stage. On 2026-12-04 the
+# best Stage B reference ran 1.10x ours (ours with a memory budget), and Stage C's compiled reference
+# and ours compiled and graphed ran only in separate runs.
+bench train_step_best 360 $python bench/train_step.py --device cuda --config v2 --steps 10 --stages c,b \
+    --reference sdpa+compile+cudagraph --ours compile+cudagraph
+# Stage B's goals, both at once: >= 1.5x the best reference's samples/s at <= 0.5x its peak memory;
+# what removing the host's launches (the CUDA graph) does to each implementation, with a profile.
 bench train_step_b 300 $python bench/train_step.py --device cuda --config v2 --steps 10 --stages b --profile \
     --reference shipped,cudagraph \
     --ours compile+budget=0.3/0.4/0.6/0.5+cudagraph,compile+budget=0.3/0.4/0.6/0.5,checkpointing+cudagraph,eager
@@ -65,14 +69,14 @@ bench train_step_b 300 $python bench/train_step.py --device cuda --config v2 --s
 bench train_step_c 200 $python bench/train_step.py --device cuda --config v2 --steps 10 --stages c --profile \
     --reference shipped,sdpa,sdpa+cudagraph \
     --ours compile+cudagraph,checkpointing+cudagraph,compile+budget=0.5+cudagraph,eager
-# The reference compiled per block (Stage B's already has fused attention), against eager ours of the same
-# run: last, since compiling the references costs the most device time for the fewest new figures.
+# The references compiled per block, not graphed (Stage B's already has fused attention).
 bench train_step_compiled_references 240 $python bench/train_step.py --device cuda --config v2 --steps 10 \
     --stages c,b --reference sdpa+compile --ours eager
 bench train_step 240 $python bench/train_step.py --device cuda --config v2 --steps 10
 bench encode 180 $python bench/encode.py --device cuda --shards 5 --shard-size 512 --no-dashboard
 # As the v2 config runs the phase: both CLIP text towers in the actor too, randomly initialised at the
-# v2 architecture (their weights come from the hub, which a lent machine cannot reach). Not timed yet.
+# v2 architecture (their weights come from the hub, which a lent machine cannot reach). The prepared
+# call's second part; not timed yet (200 s allowed).
 bench encode_hidden_states 200 $python bench/encode.py --device cuda --shards 5 --shard-size 512 --text hidden_states \
     --no-dashboard
 # Two actors on the one GPU: while one waits on its CPU work, the other's batches keep the GPU busy.

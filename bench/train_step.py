@@ -65,6 +65,8 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # the stages, and the test orac
 import torch  # noqa: E402
 from stage_oracle import REFERENCE_BLOCKS, perturb_, reference_like, use_fused_attention_  # noqa: E402
 
+from cluster.gpus import peak_flops  # noqa: E402
+from pipelines.flops import train_step_flops  # noqa: E402
 from pipelines.train import compile_blocks  # noqa: E402
 from stages.diffusion import CosineDiffusion, DiffusionConfig  # noqa: E402
 from stages.stage_b import STAGE_B_CONFIGS, StageB, StageBConfig  # noqa: E402
@@ -287,6 +289,18 @@ def gradient_projections(model: torch.nn.Module) -> dict[str, float]:
     return projections
 
 
+def model_flops_per_sample(stage: str, config, batch: int, side: int) -> float:
+    """FLOPs of one train step per sample, forward and backward (pipelines/flops.py), of the model without
+    checkpointing: the arithmetic every variant of both implementations does, so that a variant that
+    recomputes shows a lower MFU for the time it spends."""
+    generator = torch.Generator().manual_seed(2)
+    x0, cond = inputs(stage, config, batch, side, generator)
+    diffusion = CosineDiffusion(DiffusionConfig())
+    noised, noise, r = diffusion.noise_batch(x0, generator=generator)
+    model = functools.partial(StageC if stage == "c" else StageB, dataclasses.replace(config, checkpointing=False))
+    return train_step_flops(model, lambda m: diffusion.loss(m(noised, r, **cond), noise, r)) / batch
+
+
 def compile_counts() -> dict[str, int]:
     """Dynamo's counters so far in this process: graphs compiled, graph breaks."""
     counters = torch._dynamo.utils.counters
@@ -295,6 +309,7 @@ def compile_counts() -> dict[str, int]:
 
 def profiled(step: Callable[[], float], steps: int = 2) -> dict:
     """Device time of the kernels per step against the wall time per step, kernels per step, the costliest."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     torch.cuda.synchronize()
@@ -303,7 +318,8 @@ def profiled(step: Callable[[], float], steps: int = 2) -> dict:
         for _ in range(steps):
             step()
     wall = (time.perf_counter() - start) / steps
-    kernels = [event for event in profiler.key_averages() if event.self_device_time_total > 0]
+    # The kernels themselves: the operators that launched them carry the same device time again.
+    kernels = [event for event in profiler.key_averages() if event.device_type == DeviceType.CUDA]
     kernel_seconds = sum(event.self_device_time_total for event in kernels) / 1e6 / steps
     launches = sum(event.count for event in kernels) / steps
     top = sorted(kernels, key=lambda event: -event.self_device_time_total)[:6]
@@ -397,7 +413,7 @@ def worker(job: dict) -> dict:
             if device.type == "cuda":
                 torch.cuda.synchronize()
         # Printed as it lands: a run cut short by a time limit keeps what it measured.
-        print(describe(job["stage"], name, results[name]), flush=True)
+        print(describe(job["stage"], name, results[name], job["mfu_of"]), flush=True)
     return {"check": checked, "variants": results}
 
 
@@ -407,14 +423,16 @@ def rss_gib(field: str) -> float:
     return int(kib) / 2**20
 
 
-def describe(stage: str, name: str, res: dict) -> str:
+def describe(stage: str, name: str, res: dict, mfu_of: Callable[[float], float | None] = lambda rate: None) -> str:
     if "error" in res:
         return f"stage {stage.upper()} {name:40s}: failed: {res['error']}"
     step_growth = f", step +{res['step_growth_gib']:6.3f} GiB" if res["step_growth_gib"] else ""
+    utilisation = mfu_of(res["samples_per_s"])
+    utilisation = f" (MFU {utilisation:.0%})" if utilisation is not None else ""
     compiled = (f", {res['graphs']} graphs, {res['breaks']} breaks, {res['recompiles_in_timed_steps']} compiles in "
                 "the timed steps" if res["graphs"] else "")  # fmt: skip
     line = (f"stage {stage.upper()} {name:40s}: {res['params_m']:8.2f}M params, batch {res['batch']:3d}: "
-            f"{res['samples_per_s']:8.2f} samples/s, peak {res['peak_gib']:7.3f} GiB{step_growth}{compiled}, "
+            f"{res['samples_per_s']:8.2f} samples/s{utilisation}, peak {res['peak_gib']:7.3f} GiB{step_growth}{compiled}, "
             f"{res['seconds']:.0f} s")
     if res["profile"]:
         profile = res["profile"]
@@ -422,6 +440,11 @@ def describe(stage: str, name: str, res: dict) -> str:
                  f"({profile['kernel_ms'] / profile['wall_ms']:.0%} of it), {profile['launches']:.0f} kernels per step; "
                  "costliest: " + "; ".join(f"{key} {ms:.1f} ms" for key, ms in profile["top"]))
     return line
+
+
+def mfu(flops_per_sample: float, peak: float | None, samples_per_s: float) -> float | None:
+    """Model FLOP utilisation: the model's FLOPs per second over the device's peak; None without a peak."""
+    return flops_per_sample * samples_per_s / peak if peak else None
 
 
 def relative(value: torch.Tensor, exact: torch.Tensor) -> float:
@@ -486,8 +509,10 @@ def main() -> None:
         device_name = torch.cuda.get_device_name()
     else:
         device_name = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    peak = peak_flops(device_name) if args.device == "cuda" else None
     print(f"device: {device_name}; torch {torch.__version__}; config {config}; bf16 autocast {bf16}; "
-          f"fused AdamW {args.device == 'cuda'}; {steps} timed steps after {args.warmup} warm-up")  # fmt: skip
+          f"fused AdamW {args.device == 'cuda'}; {steps} timed steps after {args.warmup} warm-up; peak dense bf16 "
+          f"{f'{peak / 1e12:.1f} TFLOP/s' if peak else 'unknown (no MFU)'}")  # fmt: skip
 
     if args.device == "cpu":
         # Freed activations go back to the system at once (glibc keeps smaller blocks for reuse), so that
@@ -497,13 +522,18 @@ def main() -> None:
     failures = []
     for stage in args.stages.split(","):
         reference_variants = args.reference or ([frozenset(), frozenset({"sdpa"})] if stage == "c" else [frozenset()])
+        factory, default_batch, side = SETUPS[config][stage]
+        flops = model_flops_per_sample(stage, factory(), args.batch or default_batch, side)
+        print(f"stage {stage.upper()}: {flops / 1e9:,.1f} GFLOP per sample in a train step (forward and backward)")
+        mfu_of = functools.partial(mfu, flops, peak)
         results: dict[str, dict] = {}
         checks = {}
         for _ in range(args.repeats):
             # Alternate the implementations so that a change in machine load hits both alike; keep each variant's best.
             for impl, variants in (("reference", reference_variants), ("ours", args.ours)):
                 job = dict(stage=stage, impl=impl, variants=variants, device=args.device, config=config,
-                           batch=args.batch, steps=steps, warmup=args.warmup, bf16=bf16, profile=args.profile)  # fmt: skip
+                           batch=args.batch, steps=steps, warmup=args.warmup, bf16=bf16, profile=args.profile,
+                           mfu_of=mfu_of)  # fmt: skip
                 with context.Pool(1) as pool:
                     out = pool.apply(worker, (job,))
                 checks[impl] = out["check"]
@@ -514,7 +544,7 @@ def main() -> None:
                         results[name] = res
         if args.repeats > 1:
             for name, res in results.items():
-                print(f"best of {args.repeats}: {describe(stage, name, res)}")
+                print(f"best of {args.repeats}: {describe(stage, name, res, mfu_of)}")
         failures += check(stage, checks["reference"], checks["ours"], bf16)
         references = {name: res for name, res in results.items() if name.startswith("reference")}
         if not references:
