@@ -95,6 +95,11 @@ class TrackedRun:
             self.client.set_tag(self.run_id, key, value)
 
 
+# MLflow 3's UI opens an experiment without this tag in its GenAI view (traces, sessions, an assistant);
+# with it, as model training: runs, their metrics and artifacts.
+EXPERIMENT_KIND, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
+
+
 class Tracker:
     """Opens runs in one experiment of one store."""
 
@@ -104,10 +109,13 @@ class Tracker:
         logging.getLogger("alembic").setLevel(logging.WARNING)
         self.client = MlflowClient(self.uri)
         experiment = self.client.get_experiment_by_name(config.experiment)
-        self.experiment_id = (
-            experiment.experiment_id if experiment is not None
-            else self.client.create_experiment(config.experiment, artifact_location=artifact_location)
-        )
+        if experiment is None:
+            self.experiment_id = self.client.create_experiment(config.experiment, artifact_location=artifact_location,
+                                                               tags={EXPERIMENT_KIND: MODEL_TRAINING})
+        else:
+            self.experiment_id = experiment.experiment_id
+            if EXPERIMENT_KIND not in experiment.tags:  # made before the tag was set; a user's own choice stays
+                self.client.set_experiment_tag(self.experiment_id, EXPERIMENT_KIND, MODEL_TRAINING)
 
     @contextlib.contextmanager
     def run(self, name: str, parent: TrackedRun | None = None) -> Iterator[TrackedRun]:
