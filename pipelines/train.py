@@ -528,6 +528,9 @@ class _Window:
             "grad_norm": float(np.mean(self.grad_norms)),
             "data_wait_fraction": float(np.sum(self.waits) / max(np.sum(self.totals), 1e-9)),
             "step_seconds": float(np.mean(self.totals)),
+            # What the ETA goes by: the first window also holds the run's start (compiling, the data
+            # pipeline's first blocks), which its mean would spread over every remaining step.
+            "median_step_seconds": float(np.median(self.totals)),
         }
         if None not in self.flops:
             # Every step takes the global batch: the mean per sample over the steps, times samples/s, is
@@ -544,14 +547,14 @@ def _log_progress(run: TrackedRun, state: TrainingState, window: _Window, meter:
     if not figures:
         return
     samples_per_second = config.global_batch_size / figures["step_seconds"]
-    remaining_steps = config.steps - state.step
+    eta_seconds = (config.steps - state.step) * figures.pop("median_step_seconds")
     metrics = {
         **figures,
         "lr": optimizer.param_groups[0]["lr"],
         "samples_per_second": samples_per_second,
         "epoch": state.epoch,
         "gpu_hours": meter.used(),
-        "eta_seconds": remaining_steps * figures["step_seconds"],
+        "eta_seconds": eta_seconds,
     }
     if meter.budget is not None:
         metrics["gpu_hours_remaining"] = meter.remaining(metrics["gpu_hours"])

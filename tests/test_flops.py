@@ -94,3 +94,18 @@ def test_progress_logs_mfu_only_against_a_known_peak(peak: float | None, caplog)
     else:
         assert run.metrics["mfu"] == pytest.approx(0.5)  # 1e9 FLOPs x 8 samples/s of 16e9 FLOP/s
         assert "8.0 samples/s  MFU 50%  data wait" in caplog.text
+
+
+def test_progress_eta_goes_by_the_typical_step_not_the_run_s_slow_start(caplog) -> None:
+    config = TrainConfig(steps=10, global_batch_size=4)
+    window = _Window()
+    for total in (30.0, 0.5, 0.5, 0.5):  # the first step also waited for the data pipeline's first blocks
+        window.add(loss=1.0, grad_norm=1.0, wait=0.0, total=total, flops_per_sample=None)
+    run = _Recorded()
+    caplog.set_level(logging.INFO, logger="pipelines.train")
+    _log_progress(run, TrainingState(step=4), window, BudgetMeter(units_held=1, budget=None), config,
+                  torch.optim.AdamW([nn.Parameter(torch.zeros(1))]), torch.device("cpu"), None)
+    assert run.metrics["eta_seconds"] == 6 * 0.5
+    assert run.metrics["step_seconds"] == pytest.approx(31.5 / 4)  # samples/s stay the window's own
+    assert "median_step_seconds" not in run.metrics
+    assert "ETA 0.1 min" in caplog.text
