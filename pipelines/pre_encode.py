@@ -32,22 +32,23 @@ from PIL import Image
 from safetensors.torch import save
 
 from cluster.resources import StepResources
-from pipelines import schema, shard_phase
+from pipelines import schema, shard_phase, trained_weights
 from pipelines.ledger import ShardCounts
 from pipelines.schema import DropReason
-from pipelines.storage import StorageConfig, filesystem, local_copy, write_atomically
+from pipelines.storage import StorageConfig, filesystem, write_atomically
 from stages.semantic import SEMANTIC_CONFIGS, SemanticCompressor
 from stages.stage_a import STAGE_A_CONFIGS, StageA
 from stages.text import MAX_LENGTH, TEXT_CONFIGS, TextEncoder, tokenize
-from stages.weights import load_weights
 
 PHASE = "pre_encode"
 EMPTY_CAPTION_FILE = "empty_caption.safetensors"
 PRE_ENCODE_REASONS = (DropReason.NON_FINITE_LATENT,)
-# Official v2 encoder weights (DESIGN.md): the VQGAN of warp-ai/wuerstchen, and the EfficientNet
-# encoder that the Stable Cascade release ships (the v2 weights were not published separately).
+# Official v2 encoder weights (docs/weights.md): the VQGAN of warp-ai/wuerstchen, and the v2 models' own
+# EfficientNet encoder, stored beside their Stage B in the research checkpoint (the entry after '#').
+# Stable Cascade's effnet_encoder.safetensors is another encoder: its last BatchNorm has no affine
+# parameters, so it does not load into ours, and Stable Cascade trains on its raw output, not (e + 1) / 42.
 V2_STAGE_A_WEIGHTS = "https://huggingface.co/warp-ai/wuerstchen/resolve/main/vqgan/diffusion_pytorch_model.safetensors"
-V2_SEMANTIC_WEIGHTS = "https://huggingface.co/stabilityai/stable-cascade/resolve/main/effnet_encoder.safetensors"
+V2_SEMANTIC_WEIGHTS = "https://huggingface.co/dome272/wuerstchen/resolve/main/model_v2_stage_b.pt#effnet_state_dict"
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -59,7 +60,8 @@ class PreEncodeConfig:
     stage_a_weights: str = V2_STAGE_A_WEIGHTS
     """Path or URL of Stage A's weights; empty: random weights seeded by ``seed`` (tiny runs only)."""
     semantic_weights: str = V2_SEMANTIC_WEIGHTS
-    """Path or URL of the semantic compressor's weights; empty: random weights seeded by ``seed``."""
+    """Path or URL of the semantic compressor's weights (``#entry``: a state dict in a PyTorch pickle holding
+    several); empty: random weights seeded by ``seed``."""
     text: Literal["hidden_states", "tokens"] = "hidden_states"
     """Store both CLIP hidden states (fast training, ~355 kB/sample in v2) or tokens only (encode at train time)."""
     text_weights: Literal["pretrained", "random"] = "pretrained"
@@ -138,7 +140,7 @@ def output_schema(config: PreEncodeConfig, crops: tuple[tuple[int, int], ...], r
 
 def _random_or_loaded(model: torch.nn.Module, weights: str, what: str, storage: StorageConfig) -> torch.nn.Module:
     if weights:
-        load_weights(model, local_copy(weights, storage))
+        trained_weights.load(model, weights, storage)
     else:
         warnings.warn(f"pre_encode: {what} has random weights (its *_weights setting is empty); "
                       "latents are only meaningful for tests and tiny demo runs", stacklevel=2)

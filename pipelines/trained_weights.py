@@ -3,6 +3,9 @@
 A phase's result is one safetensors file whose metadata holds the phase's fingerprint (its input
 and settings), written atomically: the file existing with the current fingerprint is the proof
 that the phase is complete.
+
+Weights named in the config are a path or URL, with ``#entry`` appended where the file is a PyTorch
+pickle holding several state dicts (``model_v2_stage_b.pt#effnet_state_dict``).
 """
 
 from __future__ import annotations
@@ -21,6 +24,19 @@ from stages.weights import load_weights
 
 FINAL_FILE = "final.safetensors"
 _FINGERPRINT = "wuerstchen.fingerprint"
+_ENTRY = "#"
+
+
+def split_entry(url: str) -> tuple[str, str | None]:
+    """``file.pt#name`` -> (``file.pt``, ``name``): the state dict ``name`` of a pickle holding several;
+    a URL without ``#`` names a file holding one state dict: (url, None)."""
+    path, found, entry = url.rpartition(_ENTRY)
+    if not found:
+        return url, None
+    if not entry or "/" in entry:
+        raise ValueError(f"weights {url!r}: after '#' give the name of a state dict in the file, e.g. "
+                         "model_v2_stage_b.pt#effnet_state_dict")
+    return path, entry
 
 
 def write(url: str, tensors: dict[str, torch.Tensor], fingerprint: dict[str, Any], storage: StorageConfig) -> bytes:
@@ -33,7 +49,11 @@ def write(url: str, tensors: dict[str, torch.Tensor], fingerprint: dict[str, Any
 
 
 def fingerprint_of(url: str, storage: StorageConfig) -> dict[str, Any] | None:
-    """The fingerprint stored in a weights file (read from its header alone), or None without one."""
+    """The fingerprint stored in a weights file (read from its header alone), or None without one
+    (weights from elsewhere: any file but safetensors, which is the only format phases write)."""
+    url, _ = split_entry(url)
+    if not url.endswith(".safetensors"):
+        return None
     fs, path = filesystem(url, storage)
     if not fs.exists(path):
         return None
@@ -45,8 +65,9 @@ def fingerprint_of(url: str, storage: StorageConfig) -> dict[str, Any] | None:
 
 
 def load(model: nn.Module, url: str, storage: StorageConfig | None = None) -> nn.Module:
-    """Loads a phase's weights (local path or URL) into ``model``, strictly."""
-    return load_weights(model, local_copy(url, storage))
+    """Loads weights (local path or URL, ``#entry`` selecting a state dict of a pickle) into ``model``, strictly."""
+    url, entry = split_entry(url)
+    return load_weights(model, local_copy(url, storage), key=entry)
 
 
 def load_from_mlflow(model: nn.Module, run_id: str, tracking_uri: str, artifact_path: str) -> nn.Module:

@@ -8,8 +8,11 @@ Latent conventions of the official v2 pipelines: Stage C is trained on and sampl
 `to_stage_c_latents(e) = (e + 1) / 42`; the prior pipeline hands Stage B
 `from_stage_c_latents(z) = z * 42 - 1` (its `latent_mean=42`, `latent_std=1`).
 
-Module names (`backbone.*`, `mapper.*`) are those of the original `EfficientNetEncoder`, whose
-weights ship with the Stable Cascade release; they load with `weights.load_weights`.
+Module names (`backbone.*`, `mapper.*`) are those of the research code's `EfficientNetEncoder`
+(affine final BatchNorm). The v2 weights are the `effnet_state_dict` entry of the research checkpoint
+`model_v2_stage_b.pt` and load with `weights.load_weights(model, path, key="effnet_state_dict")`.
+Stable Cascade's `effnet_encoder.safetensors` does not load: its final BatchNorm has no affine
+parameters (docs/weights.md).
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from torchvision.transforms.v2 import functional as TF
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-STAGE_C_LATENT_SCALE = 42.0  # (e + 1) / 42: the official prior pipeline's latent_mean (DESIGN.md)
+STAGE_C_LATENT_SCALE = 42.0  # (e + 1) / 42: the official prior pipeline's latent_mean (docs/weights.md)
 STAGE_C_LATENT_SHIFT = 1.0  # ... and its latent_std, which acts as the shift
 
 

@@ -8,6 +8,7 @@ import http.server
 import threading
 
 import numpy as np
+import open_clip
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -30,6 +31,15 @@ OFFICIAL_SHAPES = {
 
 def test_aesthetic_predictor_has_the_public_checkpoint_layout():
     assert {k: tuple(v.shape) for k, v in AestheticPredictor(768).state_dict().items()} == OFFICIAL_SHAPES
+
+
+def test_v2_clip_model_is_the_one_the_aesthetic_predictor_reads():
+    """v2 names open_clip's ViT-L-14 with the "openai" tag: a model and tag open_clip ships, whose 768-d
+    image embedding is the public predictor's input (its first layer is (1024, 768))."""
+    config = load_config("v2").embed
+    assert config.clip_pretrained in open_clip.list_pretrained_tags_by_model(config.clip_model)
+    assert open_clip.get_model_config(config.clip_model)["embed_dim"] == OFFICIAL_SHAPES["layers.0.weight"][1]
+    assert config.aesthetic_weights.endswith("/sac+logos+ava1-l14-linearMSE.pth")
 
 
 def test_aesthetic_checkpoint_in_the_official_format_loads_and_scores(tmp_path):

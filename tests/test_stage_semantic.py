@@ -7,6 +7,9 @@ import dataclasses
 import pytest
 import torch
 import torchvision
+from safetensors.torch import save_file
+from stage_oracle import perturb_
+from torch import nn
 
 from stages.semantic import (
     IMAGENET_MEAN,
@@ -17,6 +20,7 @@ from stages.semantic import (
     from_stage_c_latents,
     to_stage_c_latents,
 )
+from stages.weights import load_weights
 
 
 def test_v2_is_efficientnet_v2_s_features_then_conv_and_batchnorm() -> None:
@@ -73,3 +77,43 @@ def test_config_rejects_mismatched_stages() -> None:
         dataclasses.replace(config, stages=(config.stages[0], EffNetStage("fused", 4, 3, 2, 9, 16, 1)))
     with pytest.raises(ValueError, match="image_size"):
         dataclasses.replace(config, image_size=72)
+
+
+class UpstreamEncoder(nn.Module):
+    """The `EfficientNetEncoder` that wrote the upstream files: torchvision's EfficientNetV2-S features, a 1x1
+    conv to 16 channels and a BatchNorm, affine in the research code (dome272/Wuerstchen `modules.py`;
+    diffusers' research example `modeling_efficient_net_encoder.py`), not in Stable Cascade (`modules/effnet.py`)."""
+
+    def __init__(self, *, affine: bool) -> None:
+        super().__init__()
+        self.backbone = torchvision.models.efficientnet_v2_s().features
+        self.mapper = nn.Sequential(nn.Conv2d(1280, 16, kernel_size=1, bias=False), nn.BatchNorm2d(16, affine=affine))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mapper(self.backbone(x))
+
+
+@torch.no_grad()
+def test_v2_weights_load_from_the_research_stage_b_checkpoint(tmp_path) -> None:
+    torch.manual_seed(0)
+    upstream = perturb_(UpstreamEncoder(affine=True), std=0.01).eval()
+    # As the research Stage B script saves it: the encoder beside Stage B and the training state.
+    torch.save({"state_dict": {"clip_mapper.weight": torch.zeros(2, 2)}, "effnet_state_dict": upstream.state_dict(),
+                "optimizer_state_dict": {"state": {}, "param_groups": [{"lr": 1e-4, "betas": (0.9, 0.95)}]},
+                "scheduler_last_step": 3, "iter": 3, "grad_scaler_state_dict": {"scale": 65536.0},
+                "wandb_run_id": "run"}, tmp_path / "model_v2_stage_b.pt")
+    ours = load_weights(SemanticCompressor(SEMANTIC_CONFIGS["v2"]()), tmp_path / "model_v2_stage_b.pt",
+                        key="effnet_state_dict").eval()
+    images = torch.rand(1, 3, 80, 96)
+    expected = upstream(ours.preprocess(images, (64, 96)))  # the research code's own preprocessing is ours
+    torch.testing.assert_close(ours(images, (64, 96)), expected)
+    # ... and Stage C's target is (e + 1) / 42, as in diffusers' research example for training the prior.
+    torch.testing.assert_close(ours.encode_stage_c_latents(images, (64, 96)), (expected + 1) / 42)
+
+
+def test_stable_cascade_encoder_is_refused_by_name(tmp_path) -> None:
+    with torch.device("meta"):
+        names = UpstreamEncoder(affine=False).state_dict()
+    save_file({k: torch.zeros(v.shape, dtype=v.dtype) for k, v in names.items()}, tmp_path / "effnet_encoder.safetensors")
+    with pytest.raises(ValueError, match=r"(?s)do not fit SemanticCompressor.*mapper\.1\.weight"):
+        load_weights(SemanticCompressor(SEMANTIC_CONFIGS["v2"]()), tmp_path / "effnet_encoder.safetensors")

@@ -7,6 +7,7 @@ import dataclasses
 import pytest
 import torch
 from diffusers import DDPMWuerstchenScheduler, WuerstchenPriorPipeline
+from transformers import CLIPConfig, CLIPModel
 
 from stages.text import TEXT_CONFIGS, TextEncoder, TextEncoderConfig, build_clip_text_model, clip_tokenizer, tokenize
 
@@ -88,3 +89,55 @@ def test_rejects_bad_configs_and_a_lone_string() -> None:
         TextEncoderConfig(pretrained=None, hidden_size=30, num_layers=1, num_heads=4, intermediate_size=8)
     with pytest.raises(ValueError, match="sequence of captions"):
         tokenize("a red circle")
+
+
+def hub_text_names(hidden: int, layers: int, mlp: int) -> dict[str, tuple[int, ...]]:
+    """The `text_model.*` tensors of the LAION CLIP checkpoints on the hub (transformers' CLIPModel layout,
+    as the v2 towers are loaded): 49408 tokens, 77 positions, pre-norm layers, a final layer norm."""
+    names = {"text_model.embeddings.token_embedding.weight": (49408, hidden),
+             "text_model.embeddings.position_embedding.weight": (77, hidden),
+             "text_model.final_layer_norm.weight": (hidden,), "text_model.final_layer_norm.bias": (hidden,)}
+    for i in range(layers):
+        layer = f"text_model.encoder.layers.{i}"
+        for projection in ("q_proj", "k_proj", "v_proj", "out_proj"):
+            names |= {f"{layer}.self_attn.{projection}.weight": (hidden, hidden), f"{layer}.self_attn.{projection}.bias": (hidden,)}
+        for norm in ("layer_norm1", "layer_norm2"):
+            names |= {f"{layer}.{norm}.weight": (hidden,), f"{layer}.{norm}.bias": (hidden,)}
+        names |= {f"{layer}.mlp.fc1.weight": (mlp, hidden), f"{layer}.mlp.fc1.bias": (mlp,),
+                  f"{layer}.mlp.fc2.weight": (hidden, mlp), f"{layer}.mlp.fc2.bias": (hidden,)}
+    return names
+
+
+def module_names(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
+    """A text model's tensors under the checkpoint's names (transformers versions differ on the prefix)."""
+    return {f"text_model.{k.removeprefix('text_model.')}": tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("which, layers, mlp", [("stage_c", 32, 5120), ("stage_b", 24, 4096)])
+def test_v2_towers_have_the_hub_checkpoints_names_and_shapes(which: str, layers: int, mlp: int) -> None:
+    config = getattr(TEXT_CONFIGS["v2"]().with_random_weights(), which)
+    with torch.device("meta"):
+        model = build_clip_text_model(config)
+    assert module_names(model) == hub_text_names(config.hidden_size, layers, mlp)
+    assert model.config.hidden_act == "gelu"  # the LAION towers' MLP (OpenAI's CLIP uses quick_gelu)
+
+
+def test_a_full_clip_checkpoint_loads_as_the_text_tower_by_name(tmp_path) -> None:
+    """The hub repos hold a whole CLIPModel (text and vision); `from_pretrained` takes its text tower."""
+    torch.manual_seed(0)
+    text = dict(vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                max_position_embeddings=77, hidden_act="gelu", pad_token_id=0, bos_token_id=49406, eos_token_id=49407)
+    vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=16,
+                  patch_size=8)
+    clip = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=8)).eval()
+    clip.save_pretrained(tmp_path / "laion-clip")
+    config = TextEncoderConfig(pretrained=str(tmp_path / "laion-clip"), hidden_size=32, num_layers=2, num_heads=2,
+                               intermediate_size=64)
+    encoder = TextEncoder(config)
+    assert module_names(encoder.model) == hub_text_names(32, 2, 64)
+    input_ids, mask = tokenize(CAPTIONS[:2])
+    hidden = encoder(input_ids, mask)
+    assert hidden.shape == (2, 77, 32)
+    torch.testing.assert_close(hidden, clip.text_model(input_ids=input_ids, attention_mask=mask).last_hidden_state)
+    with pytest.raises(ValueError, match="TextEncoderConfig.hidden_size is 48"):
+        TextEncoder(dataclasses.replace(config, hidden_size=48))
