@@ -73,6 +73,8 @@ def test_mlflow_holds_a_parent_run_a_phase_run_and_the_ground_truth_counts(first
     assert parent.data.params["filter.min_side"] == "64"
     assert parent.data.params["work_dir"] == str(work_dir)
     assert client.download_artifacts(parent.info.run_id, "config.json")
+    # MLflow's UI opens it as model training, not in its GenAI view
+    assert client.get_experiment(parent.info.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
     assert child.data.params["filter.min_aesthetic"] == "5.0"
 
     truth = demo_data.load_ground_truth(str(work_dir / "demo_data"))["samples"]
