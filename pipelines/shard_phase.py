@@ -23,10 +23,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import ray.data
 
+from cluster.budget import gpu_hours
 from cluster.resources import StepResources
 from pipelines import schema
 from pipelines.ledger import Manifest, ShardCounts, read_manifest, remove_manifest, write_manifest
 from pipelines.storage import StorageConfig, filesystem, remove_orphaned_temporaries, temporary_name
+from pipelines.tracking import ATTEMPT_GPU_HOURS
 
 _COUNTS = b"wuerstchen.counts"
 _FINGERPRINT = b"wuerstchen.fingerprint"
@@ -213,7 +215,7 @@ def throughput_metrics(*, samples: int, seconds: float, resources: StepResources
         "shards_skipped": shards_skipped,
         "cpus_held": cpus,
         "gpus_held": gpus,
-        "gpu_hours": gpus * seconds / 3600,
+        ATTEMPT_GPU_HOURS: gpu_hours(gpus, seconds),
     }
     if cpus:
         metrics["samples_per_second_per_cpu"] = per_second / cpus

@@ -23,6 +23,11 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 DB_FILE = "mlflow.db"
 ARTIFACTS_DIR = "mlartifacts"
 _BATCH = 100  # MLflow's limit of params or metrics per log_batch call
+# GPU-hours one attempt held (a phase run, Ray Train's restarts of its workers included): what totals
+# and budgets add up, each attempt once. Training runs log their total over all attempts as RUN_GPU_HOURS.
+ATTEMPT_GPU_HOURS = "gpu_hours_attempt"
+RUN_GPU_HOURS = "gpu_hours"
+CHECKPOINTS_TAG = "train.checkpoints"  # where a training run's checkpoints live: the run its attempts belong to
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -74,6 +79,10 @@ class TrackedRun:
         items = [Metric(key, float(value), timestamp, step) for key, value in metrics.items()]
         for start in range(0, len(items), _BATCH):
             self.client.log_batch(self.run_id, metrics=items[start:start + _BATCH])
+
+    def latest_metric(self, key: str) -> float | None:
+        """The last value logged for ``key``; None if none was."""
+        return self.client.get_run(self.run_id).data.metrics.get(key)
 
     def log_dict(self, data: dict[str, Any], artifact_file: str) -> None:
         self.client.log_dict(self.run_id, data, artifact_file)
@@ -132,10 +141,14 @@ class Tracker:
         finally:
             self.client.set_terminated(run.info.run_id, RunStatus.to_string(status))
 
-    def experiment_gpu_hours(self) -> float:
-        """GPU-hours used by every run of the experiment so far (each run's latest ``gpu_hours``)."""
-        runs = self.client.search_runs([self.experiment_id], filter_string="metrics.gpu_hours >= 0", max_results=50_000)
-        return sum(run.data.metrics["gpu_hours"] for run in runs)
+    def gpu_hours(self, checkpoints: str = "") -> float:
+        """GPU-hours of every attempt in the experiment so far, each counted once; with ``checkpoints``,
+        of the attempts of the training run whose checkpoints live there."""
+        condition = f"metrics.{ATTEMPT_GPU_HOURS} >= 0"
+        if checkpoints:
+            condition += f" and tags.`{CHECKPOINTS_TAG}` = '{checkpoints}'"
+        runs = self.client.search_runs([self.experiment_id], filter_string=condition, max_results=50_000)
+        return sum(run.data.metrics[ATTEMPT_GPU_HOURS] for run in runs)
 
     def ui_command(self) -> str:
         """How a person opens this store in the MLflow UI."""

@@ -62,7 +62,7 @@ from cluster.budget import BudgetMeter
 from cluster.gpus import peak_flops
 from pipelines.flops import train_step_flops
 from pipelines.train_tasks import StageALosses, Task, TaskSpec, build_model, exported, input_columns
-from pipelines.tracking import TrackedRun, connect
+from pipelines.tracking import ATTEMPT_GPU_HOURS, RUN_GPU_HOURS, TrackedRun, connect
 from stages.blocks import AttnBlock, ResBlock, TimestepBlock
 from stages.stage_a import MixingBlock
 from stages.stage_b import StageB
@@ -206,12 +206,17 @@ class WorkerArgs:
     train: TrainConfig
     task: TaskSpec
     budget: float | None
+    """GPU-hours the run may use in all, its earlier attempts included; None: no limit."""
+    used_before: float
+    """GPU-hours the run's earlier attempts used."""
     tracking_uri: str
     run_id: str
     init_weights_path: str
     buckets: dict[str, int] = dataclasses.field(default_factory=dict)
     """Aspect-ratio buckets: data set name -> batches each worker takes from it per epoch. Empty: the
     one data set ``train``, read to its end."""
+    clock: Callable[[], float] = time.monotonic
+    """The budget meter's seconds (tests give one that advances a fixed amount per read, so per step)."""
 
 
 TRAIN_DATASET = "train"
@@ -225,6 +230,9 @@ class TrainingState:
     epoch: int = 0
     batches_in_epoch: int = 0
     gpu_hours_used: float = 0.0
+    """GPU-hours of the run at this checkpoint, its earlier attempts included."""
+    gpu_hours_attempt: float = 0.0
+    """GPU-hours of the attempt that wrote this checkpoint."""
     samples_seen: int = 0
     last_loss: float = math.nan
     stop_reason: str = ""
@@ -301,8 +309,12 @@ def train_worker(args: WorkerArgs) -> None:
         if candidates:  # never silently start over: that would spend the budget again
             raise RuntimeError(f"none of the {len(candidates)} checkpoints beside {candidates[0].path} can be read; "
                                "delete them to train from the start")
-    meter = BudgetMeter(units_held=config.units_held, budget=args.budget, used_before=state.gpu_hours_used)
     run = connect(args.tracking_uri, args.run_id) if rank == 0 else None
+    # After a restart of the workers by Ray Train, the attempt goes on counting from what it last logged
+    # (rank 0 decides the budget for all, so the other ranks need not know).
+    meter = BudgetMeter(units_held=config.units_held, budget=args.budget, used_before=args.used_before,
+                        attempt_before=(run.latest_metric(ATTEMPT_GPU_HOURS) or 0.0) if run is not None else 0.0,
+                        clock=args.clock)
     peak = _run_peak_flops(device, config) if run is not None else None
     if run is not None and candidates:  # the console line can scroll away; the run keeps it
         run.set_tags({"resume.checkpoint": resumed_from, "resume.step": str(state.step),
@@ -330,14 +342,15 @@ def train_worker(args: WorkerArgs) -> None:
                 state.stop_reason = (f"GPU-hour budget reached: used {meter.used():.4g} of {args.budget:.4g}; "
                                      "the next step would exceed it")
                 break
-            started = time.monotonic()
             loss, grad_norm = train_step(forward, optimizer, schedule, task, batch, config,
                                           _step_seed(config.seed, rank, state.step))
             state.step += 1
             state.batches_in_epoch += 1
             state.samples_seen += config.global_batch_size
             update_ema(ema, model, state.step, config)
-            step_seconds = time.monotonic() - started
+            # The next step's cost, foreseen from this one's: its whole cycle holds the GPUs (data wait,
+            # logging, samples and checkpoints of the step before included).
+            step_seconds = meter.lap()
             total_seconds = time.monotonic() - waited_since
             state.last_loss = loss
             flops = None
@@ -363,9 +376,10 @@ def train_worker(args: WorkerArgs) -> None:
                                    "training set is smaller than global_batch_size")
             state.epoch += 1
             state.batches_in_epoch = 0
+    _log_samples(run, task, model, ema, state.step)
+    meter.lap()  # the final samples count; the driver logs the final figures from the checkpoint
     if run is not None:
         _log_progress(run, state, window, meter, config, optimizer, device, peak)
-    _log_samples(run, task, model, ema, state.step)
     _report(model, ema, optimizer, state, meter, final=True)
 
 
@@ -553,11 +567,12 @@ def _log_progress(run: TrackedRun, state: TrainingState, window: _Window, meter:
         "lr": optimizer.param_groups[0]["lr"],
         "samples_per_second": samples_per_second,
         "epoch": state.epoch,
-        "gpu_hours": meter.used(),
+        RUN_GPU_HOURS: meter.used(),
+        ATTEMPT_GPU_HOURS: meter.attempt(),
         "eta_seconds": eta_seconds,
     }
     if meter.budget is not None:
-        metrics["gpu_hours_remaining"] = meter.remaining(metrics["gpu_hours"])
+        metrics["gpu_hours_remaining"] = meter.remaining()
     if device.type == "cuda":
         metrics["peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
     if peak is not None and "flops_per_sample" in figures:
@@ -738,14 +753,14 @@ def _sha256(path: Path) -> str:
 
 def _report(model, ema, optimizer, state: TrainingState, meter: BudgetMeter, *, final=False) -> None:
     """Writes a checkpoint from rank 0 and reports it; every rank must call this at the same step."""
-    state.gpu_hours_used = meter.used()
+    state.gpu_hours_used, state.gpu_hours_attempt = meter.used(), meter.attempt()
     model_state = _full_state(model)
     with _swapped_in(model, ema):
         ema_state = _full_state(model)
     optimizer_state = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True,
                                                                                           cpu_offload=True))
-    metrics = {"step": state.step, "loss": state.last_loss, "gpu_hours": state.gpu_hours_used,
-               "final": final, "stop_reason": state.stop_reason}
+    metrics = {"step": state.step, "loss": state.last_loss, RUN_GPU_HOURS: state.gpu_hours_used,
+               ATTEMPT_GPU_HOURS: state.gpu_hours_attempt, "final": final, "stop_reason": state.stop_reason}
     if ray.train.get_context().get_world_rank() != 0:
         ray.train.report(metrics, checkpoint=None)
         return

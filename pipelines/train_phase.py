@@ -24,6 +24,7 @@ from safetensors.torch import load as load_safetensors
 from pipelines import decode, pre_encode, schema, shard_phase, trained_weights
 from pipelines.overrides import to_flat_dict
 from pipelines.storage import StorageConfig, filesystem, local_copy
+from pipelines.tracking import ATTEMPT_GPU_HOURS, CHECKPOINTS_TAG, RUN_GPU_HOURS
 from pipelines.train import TRAIN_DATASET, TrainConfig, WorkerArgs, exported_state, read_checkpoint_weights, trainer
 from pipelines.train_tasks import TaskSpec, decode_images, input_columns
 from cluster.budget import run_budget
@@ -85,32 +86,43 @@ def run_training(context, run, phase: str) -> str:
         run.set_tags({"phase.outcome": "skipped: output already complete"})
         return "skipped: output already complete"
 
+    ray_url, ray_name = f"{context.output_url(phase)}/ray", _ray_run_name(phase, fingerprint)
+    checkpoints = f"{ray_url}/{ray_name}"
+    run_used = context.tracker.gpu_hours(checkpoints)
     budget = run_budget(run_budget=config.budget_gpu_hours,
                         experiment_budget=context.config.tracking.experiment_budget_gpu_hours,
-                        experiment_used=context.tracker.experiment_gpu_hours(), setting=f"{section}.budget_gpu_hours")
+                        experiment_used=context.tracker.gpu_hours(), run_used=run_used,
+                        setting=f"{section}.budget_gpu_hours")
     datasets, buckets = _datasets(context, stage, sorted(source.shards), config, run)
     spec = _task_spec(context, stage, config, datasets[max(buckets, key=buckets.get) if buckets else TRAIN_DATASET])
     init_weights = local_copy(config.init_weights, storage) if config.init_weights else ""
-    args = WorkerArgs(train=config, task=spec, budget=budget, tracking_uri=context.tracker.uri, run_id=run.run_id,
-                      init_weights_path=init_weights, buckets=buckets)
-    run.log_params({"budget_gpu_hours": budget, "units_held": config.units_held})
-    storage_fs, storage_path = _ray_storage(f"{context.output_url(phase)}/ray", storage)
-    result = trainer(name=_ray_run_name(phase, fingerprint), args=args, datasets=datasets, storage_path=storage_path,
+    args = WorkerArgs(train=config, task=spec, budget=budget.limit, used_before=run_used,
+                      tracking_uri=context.tracker.uri, run_id=run.run_id, init_weights_path=init_weights,
+                      buckets=buckets)
+    # The tag makes this phase run an attempt of the training run; the experiment counts it once.
+    run.set_tags({CHECKPOINTS_TAG: checkpoints})
+    run.log_params({"budget_gpu_hours": budget.limit, "units_held": config.units_held})
+    storage_fs, storage_path = _ray_storage(ray_url, storage)
+    result = trainer(name=ray_name, args=args, datasets=datasets, storage_path=storage_path,
                      storage_filesystem=storage_fs).fit()
     ema, state = read_checkpoint_weights(result.checkpoint)
-    run.log_metrics({"gpu_hours": state.gpu_hours_used, "final_step": state.step, "final_loss": state.last_loss,
-                     **({"gpu_hours_remaining": max(budget - state.gpu_hours_used, 0.0)} if budget is not None else {})})
+    # At the final step, so the charts of the figures the workers logged end there.
+    run.log_metrics({RUN_GPU_HOURS: state.gpu_hours_used, ATTEMPT_GPU_HOURS: state.gpu_hours_attempt,
+                     "final_step": state.step, "final_loss": state.last_loss,
+                     **({"gpu_hours_remaining": max(budget.limit - state.gpu_hours_used, 0.0)}
+                        if budget.limit is not None else {})}, step=state.step)
     if state.stop_reason:
         run.set_tags({"phase.outcome": "stopped", "stop_reason": state.stop_reason})
         raise BudgetStop(f"{phase} stopped at step {state.step} of {config.steps}: {state.stop_reason}. The checkpoint "
-                         f"is kept; raise {section}.budget_gpu_hours and run again to continue")
+                         f"is kept; raise {budget.setting} and run again to continue")
     data = trained_weights.write(final_url, exported_state(spec, ema), fingerprint, storage)
     with tempfile.TemporaryDirectory() as folder:
         local = Path(folder) / f"{stage}.safetensors"
         local.write_bytes(data)
         run.log_artifact(str(local), "weights")
     run.set_tags({"phase.outcome": "ran"})
-    return f"ran; {state.step} steps, loss {state.last_loss:.4f}, {state.gpu_hours_used:.4g} GPU-hours"
+    return (f"ran; {state.step} steps, loss {state.last_loss:.4f}, {state.gpu_hours_attempt:.4g} GPU-hours "
+            f"({state.gpu_hours_used:.4g} over all attempts)")
 
 
 def _ray_run_name(phase: str, fingerprint: dict) -> str:

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import io
+import itertools
 import json
 import os
 import subprocess
@@ -27,10 +29,10 @@ from conftest import kill_session
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from pipelines import full, schema, trained_weights
+from pipelines import full, schema, train_phase, trained_weights
 from pipelines.config import load_config
 from pipelines.pre_encode import latent_shapes, semantic_input_size
-from pipelines.train import TrainConfig, file_record, train_step, verify_files
+from pipelines.train import TrainConfig, WorkerArgs, file_record, train_step, verify_files
 from pipelines.train_tasks import Task, TaskSpec
 from stages.semantic import SEMANTIC_CONFIGS, SemanticCompressor
 from stages.stage_a import STAGE_A_CONFIGS, StageA
@@ -145,14 +147,64 @@ def test_budgets_stop_a_run_with_a_checkpoint_and_refuse_one_that_cannot_fit(lat
     assert np.mean([loss for _, loss in after[:5]]) < 0.5 * np.mean([loss for _, loss in before[:5]])
     assert (work_dir / "train_stage_c" / trained_weights.FINAL_FILE).is_file()
 
-    # The experiment's budget counts both runs; a new run that cannot fit refuses to start.
-    used = sum(r.data.metrics.get("gpu_hours", 0) for r in client.search_runs(["1"]))
+    # The experiment's budget counts both attempts, each once; a new run that cannot fit refuses to start.
+    used = sum(r.data.metrics.get("gpu_hours_attempt", 0) for r in client.search_runs(["1"]))
+    assert resumed.data.metrics["gpu_hours"] == pytest.approx(used)  # the data phases held no GPU
     with pytest.raises(SystemExit, match="nothing is left"):
         _main(work_dir, "--phases", "train_stage_b", "--set", f"tracking.experiment_budget_gpu_hours={used / 2}")
-    with pytest.raises(SystemExit, match=r"train_b.budget_gpu_hours \(5 GPU-hours\) does not fit"):
+    with pytest.raises(SystemExit, match=r"train_b.budget_gpu_hours \(5 GPU-hours, 0 of them used by the run's "
+                                         r"earlier attempts\) does not fit"):
         _main(work_dir, "--phases", "train_stage_b", "--set", f"tracking.experiment_budget_gpu_hours={used + 1}",
               "--set", "train_b.budget_gpu_hours=5")
     assert not list((work_dir / "train_stage_b").glob("ray/*/checkpoint_*/model.safetensors"))
+
+
+def test_a_budget_stops_at_the_step_it_allows_and_a_resume_counts_each_attempt_once(latents, tmp_path, capsys,
+                                                                                       monkeypatch):
+    # Each worker's budget meter reads its clock once at the start and once after every step, 1.8 s a
+    # read: a step of the 2 workers costs 0.001 worker-hours, whatever this machine's speed.
+    clock = functools.partial(next, itertools.count(1.8, 1.8))
+    monkeypatch.setattr(train_phase, "WorkerArgs", functools.partial(WorkerArgs, clock=clock))
+    work_dir = _fresh_copy(latents, tmp_path)
+    _main(work_dir, "--phases", "train_stage_c", "--set", "train_c.steps=100000",
+          "--set", "train_c.budget_gpu_hours=0.0055", "--set", "train_c.log_every_seconds=0")
+    assert "stopped before:  (train_stage_c stopped at step 5 of 100000" in capsys.readouterr().err
+    client, (stopped,) = _phase_runs(work_dir, "train_stage_c")
+    # 5 steps, then the final samples (one more read): the tail after the last step counts too.
+    assert stopped.data.metrics["final_step"] == 5
+    assert stopped.data.metrics["gpu_hours_attempt"] == stopped.data.metrics["gpu_hours"] == pytest.approx(0.006)
+    # Logged at the steps they were reached, the driver's final figures too: the chart never goes back to 0.
+    history = client.get_metric_history(stopped.info.run_id, "gpu_hours")
+    assert [m.step for m in history] == [1, 2, 3, 4, 5, 5], history
+    assert max(history, key=lambda m: m.timestamp).value == pytest.approx(0.006)
+
+    # Resumed under an experiment budget of 0.0105 and no budget of its own: the run may go to 0.0105 in
+    # all, its earlier attempt counted once, so 4 more steps, and the experiment counts 0.006 + 0.005.
+    _main(work_dir, "--phases", "train_stage_c", "--set", "train_c.steps=100000",
+          "--set", "tracking.experiment_budget_gpu_hours=0.0105", "--set", "train_c.log_every_seconds=0")
+    assert "raise tracking.experiment_budget_gpu_hours and run again" in capsys.readouterr().err
+    client, (_, resumed) = _phase_runs(work_dir, "train_stage_c")
+    assert resumed.data.tags["resume.step"] == "5" and resumed.data.metrics["final_step"] == 9
+    assert resumed.data.metrics["gpu_hours_attempt"] == pytest.approx(0.005)
+    assert resumed.data.metrics["gpu_hours"] == pytest.approx(0.011)
+    with pytest.raises(SystemExit, match="has used 0.011 of its 0.0105 GPU-hours; nothing is left"):
+        _main(work_dir, "--phases", "train_stage_c", "--set", "tracking.experiment_budget_gpu_hours=0.0105")
+
+
+def test_a_run_whose_every_checkpoint_is_unreadable_fails_and_never_starts_over(latents, tmp_path):
+    work_dir = _fresh_copy(latents, tmp_path)
+    _main(work_dir, "--phases", "train_stage_c", "--set", "train_c.steps=2", "--set", "train_c.checkpoint_every=1")
+    checkpoints = sorted(path for path in (work_dir / "train_stage_c" / "ray").glob("*/checkpoint_*") if path.is_dir())
+    assert len(checkpoints) == 2, checkpoints
+    for checkpoint in checkpoints:
+        with open(checkpoint / "model.safetensors", "r+b") as stream:
+            stream.truncate(100)
+    with pytest.raises(Exception, match=r"none of the 2 checkpoints beside .* can be read; delete them to train "
+                                        "from the start"):
+        _main(work_dir, "--phases", "train_stage_c", "--set", "train_c.steps=4", "--set", "train_c.max_failures=0")
+    client, (_, failed) = _phase_runs(work_dir, "train_stage_c")
+    assert failed.info.status == "FAILED"
+    assert _loss_history(client, failed.info.run_id) == []  # not a step from scratch
 
 
 def test_a_batch_larger_than_the_training_set_refuses_to_start(latents, tmp_path):
