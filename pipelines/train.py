@@ -44,7 +44,8 @@ import ray.train
 import torch
 import torch._functorch.config
 import torch.distributed as dist
-from ray.train import Checkpoint, CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import (Checkpoint, CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig,
+                       ScalingConfig)
 from ray.train.torch import TorchTrainer
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -61,6 +62,7 @@ from torch.distributed.fsdp import FSDPModule, fully_shard
 from cluster.budget import BudgetMeter
 from cluster.gpus import peak_flops
 from pipelines.flops import train_step_flops
+from pipelines.runtime import quiet_ray_below
 from pipelines.train_tasks import StageALosses, Task, TaskSpec, build_model, exported, input_columns
 from pipelines.tracking import ATTEMPT_GPU_HOURS, RUN_GPU_HOURS, TrackedRun, connect
 from stages.blocks import AttnBlock, ResBlock, TimestepBlock
@@ -217,6 +219,8 @@ class WorkerArgs:
     one data set ``train``, read to its end."""
     clock: Callable[[], float] = time.monotonic
     """The budget meter's seconds (tests give one that advances a fixed amount per read, so per step)."""
+    ray_log_level: str = "WARNING"
+    """Ray's own lines on the console from this level up (RayConfig.log_level)."""
 
 
 TRAIN_DATASET = "train"
@@ -270,6 +274,7 @@ def _full_state(model: nn.Module) -> dict[str, torch.Tensor]:
 def train_worker(args: WorkerArgs) -> None:
     """The loop every Ray Train worker runs."""
     config, spec = args.train, args.task
+    quiet_ray_below(args.ray_log_level)
     context = ray.train.get_context()
     rank = context.get_world_rank()
     device = ray.train.torch.get_device()
@@ -790,6 +795,7 @@ def trainer(*, name: str, args: WorkerArgs, datasets: dict[str, ray.data.Dataset
                                   **({"GPU": config.gpus_per_worker} if config.gpus_per_worker else {})},
         ),
         run_config=RunConfig(
+            logging_config=LoggingConfig(log_level=args.ray_log_level),
             name=name,
             storage_path=storage_path,
             storage_filesystem=storage_filesystem,

@@ -98,7 +98,7 @@ def run_training(context, run, phase: str) -> str:
     init_weights = local_copy(config.init_weights, storage) if config.init_weights else ""
     args = WorkerArgs(train=config, task=spec, budget=budget.limit, used_before=run_used,
                       tracking_uri=context.tracker.uri, run_id=run.run_id, init_weights_path=init_weights,
-                      buckets=buckets)
+                      buckets=buckets, ray_log_level=context.config.ray.log_level)
     # The tag makes this phase run an attempt of the training run; the experiment counts it once.
     run.set_tags({CHECKPOINTS_TAG: checkpoints})
     run.log_params({"budget_gpu_hours": budget.limit, "units_held": config.units_held})

@@ -54,6 +54,7 @@ def test_overrides_parse_by_field_type():
     ("filter.max_side=10", "filter.max_side.*must be >= min_side"),
     ("filter.resources.max_actors=0", "filter.resources.max_actors.*must be >= min_actors"),
     ("pre_encode.resources.calls_per_actor=0", "pre_encode.resources.calls_per_actor.*must be >= 1"),
+    ("ray.log_level=LOUD", "ray.*log_level must be a logging level"),
     ("min_side", "must look like dotted.key=value"),
     ("train_a.activation_checkpointing=true", "train_a.activation_checkpointing: only Stage B and Stage C"),
     ("train_c.compile=true train_c.activation_memory_budget=1.5", "train_c.*activation_memory_budget must be one or"),

@@ -58,6 +58,13 @@ def test_no_arguments_runs_the_built_phases_on_the_demo_data(first_run):
     assert (work_dir / "decode" / "manifest.json").is_file()
     assert f"ran: {', '.join(PHASES)}" in result.stderr
     assert f"mlflow ui --backend-store-uri sqlite:///{work_dir}/mlflow.db" in result.stderr
+    # Ray's own INFO lines stay off the console unless ray.log_level asks for them.
+    console = result.stdout + result.stderr
+    for ray_detail in ("Execution plan of Dataset", "Started training worker group", "Reporting training result",
+                       "Checkpoint successfully created", "Moving model to device"):
+        assert ray_detail not in console, ray_detail
+    steps = load_config("tiny", []).train_c.steps
+    assert f"step {steps}/{steps} " in console  # the loop's own progress lines stay
 
 
 def test_mlflow_holds_a_parent_run_a_phase_run_and_the_ground_truth_counts(first_run):
