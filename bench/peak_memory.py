@@ -33,6 +33,7 @@ partition alone does. Per block, a graph holds one block's temporaries.
 
     python bench/peak_memory.py --stage b --ours eager,checkpointing --reference-peak 41.62   # v2, batch 16
     python bench/peak_memory.py --stage b --ours compile,compile+budget=0.3
+    python bench/peak_memory.py --stage b --ours eager,checkpointing --batch 8 --side 256   # v2 Stage B at 1024 px
 """
 
 from __future__ import annotations
@@ -156,11 +157,12 @@ def train_steps(model, optimizer, diffusion: CosineDiffusion, x0: torch.Tensor, 
             del noised, noise, r, loss
 
 
-def predict(stage: str, impl: str, options: frozenset[str], config_name: str, batch: int | None) -> dict:
+def predict(stage: str, impl: str, options: frozenset[str], config_name: str, batch: int | None,
+            side: int | None = None) -> dict:
     """One implementation's train steps on fake tensors; executed in its own process (compile settings
     are process-wide)."""
-    factory, default_batch, side = SETUPS[config_name][stage]
-    batch = batch or default_batch
+    factory, default_batch, default_side = SETUPS[config_name][stage]
+    batch, side = batch or default_batch, side or default_side
     tracker = LiveStorages()
     # The real RNG state that checkpointed compiled blocks save is the one tensor that is not fake.
     with FakeTensorMode(allow_non_fake_inputs=True), tracker:
@@ -181,6 +183,7 @@ def predict(stage: str, impl: str, options: frozenset[str], config_name: str, ba
         "static": params + optimizer_state,
         "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
         "batch": batch,
+        "side": side,
         "forward_flops": tracker.flops.get("forward", 0),
         "backward_flops": tracker.flops.get("backward", 0),
     }
@@ -188,7 +191,8 @@ def predict(stage: str, impl: str, options: frozenset[str], config_name: str, ba
 
 def describe(name: str, res: dict) -> str:
     rest = res["peak"] - res["static"] - res["gradients"]
-    return (f"{name:30s}: {res['params_m']:8.1f}M params, batch {res['batch']}: peak {res['peak'] / GIB:6.2f} GiB in "
+    return (f"{name:30s}: {res['params_m']:8.1f}M params, batch {res['batch']} of {res['side']}x{res['side']} latents: "
+            f"peak {res['peak'] / GIB:6.2f} GiB in "
             f"the {res['phase']:>14s} = weights and AdamW state {res['static'] / GIB:5.2f} + gradients "
             f"{res['gradients'] / GIB:5.2f} + activations and temporaries {rest / GIB:5.2f}; "
             f"{res['forward_flops'] / 1e9:,.0f} GFLOP forward, {res['backward_flops'] / 1e9:,.0f} backward")
@@ -199,6 +203,9 @@ def main() -> None:
     parser.add_argument("--stage", default="b", choices=["c", "b"])
     parser.add_argument("--config", default="v2", choices=sorted(SETUPS))
     parser.add_argument("--batch", type=int, default=None, help="default: the config's, as in bench/train_step.py")
+    parser.add_argument("--side", type=int, default=None,
+                        help="side of the square latent, default the config's (SETUPS); v2 Stage B: 256 at 1024 px, "
+                             "Stage C: 24 at 1024 px")  # fmt: skip
     parser.add_argument("--ours", default="eager", type=parse_variants,
                         help="comma-separated variants of ours, as in bench/train_step.py "
                              "(e.g. 'eager,compile+budget=0.3')")  # fmt: skip
@@ -212,7 +219,7 @@ def main() -> None:
     results = {}
     for impl, options in [("reference", frozenset()), *[("ours", options) for options in args.ours]]:
         with context.Pool(1) as pool:
-            res = pool.apply(functools.partial(predict, args.stage, impl, options, args.config, args.batch))
+            res = pool.apply(functools.partial(predict, args.stage, impl, options, args.config, args.batch, args.side))
         name = label(impl, options)
         print(describe(name, res), flush=True)
         results[name] = res

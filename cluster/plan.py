@@ -28,6 +28,7 @@ import numpy as np
 import pyarrow as pa
 import yaml
 
+from cluster import memory
 from pipelines import pre_encode
 from pipelines.config import RUNS, RunConfig, load_config
 from pipelines.phases import PHASES
@@ -35,14 +36,18 @@ from pipelines.train_phase import PHASE_STAGES, config_section, training_needed
 
 MEASURED_FILE = Path(__file__).resolve().parents[1] / "bench" / "measured.toml"
 CLUSTER_FILE = Path(__file__).resolve().parents[1] / "ray_cluster.yaml"
-# Throughput of a GPU kind relative to the H200 the v2 figures were measured on. A100 (40 GB):
-# 312 vs 989 dense bf16 TFLOP/s and 1.56 vs 4.8 TB/s of memory bandwidth, both ~0.32; a ratio of
-# peaks, not a measurement.
+# Throughput of a GPU kind relative to the H200 the v2 figures were measured on. A100: 312 vs 989
+# dense bf16 TFLOP/s (~0.32, 40 and 80 GB alike) and 1.56 (40 GB) or 2.04 (80 GB) vs 4.8 TB/s of
+# memory bandwidth (0.32-0.43); the lower ratio, of peaks, not a measurement.
 GPU_SPEED_VS_H200 = {"h200": 1.0, "a100": 0.32}
-# On-demand us-east-1 prices: p4d.24xlarge $32.77/h for 8 A100s; c6i.16xlarge $2.72/h for 64 vCPUs.
-A100_USD_PER_GPU_HOUR = 32.77 / 8
+# On-demand us-east-1 prices: p4de.24xlarge $40.97/h for 8 A100s of 80 GB (ray_cluster.yaml's GPU
+# nodes: the v2 steps need more than the 40 GB of p4d's, docs/memory.md); c6i.16xlarge $2.72/h for 64 vCPUs.
+A100_USD_PER_GPU_HOUR = 40.97 / 8
 USD_PER_CPU_HOUR = 2.72 / 64
 PAPER_STAGE_C_A100_HOURS = 24_602
+# The node label of ray_cluster.yaml that gives a GPU node type's memory per GPU (Ray has no
+# resource for it; labels pass Ray's validator and reach `ray start --labels`).
+GPU_MEMORY_LABEL = "gpu-memory-gib"
 DATA_PHASES = ("metadata_filter", "decode", "embed", "pre_encode")
 
 
@@ -64,6 +69,8 @@ class Assumptions:
     """Fraction of linear speed-up kept when a phase runs on more than one unit (assumed)."""
     usd_per_gpu_hour: float = A100_USD_PER_GPU_HOUR
     usd_per_cpu_hour: float = USD_PER_CPU_HOUR
+    gpu_memory_gib: float | None = None
+    """Memory of one GPU, which each training step must fit (cluster.memory); none: not checked."""
 
     def __post_init__(self):
         if self.samples < 0:
@@ -91,6 +98,8 @@ class PhasePlan:
     budget: float | None = None
     """The phase's GPU-hour budget (training only)."""
     source: str = ""
+    memory: memory.StepMemory | None = None
+    """Predicted peak of a training step on one GPU (training on GPUs only; none: not modelled)."""
 
     @property
     def seconds(self) -> float | None:
@@ -192,9 +201,45 @@ def plan(config: RunConfig, phases: list[str], assumptions: Assumptions, measure
             if units > 1:
                 rate *= assumptions.scaling_efficiency
             source = figure["source"]
+            if request.phase in PHASE_STAGES:
+                source += _setting_note(figure, request.setting, getattr(config, request.setting))
+        training_on_gpu = request.phase in PHASE_STAGES and on_gpu
+        step = memory.phase_memory(config, PHASE_STAGES[request.phase]) if training_on_gpu else None
         rows.append(PhasePlan(phase=request.phase, unit="gpu" if on_gpu else "cpu", units=units, samples=samples,
-                              samples_per_second_per_unit=rate, budget=budget, source=source))
+                              samples_per_second_per_unit=rate, budget=budget, source=source, memory=step))
     return rows
+
+
+def _setting_note(figure: dict, section: str, train) -> str:
+    """What a training figure was measured with against what the config runs: a rate measured with
+    another setting (checkpointing recomputes, a budget trades memory for time) is not this one's."""
+    runs = memory.variant(train)
+    note = ""
+    if figure.get("setting", runs) != runs:
+        note += f"; MEASURED {figure['setting']}, BUT {section} RUNS {runs}: the rate is not this setting's"
+    per_gpu = train.global_batch_size // train.workers
+    if figure.get("batch", per_gpu) != per_gpu:
+        note += f"; measured at {figure['batch']} samples per GPU, {section} runs {per_gpu}"
+    return note
+
+
+def memory_problems(config: RunConfig, phases: list[str], gpu_gib: float) -> list[str]:
+    """One line per training phase on GPUs whose step does not fit GPUs of ``gpu_gib``: its
+    predicted peak and the settings that would fit."""
+    problems = [memory.does_not_fit(config, phase, PHASE_STAGES[phase], gpu_gib) for phase in phases
+                if phase in PHASE_STAGES and getattr(config, config_section(PHASE_STAGES[phase])).gpus_per_worker > 0]
+    return [f"DOES NOT FIT: {problem}" for problem in problems if problem is not None]
+
+
+def _peak(row: PhasePlan, gpu_gib: float | None) -> str:
+    if row.phase not in PHASE_STAGES or row.unit != "gpu":
+        return "-"
+    if row.memory is None:
+        return "not modelled"
+    peak = f"{row.memory.peak_gib:,.1f} GiB"
+    if gpu_gib is None:
+        return peak
+    return f"{peak}: " + ("fits" if row.memory.fits(gpu_gib) else "OVER")
 
 
 def _bytes(count: float) -> str:
@@ -212,8 +257,9 @@ def _hours(seconds: float | None) -> str:
 
 def format_plan(rows: list[PhasePlan], assumptions: Assumptions, config: RunConfig, measured_name: str) -> str:
     """The table, its totals and its inputs, as printed by the planner and by ``full.py --dry-run``."""
-    lines = ["| phase | runs on | samples | samples/s per unit | wall time | GPU-hours | CPU core-hours | cost (USD) | budget |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---|"]
+    lines = ["| phase | runs on | samples | samples/s per unit | wall time | GPU-hours | CPU core-hours | cost (USD) | budget "
+             "| peak per GPU |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---|---|"]
     gpu_hours = cpu_hours = cost = 0.0
     for row in rows:
         hours = row.unit_hours
@@ -229,15 +275,22 @@ def format_plan(rows: list[PhasePlan], assumptions: Assumptions, config: RunConf
         rate = "no figure" if row.samples_per_second_per_unit is None else f"{row.samples_per_second_per_unit:,.1f}"
         lines.append(f"| {row.phase} | {row.units:g} {row.unit.upper()} | {row.samples:,} | {rate} | "
                      f"{_hours(row.seconds)} | {'-' if gpu is None else f'{gpu:,.1f}'} | "
-                     f"{'-' if cpu is None else f'{cpu:,.1f}'} | {'-' if row_cost is None else f'{row_cost:,.0f}'} | {budget} |")
+                     f"{'-' if cpu is None else f'{cpu:,.1f}'} | {'-' if row_cost is None else f'{row_cost:,.0f}'} | {budget} | "
+                     f"{_peak(row, assumptions.gpu_memory_gib)} |")
     lines.append(f"| total | | | | | {gpu_hours:,.1f} | {cpu_hours:,.1f} | {cost:,.0f} | "
-                 f"{_experiment_budget(config, gpu_hours)} |")
+                 f"{_experiment_budget(config, gpu_hours)} | |")
     gpu_scaling = (f", scaled to {assumptions.gpu.upper()} (x{GPU_SPEED_VS_H200[assumptions.gpu]:g} of an H200)"
                    if any(row.unit == "gpu" for row in rows) else "")
     lines += ["", (f"Measured figures: bench/measured.toml [{measured_name}]{gpu_scaling}, to {config.decode.resolution} px "
                    f"by pixel count where the figure names a resolution; {assumptions.scaling_efficiency:.0%} scaling "
                    "efficiency above one unit (assumed).")]
     lines += [f"  {row.phase}: {row.source}" for row in rows]
+    if any(row.phase in PHASE_STAGES and row.unit == "gpu" for row in rows):
+        against = ("" if assumptions.gpu_memory_gib is None else
+                   f", against {memory.HEADROOM:.0%} of {assumptions.gpu_memory_gib:g} GiB per GPU")
+        lines.append(f"Peak per GPU: one training step's, predicted by cluster.memory (docs/memory.md){against}.")
+        if assumptions.gpu_memory_gib is not None:
+            lines += memory_problems(config, [row.phase for row in rows], assumptions.gpu_memory_gib)
     kept = next((row.samples for row in rows if row.phase == "pre_encode"), None)
     if kept is not None:
         per_sample = latent_bytes_per_sample(config)
@@ -257,6 +310,34 @@ def worker_node_types(path: Path = CLUSTER_FILE) -> dict[str, dict[str, float]]:
     cluster = yaml.safe_load(path.read_text())
     return {name: node.get("resources", {}) for name, node in cluster["available_node_types"].items()
             if name != cluster["head_node_type"]}
+
+
+def gpu_memory_gib(path: Path = CLUSTER_FILE) -> dict[str, float]:
+    """Memory per GPU of each worker node type that gives it (its GPU_MEMORY_LABEL), GiB."""
+    cluster = yaml.safe_load(path.read_text())
+    return {name: float(node["labels"][GPU_MEMORY_LABEL]) for name, node in cluster["available_node_types"].items()
+            if GPU_MEMORY_LABEL in node.get("labels", {})}
+
+
+def training_gpu_memory(config: RunConfig, phases: list[str], path: Path = CLUSTER_FILE) -> float | None:
+    """The GPU memory the training workers of ``phases`` get on the cluster file's node types (the
+    smallest where they land on several); none when none of them runs on a GPU node that gives it."""
+    types, memories = worker_node_types(path), gpu_memory_gib(path)
+    found = [memories[node] for request in phase_requests(config, phases)
+             if request.phase in PHASE_STAGES and request.gpus > 0
+             and (node := node_type_for(request.cpus, request.gpus, types)) in memories]
+    return min(found, default=None)
+
+
+def check_training_memory(config: RunConfig, phases: list[str]) -> None:
+    """``full.py --dry-run``'s refusal of a training step that does not fit the GPUs of the node type
+    it would land on: such a run would stop out of memory only after the autoscaler has started the
+    GPU nodes and the data phases have run, so the dry run, the check before a submission, fails."""
+    gpu_gib = training_gpu_memory(config, phases)
+    problems = [] if gpu_gib is None else memory_problems(config, phases, gpu_gib)
+    if problems:
+        raise ValueError(f"a training step does not fit the GPUs of {CLUSTER_FILE.name}: "
+                         + " | ".join(problem.removeprefix("DOES NOT FIT: ") for problem in problems))
 
 
 def node_type_for(cpus: float, gpus: float, types: dict[str, dict[str, float]]) -> str | None:
@@ -289,7 +370,8 @@ def dry_run(config: RunConfig, phases: list[str], samples: int) -> str:
         lines.append(f"  {request.phase}: {request.description} -> "
                      + (node or "FITS NO NODE TYPE: the autoscaler could never place it"))
     # Every sample kept: the dry run has no measured keep rates, so its volumes are upper bounds.
-    assumptions = Assumptions(samples=samples, keep={}, gpu="a100", scaling_efficiency=0.9)
+    assumptions = Assumptions(samples=samples, keep={}, gpu="a100", scaling_efficiency=0.9,
+                              gpu_memory_gib=training_gpu_memory(config, phases))
     name = measured_table_for(config)
     lines += ["", f"Plan ({samples:,} input rows, every one kept: an upper bound):", ""]
     lines.append(format_plan(plan(config, phases, assumptions, load_measured(name)), assumptions, config, name))
@@ -323,26 +405,32 @@ def main(argv: list[str] | None = None) -> None:
                         help="rows into the metadata filter (default 600e6: LAION-Aesthetics v2 5+)")
     parser.add_argument("--keep", default="metadata_filter=0.5,decode=0.95,embed=0.9",
                         help="fraction each filtering phase keeps (default: assumed, not measured)")
-    parser.add_argument("--gpus", type=int, default=64, help="GPUs for each GPU phase (default 64: ray_cluster.yaml's 8 p4d nodes)")
+    parser.add_argument("--gpus", type=int, default=64, help="GPUs for each GPU phase (default 64: ray_cluster.yaml's 8 p4de nodes)")
     parser.add_argument("--cpus", type=int, default=2048, help="CPU cores for CPU phases (default: 32 c6i.16xlarge)")
     parser.add_argument("--gpu", default="a100", choices=sorted(GPU_SPEED_VS_H200))
     parser.add_argument("--usd-per-gpu-hour", type=float, default=A100_USD_PER_GPU_HOUR)
+    parser.add_argument("--gpu-memory-gib", type=float, default=None,
+                        help="memory of one GPU that each training step must fit (default: that of "
+                             f"{CLUSTER_FILE.name}'s node type for the training workers)")
     parser.add_argument("--phases", default=",".join(PHASES))
     args = parser.parse_args(argv)
     try:
         config = load_config(args.config, args.overrides)
-        assumptions = Assumptions(samples=int(args.samples), keep=_keep(args.keep), gpus=args.gpus, cpus=args.cpus,
-                                  gpu=args.gpu, usd_per_gpu_hour=args.usd_per_gpu_hour)
         phases = [name.strip() for name in args.phases.split(",") if name.strip()]
         unknown = [name for name in phases if name not in PHASES]
         if unknown:
             raise ValueError(f"unknown phase(s) {', '.join(unknown)} in --phases; available: {', '.join(PHASES)}")
+        gpu_gib = args.gpu_memory_gib if args.gpu_memory_gib is not None else training_gpu_memory(config, list(PHASES))
+        assumptions = Assumptions(samples=int(args.samples), keep=_keep(args.keep), gpus=args.gpus, cpus=args.cpus,
+                                  gpu=args.gpu, usd_per_gpu_hour=args.usd_per_gpu_hour, gpu_memory_gib=gpu_gib)
         name = measured_table_for(config)
         rows = plan(config, phases, assumptions, load_measured(name))
     except ValueError as error:
         parser.exit(2, f"error: {error}\n")
+    memory_text = "" if gpu_gib is None else f" of {gpu_gib:g} GiB"
     print(f"Plan for the {config.name!r} config: {assumptions.samples:,} rows in, keep {args.keep}, "
-          f"{args.gpus} {args.gpu.upper()} GPUs, {args.cpus} CPU cores, ${assumptions.usd_per_gpu_hour:.2f} per GPU-hour.\n")
+          f"{args.gpus} {args.gpu.upper()} GPUs{memory_text}, {args.cpus} CPU cores, "
+          f"${assumptions.usd_per_gpu_hour:.2f} per GPU-hour.\n")
     print(format_plan(rows, assumptions, config, name))
 
 

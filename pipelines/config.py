@@ -28,7 +28,8 @@ from stages.stage_b import STAGE_B_CONFIGS
 
 
 def _v2_stage_c_training() -> TrainConfig:
-    """The public v2 recipe (DESIGN.md): 918k steps at global batch 1280 on 8 nodes of 8 A100s."""
+    """The public v2 recipe (DESIGN.md): 918k steps at global batch 1280 on 8 nodes of 8 A100s (80 GB:
+    20 samples per GPU need ~41 GiB, docs/memory.md)."""
     return TrainConfig(steps=918_000, global_batch_size=1280, lr=1e-4, warmup_steps=10_000, workers=64,
                        gpus_per_worker=1, cpus_per_worker=10, checkpoint_every=2_000, sample_every=10_000)
 

@@ -14,7 +14,7 @@ import sys
 
 import torch
 
-from cluster.plan import check_local_gpus, dry_run
+from cluster.plan import check_local_gpus, check_training_memory, dry_run
 from pipelines.config import RUNS, load_config
 from pipelines.inputs import count_input_rows, exists, prepare_input
 from pipelines.overrides import to_flat_dict
@@ -57,6 +57,7 @@ def run(args: argparse.Namespace) -> None:
     phases = select_phases(args.phases)
     if args.dry_run:
         print(dry_run(config, phases, count_input_rows(config.data, config.storage)))
+        check_training_memory(config, phases)  # after the plan, which shows the step beside the others
         return
     if not (config.ray.address or os.environ.get("RAY_ADDRESS")):
         check_local_gpus(config, phases, torch.cuda.device_count())

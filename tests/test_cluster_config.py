@@ -9,7 +9,10 @@ from pathlib import Path
 import pytest
 import yaml
 from jsonschema import ValidationError
+from ray._private.label_utils import validate_node_label_syntax, validate_node_labels
 from ray.autoscaler._private.util import prepare_config, validate_config
+
+from cluster import plan
 
 CLUSTER_YAML = Path(__file__).resolve().parents[1] / "ray_cluster.yaml"
 
@@ -32,7 +35,7 @@ def test_the_validator_rejects_a_broken_copy(cluster):
 def test_head_cpu_and_gpu_pools(cluster):
     types = cluster["available_node_types"]
     assert cluster["head_node_type"] == "head" and types["head"]["resources"] == {"CPU": 0}
-    assert types["gpu_worker"]["node_config"]["InstanceType"] == "p4d.24xlarge"  # 8x A100
+    assert types["gpu_worker"]["node_config"]["InstanceType"] == "p4de.24xlarge"  # 8x A100 80 GB
     assert not types["cpu_worker"]["node_config"]["InstanceType"].startswith(("p", "g"))
     for pool in ("cpu_worker", "gpu_worker"):
         assert 0 == types[pool]["min_workers"] < types[pool]["max_workers"]
@@ -41,3 +44,14 @@ def test_head_cpu_and_gpu_pools(cluster):
 def test_image_matches_the_pinned_ray(cluster):
     assert cluster["docker"]["image"].startswith(f"rayproject/ray:{version('ray')}-")
     assert any("pip install" in command and "wuerstchen-ray" in command for command in cluster["setup_commands"])
+
+
+def test_gpu_node_types_give_their_gpu_memory_in_a_label_ray_start_accepts(cluster):
+    types = cluster["available_node_types"]
+    gpu_types = [name for name, node in types.items() if node["resources"].get("GPU", 0) > 0]
+    assert gpu_types and set(plan.gpu_memory_gib()) == set(gpu_types)
+    assert plan.gpu_memory_gib()["gpu_worker"] == 80  # p4de.24xlarge: A100 80 GB (81,920 MiB)
+    for name in gpu_types:
+        # What `ray start --labels` checks; the launcher's schema above only asks for strings.
+        validate_node_labels(types[name]["labels"])
+        validate_node_label_syntax(types[name]["labels"])

@@ -7,7 +7,7 @@ import re
 import pytest
 from conftest import free_port
 
-from cluster import plan
+from cluster import memory, plan
 from pipelines import demo_data, full
 from pipelines.config import load_config
 from pipelines.demo_data import DemoDataConfig
@@ -130,3 +130,39 @@ def test_unreachable_object_storage_names_the_settings(tmp_path):
                                                    f"(storage.endpoint_url='{closed}'")):
         full.main(["--dry-run", "--set", "data.shards_url=s3://corpus/shards", "--set", f"storage.endpoint_url={closed}",
                    "--set", "storage.key=k", "--set", "storage.secret=s", "--set", f"work_dir={tmp_path}/w"])
+
+
+def test_v2_training_steps_fit_the_gpus_of_ray_cluster_yaml():
+    config = load_config("v2")
+    assert plan.training_gpu_memory(config, list(PHASES)) == 80
+    for phase in ("train_stage_b", "train_stage_c"):
+        step = memory.phase_memory(config, plan.PHASE_STAGES[phase])
+        assert step is not None and step.fits(80), phase
+    plan.check_training_memory(config, list(PHASES))  # the dry run's check passes
+
+
+def test_v2_on_40_gb_gpus_is_flagged_with_what_would_fit(capsys):
+    plan.main(["--samples", "2e6", "--gpu-memory-gib", "40"])
+    out = capsys.readouterr().out
+    assert re.search(r"\| train_stage_c \|.*\| 4\d\.\d GiB: OVER \|", out)
+    problem = next(line for line in out.splitlines() if line.startswith("DOES NOT FIT: train_stage_b"))
+    # Every remedy names the setting to change and its predicted peak.
+    assert "train_b.activation_checkpointing=true (" in problem
+    assert re.search(r"train_b\.workers=\d+ \(\d+ samples per GPU, \d+\.\d GiB\)", problem)
+    assert "A100 80 GB: p4de.24xlarge" in problem
+
+
+def test_dry_run_refuses_a_step_that_does_not_fit_and_says_what_would(tmp_path, capsys):
+    with pytest.raises(SystemExit, match=r"train_stage_c: \d+\.\d GiB per GPU predicted \(80 samples of 24x24 latents, "
+                                         r"eager\) does not fit 90% of 80 GiB GPUs; would fit: train_c\.workers="):
+        full.main(["--dry-run", "--config", "v2", "--phases", "train_stage_c", "--set", "data.shards_url=demo",
+                   "--set", "train_c.workers=16", "--set", f"work_dir={tmp_path}/work"])
+    assert "OVER |" in capsys.readouterr().out, "the plan is printed before the refusal"
+
+
+def test_a_throughput_measured_at_another_setting_is_flagged():
+    config = load_config("v2", ["train_b.activation_checkpointing=true"])
+    assumptions = plan.Assumptions(samples=10**6, keep={}, gpus=8, gpu="a100")
+    rows = {row.phase: row for row in plan.plan(config, list(PHASES), assumptions, plan.load_measured("v2_h200"))}
+    assert "MEASURED eager, BUT train_b RUNS checkpointing" in rows["train_stage_b"].source
+    assert "MEASURED" not in rows["train_stage_c"].source
