@@ -40,8 +40,10 @@ CLUSTER_FILE = Path(__file__).resolve().parents[1] / "ray_cluster.yaml"
 # dense bf16 TFLOP/s (~0.32, 40 and 80 GB alike) and 1.56 (40 GB) or 2.04 (80 GB) vs 4.8 TB/s of
 # memory bandwidth (0.32-0.43); the lower ratio, of peaks, not a measurement.
 GPU_SPEED_VS_H200 = {"h200": 1.0, "a100": 0.32}
-# On-demand us-east-1 prices: p4de.24xlarge $40.97/h for 8 A100s of 80 GB (ray_cluster.yaml's GPU
-# nodes: the v2 steps need more than the 40 GB of p4d's, docs/memory.md); c6i.16xlarge $2.72/h for 64 vCPUs.
+# On-demand us-east-1 list prices, assumed (not checked against AWS's price list from here, and they
+# change: override with --usd-per-gpu-hour): p4de.24xlarge $40.97/h for 8 A100s of 80 GB
+# (ray_cluster.yaml's GPU nodes: the v2 steps need more than the 40 GB of p4d's, docs/memory.md);
+# c6i.16xlarge $2.72/h for 64 vCPUs.
 A100_USD_PER_GPU_HOUR = 40.97 / 8
 USD_PER_CPU_HOUR = 2.72 / 64
 PAPER_STAGE_C_A100_HOURS = 24_602
