@@ -331,7 +331,7 @@ def train_worker(args: WorkerArgs) -> None:
     window = _Window()
     flops_by_shapes: dict[tuple, float] = {}  # FLOPs per sample, by the shapes of a batch (its bucket)
     step_seconds = 0.0
-    last_log = time.monotonic()
+    last_log = -math.inf  # the first step is logged: a loss curve starts at the initial loss, however short
     caches = [_ShardCache() if config.cache_data else None for _ in names]
     while state.step < config.steps and not state.stop_reason:
         waited_since = time.monotonic()
