@@ -43,7 +43,7 @@ from pipelines.decode import DecodeConfig, decode_image  # noqa: E402
 
 # Aspect ratios of common photo formats, landscape and portrait alike.
 ASPECT_RATIOS = (1.0, 4 / 3, 3 / 2, 16 / 9, 2.0)
-MAX_SIDE = 4096  # the v2 metadata filter's upper bound on either side (DESIGN.md)
+MAX_SIDE = 4096  # the v2 metadata filter's upper bound on either side (docs/design.md)
 JPEG_QUALITY = 90
 
 

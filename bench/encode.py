@@ -82,8 +82,8 @@ ENCODERS = {
     schema.TEXT_STAGE_C: "text tower (bigG in v2)",
     schema.TEXT_STAGE_B: "text tower (H in v2)",
 }
-# DESIGN.md, "Performance references": the diffusers v2 definitions, random weights, bf16 autocast,
-# eager, one H200. The CLIP H tower has no row there.
+# Reference rates handed to the project, measured outside this repository: the diffusers v2
+# definitions, random weights, bf16 autocast, eager, one H200. None was given for the CLIP H tower.
 H200_REFERENCE = {
     schema.STAGE_B_LATENT: "655 images/s (512 px, batch 64)",
     schema.STAGE_C_LATENT: "737 images/s (768 px, batch 64)",

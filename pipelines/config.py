@@ -2,7 +2,7 @@
 
 ``tiny`` is the embedded default: the generated demo data, CPU-sized everything, a local Ray and
 a local MLflow store; the demo and the tests use it. ``v2`` carries the data settings of the
-Würstchen v2 paper model (DESIGN.md). Change anything with ``--set section.field=value``.
+Würstchen v2 paper model (docs/design.md). Change anything with ``--set section.field=value``.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from stages.stage_b import STAGE_B_CONFIGS
 
 
 def _v2_stage_c_training() -> TrainConfig:
-    """The public v2 recipe (DESIGN.md): 918k steps at global batch 1280 on 8 nodes of 8 A100s (80 GB:
+    """The public v2 recipe (docs/design.md): 918k steps at global batch 1280 on 8 nodes of 8 A100s (80 GB:
     20 samples per GPU need ~41 GiB, docs/memory.md)."""
     return TrainConfig(steps=918_000, global_batch_size=1280, lr=1e-4, warmup_steps=10_000, workers=64,
                        gpus_per_worker=1, cpus_per_worker=10, checkpoint_every=2_000, sample_every=10_000)
@@ -129,7 +129,7 @@ def _tiny_training(*, steps: int, lr: float, ema_beta: float) -> TrainConfig:
 
 
 def v2() -> RunConfig:
-    """Würstchen v2's data settings (DESIGN.md): LAION at >= 512 px, aesthetic >= 5.1."""
+    """Würstchen v2's data settings (docs/design.md): LAION at >= 512 px, aesthetic >= 5.1."""
     return RunConfig(
         name="v2",
         work_dir="work/v2",

@@ -49,7 +49,7 @@ class MetadataFilterConfig:
     """Thresholds of the metadata filter; a threshold set to none is not checked."""
 
     min_side: int | None = 512
-    """Both original sides must be at least this many pixels (DESIGN.md: 512 in the public code)."""
+    """Both original sides must be at least this many pixels (512 in the public training code: docs/design.md)."""
     max_side: int | None = 4096
     """Both original sides must be at most this many pixels."""
     max_aspect_ratio: float | None = 3.0

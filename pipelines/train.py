@@ -1,6 +1,6 @@
 """Training on Ray Train: one loop for Stage C, Stage B, Stage A and the semantic compressor.
 
-The recipe of DESIGN.md: AdamW with linear warm-up, gradient clipping, EMA weights, P2-weighted
+The recipe of docs/design.md ("Training recipe"): AdamW with linear warm-up, gradient clipping, EMA weights, P2-weighted
 epsilon loss with per-sample caption dropout (and semantic dropout for Stage B), bf16 autocast on
 GPU. Distribution is DDP by default (FSDP as an option); the model code stays single-device.
 

@@ -1,4 +1,4 @@
-"""The Würstchen model stages, single-device and pure PyTorch (DESIGN.md, "Würstchen facts").
+"""The Würstchen model stages, single-device and pure PyTorch (docs/design.md, "The Würstchen v2 model").
 
 - stage_a: the f4 VQGAN (images <-> Stage B latents)
 - semantic: the EfficientNetV2-S semantic compressor (images -> Stage C latents)

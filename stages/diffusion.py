@@ -1,4 +1,4 @@
-"""The diffusion recipe shared by Stage B and Stage C (DESIGN.md, "Training recipe").
+"""The diffusion recipe shared by Stage B and Stage C (docs/design.md, "Training recipe").
 
 Continuous time r in [0, 1] (0 clean, 1 pure noise), cosine schedule with offset s = 0.008 and
 alpha-bar clamped to [1e-4, 0.9999], epsilon prediction, MSE weighted per sample by P2 =

@@ -1,4 +1,4 @@
-"""Text -> image through the whole chain, as the official v2 pipelines do it (DESIGN.md).
+"""Text -> image through the whole chain, as the official v2 pipelines do it (docs/design.md).
 
 prompts -> CLIP bigG hidden states -> Stage C sampled with classifier-free guidance -> x 42 - 1
 -> Stage B sampled with the CLIP H hidden states -> x 0.3764 -> Stage A decode -> images in [0, 1].

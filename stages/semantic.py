@@ -1,4 +1,4 @@
-"""The semantic compressor: images -> the 16-channel semantic latent (DESIGN.md, "Semantic compressor").
+"""The semantic compressor: images -> the 16-channel semantic latent (docs/design.md, "Semantic compressor").
 
 EfficientNetV2-S `.features` (torchvision) -> Conv1x1 (no bias) -> BatchNorm2d, on images resized
 (shorter side), centre-cropped and ImageNet-normalised as in the original training code. For v2,

@@ -1,4 +1,4 @@
-"""Stage A, the f4 VQGAN between pixels and Stage B's latent space (DESIGN.md, "Stage A").
+"""Stage A, the f4 VQGAN between pixels and Stage B's latent space (docs/design.md, "Stage A").
 
 Encoder: pixel-unshuffle, a 1x1 conv, mixing residual blocks with stride-2 convs between levels,
 then a 1x1 conv and BatchNorm to `latent_channels`. A vector quantiser (codebook of

@@ -1,4 +1,4 @@
-"""Stage B, the "DiffNeXt" decoder from semantic latents to Stage A latents (DESIGN.md, "Stage B").
+"""Stage B, the "DiffNeXt" decoder from semantic latents to Stage A latents (docs/design.md, "Stage B (decoder)").
 
 A U-Net over the (scaled) Stage A latent: patchify, per-level stacks of ResBlock / TimestepBlock /
 AttnBlock going down and back up, skip connections between matching levels. The semantic latent
@@ -210,7 +210,7 @@ class StageB(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """The original training code's init (DESIGN.md, "Initialisation matters")."""
+        """The original training code's init (docs/design.md, "Initialisation")."""
         xavier_init_(self)
         for mapper in self.effnet_mappers:
             if mapper is not None:

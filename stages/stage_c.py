@@ -1,4 +1,4 @@
-"""Stage C, the text-conditional prior over semantic latents (DESIGN.md, "Stage C (prior)").
+"""Stage C, the text-conditional prior over semantic latents (docs/design.md, "Stage C (prior)").
 
 A flat stack of `depth` x [ResBlock, TimestepBlock, AttnBlock] at one resolution. It predicts the
 noise in a Stage C latent (the semantic compressor's output scaled as (e + 1) / 42, see
@@ -99,7 +99,7 @@ class StageC(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """The original training code's init (DESIGN.md, "Initialisation matters")."""
+        """The original training code's init (docs/design.md, "Initialisation")."""
         xavier_init_(self)
         nn.init.normal_(self.projection.weight, std=0.02)
         nn.init.normal_(self.cond_mapper[0].weight, std=0.02)

@@ -1,4 +1,4 @@
-"""CLIP text encoders: captions -> last hidden states (DESIGN.md, "Text encoders").
+"""CLIP text encoders: captions -> last hidden states (docs/design.md, "Text encoders").
 
 Stage C is conditioned on CLIP ViT-bigG/14 (77 x 1280), Stage B on CLIP ViT-H/14 (77 x 1024), both
 as the official v2 pipelines do it: captions tokenised to 77 tokens (truncated, padded with id 0,
@@ -142,7 +142,7 @@ def clip_tokenizer() -> CLIPTokenizer:
         pad_token=PAD_TOKEN,
         model_max_length=MAX_LENGTH,
     )
-    # A wrong vocabulary tokenises silently into garbage, so check it (DESIGN.md, ecosystem notes).
+    # A wrong vocabulary tokenises silently into garbage, so check it (docs/design.md, "Text encoders").
     assert len(tokenizer) == CLIP_VOCAB_SIZE and tokenizer.pad_token_id == 0, len(tokenizer)
     return tokenizer
 

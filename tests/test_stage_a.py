@@ -22,7 +22,7 @@ def test_v2_has_the_official_checkpoint_layout() -> None:
         ours = StageA(STAGE_A_CONFIGS["v2"]())
         reference = reference_stage_a(STAGE_A_CONFIGS["v2"]())
     assert shapes(ours) == shapes(reference)
-    assert sum(p.numel() for p in ours.parameters()) == pytest.approx(18.4e6, rel=0.01)  # DESIGN.md
+    assert sum(p.numel() for p in ours.parameters()) == pytest.approx(18.4e6, rel=0.01)  # docs/design.md
 
 
 @pytest.fixture

@@ -37,7 +37,7 @@ def test_v2_has_the_official_checkpoint_layout() -> None:
         ours = StageB(STAGE_B_CONFIGS["v2"]())
         reference = reference_stage_b(STAGE_B_CONFIGS["v2"]())
     assert shapes(ours) == shapes(reference)
-    assert sum(p.numel() for p in ours.parameters()) == pytest.approx(1.06e9, rel=0.01)  # DESIGN.md
+    assert sum(p.numel() for p in ours.parameters()) == pytest.approx(1.06e9, rel=0.01)  # docs/design.md
 
 
 @pytest.mark.parametrize(

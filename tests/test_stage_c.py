@@ -28,7 +28,7 @@ def test_v2_has_the_official_checkpoint_layout() -> None:
         ours = StageC(STAGE_C_CONFIGS["v2"]())
         reference = reference_stage_c(STAGE_C_CONFIGS["v2"]())
     assert shapes(ours) == shapes(reference)
-    assert sum(p.numel() for p in ours.parameters()) == pytest.approx(0.99e9, rel=0.01)  # DESIGN.md
+    assert sum(p.numel() for p in ours.parameters()) == pytest.approx(0.99e9, rel=0.01)  # docs/design.md
 
 
 @pytest.mark.parametrize(

@@ -33,7 +33,7 @@ def test_v2_is_efficientnet_v2_s_features_then_conv_and_batchnorm() -> None:
     assert mapper["0.weight"] == (16, 1280, 1, 1) and "0.bias" not in mapper  # Conv1x1, no bias
     assert mapper["1.running_mean"] == (16,)  # BatchNorm2d(16)
     assert set(ours.state_dict()) == {f"backbone.{k}" for k in backbone} | {f"mapper.{k}" for k in mapper}
-    assert sum(p.numel() for p in ours.parameters()) == pytest.approx(20.2e6, rel=0.01)  # DESIGN.md
+    assert sum(p.numel() for p in ours.parameters()) == pytest.approx(20.2e6, rel=0.01)  # docs/design.md
 
 
 def test_v2_maps_768_px_to_16x24x24() -> None:

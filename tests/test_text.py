@@ -44,7 +44,7 @@ def test_encoder_passes_the_mask_and_returns_last_hidden_states() -> None:
     # Causal attention: tokens up to the end token never see padding; the padding positions do.
     torch.testing.assert_close(hidden[0, :9], unmasked[0, :9])
     assert not torch.allclose(hidden[0, 9:], unmasked[0, 9:])
-    # The conditioning is taken after the final layer norm (DESIGN.md), not the last layer's raw output.
+    # The conditioning is taken after the final layer norm (docs/design.md), not the last layer's raw output.
     last_layer = model(input_ids, attention_mask=mask, output_hidden_states=True).hidden_states[-1]
     torch.testing.assert_close(hidden, model.final_layer_norm(last_layer))
 
@@ -81,7 +81,7 @@ def test_v2_architectures_are_the_laion_text_towers(which: str, params: float) -
     with torch.device("meta"):
         model = build_clip_text_model(random)
     assert model.config.hidden_size == config.hidden_size
-    assert sum(p.numel() for p in model.parameters()) == pytest.approx(params, rel=0.01)  # DESIGN.md
+    assert sum(p.numel() for p in model.parameters()) == pytest.approx(params, rel=0.01)  # docs/design.md
 
 
 def test_rejects_bad_configs_and_a_lone_string() -> None:
