@@ -27,6 +27,7 @@ from pipelines.pre_encode import latent_shapes
 from pipelines.train import TrainConfig
 from pipelines.train_phase import config_section
 from pipelines.train_tasks import TaskSpec, build_model
+from stages.text import TEXT_CONFIGS, TextEncoder
 
 GIB = 2**30
 HEADROOM = 0.9
@@ -34,6 +35,7 @@ HEADROOM = 0.9
 not count (the CUDA context, NCCL's buffers, the caching allocator's fragmentation) and for the
 model's own error (within 3.5% of the measured and predicted peaks, docs/memory.md)."""
 SHARDED_BYTES_PER_PARAMETER = 12  # fp32 weights 4, AdamW's two fp32 moments 8: held at every peak
+TEXT_TOWER_BYTES_PER_PARAMETER = 4  # with pre_encode.text=tokens the frozen tower steps in fp32 beside the stage
 # GPU sizes a plan can point to when a step does not fit, with an AWS node type that has them.
 GPU_SIZES_GIB = ((40, "A100 40 GB: p4d.24xlarge"), (80, "A100 80 GB: p4de.24xlarge"),
                  (140, "H200 141 GB: p5en.48xlarge"))
@@ -102,10 +104,13 @@ class StepMemory:
     rest_gib: float
     """The calibration's fixed part less the weights and moments."""
     samples_gib: float
+    text_tower_gib: float = 0.0
+    """The frozen text tower's weights, with pre_encode.text=tokens (its activations, without
+    gradients, are freed before the stage's forward)."""
 
     @property
     def peak_gib(self) -> float:
-        return self.sharded_gib + self.rest_gib + self.samples_gib
+        return self.sharded_gib + self.rest_gib + self.samples_gib + self.text_tower_gib
 
     def fits(self, gpu_gib: float) -> bool:
         return self.peak_gib <= HEADROOM * gpu_gib
@@ -120,7 +125,16 @@ def parameter_count(stage: str, models: str) -> int:
         return sum(p.numel() for p in build_model(spec).parameters())
 
 
-def step_memory(stage: str, models: str, train: TrainConfig, latent: tuple[int, int]) -> StepMemory | None:
+@functools.cache
+def text_tower_parameter_count(stage: str, models: str) -> int:
+    """Parameters of the text tower a stage runs in its step when it trains from stored tokens."""
+    text = TEXT_CONFIGS[models]().with_random_weights()
+    with torch.device("meta"):
+        return sum(p.numel() for p in TextEncoder(text.stage_c if stage == "stage_c" else text.stage_b).parameters())
+
+
+def step_memory(stage: str, models: str, train: TrainConfig, latent: tuple[int, int], *,
+                text_from_tokens: bool = False) -> StepMemory | None:
     """The peak of one step of ``train`` on a (height, width) latent; None where nothing is calibrated."""
     name = setting(train)
     fit = CALIBRATIONS.get((stage, models, name))
@@ -131,7 +145,9 @@ def step_memory(stage: str, models: str, train: TrainConfig, latent: tuple[int, 
     samples = train.global_batch_size // train.workers
     return StepMemory(samples_per_gpu=samples, latent=latent, variant=variant(train), sharded_gib=states / shards,
                       rest_gib=fit.fixed_gib - states,
-                      samples_gib=samples * fit.gib_per_sample * math.prod(latent) / math.prod(fit.latent))
+                      samples_gib=samples * fit.gib_per_sample * math.prod(latent) / math.prod(fit.latent),
+                      text_tower_gib=(TEXT_TOWER_BYTES_PER_PARAMETER * text_tower_parameter_count(stage, models) / GIB
+                                      if text_from_tokens else 0.0))
 
 
 def training_latent(config, stage: str) -> tuple[int, int]:
@@ -143,14 +159,15 @@ def training_latent(config, stage: str) -> tuple[int, int]:
 
 
 def what_fits(stage: str, models: str, section: str, train: TrainConfig, latent: tuple[int, int],
-              gpu_gib: float) -> list[str]:
+              gpu_gib: float, *, text_from_tokens: bool = False) -> list[str]:
     """Changes that would make a step fit GPUs of ``gpu_gib``, each with its predicted peak: more
     workers (fewer samples each), activation checkpointing, FSDP, bigger GPUs. Empty when none does."""
     changes = []
     for workers in range(train.workers + 1, train.global_batch_size + 1):
         if train.global_batch_size % workers:
             continue
-        memory = step_memory(stage, models, dataclasses.replace(train, workers=workers), latent)
+        memory = step_memory(stage, models, dataclasses.replace(train, workers=workers), latent,
+                             text_from_tokens=text_from_tokens)
         if memory is not None and memory.fits(gpu_gib):
             changes.append(f"{section}.workers={workers} ({memory.samples_per_gpu} samples per GPU, "
                            f"{memory.peak_gib:.1f} GiB)")
@@ -158,10 +175,11 @@ def what_fits(stage: str, models: str, section: str, train: TrainConfig, latent:
     for change, variant in ((f"{section}.activation_checkpointing=true",
                              {"activation_checkpointing": True, "compile": False, "activation_memory_budget": (1.0,)}),
                             (f"{section}.strategy=fsdp", {"strategy": "fsdp"})):
-        memory = step_memory(stage, models, dataclasses.replace(train, **variant), latent)
+        memory = step_memory(stage, models, dataclasses.replace(train, **variant), latent,
+                             text_from_tokens=text_from_tokens)
         if memory is not None and memory.fits(gpu_gib):
             changes.append(f"{change} ({memory.peak_gib:.1f} GiB)")
-    memory = step_memory(stage, models, train, latent)
+    memory = step_memory(stage, models, train, latent, text_from_tokens=text_from_tokens)
     assert memory is not None, "asked what fits for a step the model does not know"
     bigger = next((name for size, name in GPU_SIZES_GIB if size > gpu_gib and memory.fits(size)), None)
     if bigger is not None:
@@ -176,7 +194,7 @@ def phase_memory(config, stage: str) -> StepMemory | None:
         return None
     section = config_section(stage)
     return step_memory(stage, config.pre_encode.models, getattr(config, section),
-                       training_latent(config, stage))
+                       training_latent(config, stage), text_from_tokens=config.pre_encode.text == "tokens")
 
 
 def does_not_fit(config, phase: str, stage: str, gpu_gib: float) -> str | None:
@@ -187,7 +205,8 @@ def does_not_fit(config, phase: str, stage: str, gpu_gib: float) -> str | None:
         return None
     section = config_section(stage)
     height, width = memory.latent
-    changes = what_fits(stage, config.pre_encode.models, section, getattr(config, section), memory.latent, gpu_gib)
+    changes = what_fits(stage, config.pre_encode.models, section, getattr(config, section), memory.latent, gpu_gib,
+                        text_from_tokens=config.pre_encode.text == "tokens")
     return (f"{phase}: {memory.peak_gib:.1f} GiB per GPU predicted ({memory.samples_per_gpu} samples of "
             f"{height}x{width} latents, {memory.variant}) does not fit {HEADROOM:.0%} of {gpu_gib:g} GiB GPUs; "
             + ("would fit: " + "; ".join(changes) if changes else "nothing this planner knows would fit"))

@@ -9,7 +9,10 @@ Three inputs, each visible in the output:
 - measured throughputs (``bench/measured.toml``, one figure per phase from the bench scripts),
   scaled to the planned GPU kind by a stated factor and to the run's resolution by pixel count.
 
-A phase with no measured figure is listed without an estimate: nothing is invented for it.
+A phase with no measured figure is listed without an estimate: nothing is invented for it. Beside
+compute, each phase's output is priced as object storage for the months it is kept, and what the
+next phases read of it as transfer; the text conditioning (hidden states stored at pre-encode, or
+tokens encoded in every training step) is planned both ways, so the cheaper one shows.
 
     python -m cluster.plan                           # v2 on LAION-Aesthetics v2 5+ (600M) at 64 A100s
     python -m cluster.plan --samples 100e6 --gpus 128 --set train_c.steps=500000
@@ -29,10 +32,13 @@ import pyarrow as pa
 import yaml
 
 from cluster import memory
+from cluster.memory import SHARDED_BYTES_PER_PARAMETER
 from pipelines import pre_encode
+from pipelines.embed import embedding_width
 from pipelines.config import RUNS, RunConfig, load_config
 from pipelines.phases import PHASES
 from pipelines.train_phase import PHASE_STAGES, config_section, training_needed
+from pipelines.train_tasks import TaskSpec, input_columns
 
 MEASURED_FILE = Path(__file__).resolve().parents[1] / "bench" / "measured.toml"
 CLUSTER_FILE = Path(__file__).resolve().parents[1] / "ray_cluster.yaml"
@@ -46,6 +52,16 @@ GPU_SPEED_VS_H200 = {"h200": 1.0, "a100": 0.32}
 # c6i.16xlarge $2.72/h for 64 vCPUs.
 A100_USD_PER_GPU_HOUR = 40.97 / 8
 USD_PER_CPU_HOUR = 2.72 / 64
+# S3 Standard in us-east-1, assumed list prices like the instances': storage per GB-month (the
+# first 50 TB; beyond, $0.022 and $0.021); reads by instances in the bucket's region carry no
+# transfer charge (override --usd-per-gb-read for another region). Requests are left out: shards
+# are tens of MB and more, so a LAION run makes millions of requests, a few dollars.
+USD_PER_GB_MONTH = 0.023
+# Output bytes of the phases before pre-encode that their shapes do not give (assumed, not
+# measured on LAION): a metadata row (URL, caption, sizes, scores; the demo's short rows are 233
+# bytes, docs/data_format.md) and a decoded crop as a quality-95 JPEG at about 3 bits per pixel.
+ROW_BYTES = 1_000
+JPEG_BITS_PER_PIXEL = 3.0
 # The paper's abstract gives this for its whole training; it publishes no split by stage.
 PAPER_TRAINING_A100_HOURS = 24_602
 # The node label of ray_cluster.yaml that gives a GPU node type's memory per GPU (Ray has no
@@ -72,6 +88,11 @@ class Assumptions:
     """Fraction of linear speed-up kept when a phase runs on more than one unit (assumed)."""
     usd_per_gpu_hour: float = A100_USD_PER_GPU_HOUR
     usd_per_cpu_hour: float = USD_PER_CPU_HOUR
+    usd_per_gb_month: float = USD_PER_GB_MONTH
+    storage_months: float = 1.0
+    """How long each phase's output stays in object storage (assumed: a month)."""
+    usd_per_gb_read: float = 0.0
+    """Transfer price of what the phases read from object storage (none within the bucket's region)."""
     gpu_memory_gib: float | None = None
     """Memory of one GPU, which each training step must fit (cluster.memory); none: not checked."""
 
@@ -87,6 +108,9 @@ class Assumptions:
                 raise ValueError(f"keep fraction for {phase} must be in [0, 1], got {fraction}")
         if not 0 < self.scaling_efficiency <= 1:
             raise ValueError(f"scaling_efficiency must be in (0, 1], got {self.scaling_efficiency}")
+        for name in ("usd_per_gb_month", "storage_months", "usd_per_gb_read"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -103,6 +127,10 @@ class PhasePlan:
     source: str = ""
     memory: memory.StepMemory | None = None
     """Predicted peak of a training step on one GPU (training on GPUs only; none: not modelled)."""
+    stored_bytes: float = 0.0
+    """What the phase leaves in object storage: its output shards, or a training run's checkpoints."""
+    read_bytes: float = 0.0
+    """What the phase reads of earlier phases' outputs (not the input data set's own shards)."""
 
     @property
     def seconds(self) -> float | None:
@@ -176,20 +204,71 @@ def phase_requests(config: RunConfig, phases: list[str]) -> list[PhaseRequest]:
     return requests
 
 
+def output_bytes_per_sample(config: RunConfig) -> dict[str, int]:
+    """Bytes one kept sample leaves in each data phase's output (pre-encode's from the shapes)."""
+    side = config.decode.resolution
+    return {"metadata_filter": ROW_BYTES,
+            "decode": ROW_BYTES + round(side * side * JPEG_BITS_PER_PIXEL / 8),
+            "embed": ROW_BYTES + 2 * 2 * embedding_width(config.embed),  # two float16 embeddings
+            "pre_encode": ROW_BYTES + latent_bytes_per_sample(config)}
+
+
+def training_bytes_per_sample(config: RunConfig, stage: str) -> int:
+    """What one training sample reads: the columns its stage takes (Parquet reads no others)."""
+    if stage in ("stage_a", "semantic"):  # they train on decode's crops
+        return output_bytes_per_sample(config)["decode"] - ROW_BYTES
+    crop = max(config.decode.crop_sizes(), key=math.prod)
+    fields = pre_encode.output_schema(config.pre_encode, (crop,), config.decode.resolution)
+    spec = TaskSpec(stage=stage, models=config.pre_encode.models, caption_dropout=0.0, semantic_dropout=0.0,
+                    semantic_noise=0.0, text_from_tokens=config.pre_encode.text == "tokens")
+    return sum(int(np.prod(fields.field(name).type.shape)) * fields.field(name).type.value_type.bit_width // 8
+               for name in input_columns(spec))
+
+
+def checkpoint_bytes(config: RunConfig, stage: str) -> int:
+    """The checkpoints a training run keeps: fp32 weights, AdamW's two moments and the EMA's copy."""
+    train = getattr(config, config_section(stage))
+    per_parameter = SHARDED_BYTES_PER_PARAMETER + (4 if train.ema_beta > 0 else 0)
+    return train.keep_checkpoints * per_parameter * memory.parameter_count(stage, config.pre_encode.models)
+
+
+def _text_tower_seconds(phase: str, towers: dict | None) -> float | None:
+    """H200 seconds per sample of the text towers a phase runs when it encodes the text itself."""
+    if towers is None:
+        return None
+    return {"pre_encode": 1 / towers["stage_c"] + 1 / towers["stage_b"], "train_stage_c": 1 / towers["stage_c"],
+            "train_stage_b": 1 / towers["stage_b"]}.get(phase)
+
+
+def _text_setting_runs(phase: str, config: RunConfig) -> str | None:
+    """Whether a phase runs the text towers ("hidden_states" at pre-encode; "tokens" in Stage B and C's
+    steps) under the config; None for the phases that never do."""
+    if phase == "pre_encode" or PHASE_STAGES.get(phase) in ("stage_b", "stage_c"):
+        return config.pre_encode.text
+    return None
+
+
 def plan(config: RunConfig, phases: list[str], assumptions: Assumptions, measured: dict) -> list[PhasePlan]:
     """One row per phase that does work (training phases a config does not need are left out)."""
     keep = {"metadata_filter": 1.0, "decode": 1.0, "embed": 1.0, **assumptions.keep}
     into = {"metadata_filter": assumptions.samples}
     for previous, phase in itertools.pairwise(DATA_PHASES):
         into[phase] = math.floor(into[previous] * keep[previous])
+    kept = {phase: math.floor(into[phase] * keep.get(phase, 1.0)) for phase in DATA_PHASES}
+    row_bytes = output_bytes_per_sample(config)
+    reads = {"embed": ("decode",), "pre_encode": ("decode", "embed")}
     speed = GPU_SPEED_VS_H200[assumptions.gpu] / measured.get("speed_vs_h200", 1.0)
     rows = []
     for request in phase_requests(config, phases):
         if request.phase in DATA_PHASES:
             samples, budget = into[request.phase], None
+            stored = kept[request.phase] * row_bytes[request.phase]
+            read = samples * sum(row_bytes[earlier] for earlier in reads.get(request.phase, ()))
         elif request.phase in PHASE_STAGES:
+            stage = PHASE_STAGES[request.phase]
             train = getattr(config, request.setting)
             samples, budget = train.steps * train.global_batch_size, train.budget_gpu_hours
+            stored, read = checkpoint_bytes(config, stage), samples * training_bytes_per_sample(config, stage)
         else:
             continue  # generate: a few hundred images, nothing to plan
         on_gpu = request.gpus > 0
@@ -201,16 +280,34 @@ def plan(config: RunConfig, phases: list[str], assumptions: Assumptions, measure
             rate = figure["samples_per_second"] * (speed if figure["unit"] == "gpu" else 1.0)
             if "resolution" in figure:
                 rate *= (figure["resolution"] / config.decode.resolution) ** 2
+            rate, note = _with_text_setting(rate, figure, request.phase, config, measured.get("text_towers"), speed)
             if units > 1:
                 rate *= assumptions.scaling_efficiency
-            source = figure["source"]
+            source = figure["source"] + note
             if request.phase in PHASE_STAGES:
                 source += _setting_note(figure, request.setting, getattr(config, request.setting))
         training_on_gpu = request.phase in PHASE_STAGES and on_gpu
         step = memory.phase_memory(config, PHASE_STAGES[request.phase]) if training_on_gpu else None
         rows.append(PhasePlan(phase=request.phase, unit="gpu" if on_gpu else "cpu", units=units, samples=samples,
-                              samples_per_second_per_unit=rate, budget=budget, source=source, memory=step))
+                              samples_per_second_per_unit=rate, budget=budget, source=source, memory=step,
+                              stored_bytes=stored, read_bytes=read))
     return rows
+
+
+def _with_text_setting(rate: float, figure: dict, phase: str, config: RunConfig, towers: dict | None,
+                       speed: float) -> tuple[float, str]:
+    """A phase's rate under the config's text setting, from a figure measured under the other one:
+    the text towers' own measured time per sample added or taken away (a prediction, said so)."""
+    runs, measured_with = _text_setting_runs(phase, config), figure.get("text")
+    if runs is None or measured_with is None or runs == measured_with:
+        return rate, ""
+    seconds = _text_tower_seconds(phase, towers)
+    if seconds is None:
+        return rate, f"; MEASURED text={measured_with}, BUT THE CONFIG RUNS text={runs}: the rate is not this setting's"
+    towers_here = runs == ("hidden_states" if phase == "pre_encode" else "tokens")
+    per_sample = 1 / rate + (seconds if towers_here else -seconds) / speed
+    verb = "plus" if towers_here else "less"
+    return 1 / per_sample, f"; measured with text={measured_with}, {verb} the text towers' measured time (predicted)"
 
 
 def _setting_note(figure: dict, section: str, train) -> str:
@@ -258,30 +355,58 @@ def _hours(seconds: float | None) -> str:
     return f"{seconds / 3600:,.1f} h" if seconds >= 360 else f"{seconds:,.0f} s"
 
 
+@dataclasses.dataclass(frozen=True)
+class Costs:
+    compute: float
+    storage: float
+    transfer: float
+
+    @property
+    def total(self) -> float:
+        return self.compute + self.storage + self.transfer
+
+
+def row_costs(row: PhasePlan, assumptions: Assumptions) -> Costs:
+    """USD of a phase: its GPU- or core-hours (0 without a figure), its output kept in object storage
+    for the assumed months, and what it reads."""
+    hours = row.unit_hours or 0.0
+    compute = hours * (assumptions.usd_per_gpu_hour if row.unit == "gpu" else assumptions.usd_per_cpu_hour)
+    return Costs(compute=compute,
+                 storage=row.stored_bytes / 1e9 * assumptions.usd_per_gb_month * assumptions.storage_months,
+                 transfer=row.read_bytes / 1e9 * assumptions.usd_per_gb_read)
+
+
+def total_costs(rows: list[PhasePlan], assumptions: Assumptions) -> Costs:
+    costs = [row_costs(row, assumptions) for row in rows]
+    return Costs(compute=sum(c.compute for c in costs), storage=sum(c.storage for c in costs),
+                 transfer=sum(c.transfer for c in costs))
+
+
 def format_plan(rows: list[PhasePlan], assumptions: Assumptions, config: RunConfig, measured_name: str) -> str:
     """The table, its totals and its inputs, as printed by the planner and by ``full.py --dry-run``."""
-    lines = ["| phase | runs on | samples | samples/s per unit | wall time | GPU-hours | CPU core-hours | cost (USD) | budget "
-             "| peak per GPU |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---|---|"]
-    gpu_hours = cpu_hours = cost = 0.0
+    lines = ["| phase | runs on | samples | samples/s per unit | wall time | GPU-hours | CPU core-hours | compute (USD) "
+             "| stored | read | storage + transfer (USD) | budget | peak per GPU |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"]
+    gpu_hours = cpu_hours = 0.0
     for row in rows:
         hours = row.unit_hours
         gpu = hours if row.unit == "gpu" else None
         cpu = hours if row.unit == "cpu" else None
-        row_cost = None if hours is None else hours * (
-            assumptions.usd_per_gpu_hour if row.unit == "gpu" else assumptions.usd_per_cpu_hour)
+        costs = row_costs(row, assumptions)
         gpu_hours += gpu or 0.0
         cpu_hours += cpu or 0.0
-        cost += row_cost or 0.0
         budget = "-" if row.budget is None else (
             f"{row.budget:,.1f}: " + ("OVER" if gpu is not None and gpu > row.budget else "fits"))
         rate = "no figure" if row.samples_per_second_per_unit is None else f"{row.samples_per_second_per_unit:,.1f}"
         lines.append(f"| {row.phase} | {row.units:g} {row.unit.upper()} | {row.samples:,} | {rate} | "
                      f"{_hours(row.seconds)} | {'-' if gpu is None else f'{gpu:,.1f}'} | "
-                     f"{'-' if cpu is None else f'{cpu:,.1f}'} | {'-' if row_cost is None else f'{row_cost:,.0f}'} | {budget} | "
-                     f"{_peak(row, assumptions.gpu_memory_gib)} |")
-    lines.append(f"| total | | | | | {gpu_hours:,.1f} | {cpu_hours:,.1f} | {cost:,.0f} | "
-                 f"{_experiment_budget(config, gpu_hours)} | |")
+                     f"{'-' if cpu is None else f'{cpu:,.1f}'} | {'-' if hours is None else f'{costs.compute:,.0f}'} | "
+                     f"{_bytes(row.stored_bytes)} | {_bytes(row.read_bytes)} | {costs.storage + costs.transfer:,.0f} | "
+                     f"{budget} | {_peak(row, assumptions.gpu_memory_gib)} |")
+    total = total_costs(rows, assumptions)
+    lines.append(f"| total | | | | | {gpu_hours:,.1f} | {cpu_hours:,.1f} | {total.compute:,.0f} | "
+                 f"{_bytes(sum(row.stored_bytes for row in rows))} | {_bytes(sum(row.read_bytes for row in rows))} | "
+                 f"{total.storage + total.transfer:,.0f} | {_experiment_budget(config, gpu_hours)} | |")
     gpu_scaling = (f", scaled to {assumptions.gpu.upper()} (x{GPU_SPEED_VS_H200[assumptions.gpu]:g} of an H200)"
                    if any(row.unit == "gpu" for row in rows) else "")
     lines += ["", (f"Measured figures: bench/measured.toml [{measured_name}]{gpu_scaling}, to {config.decode.resolution} px "
@@ -294,6 +419,10 @@ def format_plan(rows: list[PhasePlan], assumptions: Assumptions, config: RunConf
         lines.append(f"Peak per GPU: one training step's, predicted by cluster.memory (docs/memory.md){against}.")
         if assumptions.gpu_memory_gib is not None:
             lines += memory_problems(config, [row.phase for row in rows], assumptions.gpu_memory_gib)
+    lines.append(f"Stored: each phase's output (a training run's kept checkpoints) for {assumptions.storage_months:g} "
+                 f"month(s) at ${assumptions.usd_per_gb_month:g} per GB-month; read: what each phase reads of earlier "
+                 f"outputs, at ${assumptions.usd_per_gb_read:g} per GB (assumed list prices; a metadata row "
+                 f"{ROW_BYTES:,} bytes and a JPEG crop {JPEG_BITS_PER_PIXEL:g} bits per pixel, assumed).")
     kept = next((row.samples for row in rows if row.phase == "pre_encode"), None)
     if kept is not None:
         per_sample = latent_bytes_per_sample(config)
@@ -306,6 +435,31 @@ def format_plan(rows: list[PhasePlan], assumptions: Assumptions, config: RunConf
         lines.append(f"Training ({', '.join(row.phase for row in training)}): {hours:,.0f} "
                      f"{assumptions.gpu.upper()}-hours predicted; the paper gives {PAPER_TRAINING_A100_HOURS:,} "
                      f"A100-hours for its whole training, not split by stage ({hours / PAPER_TRAINING_A100_HOURS:.2f}x).")
+    return "\n".join(lines)
+
+
+def format_text_choice(config: RunConfig, phases: list[str], assumptions: Assumptions, measured: dict) -> str:
+    """The run planned with each text setting: stored hidden states (the towers run once, at
+    pre-encode; the shards grow) or stored tokens (the towers run in every Stage B and Stage C step)."""
+    if not {"pre_encode", "train_stage_b", "train_stage_c"} & set(phases):
+        return ""
+    lines = [f"Text conditioning both ways (compute, and storage + transfer for {assumptions.storage_months:g} month(s)):"]
+    totals = {}
+    for text in ("hidden_states", "tokens"):
+        other = dataclasses.replace(config, pre_encode=dataclasses.replace(config.pre_encode, text=text))
+        rows = plan(other, phases, assumptions, measured)
+        if any(row.unit_hours is None for row in rows if _text_setting_runs(row.phase, other)):
+            return ""  # a phase that the setting changes has no figure: nothing to compare
+        costs = total_costs(rows, assumptions)
+        totals[text] = costs.total
+        gpu_hours = sum(row.unit_hours or 0.0 for row in rows if row.unit == "gpu")
+        current = "  (this config)" if text == config.pre_encode.text else ""
+        lines.append(f"  pre_encode.text={text}: {gpu_hours:,.0f} GPU-hours, "
+                     f"{_bytes(sum(row.stored_bytes for row in rows))} stored: ${costs.compute:,.0f} + "
+                     f"${costs.storage + costs.transfer:,.0f} = ${costs.total:,.0f}{current}")
+    cheaper = min(totals, key=totals.get)
+    advice = ("" if cheaper == config.pre_encode.text else f": set pre_encode.text={cheaper}")
+    lines.append(f"  cheaper: text={cheaper}, by ${abs(totals['hidden_states'] - totals['tokens']):,.0f}{advice}")
     return "\n".join(lines)
 
 
@@ -378,8 +532,10 @@ def dry_run(config: RunConfig, phases: list[str], samples: int) -> str:
                               gpu_memory_gib=training_gpu_memory(config, phases))
     name = measured_table_for(config)
     lines += ["", f"Plan ({samples:,} input rows, every one kept: an upper bound):", ""]
-    lines.append(format_plan(plan(config, phases, assumptions, load_measured(name)), assumptions, config, name))
-    return "\n".join(lines)
+    measured = load_measured(name)
+    lines.append(format_plan(plan(config, phases, assumptions, measured), assumptions, config, name))
+    choice = format_text_choice(config, phases, assumptions, measured)
+    return "\n".join(lines + ([choice] if choice else []))
 
 
 def _experiment_budget(config: RunConfig, gpu_hours: float) -> str:
@@ -413,6 +569,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cpus", type=int, default=2048, help="CPU cores for CPU phases (default: 32 c6i.16xlarge)")
     parser.add_argument("--gpu", default="a100", choices=sorted(GPU_SPEED_VS_H200))
     parser.add_argument("--usd-per-gpu-hour", type=float, default=A100_USD_PER_GPU_HOUR)
+    parser.add_argument("--usd-per-gb-month", type=float, default=USD_PER_GB_MONTH,
+                        help="object storage price (default: S3 Standard's, assumed)")
+    parser.add_argument("--storage-months", type=float, default=1.0,
+                        help="how long the phases' outputs stay stored (default 1, assumed)")
+    parser.add_argument("--usd-per-gb-read", type=float, default=0.0,
+                        help="transfer price of reads from object storage (default 0: same region)")
     parser.add_argument("--gpu-memory-gib", type=float, default=None,
                         help="memory of one GPU that each training step must fit (default: that of "
                              f"{CLUSTER_FILE.name}'s node type for the training workers)")
@@ -426,9 +588,13 @@ def main(argv: list[str] | None = None) -> None:
             raise ValueError(f"unknown phase(s) {', '.join(unknown)} in --phases; available: {', '.join(PHASES)}")
         gpu_gib = args.gpu_memory_gib if args.gpu_memory_gib is not None else training_gpu_memory(config, list(PHASES))
         assumptions = Assumptions(samples=int(args.samples), keep=_keep(args.keep), gpus=args.gpus, cpus=args.cpus,
-                                  gpu=args.gpu, usd_per_gpu_hour=args.usd_per_gpu_hour, gpu_memory_gib=gpu_gib)
+                                  gpu=args.gpu, usd_per_gpu_hour=args.usd_per_gpu_hour, gpu_memory_gib=gpu_gib,
+                                  usd_per_gb_month=args.usd_per_gb_month, storage_months=args.storage_months,
+                                  usd_per_gb_read=args.usd_per_gb_read)
         name = measured_table_for(config)
-        rows = plan(config, phases, assumptions, load_measured(name))
+        measured = load_measured(name)
+        rows = plan(config, phases, assumptions, measured)
+        choice = format_text_choice(config, phases, assumptions, measured)
     except ValueError as error:
         parser.exit(2, f"error: {error}\n")
     memory_text = "" if gpu_gib is None else f" of {gpu_gib:g} GiB"
@@ -436,6 +602,8 @@ def main(argv: list[str] | None = None) -> None:
           f"{args.gpus} {args.gpu.upper()} GPUs{memory_text}, {args.cpus} CPU cores, "
           f"${assumptions.usd_per_gpu_hour:.2f} per GPU-hour.\n")
     print(format_plan(rows, assumptions, config, name))
+    if choice:
+        print(choice)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ from stages.stage_b import STAGE_B_CONFIGS
 
 def _v2_stage_c_training() -> TrainConfig:
     """The public v2 recipe (docs/design.md): 918k steps at global batch 1280 on 8 nodes of 8 A100s (80 GB:
-    20 samples per GPU need ~41 GiB, docs/memory.md)."""
+    20 samples per GPU need ~44 GiB with the text tower, docs/memory.md)."""
     return TrainConfig(steps=918_000, global_batch_size=1280, lr=1e-4, warmup_steps=10_000, workers=64,
                        gpus_per_worker=1, cpus_per_worker=10, checkpoint_every=2_000, sample_every=10_000)
 
@@ -151,7 +151,9 @@ def v2() -> RunConfig:
                           resources=StepResources(num_cpus=8, num_gpus=1, min_actors=1, max_actors=64, batch_size=256)),
         # Two calls per actor: each GPU actor starts its next shard while it commits the last, which
         # took the phase from 0.81x to 0.99x of the encoders' own rate on an H200 (docs/benchmarks.md).
-        pre_encode=PreEncodeConfig(models="v2",
+        # Tokens, not the towers' hidden states: by `python -m cluster.plan`, running the towers in
+        # every Stage B and C step costs less GPU time than a month of storing 0.35 MB more per sample.
+        pre_encode=PreEncodeConfig(models="v2", text="tokens",
                                    resources=StepResources(num_cpus=8, num_gpus=1, min_actors=1, max_actors=64,
                                                            batch_size=64, calls_per_actor=2)),
     )

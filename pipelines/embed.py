@@ -60,10 +60,24 @@ class EmbedConfig:
         return {k: v for k, v in dataclasses.asdict(self).items() if k != "resources"}
 
 
-def load_clip(config: EmbedConfig, device: torch.device):
-    """(model, image preprocessing, tokenizer) of the configured open_clip model, in eval mode."""
+def _register_own_config(config: EmbedConfig) -> None:
     if (MODEL_CONFIGS / f"{config.clip_model}.json").is_file():
         open_clip.add_model_config(MODEL_CONFIGS / f"{config.clip_model}.json")
+
+
+def embedding_width(config: EmbedConfig) -> int:
+    """The width of the configured model's embeddings, from its open_clip config (nothing is built)."""
+    _register_own_config(config)
+    model_config = open_clip.get_model_config(config.clip_model)
+    if model_config is None:
+        raise ValueError(f"embed.clip_model {config.clip_model!r} is not an open_clip model: choose one of "
+                         "open_clip.list_models()")
+    return model_config["embed_dim"]
+
+
+def load_clip(config: EmbedConfig, device: torch.device):
+    """(model, image preprocessing, tokenizer) of the configured open_clip model, in eval mode."""
+    _register_own_config(config)
     torch.manual_seed(config.seed)
     model, _, preprocess = open_clip.create_model_and_transforms(
         config.clip_model, pretrained=config.clip_pretrained or None, device=device)

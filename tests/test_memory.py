@@ -59,8 +59,15 @@ def test_a_budget_below_one_is_not_modelled_and_compile_alone_is_bounded_by_eage
     assert compiled.peak_gib == memory.step_memory("stage_c", "v2", train, (24, 24)).peak_gib
 
 
+def test_text_from_tokens_adds_the_fp32_text_tower():
+    hidden = memory.phase_memory(load_config("v2", ["pre_encode.text=hidden_states"]), "stage_b")
+    tokens = memory.phase_memory(load_config("v2", ["pre_encode.text=tokens"]), "stage_b")
+    assert hidden.text_tower_gib == 0
+    assert tokens.peak_gib - hidden.peak_gib == pytest.approx(4 * 352_984_064 / 2**30)  # CLIP H's text tower
+
+
 def test_v2_on_40_gb_says_what_would_fit():
-    config = load_config("v2")
+    config = load_config("v2", ["pre_encode.text=hidden_states"])
     problem = memory.does_not_fit(config, "train_stage_b", "stage_b", 40)
     assert problem.startswith("train_stage_b: 51.6 GiB per GPU predicted (8 samples of 256x256 latents, eager) "
                               "does not fit 90% of 40 GiB GPUs; would fit: ")

@@ -14,24 +14,68 @@ from pipelines.demo_data import DemoDataConfig
 from pipelines.phases import PHASES
 
 
-def test_stage_c_hours_follow_from_the_recipe_and_the_measured_rate():
-    config = load_config("v2")
-    assumptions = plan.Assumptions(samples=10**6, keep={"metadata_filter": 0.5}, gpus=8, gpu="a100")
-    measured = plan.load_measured("v2_h200")
-    rows = {row.phase: row for row in plan.plan(config, list(PHASES), assumptions, measured)}
+def _rows(overrides=(), **assumed) -> dict[str, plan.PhasePlan]:
+    config = load_config("v2", list(overrides))
+    assumptions = plan.Assumptions(samples=10**6, keep={"metadata_filter": 0.5}, **{"gpus": 8, "gpu": "a100", **assumed})
+    return {row.phase: row for row in plan.plan(config, list(PHASES), assumptions, plan.load_measured("v2_h200"))}
 
-    stage_c = rows["train_stage_c"]
-    rate = measured["train_stage_c"]["samples_per_second"] * plan.GPU_SPEED_VS_H200["a100"] * 0.9
-    expected = config.train_c.steps * config.train_c.global_batch_size / (rate * 8) * 8 / 3600
+
+def test_hours_follow_the_work_the_gpu_count_and_the_gpu_kind():
+    base = _rows()
+    stage_c = base["train_stage_c"]
     assert stage_c.unit == "gpu" and stage_c.units == 8
-    assert stage_c.unit_hours == pytest.approx(expected)
+    assert _rows(["train_c.steps=1836000"])["train_stage_c"].unit_hours == pytest.approx(2 * stage_c.unit_hours)
+    wider = _rows(gpus=16)["train_stage_c"]  # same efficiency above one GPU: same GPU-hours, half the wall time
+    assert wider.unit_hours == pytest.approx(stage_c.unit_hours) and wider.seconds == pytest.approx(stage_c.seconds / 2)
+    assert _rows(gpu="h200")["train_stage_c"].unit_hours == pytest.approx(
+        stage_c.unit_hours * plan.GPU_SPEED_VS_H200["a100"])
     # The data volumes chain through the keep fractions; v2 loads its encoders, so it trains neither.
-    assert rows["decode"].samples == 500_000 and rows["pre_encode"].samples == 500_000
-    assert "train_stage_a" not in rows and "train_semantic" not in rows
-    # Stage B's figure was measured at 512 px; v2 trains at 1024 px: a quarter of the rate.
-    assert rows["train_stage_b"].samples_per_second_per_unit == pytest.approx(
-        measured["train_stage_b"]["samples_per_second"] * plan.GPU_SPEED_VS_H200["a100"] * 0.9 / 4)
-    assert rows["metadata_filter"].samples_per_second_per_unit is None, "no figure is invented"
+    assert base["decode"].samples == 500_000 and base["pre_encode"].samples == 500_000
+    assert "train_stage_a" not in base and "train_semantic" not in base
+    # Stage B's figure was measured at 512 px; at 1024 px it does four times the work per sample.
+    at_512 = _rows(["decode.resolution=512"])["train_stage_b"]
+    assert at_512.samples_per_second_per_unit > base["train_stage_b"].samples_per_second_per_unit * 3.5
+    assert base["metadata_filter"].samples_per_second_per_unit is None, "no figure is invented"
+
+
+def test_the_text_setting_moves_the_towers_time_between_pre_encode_and_training():
+    towers = plan.load_measured("v2_h200")["text_towers"]
+    hidden, tokens = _rows(["pre_encode.text=hidden_states"]), _rows(["pre_encode.text=tokens"])
+    a100 = plan.GPU_SPEED_VS_H200["a100"] * 0.9  # slower GPUs, 90% efficiency over several
+
+    def extra_seconds(phase: str) -> float:
+        return (1 / tokens[phase].samples_per_second_per_unit - 1 / hidden[phase].samples_per_second_per_unit) * a100
+
+    assert extra_seconds("train_stage_c") == pytest.approx(1 / towers["stage_c"])
+    assert extra_seconds("train_stage_b") == pytest.approx(1 / towers["stage_b"])
+    assert extra_seconds("pre_encode") == pytest.approx(-1 / towers["stage_c"] - 1 / towers["stage_b"])
+    # The two towers' hidden states, 77 x (1280 + 1024) float16 values, leave the latent shards.
+    assert hidden["pre_encode"].stored_bytes - tokens["pre_encode"].stored_bytes == 500_000 * 354_816
+    # Stage C then reads its latent and 77 tokens instead of bigG's hidden states.
+    assert tokens["train_stage_c"].read_bytes < hidden["train_stage_c"].read_bytes / 10
+
+
+def test_storage_is_priced_by_the_month_and_reads_by_the_gigabyte():
+    rows = list(_rows().values())
+    month = plan.total_costs(rows, plan.Assumptions(samples=1, keep={}, storage_months=1))
+    year = plan.total_costs(rows, plan.Assumptions(samples=1, keep={}, storage_months=12, usd_per_gb_read=0.02))
+    stored = sum(row.stored_bytes for row in rows)
+    assert month.storage == pytest.approx(stored / 1e9 * plan.USD_PER_GB_MONTH) and month.transfer == 0
+    assert year.storage == pytest.approx(12 * month.storage) and year.compute == month.compute
+    assert year.transfer == pytest.approx(sum(row.read_bytes for row in rows) / 1e9 * 0.02)
+    # A training run keeps its checkpoints: weights, EMA and AdamW's two moments, 16 bytes a parameter.
+    stage_c = _rows()["train_stage_c"]
+    assert stage_c.stored_bytes == 3 * 16 * memory.parameter_count("stage_c", "v2")
+
+
+def test_the_planner_names_the_cheaper_text_setting(capsys):
+    plan.main(["--storage-months", "0"])
+    out = capsys.readouterr().out
+    # With nothing stored, only compute counts: the towers run once per sample at pre-encode, but
+    # once per sample seen in training (several epochs), so hidden states are cheaper.
+    assert "cheaper: text=hidden_states" in out and "set pre_encode.text=hidden_states" in out
+    plan.main(["--storage-months", "24"])
+    assert re.search(r"cheaper: text=tokens, by \$[\d,]+\n", capsys.readouterr().out)
 
 
 def test_planner_prints_the_table_the_paper_comparison_and_budgets(capsys):
@@ -50,11 +94,11 @@ def test_planner_prints_the_table_the_paper_comparison_and_budgets(capsys):
 def test_latent_bytes_per_sample_are_the_v2_shard_payload_and_the_largest_bucket():
     text_states = 77 * (1280 + 1024) * 2  # bigG and H last hidden states, float16
     tokens = 77 * 4
-    centre = load_config("v2", [])
+    centre = load_config("v2", ["pre_encode.text=hidden_states"])
     assert plan.latent_bytes_per_sample(centre) == 16 * 24 * 24 * 2 + 4 * 256 * 256 * 2 + tokens + text_states
     # 1280x896 is the largest v2 bucket: Stage B at f4, Stage C from the semantic input scaled to 960x672 at f32
-    buckets = load_config("v2", ["decode.crop=buckets"])
-    assert plan.latent_bytes_per_sample(buckets) == 16 * 30 * 21 * 2 + 4 * 320 * 224 * 2 + tokens + text_states
+    buckets = load_config("v2", ["decode.crop=buckets"])  # v2 stores tokens alone
+    assert plan.latent_bytes_per_sample(buckets) == 16 * 30 * 21 * 2 + 4 * 320 * 224 * 2 + tokens
 
 
 @pytest.mark.parametrize("argv, message", [
