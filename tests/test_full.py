@@ -8,11 +8,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+from PIL import Image
 
-from pipelines import demo_data, full, trained_weights
+from pipelines import demo_data, full, sample, trained_weights
 from pipelines.config import load_config
 from pipelines.decode import DECODE_REASONS
 from pipelines.metadata_filter import METADATA_REASONS
@@ -179,3 +181,18 @@ def test_the_trained_chain_draws_the_colour_the_prompt_names(first_run):
     assert metrics["colour_accuracy"] - metrics["empty_prompt_colour_accuracy"] >= 0.3, metrics
     artifacts = [a.path for a in client.list_artifacts(generate.info.run_id)]
     assert "samples.png" in artifacts and "samples_empty_prompt.png" in artifacts
+
+
+def test_the_demo_runs_chain_can_be_sampled_later(first_run, tmp_path):
+    work_dir, _ = first_run
+    _, runs = _runs(work_dir)
+    parent = [r for r in runs if MLFLOW_PARENT_RUN_ID not in r.data.tags][0]  # the run that trained
+    prompt = "a red circle on a white background"
+    sample.main(["--run", parent.info.run_id, "--tracking-uri", f"sqlite:///{work_dir}/mlflow.db", "--size", "64",
+                 "--prompt", prompt, "--out", str(tmp_path)])
+    (image,) = [np.asarray(Image.open(path)) for path in tmp_path.glob("*.png")]
+    assert image.shape == (64, 64, 3)
+    _, runs = _runs(work_dir)
+    (logged,) = [r for r in runs if r.info.run_name == sample.RUN_NAME]
+    assert logged.data.tags[MLFLOW_PARENT_RUN_ID] == parent.info.run_id
+    assert logged.data.params["weights.stage_b"] == f"{work_dir}/train_stage_b/final.safetensors"
