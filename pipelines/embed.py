@@ -51,13 +51,19 @@ class EmbedConfig:
     """Seed of random weights, the same in every actor."""
     resources: StepResources = dataclasses.field(default_factory=lambda: StepResources(num_gpus=1, batch_size=256))
     """Embedding actors; ``batch_size`` is images per forward pass."""
+    budget_gpu_hours: float | None = None
+    """GPU-hours the phase may hold in all, its earlier stopped runs included: it stops starting shards
+    when the next would exceed them; none: no limit (``tracking.experiment_budget_gpu_hours`` still caps it)."""
 
     def __post_init__(self):
+        if self.budget_gpu_hours is not None and self.budget_gpu_hours <= 0:
+            raise ValueError(f"budget_gpu_hours must be > 0 or none, got {self.budget_gpu_hours}")
         if self.min_clip_similarity is not None and not -1 <= self.min_clip_similarity <= 1:
             raise ValueError(f"min_clip_similarity is a cosine: must be in [-1, 1] or none, got {self.min_clip_similarity}")
 
     def outcome(self) -> dict[str, Any]:
-        return {k: v for k, v in dataclasses.asdict(self).items() if k != "resources"}
+        """The settings that decide the output (how wide and how long it runs do not)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in ("resources", "budget_gpu_hours")}
 
 
 def _register_own_config(config: EmbedConfig) -> None:

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import io
+import json
 from collections.abc import Callable
 
 from PIL import Image
 
+from cluster.budget import run_budget
 from pipelines import decode, embed, generate_phase, metadata_filter, pre_encode, schema, shard_phase, trained_weights
 from pipelines.config import RunConfig
 from pipelines.ledger import Manifest, read_manifest
@@ -15,8 +18,8 @@ from pipelines.overrides import to_flat_dict
 from pipelines.reports import histograms, image_grid
 from pipelines.schema import DropReason
 from pipelines.storage import filesystem
-from pipelines.tracking import TrackedRun, Tracker
-from pipelines.train_phase import PHASE_STAGES, run_training, weights_url
+from pipelines.tracking import ATTEMPT_GPU_HOURS, OUTPUT_TAG, RUN_GPU_HOURS, TrackedRun, Tracker
+from pipelines.train_phase import PHASE_STAGES, BudgetStop, run_training, weights_url
 
 SKIPPED = "skipped: output already complete"
 _GRID_SIZE = 16
@@ -75,7 +78,8 @@ def run_embed(context: PhaseContext, run: TrackedRun) -> str:
     output_url = context.output_url(embed.PHASE)
     phase = embed.phase(decoded_url=context.output_url(decode.PHASE), output_url=output_url,
                         decoded_fingerprint=decoded.config, config=config, storage=context.config.storage)
-    manifest, metrics = shard_phase.run(phase, sorted(decoded.shards), output_url, context.config.storage)
+    manifest, metrics = _run_within_budget(context, run, phase, "embed", config.budget_gpu_hours,
+                                           sorted(decoded.shards), output_url)
     fs, folder = filesystem(output_url, context.config.storage)
     scores = {schema.CLIP_SIMILARITY: [], schema.AESTHETIC_SCORE: []}
     for shard in sorted(manifest.shards):
@@ -101,11 +105,39 @@ def run_pre_encode(context: PhaseContext, run: TrackedRun) -> str:
                              output_url=output_url, embedded_fingerprint={**embedded.config, "encoders": trained},
                              crops=context.config.decode.crop_sizes(), resolution=context.config.decode.resolution,
                              config=config, storage=storage)
-    manifest, metrics = shard_phase.run(phase, sorted(embedded.shards), output_url, context.config.storage)
+    manifest, metrics = _run_within_budget(context, run, phase, "pre_encode", config.budget_gpu_hours,
+                                           sorted(embedded.shards), output_url)
     fs, folder = filesystem(output_url, context.config.storage)
     total_bytes = sum(fs.size(f"{folder}/{schema.shard_parquet(shard)}") for shard in manifest.shards)
     run.log_metrics({"bytes_per_sample": total_bytes / max(manifest.kept, 1), "total_bytes": total_bytes})
     return _report(run, "pre_encode", config, manifest, metrics, pre_encode.PRE_ENCODE_REASONS)
+
+
+def _run_within_budget(context: PhaseContext, run: TrackedRun, phase: shard_phase.ShardPhase, section: str,
+                       budget_gpu_hours: float | None, shards: list[str], output_url: str) -> tuple[Manifest, dict]:
+    """``shard_phase.run`` under the phase's budget and the experiment's, counted over the phase's
+    attempts at this output and these settings; a BudgetStop when it left shards for the next run."""
+    attempts_of = f"{output_url}#{hashlib.sha256(json.dumps(phase.fingerprint, sort_keys=True).encode()).hexdigest()[:16]}"
+    used = context.tracker.gpu_hours(output=attempts_of)
+    budget = run_budget(run_budget=budget_gpu_hours, experiment_budget=context.config.tracking.experiment_budget_gpu_hours,
+                        experiment_used=context.tracker.gpu_hours(), run_used=used, setting=f"{section}.budget_gpu_hours")
+    if budget.limit is not None and budget.limit <= used:
+        raise ValueError(f"{phase.name} has used {used:.4g} of its {budget.limit:.4g} GPU-hours: raise {budget.setting} "
+                         "to continue")
+    run.set_tags({OUTPUT_TAG: attempts_of})
+    manifest, metrics = shard_phase.run(phase, shards, output_url, context.config.storage,
+                                        budget_gpu_hours=None if budget.limit is None else budget.limit - used)
+    if manifest is None:
+        left = metrics["shards_left"]
+        reason = (f"GPU-hour budget reached: used {used + metrics[ATTEMPT_GPU_HOURS]:.4g} of {budget.limit:.4g}; "
+                  "the next shard would exceed it")
+        run.log_metrics({**metrics, RUN_GPU_HOURS: used + metrics[ATTEMPT_GPU_HOURS]})
+        run.set_tags({"phase.outcome": "stopped", "stop_reason": reason})
+        raise BudgetStop(f"{phase.name} stopped with {left} of {len(shards)} shards left: {reason}. The finished "
+                         f"shards are kept; raise {budget.setting} and run again to continue")
+    if metrics:  # it ran: the total over its attempts, as training runs log theirs
+        metrics[RUN_GPU_HOURS] = used + metrics[ATTEMPT_GPU_HOURS]
+    return manifest, metrics
 
 
 def _report(run: TrackedRun, section: str, config, manifest: Manifest, metrics: dict[str, float],

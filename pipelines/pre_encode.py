@@ -71,8 +71,13 @@ class PreEncodeConfig:
     """Seed of random weights, the same in every actor."""
     resources: StepResources = dataclasses.field(default_factory=lambda: StepResources(num_gpus=1, batch_size=64))
     """Encoder actors; ``batch_size`` is images per forward pass."""
+    budget_gpu_hours: float | None = None
+    """GPU-hours the phase may hold in all, its earlier stopped runs included: it stops starting shards
+    when the next would exceed them; none: no limit (``tracking.experiment_budget_gpu_hours`` still caps it)."""
 
     def __post_init__(self):
+        if self.budget_gpu_hours is not None and self.budget_gpu_hours <= 0:
+            raise ValueError(f"budget_gpu_hours must be > 0 or none, got {self.budget_gpu_hours}")
         if self.models not in STAGE_A_CONFIGS:
             raise ValueError(f"models {self.models!r} is not a stage size; choose from {', '.join(STAGE_A_CONFIGS)}")
         if self.text_weights == "random" and self.text == "tokens":
@@ -81,7 +86,8 @@ class PreEncodeConfig:
                              "time with the models' own towers): set text=hidden_states or text_weights=pretrained")
 
     def outcome(self) -> dict[str, Any]:
-        return {k: v for k, v in dataclasses.asdict(self).items() if k != "resources"}
+        """The settings that decide the output (how wide and how long it runs do not)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in ("resources", "budget_gpu_hours")}
 
 
 def semantic_input_size(config: PreEncodeConfig, crop: tuple[int, int], resolution: int) -> tuple[int, int] | None:

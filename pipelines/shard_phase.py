@@ -8,6 +8,11 @@ any moment leaves each shard either finished or absent, never half-written or do
 
 Ray Data schedules the shards over a pool of actors (one shard per call), so the pool's size and
 resources say how wide the phase runs and the autoscaler can add nodes for it.
+
+A phase that holds GPUs may run under a GPU-hour budget. The pool holds its GPUs from its start,
+so the budget is a wall-clock deadline, and an actor starts a shard only when its longest shard so
+far would still end before it; the shards it leaves are done by the next run, whose finished shards
+are skipped as always.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -163,11 +168,32 @@ class ShardPhase:
         object.__setattr__(self, "fingerprint", json.loads(json.dumps(self.fingerprint)))
 
 
-def run(phase: ShardPhase, shards: list[str], output_url: str,
-        storage: StorageConfig) -> tuple[Manifest, dict[str, float]]:
+class WithinDeadline:
+    """Ray Data step: ``step`` built as the phase builds it, called on a shard only while the shard can
+    end before ``deadline`` (seconds of ``clock``), judged by the actor's longest shard so far. A
+    shard left out returns no output; the phase then has no manifest until a later run does it."""
+
+    def __init__(self, *, step: type, step_kwargs: dict[str, Any], deadline: float,
+                 clock: Callable[[], float] = time.time):
+        self.step, self.deadline, self.clock = step(**step_kwargs), deadline, clock
+        self.longest = 0.0
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        started = self.clock()
+        if started + self.longest > self.deadline:
+            return {schema.SHARD: batch[schema.SHARD], "samples_in": np.zeros(1, np.int64)}
+        result = self.step(batch)
+        self.longest = max(self.longest, self.clock() - started)
+        return result
+
+
+def run(phase: ShardPhase, shards: list[str], output_url: str, storage: StorageConfig, *,
+        budget_gpu_hours: float | None = None,
+        clock: Callable[[], float] = time.time) -> tuple[Manifest | None, dict[str, float]]:
     """Runs ``phase`` over the shards whose output is missing or stale; returns the manifest and metrics.
 
-    Metrics are empty when every shard was already finished.
+    Metrics are empty when every shard was already finished. ``budget_gpu_hours``: what this run may
+    hold (a phase without GPUs holds none); the manifest is None when it stopped shards short of it.
     """
     previous = read_manifest(output_url, storage)
     if previous is not None and previous.config == phase.fingerprint and set(previous.shards) == set(shards):
@@ -182,24 +208,32 @@ def run(phase: ShardPhase, shards: list[str], output_url: str,
         return ledger is not None and ledger[1] == phase.fingerprint
 
     todo = [shard for shard in shards if not finished(shard)]
+    actors = min(len(todo), phase.resources.max_actors)
+    gpus = actors * phase.resources.num_gpus
+    step, step_kwargs = phase.step, phase.step_kwargs
+    if budget_gpu_hours is not None and gpus:
+        step, step_kwargs = WithinDeadline, {"step": phase.step, "step_kwargs": phase.step_kwargs, "clock": clock,
+                                             "deadline": clock() + budget_gpu_hours * 3600 / gpus}
     started = time.monotonic()
     if todo:
         ray.data.from_items([{schema.SHARD: shard} for shard in todo], override_num_blocks=len(todo)).map_batches(
-            phase.step, fn_constructor_kwargs=phase.step_kwargs, batch_size=1, **phase.resources.actor_args(),
+            step, fn_constructor_kwargs=step_kwargs, batch_size=1, **phase.resources.actor_args(),
         ).materialize()
     seconds = time.monotonic() - started
 
     fs.invalidate_cache()  # object-store listings cached before the actors wrote
     remove_orphaned_temporaries(fs, folder)  # of actors that died mid-shard (Ray redid those shards)
     ledgers = {shard: read_shard_ledger(fs, f"{folder}/{schema.shard_parquet(shard)}") for shard in shards}
-    assert all(ledger is not None and ledger[1] == phase.fingerprint for ledger in ledgers.values()), \
-        f"{phase.name}: a shard step returned without committing its output"
+    done = [shard for shard in todo if ledgers[shard] is not None and ledgers[shard][1] == phase.fingerprint]
+    metrics = throughput_metrics(
+        samples=sum(ledgers[s][0].samples_in for s in done), seconds=seconds, resources=phase.resources,
+        actors=actors, shards_done=len(done), shards_skipped=len(shards) - len(todo))
+    if len(done) < len(todo):
+        assert step is WithinDeadline, f"{phase.name}: a shard step returned without committing its output"
+        return None, {**metrics, "shards_left": len(todo) - len(done)}
     manifest = Manifest(phase=phase.name, config=phase.fingerprint, shards={s: ledger[0] for s, ledger in ledgers.items()})
     write_manifest(output_url, manifest, storage)
-    return manifest, throughput_metrics(
-        samples=sum(manifest.shards[s].samples_in for s in todo), seconds=seconds,
-        resources=phase.resources, actors=min(len(todo), phase.resources.max_actors),
-        shards_done=len(todo), shards_skipped=len(shards) - len(todo))
+    return manifest, metrics
 
 
 def throughput_metrics(*, samples: int, seconds: float, resources: StepResources, actors: int,

@@ -28,6 +28,7 @@ _BATCH = 100  # MLflow's limit of params or metrics per log_batch call
 ATTEMPT_GPU_HOURS = "gpu_hours_attempt"
 RUN_GPU_HOURS = "gpu_hours"
 CHECKPOINTS_TAG = "train.checkpoints"  # where a training run's checkpoints live: the run its attempts belong to
+OUTPUT_TAG = "phase.output"  # a data phase's output folder and settings: the run its budgeted attempts belong to
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -141,12 +142,15 @@ class Tracker:
         finally:
             self.client.set_terminated(run.info.run_id, RunStatus.to_string(status))
 
-    def gpu_hours(self, checkpoints: str = "") -> float:
+    def gpu_hours(self, checkpoints: str = "", output: str = "") -> float:
         """GPU-hours of every attempt in the experiment so far, each counted once; with ``checkpoints``,
-        of the attempts of the training run whose checkpoints live there."""
+        of the attempts of the training run whose checkpoints live there; with ``output``, of the
+        attempts of a data phase at that output (``OUTPUT_TAG``)."""
         condition = f"metrics.{ATTEMPT_GPU_HOURS} >= 0"
         if checkpoints:
             condition += f" and tags.`{CHECKPOINTS_TAG}` = '{checkpoints}'"
+        if output:
+            condition += f" and tags.`{OUTPUT_TAG}` = '{output}'"
         runs = self.client.search_runs([self.experiment_id], filter_string=condition, max_results=50_000)
         return sum(run.data.metrics[ATTEMPT_GPU_HOURS] for run in runs)
 

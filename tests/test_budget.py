@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from cluster.budget import BudgetMeter, gpu_hours, run_budget
-from pipelines.tracking import ATTEMPT_GPU_HOURS, CHECKPOINTS_TAG, RUN_GPU_HOURS, Tracker, TrackingConfig
+from pipelines import schema, shard_phase
+from pipelines.tracking import ATTEMPT_GPU_HOURS, CHECKPOINTS_TAG, OUTPUT_TAG, RUN_GPU_HOURS, Tracker, TrackingConfig
 
 
 class _Clock:
@@ -97,6 +99,7 @@ def test_the_experiment_total_counts_each_attempt_once(tmp_path):
 
     with tracker.run("full-tiny"):  # the pipeline's own run logs no GPU-hours
         with tracker.run("pre_encode") as data:
+            data.set_tags({OUTPUT_TAG: "pre_encode#settings"})
             data.log_metrics({ATTEMPT_GPU_HOURS: 0.5})
         attempt(stage_c, [(10, 1, 1), (20, 2, 2), (20, 4, 4)])  # stopped by its budget at 4
     assert tracker.gpu_hours() == 4.5
@@ -106,3 +109,26 @@ def test_the_experiment_total_counts_each_attempt_once(tmp_path):
     assert tracker.gpu_hours() == 0.5 + 4 + 2 + 3
     assert tracker.gpu_hours(stage_c) == 6 and tracker.gpu_hours(stage_b) == 3
     assert tracker.gpu_hours(f"{tmp_path}/train_stage_c/ray/other") == 0
+    assert tracker.gpu_hours(output="pre_encode#settings") == 0.5 and tracker.gpu_hours(output="embed#x") == 0
+
+
+class _Shards:
+    """A shard step that records the shards it was given."""
+
+    def __init__(self, *, done: list[str]):
+        self.done = done
+
+    def __call__(self, batch):
+        self.done.append(batch[schema.SHARD][0])
+        return {schema.SHARD: batch[schema.SHARD], "samples_in": np.ones(1, np.int64)}
+
+
+def test_a_budgeted_pool_starts_a_shard_only_if_its_longest_shard_still_ends_in_time():
+    # Each read of the clock advances it 1 s, so each shard takes 1 s and each start reads 1 s later.
+    done: list[str] = []
+    step = shard_phase.WithinDeadline(step=_Shards, step_kwargs={"done": done}, deadline=4.5,
+                                      clock=_Clock(1.0))
+    results = [step({schema.SHARD: np.array([name])}) for name in ("a", "b", "c", "d")]
+    # a: starts at 1 (ends at 2); b: starts at 3, its 1 s ends by 4.5; c: starts at 5, too late; d too.
+    assert done == ["a", "b"]
+    assert [int(r["samples_in"][0]) for r in results] == [1, 1, 0, 0]
