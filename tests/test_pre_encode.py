@@ -16,10 +16,11 @@ import pytest
 import torch
 from PIL import Image
 
-from pipelines import decode, embed, metadata_filter, pre_encode, schema, shard_phase
+from pipelines import decode, embed, metadata_filter, pre_encode, schema, shard_phase, train_phase
 from pipelines.config import load_config
 from pipelines.demo_data import DemoDataConfig, generate
 from pipelines.ledger import Manifest, ShardCounts
+from pipelines.phases import PhaseContext
 from pipelines.storage import StorageConfig
 from stages.semantic import SEMANTIC_CONFIGS, SemanticCompressor
 from stages.stage_a import STAGE_A_CONFIGS, StageA
@@ -103,14 +104,14 @@ def test_the_validation_split_is_the_smallest_key_hashes_counted_and_in_row_grou
     config = dataclasses.replace(load_config("tiny").pre_encode, stage_a_weights="", semantic_weights="", text="tokens")
     # On 24 samples the share (0.5%) holds out none: the minimum decides.
     assert config.validation_fraction * embedded_manifest.kept < 1 and config.validation_min == 16
-    manifest, _ = _pre_encode(root, embedded_manifest, config, tmp_path / "latents")
+    manifest, _ = _pre_encode(root, embedded_manifest, config, tmp_path / "pre_encode")
     kept = [row[schema.KEY] for shard in sorted(embedded_manifest.shards)
             for row in pq.read_table(root / "embed" / f"{shard}.parquet").to_pylist() if row[schema.DROP_REASON] is None]
     smallest = sorted(kept, key=lambda key: hashlib.blake2b(key.encode(), digest_size=8).digest())[:16]
 
     split = {}
     for shard in sorted(manifest.shards):
-        file = pq.ParquetFile(tmp_path / "latents" / f"{shard}.parquet")
+        file = pq.ParquetFile(tmp_path / "pre_encode" / f"{shard}.parquet")
         table = file.read(columns=[schema.KEY, schema.SPLIT])
         split.update(zip(table[schema.KEY].to_pylist(), table[schema.SPLIT].to_pylist(), strict=True))
         assert manifest.shards[shard].validation == table[schema.SPLIT].to_pylist().count("validation")
@@ -127,6 +128,21 @@ def test_the_validation_split_is_the_smallest_key_hashes_counted_and_in_row_grou
     assert sorted(key for key, name in split.items() if name == "validation") == sorted(smallest)
     assert set(split.values()) == {"train", "validation"}
     assert manifest.validation == 16 and manifest.to_json()["totals"]["validation"] == 16
+
+    # Training reads the train rows alone (centre crops; test_train has the buckets). Its rows carry no
+    # key: each sample's Stage C latent is its own and names it.
+    key_of = {}
+    for shard in sorted(manifest.shards):
+        table = pq.read_table(tmp_path / "pre_encode" / f"{shard}.parquet")
+        latents = table[schema.STAGE_C_LATENT].combine_chunks().to_numpy_ndarray()
+        key_of.update((latent.tobytes(), key) for latent, key in zip(latents, table[schema.KEY].to_pylist(), strict=True))
+    assert len(key_of) == len(kept)
+    run_config = load_config("tiny", [f"work_dir={tmp_path}", "pre_encode.text=tokens"])
+    context = PhaseContext(config=run_config, work_dir=str(tmp_path), shards_url="", tracker=None)
+    datasets, _ = train_phase._datasets(context, "stage_c", sorted(manifest.shards), run_config.train_c, run=None)
+    read = [key_of[np.ascontiguousarray(latent, np.float16).tobytes()] for dataset in datasets.values()
+            for batch in dataset.iter_batches(batch_format="numpy") for latent in batch[schema.STAGE_C_LATENT]]
+    assert sorted(read) == sorted(key for key, name in split.items() if name == "train")
 
     # Another run over the same samples holds out the same ones.
     again, _ = _pre_encode(root, embedded_manifest, dataclasses.replace(config, seed=1), tmp_path / "again")
