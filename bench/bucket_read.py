@@ -73,7 +73,8 @@ def write_shard(path: str, rows_per_batch: int, batches_per_bucket: int) -> list
                 for index in range(rows_per_batch):
                     row = {field.name: None for field in table_schema}
                     row.update({name: generator.standard_normal(shape).astype(np.float16) for name, shape in shapes.items()})
-                    row.update({schema.KEY: f"{crop[0]}x{crop[1]}-{batch}-{index}", schema.CAPTION: "a photo",
+                    row.update({schema.KEY: f"{crop[0]}x{crop[1]}-{batch}-{index}", schema.SPLIT: str(schema.Split.TRAIN),
+                                schema.CAPTION: "a photo",
                                 schema.CROP_WIDTH: crop[0], schema.CROP_HEIGHT: crop[1],
                                 schema.TEXT_TOKENS: np.zeros(MAX_LENGTH, np.int32)})
                     rows.append(row)

@@ -202,7 +202,7 @@ def end_to_end(folder: Path, shards: list[str], config: PreEncodeConfig, resolut
     phase = pre_encode.phase(decoded_url=str(folder / "decode"), embedded_url=str(folder / "embed"),
                              output_url=str(output), embedded_fingerprint={"bench": "encode"},
                              crops=((resolution, resolution),), resolution=resolution, config=config,
-                             storage=storage)  # fmt: skip
+                             validation_threshold=0, storage=storage)  # fmt: skip
     start = time.perf_counter()
     manifest, _ = shard_phase.run(phase, shards, str(output), storage)
     seconds = time.perf_counter() - start
@@ -226,7 +226,8 @@ def largest_difference(folder: Path, shard: str, config: PreEncodeConfig, resolu
     landed shows up here; in float16 and bf16 the two differ only by rounding."""
     step = pre_encode.PreEncodeShard(
         decoded_url=str(folder / "decode"), embedded_url=str(folder / "embed"), output_url=str(folder / "pre_encode"),
-        config=config, crops=((resolution, resolution),), resolution=resolution, fingerprint={}, storage=StorageConfig())
+        config=config, crops=((resolution, resolution),), resolution=resolution, validation_threshold=0, fingerprint={},
+        storage=StorageConfig())
     stored = pq.read_table(folder / "pre_encode" / schema.shard_parquet(shard)).slice(0, config.resources.batch_size)
     decoded = {row[schema.KEY]: row[schema.IMAGE]
                for row in pq.read_table(folder / "decode" / schema.shard_parquet(shard)).to_pylist()}

@@ -108,9 +108,10 @@ def tiny() -> RunConfig:
         # A random tiny CLIP and aesthetic MLP: the path runs, the scores mean nothing, so no thresholds.
         embed=EmbedConfig(clip_model="tiny-clip", clip_pretrained="", aesthetic_weights="",
                           resources=StepResources(num_cpus=1, num_gpus=0, batch_size=64)),
-        # No pretrained tiny encoders exist: Stage A and the semantic compressor are trained first.
+        # No pretrained tiny encoders exist: Stage A and the semantic compressor are trained first. 16 of
+        # the ~300 demo samples held out: enough to run an evaluation on, few enough to keep every bucket's batches.
         pre_encode=PreEncodeConfig(models="tiny", stage_a_weights="trained", semantic_weights="trained",
-                                   resources=StepResources(num_cpus=1, num_gpus=0, batch_size=32)),
+                                   validation_min=16, resources=StepResources(num_cpus=1, num_gpus=0, batch_size=32)),
         # Runs this short learn best from their last weights; only Stage C keeps an EMA.
         train_a=_tiny_training(steps=300, lr=3e-3, ema_beta=0.0),
         train_semantic=_tiny_training(steps=300, lr=3e-3, ema_beta=0.0),

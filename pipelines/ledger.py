@@ -23,9 +23,12 @@ class ShardCounts:
     samples_in: int
     kept: int
     dropped: dict[str, int]
+    validation: int = 0
+    """Of the kept samples, those held out for evaluation (the validation split; pre-encode only)."""
 
     def __post_init__(self):
         assert self.samples_in == self.kept + sum(self.dropped.values()), f"ledger does not balance: {self}"
+        assert 0 <= self.validation <= self.kept, f"more held out than kept: {self}"
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -44,6 +47,10 @@ class Manifest:
     def kept(self) -> int:
         return sum(s.kept for s in self.shards.values())
 
+    @property
+    def validation(self) -> int:
+        return sum(s.validation for s in self.shards.values())
+
     def dropped(self) -> dict[str, int]:
         total: Counter[str] = Counter()
         for shard in self.shards.values():
@@ -54,7 +61,8 @@ class Manifest:
         return {
             "phase": self.phase,
             "config": self.config,
-            "totals": {"samples_in": self.samples_in, "kept": self.kept, "dropped": self.dropped()},
+            "totals": {"samples_in": self.samples_in, "kept": self.kept, "validation": self.validation,
+                       "dropped": self.dropped()},
             "shards": {name: dataclasses.asdict(counts) for name, counts in sorted(self.shards.items())},
         }
 

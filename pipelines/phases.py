@@ -101,16 +101,19 @@ def run_pre_encode(context: PhaseContext, run: TrackedRun) -> str:
     config = dataclasses.replace(config, stage_a_weights=encoders["stage_a"], semantic_weights=encoders["semantic"])
     # Retrained encoders change every latent: their fingerprints are part of this phase's.
     trained = {stage: trained_weights.fingerprint_of(url, storage) for stage, url in encoders.items() if url}
+    threshold = pre_encode.validation_threshold(config, embedded, context.output_url(embed.PHASE), storage)
     phase = pre_encode.phase(decoded_url=context.output_url(decode.PHASE), embedded_url=context.output_url(embed.PHASE),
                              output_url=output_url, embedded_fingerprint={**embedded.config, "encoders": trained},
                              crops=context.config.decode.crop_sizes(), resolution=context.config.decode.resolution,
-                             config=config, storage=storage)
+                             config=config, validation_threshold=threshold, storage=storage)
     manifest, metrics = _run_within_budget(context, run, phase, "pre_encode", config.budget_gpu_hours,
                                            sorted(embedded.shards), output_url)
     fs, folder = filesystem(output_url, context.config.storage)
     total_bytes = sum(fs.size(f"{folder}/{schema.shard_parquet(shard)}") for shard in manifest.shards)
-    run.log_metrics({"bytes_per_sample": total_bytes / max(manifest.kept, 1), "total_bytes": total_bytes})
-    return _report(run, "pre_encode", config, manifest, metrics, pre_encode.PRE_ENCODE_REASONS)
+    run.log_metrics({"bytes_per_sample": total_bytes / max(manifest.kept, 1), "total_bytes": total_bytes,
+                     "train": manifest.kept - manifest.validation, "validation": manifest.validation})
+    summary = _report(run, "pre_encode", config, manifest, metrics, pre_encode.PRE_ENCODE_REASONS)
+    return f"{summary}; {manifest.validation} of the kept held out for validation"
 
 
 def _run_within_budget(context: PhaseContext, run: TrackedRun, phase: shard_phase.ShardPhase, section: str,

@@ -13,12 +13,20 @@ holding only kept samples; training reads them and never touches pixels again. C
 aspect-ratio buckets (``decode.crop=buckets``) give latents of several shapes: those shards store
 each latent flattened in a list column, with the sample's ``crop_width`` and ``crop_height`` to
 reshape it by (``latent_shapes``). See docs/data_format.md for the bytes per sample of each option.
+
+A deterministic share of the samples is held out for evaluation (``split`` = ``validation``,
+chosen by a hash of the sample key: ``validation_threshold``); those rows sit in row groups of
+their own at the end of each shard, so training's filter on ``split`` (``TRAINING_ROWS``) skips
+them by their statistics, and an evaluation reads them alone. See docs/evaluation.md.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import heapq
 import io
+import math
 import warnings
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
@@ -29,12 +37,13 @@ import numpy as np
 import pyarrow as pa
 import torch
 from PIL import Image
+from ray.data.expressions import col
 from safetensors.torch import save
 
 from cluster.resources import StepResources
 from pipelines import schema, shard_phase, trained_weights
-from pipelines.ledger import ShardCounts
-from pipelines.schema import DropReason
+from pipelines.ledger import Manifest, ShardCounts
+from pipelines.schema import DropReason, Split
 from pipelines.storage import StorageConfig, filesystem, write_atomically
 from stages.semantic import SEMANTIC_CONFIGS, SemanticCompressor
 from stages.stage_a import STAGE_A_CONFIGS, StageA
@@ -49,6 +58,12 @@ PRE_ENCODE_REASONS = (DropReason.NON_FINITE_LATENT,)
 # parameters, so it does not load into ours, and Stable Cascade trains on its raw output, not (e + 1) / 42.
 V2_STAGE_A_WEIGHTS = "https://huggingface.co/warp-ai/wuerstchen/resolve/main/vqgan/diffusion_pytorch_model.safetensors"
 V2_SEMANTIC_WEIGHTS = "https://huggingface.co/dome272/wuerstchen/resolve/main/model_v2_stage_b.pt#effnet_state_dict"
+# The rows of the latent shards a training phase may read (a Ray Data expression; ``.to_pyarrow()`` for pyarrow).
+TRAINING_ROWS = col(schema.SPLIT) == str(Split.TRAIN)
+_KEY_HASHES = 2**64
+# Standard deviations between the number of keys the share is expected to hold out and the minimum,
+# beyond which the minimum is taken as met without counting: the chance it is not is below e^-50.
+_SURE_MARGIN = 10
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -69,6 +84,10 @@ class PreEncodeConfig:
     same architecture, seeded (an offline benchmark of the phase; the hidden states mean nothing)."""
     seed: int = 0
     """Seed of random weights, the same in every actor."""
+    validation_fraction: float = 0.005
+    """Share of the samples held out for evaluation, chosen by a hash of their key; no training phase reads them."""
+    validation_min: int = 1000
+    """Hold out at least this many samples (the smallest key hashes) when the share gives fewer."""
     resources: StepResources = dataclasses.field(default_factory=lambda: StepResources(num_gpus=1, batch_size=64))
     """Encoder actors; ``batch_size`` is images per forward pass."""
     budget_gpu_hours: float | None = None
@@ -78,6 +97,11 @@ class PreEncodeConfig:
     def __post_init__(self):
         if self.budget_gpu_hours is not None and self.budget_gpu_hours <= 0:
             raise ValueError(f"budget_gpu_hours must be > 0 or none, got {self.budget_gpu_hours}")
+        if not 0 <= self.validation_fraction < 1:
+            raise ValueError(f"validation_fraction is a share of the samples: must be in [0, 1), got "
+                             f"{self.validation_fraction}")
+        if self.validation_min < 0:
+            raise ValueError(f"validation_min is a number of samples: must be 0 or more, got {self.validation_min}")
         if self.models not in STAGE_A_CONFIGS:
             raise ValueError(f"models {self.models!r} is not a stage size; choose from {', '.join(STAGE_A_CONFIGS)}")
         if self.text_weights == "random" and self.text == "tokens":
@@ -88,6 +112,43 @@ class PreEncodeConfig:
     def outcome(self) -> dict[str, Any]:
         """The settings that decide the output (how wide and how long it runs do not)."""
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in ("resources", "budget_gpu_hours")}
+
+
+def key_hash(key: str) -> int:
+    """A sample's place in the split: its key's 64-bit BLAKE2b digest, the same on every machine and in
+    every run (Python's ``hash`` of a string changes with each process)."""
+    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big")
+
+
+def validation_threshold(config: PreEncodeConfig, embedded: Manifest, embedded_url: str,
+                         storage: StorageConfig) -> int:
+    """The key hash below which a sample embed kept is held out for validation.
+
+    The share alone is a fixed bound in hash space: whether a key is held out depends on nothing but
+    the key, so a data set that grows keeps its validation samples validation samples. The minimum
+    needs the keys: the bound is raised to just above the ``validation_min``-th smallest key hash when
+    that lies beyond the share. The driver computes it once, before the shards are spread over actors,
+    so every actor applies one bound and the split needs no second pass. Reading the keys is skipped
+    when the share is sure to hold the minimum (it is more than ``_SURE_MARGIN`` standard deviations
+    beyond it): large data sets, whose keys cost minutes to read, never read them.
+    """
+    share = math.floor(config.validation_fraction * _KEY_HASHES)
+    if config.validation_min == 0:
+        return share
+    if config.validation_min >= embedded.kept:
+        raise ValueError(f"pre_encode.validation_min ({config.validation_min}) would hold out all {embedded.kept} "
+                         "samples that embed kept, leaving none to train on: lower it")
+    expected = config.validation_fraction * embedded.kept
+    if expected - _SURE_MARGIN * math.sqrt(expected) >= config.validation_min:
+        return share
+    fs, folder = filesystem(embedded_url, storage)
+    hashes = (key_hash(row[schema.KEY])
+              for shard in sorted(embedded.shards)
+              for rows in shard_phase.iter_rows(fs, f"{folder}/{schema.shard_parquet(shard)}",
+                                                columns=[schema.KEY, schema.DROP_REASON])
+              for row in rows if row[schema.DROP_REASON] is None)
+    smallest = heapq.nsmallest(config.validation_min, hashes)
+    return max(share, smallest[-1] + 1)
 
 
 def semantic_input_size(config: PreEncodeConfig, crop: tuple[int, int], resolution: int) -> tuple[int, int] | None:
@@ -130,6 +191,7 @@ def output_schema(config: PreEncodeConfig, crops: tuple[tuple[int, int], ...], r
         latents = [pa.field(schema.CROP_WIDTH, pa.int32()), pa.field(schema.CROP_HEIGHT, pa.int32()),
                    *(pa.field(name, pa.list_(pa.float16())) for name in shapes[0])]
     fields = [
+        pa.field(schema.SPLIT, pa.string()),
         pa.field(schema.CAPTION, pa.string()),
         pa.field(schema.CLIP_SIMILARITY, pa.float32()),
         pa.field(schema.AESTHETIC_SCORE, pa.float32()),
@@ -154,15 +216,17 @@ def _random_or_loaded(model: torch.nn.Module, weights: str, what: str, storage: 
 
 
 class PreEncodeShard:
-    """Ray Data step: encodes one shard's kept samples into ``pre_encode/{shard}.parquet``."""
+    """Ray Data step: encodes one shard's kept samples into ``pre_encode/{shard}.parquet``; those whose
+    key hash is below ``validation_threshold`` (``validation_threshold()``) are the validation split."""
 
     def __init__(self, *, decoded_url: str, embedded_url: str, output_url: str, config: PreEncodeConfig,
-                 crops: tuple[tuple[int, int], ...], resolution: int, fingerprint: dict[str, Any],
-                 storage: StorageConfig):
+                 crops: tuple[tuple[int, int], ...], resolution: int, validation_threshold: int,
+                 fingerprint: dict[str, Any], storage: StorageConfig):
         self.decoded, self.decoded_folder = filesystem(decoded_url, storage)
         self.embedded, self.embedded_folder = filesystem(embedded_url, storage)
         self.output, self.output_folder = filesystem(output_url, storage)
         self.config, self.fingerprint = config, fingerprint
+        self.validation_threshold = validation_threshold
         self.schema = output_schema(config, crops, resolution)
         self.bucketed = len(crops) > 1
         self.semantic_sizes = {crop: semantic_input_size(config, crop, resolution) for crop in crops}
@@ -256,6 +320,9 @@ class PreEncodeShard:
              for row in rows if row[schema.KEY] in embedded),
             self.config.resources.batch_size)
         dropped: Counter[str] = Counter()
+        # Validation rows of each crop, written as the shard's last row groups: a row group holds one
+        # split (and one crop), so a reader's filter on either skips the others by their statistics.
+        held_out: dict[tuple[int, int], list[pa.Table]] = {}
 
         def write(output: shard_phase.ShardOutput, batch: PreparedBatch, encoded: EncodedBatch) -> None:
             encoded.wait()
@@ -268,7 +335,12 @@ class PreEncodeShard:
             width, height = batch.crop
             columns[schema.CROP_WIDTH], columns[schema.CROP_HEIGHT] = [width] * len(rows), [height] * len(rows)
             columns.update({name: value.numpy()[finite] for name, value in encoded.arrays.items()})
-            output.write_columns(columns)
+            validation = np.array([key_hash(row[schema.KEY]) < self.validation_threshold for row in rows], bool)
+            columns[schema.SPLIT] = [str(Split.VALIDATION if v else Split.TRAIN) for v in validation]
+            output.write_columns(_rows_where(columns, ~validation))
+            if validation.any():
+                held_out.setdefault(batch.crop, []).append(
+                    shard_phase.columns_to_table(_rows_where(columns, validation), self.schema))
 
         path = f"{self.output_folder}/{schema.shard_parquet(shard)}"
         decode_threads = max(1, int(self.config.resources.num_cpus))
@@ -283,8 +355,11 @@ class PreEncodeShard:
                 written = writer.submit(write, output, batch, encoded)
             if written is not None:
                 written.result()
+            for crop in sorted(held_out):
+                output.write_table(pa.concat_tables(held_out[crop]))
             counts = ShardCounts(samples_in=len(embedded), kept=len(embedded) - sum(dropped.values()),
-                                 dropped={str(k): v for k, v in sorted(dropped.items())})
+                                 dropped={str(k): v for k, v in sorted(dropped.items())},
+                                 validation=sum(table.num_rows for tables in held_out.values() for table in tables))
             output.commit(counts, self.fingerprint)
         return counts
 
@@ -318,6 +393,13 @@ class EncodedBatch:
             self.copied.synchronize()
 
 
+def _rows_where(columns: dict[str, Any], selected: np.ndarray) -> dict[str, Any]:
+    """The rows of ``columns`` (lists or arrays, one entry per row) where ``selected`` is true."""
+    return {name: values[selected] if isinstance(values, np.ndarray)
+            else [value for value, keep in zip(values, selected, strict=True) if keep]
+            for name, values in columns.items()}
+
+
 def _batches_by_crop(rows: Iterable[dict[str, Any]], batch_size: int) -> Iterator[list[dict[str, Any]]]:
     """Batches of rows whose crops share one size (a batch is one tensor), each yielded once it is full,
     the partial ones at the end. The size comes from the image header, without decoding."""
@@ -344,7 +426,7 @@ def _one_ahead(pool: ThreadPoolExecutor, function: Callable[[Any], Any], items: 
 
 
 def phase(*, decoded_url: str, embedded_url: str, output_url: str, embedded_fingerprint: dict[str, Any],
-          crops: tuple[tuple[int, int], ...], resolution: int, config: PreEncodeConfig,
+          crops: tuple[tuple[int, int], ...], resolution: int, config: PreEncodeConfig, validation_threshold: int,
           storage: StorageConfig) -> shard_phase.ShardPhase:
     output_schema(config, crops, resolution)  # crops the encoders cannot take fail here, before any work
     fingerprint = {"input": embedded_fingerprint, **config.outcome()}
@@ -352,8 +434,8 @@ def phase(*, decoded_url: str, embedded_url: str, output_url: str, embedded_fing
         name=PHASE,
         step=PreEncodeShard,
         step_kwargs={"decoded_url": decoded_url, "embedded_url": embedded_url, "output_url": output_url,
-                     "config": config, "crops": crops, "resolution": resolution, "fingerprint": fingerprint,
-                     "storage": storage},
+                     "config": config, "crops": crops, "resolution": resolution,
+                     "validation_threshold": validation_threshold, "fingerprint": fingerprint, "storage": storage},
         resources=config.resources,
         fingerprint=fingerprint,
     )

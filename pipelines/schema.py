@@ -46,6 +46,7 @@ STAGE_B_LATENT = "stage_b_latent"  # Stage A latent / scale factor
 TEXT_TOKENS = "text_tokens"  # 77 CLIP token ids
 TEXT_STAGE_C = "text_stage_c"  # CLIP bigG last hidden states
 TEXT_STAGE_B = "text_stage_b"  # CLIP H last hidden states
+SPLIT = "split"  # a ``Split``: training reads the train rows of the latent shards only
 
 # What every phase after the metadata filter carries along with a sample: the metadata that
 # decided its filtering.
@@ -114,6 +115,13 @@ def shard_stats(shard: str) -> str:
 def shard_name(index: int) -> str:
     """img2dataset's shard naming: five zero-padded digits."""
     return f"{index:05d}"
+
+
+class Split(enum.StrEnum):
+    """Which use a kept sample is for (the ``split`` column of the latent shards)."""
+
+    TRAIN = "train"
+    VALIDATION = "validation"  # held out: no training phase reads it; evaluation does
 
 
 class DropReason(enum.StrEnum):

@@ -59,9 +59,12 @@ class ShardOutput:
 
     def write_columns(self, columns: dict[str, Any]) -> None:
         """Rows given column by column (see ``columns_to_table``)."""
-        table = columns_to_table(columns, self.writer.schema)
+        self.write_table(columns_to_table(columns, self.writer.schema))
+
+    def write_table(self, table: pa.Table) -> None:
+        """Rows of the shard's schema, as one row group."""
         if table.num_rows:
-            self.writer.write_table(table)
+            self.writer.write_table(table, row_group_size=table.num_rows)
 
     def commit(self, counts: ShardCounts, fingerprint: dict[str, Any]) -> None:
         self.writer.add_key_value_metadata({

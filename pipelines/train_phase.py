@@ -75,9 +75,10 @@ def run_training(context, run, phase: str) -> str:
     source = context.finished(source_phase)
     # Workers get equal rows and drop their last partial batch: a set smaller than one global
     # batch would give epochs without a step.
-    if source.kept < config.global_batch_size:
+    if source.kept - source.validation < config.global_batch_size:
         raise ValueError(f"{section}.global_batch_size ({config.global_batch_size}) is larger than the training "
-                         f"set ({source.kept} samples kept by {source_phase}): lower it or add data")
+                         f"set ({source.kept - source.validation} samples kept by {source_phase}, the validation "
+                         "split left out): lower it or add data")
     models = context.config.pre_encode.models
     fingerprint = {"input": source.config, "models": models, **config.outcome()}
     final_url = f"{context.output_url(phase)}/{trained_weights.FINAL_FILE}"
@@ -155,11 +156,12 @@ def _datasets(context, stage: str, shards: list[str], config: TrainConfig,
     if len(crops) == 1:
         if stage == "stage_b":
             _check_stage_b_takes(context, crops[0])
-        dataset = ray.data.read_parquet(files, filesystem=fs).select_columns(columns)
+        dataset = ray.data.read_parquet(files, filesystem=fs).filter(expr=pre_encode.TRAINING_ROWS).select_columns(columns)
         return {TRAIN_DATASET: _in_fixed_order(dataset, config).randomize_block_order(seed=config.seed)}, {}
 
     # Two int columns of every shard, read here: Ray Data's group-by would start a shuffle for them.
-    counted = pyarrow.dataset.dataset(files, format="parquet", filesystem=fs).to_table(columns=_CROP_COLUMNS)
+    counted = pyarrow.dataset.dataset(files, format="parquet", filesystem=fs).to_table(
+        columns=_CROP_COLUMNS, filter=pre_encode.TRAINING_ROWS.to_pyarrow())
     rows = {(row[schema.CROP_WIDTH], row[schema.CROP_HEIGHT]): row["count_all"]
             for row in counted.group_by(_CROP_COLUMNS).aggregate([([], "count_all")]).to_pylist()}
     everything = bucketed_source(files, fs, columns)
@@ -200,9 +202,10 @@ def _check_stage_b_takes(context, crop: tuple[int, int]) -> None:
 
 
 def bucketed_source(files: list[str], fs, columns: list[str]) -> ray.data.Dataset:
-    """Every bucket's rows of the latent shards ``files``: ``columns`` and the crop columns that
+    """Every bucket's training rows of the latent shards ``files``: ``columns`` and the crop columns that
     ``in_bucket`` cuts by. Each bucket's filter still reaches the Parquet read (bench/bucket_read.py)."""
-    return ray.data.read_parquet(files, filesystem=fs).select_columns([*columns, *_CROP_COLUMNS])
+    return (ray.data.read_parquet(files, filesystem=fs).filter(expr=pre_encode.TRAINING_ROWS)
+            .select_columns([*columns, *_CROP_COLUMNS]))
 
 
 def in_bucket(dataset: ray.data.Dataset, crop: tuple[int, int]) -> ray.data.Dataset:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import io
 import os
 import threading
@@ -15,9 +16,11 @@ import pytest
 import torch
 from PIL import Image
 
-from pipelines import decode, embed, metadata_filter, pre_encode, schema, shard_phase
+from pipelines import decode, embed, metadata_filter, pre_encode, schema, shard_phase, train_phase
 from pipelines.config import load_config
 from pipelines.demo_data import DemoDataConfig, generate
+from pipelines.ledger import Manifest, ShardCounts
+from pipelines.phases import PhaseContext
 from pipelines.storage import StorageConfig
 from stages.semantic import SEMANTIC_CONFIGS, SemanticCompressor
 from stages.stage_a import STAGE_A_CONFIGS, StageA
@@ -45,9 +48,10 @@ def embedded(tmp_path_factory, local_ray):
 
 
 def _pre_encode(root, embedded_manifest, config, output):
+    threshold = pre_encode.validation_threshold(config, embedded_manifest, str(root / "embed"), STORAGE)
     phase = pre_encode.phase(decoded_url=str(root / "decode"), embedded_url=str(root / "embed"), output_url=str(output),
                              embedded_fingerprint=embedded_manifest.config, crops=((64, 64),), resolution=64, config=config,
-                             storage=STORAGE)
+                             validation_threshold=threshold, storage=STORAGE)
     return shard_phase.run(phase, sorted(embedded_manifest.shards), str(output), STORAGE)
 
 
@@ -95,6 +99,85 @@ def test_latents_and_conditioning_are_what_the_encoders_compute(embedded, tmp_pa
     assert metrics == {} and again.to_json() == manifest.to_json()
 
 
+def test_the_validation_split_is_the_smallest_key_hashes_counted_and_in_row_groups_of_its_own(embedded, tmp_path):
+    root, embedded_manifest = embedded
+    config = dataclasses.replace(load_config("tiny").pre_encode, stage_a_weights="", semantic_weights="", text="tokens")
+    # On 24 samples the share (0.5%) holds out none: the minimum decides.
+    assert config.validation_fraction * embedded_manifest.kept < 1 and config.validation_min == 16
+    manifest, _ = _pre_encode(root, embedded_manifest, config, tmp_path / "pre_encode")
+    kept = [row[schema.KEY] for shard in sorted(embedded_manifest.shards)
+            for row in pq.read_table(root / "embed" / f"{shard}.parquet").to_pylist() if row[schema.DROP_REASON] is None]
+    smallest = sorted(kept, key=lambda key: hashlib.blake2b(key.encode(), digest_size=8).digest())[:16]
+
+    split = {}
+    for shard in sorted(manifest.shards):
+        file = pq.ParquetFile(tmp_path / "pre_encode" / f"{shard}.parquet")
+        table = file.read(columns=[schema.KEY, schema.SPLIT])
+        split.update(zip(table[schema.KEY].to_pylist(), table[schema.SPLIT].to_pylist(), strict=True))
+        assert manifest.shards[shard].validation == table[schema.SPLIT].to_pylist().count("validation")
+        # One split per row group, the validation row groups last, each with min/max statistics that
+        # let a filter on the split skip it.
+        column = file.metadata.schema.to_arrow_schema().names.index(schema.SPLIT)
+        groups = []
+        for group in range(file.num_row_groups):
+            statistics = file.metadata.row_group(group).column(column).statistics
+            assert statistics.has_min_max and statistics.min == statistics.max, (shard, group)
+            groups.append(statistics.min)
+        assert groups == sorted(groups, key=lambda name: name == "validation"), groups
+    assert sorted(split) == sorted(kept)
+    assert sorted(key for key, name in split.items() if name == "validation") == sorted(smallest)
+    assert set(split.values()) == {"train", "validation"}
+    assert manifest.validation == 16 and manifest.to_json()["totals"]["validation"] == 16
+
+    # Training reads the train rows alone (centre crops; test_train has the buckets). Its rows carry no
+    # key: each sample's Stage C latent is its own and names it.
+    key_of = {}
+    for shard in sorted(manifest.shards):
+        table = pq.read_table(tmp_path / "pre_encode" / f"{shard}.parquet")
+        latents = table[schema.STAGE_C_LATENT].combine_chunks().to_numpy_ndarray()
+        key_of.update((latent.tobytes(), key) for latent, key in zip(latents, table[schema.KEY].to_pylist(), strict=True))
+    assert len(key_of) == len(kept)
+    run_config = load_config("tiny", [f"work_dir={tmp_path}", "pre_encode.text=tokens"])
+    context = PhaseContext(config=run_config, work_dir=str(tmp_path), shards_url="", tracker=None)
+    datasets, _ = train_phase._datasets(context, "stage_c", sorted(manifest.shards), run_config.train_c, run=None)
+    read = [key_of[np.ascontiguousarray(latent, np.float16).tobytes()] for dataset in datasets.values()
+            for batch in dataset.iter_batches(batch_format="numpy") for latent in batch[schema.STAGE_C_LATENT]]
+    assert sorted(read) == sorted(key for key, name in split.items() if name == "train")
+
+    # Another run over the same samples holds out the same ones.
+    again, _ = _pre_encode(root, embedded_manifest, dataclasses.replace(config, seed=1), tmp_path / "again")
+    assert {row[schema.KEY]: row[schema.SPLIT] for shard in sorted(again.shards)
+            for row in pq.read_table(tmp_path / "again" / f"{shard}.parquet").to_pylist()} == split
+
+
+def test_the_validation_threshold_takes_the_share_alone_where_it_is_sure_to_hold_the_minimum(tmp_path):
+    # The key hash is pinned: another function would move samples between the splits of existing data.
+    assert pre_encode.key_hash("000000012") == 11050573515182979521
+    config = pre_encode.PreEncodeConfig(validation_fraction=0.5, validation_min=0)
+    never_read = str(tmp_path / "absent")  # a threshold that needed the keys would fail to read them here
+
+    def embedded(kept: int) -> Manifest:
+        return Manifest(phase="embed", config={}, shards={"00000": ShardCounts(samples_in=kept, kept=kept, dropped={})})
+
+    assert pre_encode.validation_threshold(config, embedded(100), never_read, STORAGE) == 2**63
+    # 0.5% of a million: 5000 expected, 71 their standard deviation, so at least 1000 beyond doubt.
+    config = pre_encode.PreEncodeConfig(validation_fraction=0.005, validation_min=1000)
+    assert pre_encode.validation_threshold(config, embedded(10**6), never_read, STORAGE) == int(0.005 * 2**64)
+    with pytest.raises(FileNotFoundError):
+        pre_encode.validation_threshold(config, embedded(10**5), never_read, STORAGE)
+    with pytest.raises(ValueError, match=r"pre_encode.validation_min \(1000\) would hold out all 1000 samples"):
+        pre_encode.validation_threshold(config, embedded(1000), never_read, STORAGE)
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("pre_encode.validation_fraction=1", r"validation_fraction is a share of the samples: must be in \[0, 1\)"),
+    ("pre_encode.validation_min=-1", "validation_min is a number of samples: must be 0 or more"),
+])
+def test_a_validation_setting_out_of_range_fails_naming_it(setting, message):
+    with pytest.raises(ValueError, match=message):
+        load_config("tiny", [setting])
+
+
 def test_tokens_only_stores_no_hidden_states_and_costs_less(embedded, tmp_path):
     root, embedded_manifest = embedded
     config = dataclasses.replace(load_config("tiny").pre_encode, stage_a_weights="", semantic_weights="")
@@ -114,7 +197,7 @@ def test_a_resolution_stage_a_cannot_take_fails_before_work(embedded, tmp_path):
     with pytest.raises(ValueError, match=r"66x66 crop is not a multiple of Stage A's .*change decode.resolution"):
         pre_encode.phase(decoded_url=str(root / "decode"), embedded_url=str(root / "embed"), output_url=str(tmp_path),
                          embedded_fingerprint=embedded_manifest.config, crops=((66, 66),), resolution=66,
-                         config=load_config("tiny").pre_encode, storage=STORAGE)
+                         config=load_config("tiny").pre_encode, validation_threshold=0, storage=STORAGE)
 
 
 def test_random_text_weights_with_tokens_only_fail_naming_both_settings():
@@ -202,7 +285,7 @@ def test_a_batch_with_some_non_finite_samples_keeps_the_others_with_their_own_la
     with pytest.warns(UserWarning, match="random weights"):
         step = pre_encode.PreEncodeShard(
             decoded_url=str(root / "decode"), embedded_url=str(root / "embed"), output_url=str(tmp_path),
-            config=config, crops=((64, 64),), resolution=64, fingerprint={}, storage=STORAGE)
+            config=config, crops=((64, 64),), resolution=64, validation_threshold=0, fingerprint={}, storage=STORAGE)
     kept_keys = set(pq.read_table(root / "embed" / "00000.parquet").to_pandas().query("drop_reason.isna()")[schema.KEY])
     decoded = {row[schema.KEY]: row for row in pq.read_table(root / "decode" / "00000.parquet").to_pylist()
                if row[schema.KEY] in kept_keys}

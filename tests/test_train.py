@@ -31,8 +31,11 @@ from safetensors.torch import load_file, save_file
 
 from pipelines import full, schema, train_phase, trained_weights
 from pipelines.config import load_config
+from pipelines.ledger import read_manifest
+from pipelines.phases import PhaseContext
 from pipelines.pre_encode import latent_shapes, semantic_input_size
 from pipelines.train import TrainConfig, WorkerArgs, file_record, train_step, verify_files
+from pipelines.tracking import Tracker
 from pipelines.train_tasks import Task, TaskSpec
 from stages.semantic import SEMANTIC_CONFIGS, SemanticCompressor
 from stages.stage_a import STAGE_A_CONFIGS, StageA
@@ -111,6 +114,33 @@ def test_each_bucket_holds_the_latents_the_encoders_compute_for_its_crop(latents
         for column in (schema.CROP_WIDTH, schema.CROP_HEIGHT):
             statistics = metadata.row_group(group).column(names.index(column)).statistics
             assert statistics.has_min_max and statistics.min == statistics.max, (group, column)
+
+
+def test_training_reads_every_train_sample_of_its_buckets_and_no_validation_sample(latents, tmp_path):
+    config = load_config("tiny", [*SMALL_DATA[1::2], *RANDOM_ENCODERS[1::2], f"work_dir={latents}"])
+    shards = sorted(read_manifest(str(latents / "pre_encode")).shards)
+    rows = [row for shard in shards for row in pq.read_table(latents / "pre_encode" / f"{shard}.parquet").to_pylist()]
+    # The rows training yields carry no key; each sample's Stage C latent is its own and names it.
+    key_of = {np.asarray(row[schema.STAGE_C_LATENT], np.float16).tobytes(): row[schema.KEY] for row in rows}
+    assert len(key_of) == len(rows)
+    validation = {row[schema.KEY] for row in rows if row[schema.SPLIT] == "validation"}
+    assert len(validation) == config.pre_encode.validation_min
+
+    tracker = Tracker(config.tracking, str(tmp_path))
+    context = PhaseContext(config=config, work_dir=str(latents), shards_url="", tracker=tracker)
+    with tracker.run("datasets") as run:
+        datasets, buckets = train_phase._datasets(context, "stage_c", shards, config.train_c, run)
+    assert set(buckets) == {"train_48x80", "train_80x48"}, buckets  # the square bucket is too small
+    read = [key_of[np.asarray(latent, np.float16).tobytes()] for dataset in datasets.values()
+            for batch in dataset.iter_batches(batch_format="numpy") for latent in batch[schema.STAGE_C_LATENT]]
+    in_buckets = {row[schema.KEY] for row in rows
+                  if f"train_{row[schema.CROP_WIDTH]}x{row[schema.CROP_HEIGHT]}" in buckets}
+    assert len(read) == len(set(read)) and set(read) == in_buckets - validation
+    assert in_buckets & validation, "no validation sample in the buckets read: the test shows nothing"
+    # The batches per epoch count the train rows alone (2 workers, 16 samples each a step).
+    for name, batches in buckets.items():
+        assert batches == sum(f"train_{row[schema.CROP_WIDTH]}x{row[schema.CROP_HEIGHT]}" == name
+                              and row[schema.SPLIT] == "train" for row in rows) // 32, name
 
 
 @pytest.mark.slow
