@@ -67,7 +67,8 @@ from stage_oracle import REFERENCE_BLOCKS, perturb_, reference_like, use_fused_a
 
 from cluster.gpus import peak_flops  # noqa: E402
 from pipelines.flops import train_step_flops  # noqa: E402
-from pipelines.train import compile_blocks  # noqa: E402
+from pipelines.trainable import REGISTRY  # noqa: E402
+from pipelines.training.parallel import compile_blocks  # noqa: E402
 from stages.diffusion import CosineDiffusion, DiffusionConfig  # noqa: E402
 from stages.stage_b import STAGE_B_CONFIGS, StageB, StageBConfig  # noqa: E402
 from stages.stage_c import STAGE_C_CONFIGS, StageC, StageCConfig  # noqa: E402
@@ -228,7 +229,8 @@ def graphed(step_update: Callable[[], torch.Tensor], optimizer, warmup: int) -> 
     return replay
 
 
-def prepared(template: torch.nn.Module, impl: str, options: frozenset[str], device: torch.device) -> torch.nn.Module:
+def prepared(template: torch.nn.Module, stage: str, impl: str, options: frozenset[str],
+             device: torch.device) -> torch.nn.Module:
     """A fresh copy of ``template`` on ``device`` with the variant's options applied; returns the
     module the step calls (the blocks are compiled in place)."""
     model = copy.deepcopy(template).to(device).train()
@@ -239,7 +241,7 @@ def prepared(template: torch.nn.Module, impl: str, options: frozenset[str], devi
     if "compile" not in options:
         return model
     if impl == "ours":
-        return compile_blocks(model, memory_budget(options))
+        return compile_blocks(model, REGISTRY[f"stage_{stage}"].parallelism, memory_budget(options))
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
     for block in model.modules():
         if isinstance(block, REFERENCE_BLOCKS):
@@ -339,7 +341,7 @@ def measure(template: torch.nn.Module, job: dict, options: frozenset[str], batch
         torch.cuda.reset_peak_memory_stats(device)
     else:
         Path("/proc/self/clear_refs").write_text("5")  # the peak RSS starts again from the current RSS
-    trained = prepared(template, impl, options, device)
+    trained = prepared(template, stage, impl, options, device)
     cudagraph = "cudagraph" in options
     optimizer = adamw(trained, device, capturable=cudagraph)
     diffusion = CosineDiffusion(DiffusionConfig())

@@ -32,8 +32,12 @@ from safetensors.torch import load_file, save_file
 from pipelines import full, schema, train_phase, trained_weights
 from pipelines.config import load_config
 from pipelines.pre_encode import latent_shapes, semantic_input_size
-from pipelines.train import TrainConfig, WorkerArgs, file_record, train_step, verify_files
-from pipelines.train_tasks import Task, TaskSpec
+from pipelines.train import WorkerArgs
+from pipelines.trainable import build_task
+from pipelines.trainable.base import TaskSpec
+from pipelines.training.checkpoint import file_record, verify_files
+from pipelines.training.config import TrainConfig
+from pipelines.training.step import train_step
 from stages.semantic import SEMANTIC_CONFIGS, SemanticCompressor
 from stages.stage_a import STAGE_A_CONFIGS, StageA
 from stages.stage_c import STAGE_C_CONFIGS, StageC
@@ -396,7 +400,7 @@ def test_a_step_draws_its_dropout_masks_from_its_seed_alone():
     spec = TaskSpec(stage="stage_c", models="tiny", caption_dropout=0, semantic_dropout=0, semantic_noise=0,
                     text_from_tokens=False,
                     empty_caption={schema.TEXT_STAGE_C: np.zeros((1, 77, stage_c.c_cond), np.float32)})
-    task = Task(spec, torch.device("cpu"))
+    task = build_task(spec, torch.device("cpu"))
     config = TrainConfig(steps=1, global_batch_size=4, warmup_steps=0)
     generator = torch.Generator().manual_seed(0)
     batch = {schema.STAGE_C_LATENT: torch.randn(4, stage_c.c_in, 4, 4, generator=generator),
