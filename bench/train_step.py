@@ -229,8 +229,7 @@ def graphed(step_update: Callable[[], torch.Tensor], optimizer, warmup: int) -> 
     return replay
 
 
-def prepared(template: torch.nn.Module, stage: str, impl: str, options: frozenset[str],
-             device: torch.device) -> torch.nn.Module:
+def prepared(template: torch.nn.Module, impl: str, options: frozenset[str], device: torch.device) -> torch.nn.Module:
     """A fresh copy of ``template`` on ``device`` with the variant's options applied; returns the
     module the step calls (the blocks are compiled in place)."""
     model = copy.deepcopy(template).to(device).train()
@@ -241,7 +240,8 @@ def prepared(template: torch.nn.Module, stage: str, impl: str, options: frozense
     if "compile" not in options:
         return model
     if impl == "ours":
-        return compile_blocks(model, REGISTRY[f"stage_{stage}"].parallelism, memory_budget(options))
+        stage = REGISTRY["stage_c" if isinstance(model, StageC) else "stage_b"]
+        return compile_blocks(model, stage.parallelism, memory_budget(options))
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
     for block in model.modules():
         if isinstance(block, REFERENCE_BLOCKS):
@@ -341,7 +341,7 @@ def measure(template: torch.nn.Module, job: dict, options: frozenset[str], batch
         torch.cuda.reset_peak_memory_stats(device)
     else:
         Path("/proc/self/clear_refs").write_text("5")  # the peak RSS starts again from the current RSS
-    trained = prepared(template, stage, impl, options, device)
+    trained = prepared(template, impl, options, device)
     cudagraph = "cudagraph" in options
     optimizer = adamw(trained, device, capturable=cudagraph)
     diffusion = CosineDiffusion(DiffusionConfig())
