@@ -30,6 +30,7 @@ import pyarrow.fs
 import ray.data
 import ray.train
 import torch
+import torch._functorch.config
 from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 from safetensors.torch import load_file
@@ -80,9 +81,12 @@ def train_worker(args: WorkerArgs) -> None:
 @contextlib.contextmanager
 def worker_torch_settings(config: TrainConfig, device: torch.device) -> Iterator[None]:
     """The process-wide torch settings a worker trains under, put back when training ends (Ray Train
-    may run more in the same process)."""
+    may run more in the same process): its thread count, a warning filter, and what ``compile_blocks``
+    sets (patched to their own values, so leaving restores them)."""
     threads = torch.get_num_threads()
-    with warnings.catch_warnings():
+    with (warnings.catch_warnings(),
+          torch._dynamo.config.patch(recompile_limit=torch._dynamo.config.recompile_limit),
+          torch._functorch.config.patch(activation_memory_budget=torch._functorch.config.activation_memory_budget)):
         # A 1x1 conv weight's gradient under channels_last activations has the same memory layout as
         # DDP's bucket view and differs only in the strides of its size-1 dims.
         warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")

@@ -42,8 +42,8 @@ def test_each_saved_storage_counts_once_for_the_module_that_saved_it_and_paramet
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())  # hooks removed
 
 
-# compile_blocks patches these per call; torch's own patch puts them back after the test should one leak
-# (pytest's monkeypatch would delete them from torch's config modules, which then raise on every later read).
+# compile_blocks sets these process-wide; torch's own patch puts them back after the test (pytest's
+# monkeypatch would delete them from torch's config modules, which then raise on every later read).
 @torch._functorch.config.patch(activation_memory_budget=1.0)
 @torch._dynamo.config.patch(recompile_limit=torch._dynamo.config.recompile_limit)
 def test_a_lower_activation_memory_budget_saves_less_for_backward_and_changes_no_gradient():

@@ -20,10 +20,11 @@ from pipelines.phases import PHASES
 from pipelines.trainable import REGISTRY, stage_of_phase, training_phases
 from pipelines.trainable.base import Parallelism, Task, TaskSpec, TrainableStage
 from pipelines.tracking import Tracker, TrackingConfig
-from pipelines.train import WorkerArgs, exported_state, trainer
+from pipelines.train import WorkerArgs, exported_state, trainer, worker_torch_settings
 from pipelines.training.checkpoint import read_checkpoint_weights
 from pipelines.training.config import TrainConfig
 from pipelines.training.data import TRAIN_DATASET
+from pipelines.training.parallel import compile_blocks
 
 TOY_X, TOY_Y = "toy_x", "toy_y"
 
@@ -114,3 +115,20 @@ def test_a_registered_stage_trains_through_the_real_loop(tmp_path, local_ray, mo
     assert "samples/step_0000012.png" in [a.path for a in client.list_artifacts(run.run_id, "samples")]
     exported = exported_state(TOY, spec, ema)
     assert set(exported) == {"weight", "bias"} and exported["weight"].shape == (1, 8)
+
+
+def test_the_torch_settings_of_a_worker_and_of_its_compiled_model_are_put_back():
+    threads = torch.get_num_threads()
+    limit, budget = torch._dynamo.config.recompile_limit, torch._functorch.config.activation_memory_budget
+    config = TrainConfig(steps=1, global_batch_size=1, cpus_per_worker=threads + 1, compile=True,
+                         activation_memory_budget=(0.5,))
+    with worker_torch_settings(config, torch.device("cpu")):
+        compile_blocks(ToyRegression(), TOY.parallelism, (0.5,))  # compiled whole: the toy has no compiled blocks
+        compile_blocks(REGISTRY["stage_c"].build_model(TaskSpec(
+            stage="stage_c", models="tiny", caption_dropout=0.0, semantic_dropout=0.0, semantic_noise=0.0,
+            text_from_tokens=True)), REGISTRY["stage_c"].parallelism)
+        assert torch.get_num_threads() == threads + 1
+        assert torch._functorch.config.activation_memory_budget == 0.5
+        assert torch._dynamo.config.recompile_limit == max(limit, 256)
+    assert torch.get_num_threads() == threads
+    assert (torch._dynamo.config.recompile_limit, torch._functorch.config.activation_memory_budget) == (limit, budget)

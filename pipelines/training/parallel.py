@@ -18,12 +18,6 @@ from torch.distributed.fsdp import fully_shard
 from pipelines.trainable.base import Parallelism
 from pipelines.training.config import TrainConfig
 
-# Every block runs through one compiled function, so each (block shape, budget, batch shape) counts
-# against one recompile limit: the v2 Stage B has 14 block shapes, and each of up to 9 aspect-ratio
-# buckets compiles them again, far past the default of 8.
-BLOCK_RECOMPILE_LIMIT = 256
-
-
 def data_parallel(model: nn.Module, parallelism: Parallelism, config: TrainConfig, device: torch.device) -> nn.Module:
     """``model`` on ``device``, replicated over the workers (DDP) or sharded (FSDP)."""
     if config.strategy == "fsdp":
@@ -50,9 +44,9 @@ def compile_blocks(model: nn.Module, parallelism: Parallelism, memory_budget: tu
     ``backend``: inductor to train; bench/peak_memory.py runs the same partitioned graphs op by op
     (``aot_eager_decomp_partition``), which fake tensors can go through.
 
-    The budget and the recompile limit are torch settings that the partitioner and dynamo read when
-    a graph compiles, which is inside a call (the first one and every recompile): each call patches
-    them for its own duration, so nothing is left set for the rest of the process.
+    Sets torch settings process-wide (dynamo's recompile limit; the budget of a model compiled whole):
+    they are read whenever a graph compiles, long after this returns. The training loop runs inside
+    ``worker_torch_settings`` (pipelines/train.py), which puts them back.
 
     Compiled whole, a checkpointed v2 Stage B kept far more alive in backward than eager
     checkpointing (25.6 against 17.6 GiB on an H200, docs/benchmarks.md): per block, inductor's
@@ -62,13 +56,17 @@ def compile_blocks(model: nn.Module, parallelism: Parallelism, memory_budget: tu
     blocks = _blocks_with_budgets(unwrapped(model), parallelism, memory_budget)
     if not blocks:
         (budget,) = memory_budget
-        compiled = torch.compile(model, backend=backend, dynamic=False)
-        compiled.forward = functools.partial(_call_within_budget, compiled.forward, budget)
-        return compiled
+        torch._functorch.config.activation_memory_budget = budget
+        return torch.compile(model, backend=backend, dynamic=False)
+    # Every block runs through one compiled function, so each (block shape, budget, batch shape)
+    # counts against one recompile limit: the v2 Stage B has 14 block shapes, and each of up to 9
+    # aspect-ratio buckets compiles them again, far past the default of 8. Set once, not patched per
+    # call like the budget: a patch of dynamo's config costs several times one of functorch's.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
     compiled = torch.compile(_block_forward, backend=backend, dynamic=False)
     for block, budget in blocks:
         # Forward hooks (FSDP's gathers) stay eager around it, as with torchtitan's per-block compile.
-        block.forward = functools.partial(_call_block_within_budget, compiled, block, budget)
+        block.forward = functools.partial(_call_within_budget, compiled, block, budget)
     return model
 
 
@@ -87,21 +85,12 @@ def _blocks_with_budgets(model: nn.Module, parallelism: Parallelism,
             for module in group for block in module.modules() if isinstance(block, parallelism.compiled_blocks)]
 
 
-def _call_within_budget(compiled: Callable[..., Any], budget: float, *args: Any, **kwargs: Any) -> Any:
-    """A model compiled whole, partitioned under ``budget`` when it compiles (inside this call)."""
-    with torch._functorch.config.patch(activation_memory_budget=budget):
-        return compiled(*args, **kwargs)
-
-
-def _call_block_within_budget(compiled: Callable[..., Any], block: nn.Module, budget: float, *args: Any,
-                              **kwargs: Any) -> Any:
+def _call_within_budget(compiled: Callable[..., Any], block: nn.Module, budget: float, *args: Any, **kwargs: Any) -> Any:
     """``block``'s compiled forward, partitioned under ``budget`` when it compiles, which happens
-    inside this call (at the first one and at every recompile). The setting patched per call, not
-    torch's ``region_activation_memory_budget``: that came after torch 2.11, which the lent GPU
-    machines run."""
-    limit = max(torch._dynamo.config.recompile_limit, BLOCK_RECOMPILE_LIMIT)
-    with (torch._functorch.config.patch(activation_memory_budget=budget),
-          torch._dynamo.config.patch(recompile_limit=limit)):
+    inside this call (at the first one and at every recompile). The process-wide setting, patched
+    per call, not torch's ``region_activation_memory_budget``: that came after torch 2.11, which the
+    lent GPU machines run."""
+    with torch._functorch.config.patch(activation_memory_budget=budget):
         return compiled(block, budget, *args, **kwargs)
 
 
