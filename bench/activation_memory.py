@@ -36,7 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from bench.train_step import SETUPS, build, inputs, label, memory_budget, parse_variants  # noqa: E402
-from pipelines.train import compile_blocks  # noqa: E402
+from pipelines.trainable import REGISTRY  # noqa: E402
+from pipelines.training.parallel import compile_blocks  # noqa: E402
 from stages.diffusion import CosineDiffusion, DiffusionConfig  # noqa: E402
 
 STATIC_BYTES_PER_PARAM = 16  # fp32 weight, fp32 gradient, AdamW exp_avg and exp_avg_sq
@@ -97,7 +98,7 @@ def measure(stage: str, impl: str, options: frozenset[str], config_name: str, bf
     config = dataclasses.replace(factory(), checkpointing="checkpointing" in options)  # the reference ignores it
     model = build(stage, impl, config).train()
     if "compile" in options:
-        compile_blocks(model, memory_budget(options))
+        compile_blocks(model, REGISTRY[f"stage_{stage}"].parallelism, memory_budget(options))
     diffusion = CosineDiffusion(DiffusionConfig())
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
     passes = {}

@@ -33,7 +33,8 @@ from pipelines import schema, shard_phase, train_phase  # noqa: E402
 from pipelines.config import load_config  # noqa: E402
 from pipelines.ledger import ShardCounts  # noqa: E402
 from pipelines.pre_encode import latent_shapes, output_schema  # noqa: E402
-from pipelines.train_tasks import TaskSpec, input_columns  # noqa: E402
+from pipelines.trainable import REGISTRY  # noqa: E402
+from pipelines.trainable.base import TaskSpec  # noqa: E402
 from stages.text import MAX_LENGTH  # noqa: E402
 
 
@@ -108,7 +109,7 @@ def main() -> None:
         try:
             stage_b = TaskSpec(stage="stage_b", models="v2", caption_dropout=0.0, semantic_dropout=0.0,
                                semantic_noise=0.0, text_from_tokens=True)
-            columns = [*input_columns(stage_b), schema.CAPTION]
+            columns = [*REGISTRY["stage_b"].columns(stage_b), schema.CAPTION]
             everything = train_phase.bucketed_source([path], Importable(str(log)), columns)
             rows, whole = read_bytes(log, everything)
             print(f"whole shard: {rows} rows, {whole / 2**20:.1f} MiB read ({whole / size:.2f} of the file)")

@@ -26,7 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from pipelines.train import compile_blocks  # noqa: E402
+from pipelines.trainable.stage_b import STAGE_B  # noqa: E402
+from pipelines.training.parallel import compile_blocks  # noqa: E402
 from stages.diffusion import CosineDiffusion, DiffusionConfig  # noqa: E402
 from stages.stage_b import STAGE_B_CONFIGS, StageB  # noqa: E402
 
@@ -45,9 +46,9 @@ def measure(variant: str, device: str, steps: int) -> dict:
     torch.manual_seed(0)
     model = StageB(narrow_v2()).to(device).train()
     if variant == "per-block":
-        forward = compile_blocks(model)
+        forward = compile_blocks(model, STAGE_B.parallelism)
     elif variant == "per-block+budget":
-        forward = compile_blocks(model, (0.3, 0.4, 0.6, 0.5))
+        forward = compile_blocks(model, STAGE_B.parallelism, (0.3, 0.4, 0.6, 0.5))
     elif variant == "whole":
         forward = torch.compile(model, dynamic=False)
     else:

@@ -58,7 +58,8 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 from bench.train_step import SETUPS, build, inputs, label, memory_budget, parse_variants  # noqa: E402
 from pipelines.flops import FLOP_FORMULAS  # noqa: E402
-from pipelines.train import compile_blocks  # noqa: E402
+from pipelines.trainable import REGISTRY  # noqa: E402
+from pipelines.training.parallel import compile_blocks  # noqa: E402
 from stages.diffusion import CosineDiffusion, DiffusionConfig  # noqa: E402
 
 CUDA_BLOCK_BYTES = 512  # the caching allocator's smallest block: every allocation is a multiple of it
@@ -169,7 +170,8 @@ def predict(stage: str, impl: str, options: frozenset[str], config_name: str, ba
         config = dataclasses.replace(factory(), checkpointing="checkpointing" in options)  # the reference ignores it
         model = tracker.model = build(stage, impl, config).train()
         if "compile" in options:
-            compile_blocks(model, memory_budget(options), backend="aot_eager_decomp_partition")
+            compile_blocks(model, REGISTRY[f"stage_{stage}"].parallelism, memory_budget(options),
+                           backend="aot_eager_decomp_partition")
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)  # as on CUDA (bench/train_step.py)
         diffusion = CosineDiffusion(DiffusionConfig())
         x0, cond = inputs(stage, config, batch, side, torch.Generator().manual_seed(1))

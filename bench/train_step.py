@@ -67,7 +67,8 @@ from stage_oracle import REFERENCE_BLOCKS, perturb_, reference_like, use_fused_a
 
 from cluster.gpus import peak_flops  # noqa: E402
 from pipelines.flops import train_step_flops  # noqa: E402
-from pipelines.train import compile_blocks  # noqa: E402
+from pipelines.trainable import REGISTRY  # noqa: E402
+from pipelines.training.parallel import compile_blocks  # noqa: E402
 from stages.diffusion import CosineDiffusion, DiffusionConfig  # noqa: E402
 from stages.stage_b import STAGE_B_CONFIGS, StageB, StageBConfig  # noqa: E402
 from stages.stage_c import STAGE_C_CONFIGS, StageC, StageCConfig  # noqa: E402
@@ -239,7 +240,8 @@ def prepared(template: torch.nn.Module, impl: str, options: frozenset[str], devi
     if "compile" not in options:
         return model
     if impl == "ours":
-        return compile_blocks(model, memory_budget(options))
+        stage = REGISTRY["stage_c" if isinstance(model, StageC) else "stage_b"]
+        return compile_blocks(model, stage.parallelism, memory_budget(options))
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
     for block in model.modules():
         if isinstance(block, REFERENCE_BLOCKS):

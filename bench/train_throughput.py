@@ -37,16 +37,12 @@ from mlflow.tracking import MlflowClient  # noqa: E402
 from pipelines import schema  # noqa: E402
 from pipelines.pre_encode import PreEncodeConfig, output_schema  # noqa: E402
 from pipelines.runtime import RayConfig, init_ray  # noqa: E402
-from pipelines.train import (  # noqa: E402
-    TRAIN_DATASET,
-    TrainConfig,
-    WorkerArgs,
-    build_optimizer,
-    train_step,
-    trainer,
-    update_ema,
-)
-from pipelines.train_tasks import Task, TaskSpec, build_model, input_columns  # noqa: E402
+from pipelines.train import WorkerArgs, trainer  # noqa: E402
+from pipelines.trainable import REGISTRY, build_model, build_task  # noqa: E402
+from pipelines.trainable.base import TaskSpec  # noqa: E402
+from pipelines.training.config import TrainConfig  # noqa: E402
+from pipelines.training.data import TRAIN_DATASET  # noqa: E402
+from pipelines.training.step import build_optimizer, train_step, update_ema  # noqa: E402
 
 RESOLUTION = {"tiny": 64, "v2": 512}
 
@@ -56,7 +52,7 @@ def synthetic_columns(spec: TaskSpec, samples: int, resolution: int) -> dict[str
     fields = output_schema(PreEncodeConfig(models=spec.models), ((resolution, resolution),), resolution)
     rng = np.random.default_rng(0)
     columns = {}
-    for name in input_columns(spec):
+    for name in REGISTRY[spec.stage].columns(spec):
         tensor_type: pa.FixedShapeTensorType = fields.field(name).type
         dtype = tensor_type.value_type.to_pandas_dtype()
         shape = (samples, *tensor_type.shape)
@@ -70,7 +66,7 @@ def bare_loop(spec: TaskSpec, config: TrainConfig, columns: dict[str, np.ndarray
     """Samples/s of the same steps over batches already on the device."""
     torch.manual_seed(config.seed)
     model = build_model(spec).to(device)
-    task = Task(spec, device)
+    task = build_task(spec, device)
     optimizer = build_optimizer(model, config, device)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     ema = [p.detach().clone() for p in model.parameters()]
@@ -96,8 +92,8 @@ def ray_train_run(spec: TaskSpec, config: TrainConfig, columns: dict[str, np.nda
     run_id = client.create_run(client.create_experiment("train-throughput")).info.run_id
     dataset = ray.data.from_items([{name: values[i] for name, values in columns.items()}
                                    for i in range(len(next(iter(columns.values()))))]).materialize()
-    args = WorkerArgs(train=config, task=spec, budget=None, tracking_uri=client.tracking_uri, run_id=run_id,
-                      init_weights_path="")
+    args = WorkerArgs(train=config, stage=REGISTRY[spec.stage], task=spec, budget=None, used_before=0.0,
+                      tracking_uri=client.tracking_uri, run_id=run_id, init_weights_path="")
     trainer(name="throughput", args=args, datasets={TRAIN_DATASET: dataset}, storage_path=str(folder / "ray"),
             storage_filesystem=None).fit()
     history = {name: [m.value for m in sorted(client.get_metric_history(run_id, name), key=lambda m: m.step)]

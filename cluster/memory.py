@@ -24,9 +24,9 @@ import math
 import torch
 
 from pipelines.pre_encode import latent_shapes
-from pipelines.train import TrainConfig
-from pipelines.train_phase import config_section
-from pipelines.train_tasks import TaskSpec, build_model
+from pipelines.trainable import REGISTRY, build_model
+from pipelines.trainable.base import TaskSpec
+from pipelines.training.config import TrainConfig
 from stages.text import TEXT_CONFIGS, TextEncoder
 
 GIB = 2**30
@@ -39,8 +39,6 @@ TEXT_TOWER_BYTES_PER_PARAMETER = 4  # with pre_encode.text=tokens the frozen tow
 # GPU sizes a plan can point to when a step does not fit, with an AWS node type that has them.
 GPU_SIZES_GIB = ((40, "A100 40 GB: p4d.24xlarge"), (80, "A100 80 GB: p4de.24xlarge"),
                  (140, "H200 141 GB: p5en.48xlarge"))
-# The latent each stage trains on (pipelines/pre_encode.py's latent_shapes).
-STAGE_LATENT = {"stage_b": "stage_b_latent", "stage_c": "stage_c_latent"}
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -153,7 +151,7 @@ def step_memory(stage: str, models: str, train: TrainConfig, latent: tuple[int, 
 def training_latent(config, stage: str) -> tuple[int, int]:
     """The largest (height, width) latent a stage trains on: with aspect-ratio buckets, the largest
     bucket's (a step holds one bucket, and the largest one sets the peak)."""
-    shapes = [latent_shapes(config.pre_encode, crop, config.decode.resolution)[STAGE_LATENT[stage]]
+    shapes = [latent_shapes(config.pre_encode, crop, config.decode.resolution)[REGISTRY[stage].latent_column]
               for crop in config.decode.crop_sizes()]
     return max((tuple(shape[1:]) for shape in shapes), key=math.prod)
 
@@ -190,9 +188,9 @@ def what_fits(stage: str, models: str, section: str, train: TrainConfig, latent:
 def phase_memory(config, stage: str) -> StepMemory | None:
     """The predicted peak of a training phase's step as ``config`` runs it; None where the stage or
     its setting has no calibration."""
-    if stage not in STAGE_LATENT:
+    if not REGISTRY[stage].latent_column:
         return None
-    section = config_section(stage)
+    section = REGISTRY[stage].config_section
     return step_memory(stage, config.pre_encode.models, getattr(config, section),
                        training_latent(config, stage), text_from_tokens=config.pre_encode.text == "tokens")
 
@@ -203,7 +201,7 @@ def does_not_fit(config, phase: str, stage: str, gpu_gib: float) -> str | None:
     memory = phase_memory(config, stage)
     if memory is None or memory.fits(gpu_gib):
         return None
-    section = config_section(stage)
+    section = REGISTRY[stage].config_section
     height, width = memory.latent
     changes = what_fits(stage, config.pre_encode.models, section, getattr(config, section), memory.latent, gpu_gib,
                         text_from_tokens=config.pre_encode.text == "tokens")

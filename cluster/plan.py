@@ -37,8 +37,9 @@ from pipelines import pre_encode
 from pipelines.embed import embedding_width
 from pipelines.config import RUNS, RunConfig, load_config
 from pipelines.phases import PHASES
-from pipelines.train_phase import PHASE_STAGES, config_section, training_needed
-from pipelines.train_tasks import TaskSpec, input_columns
+from pipelines.train_phase import training_needed
+from pipelines.trainable import REGISTRY, training_phases
+from pipelines.trainable.base import TaskSpec
 
 MEASURED_FILE = Path(__file__).resolve().parents[1] / "bench" / "measured.toml"
 CLUSTER_FILE = Path(__file__).resolve().parents[1] / "ray_cluster.yaml"
@@ -190,10 +191,10 @@ def phase_requests(config: RunConfig, phases: list[str]) -> list[PhaseRequest]:
             requests.append(PhaseRequest(phase, f"{section}.resources", r.num_cpus, r.num_gpus, r.max_actors,
                                          f"{r.min_actors}-{r.max_actors} actors x ({r.num_cpus:g} CPU, {r.num_gpus:g} GPU), "
                                          f"{r.batch_size} rows per call"))
-        elif phase in PHASE_STAGES:
-            if not training_needed(config, PHASE_STAGES[phase]):
+        elif phase in training_phases():
+            if not training_needed(config, training_phases()[phase].name):
                 continue
-            section = config_section(PHASE_STAGES[phase])
+            section = training_phases()[phase].config_section
             t = getattr(config, section)
             requests.append(PhaseRequest(phase, section, t.cpus_per_worker, t.gpus_per_worker, t.workers,
                                          f"{t.workers} Ray Train workers x ({t.cpus_per_worker:g} CPU, "
@@ -222,12 +223,12 @@ def training_bytes_per_sample(config: RunConfig, stage: str) -> int:
     spec = TaskSpec(stage=stage, models=config.pre_encode.models, caption_dropout=0.0, semantic_dropout=0.0,
                     semantic_noise=0.0, text_from_tokens=config.pre_encode.text == "tokens")
     return sum(int(np.prod(fields.field(name).type.shape)) * fields.field(name).type.value_type.bit_width // 8
-               for name in input_columns(spec))
+               for name in REGISTRY[stage].columns(spec))
 
 
 def checkpoint_bytes(config: RunConfig, stage: str) -> int:
     """The checkpoints a training run keeps: fp32 weights, AdamW's two moments and the EMA's copy."""
-    train = getattr(config, config_section(stage))
+    train = getattr(config, REGISTRY[stage].config_section)
     per_parameter = SHARDED_BYTES_PER_PARAMETER + (4 if train.ema_beta > 0 else 0)
     return train.keep_checkpoints * per_parameter * memory.parameter_count(stage, config.pre_encode.models)
 
@@ -243,7 +244,7 @@ def _text_tower_seconds(phase: str, towers: dict | None) -> float | None:
 def _text_setting_runs(phase: str, config: RunConfig) -> str | None:
     """Whether a phase runs the text towers ("hidden_states" at pre-encode; "tokens" in Stage B and C's
     steps) under the config; None for the phases that never do."""
-    if phase == "pre_encode" or PHASE_STAGES.get(phase) in ("stage_b", "stage_c"):
+    if phase == "pre_encode" or (phase in training_phases() and training_phases()[phase].text_column):
         return config.pre_encode.text
     return None
 
@@ -264,8 +265,8 @@ def plan(config: RunConfig, phases: list[str], assumptions: Assumptions, measure
             samples, budget = into[request.phase], None
             stored = kept[request.phase] * row_bytes[request.phase]
             read = samples * sum(row_bytes[earlier] for earlier in reads.get(request.phase, ()))
-        elif request.phase in PHASE_STAGES:
-            stage = PHASE_STAGES[request.phase]
+        elif request.phase in training_phases():
+            stage = training_phases()[request.phase].name
             train = getattr(config, request.setting)
             samples, budget = train.steps * train.global_batch_size, train.budget_gpu_hours
             stored, read = checkpoint_bytes(config, stage), samples * training_bytes_per_sample(config, stage)
@@ -284,10 +285,10 @@ def plan(config: RunConfig, phases: list[str], assumptions: Assumptions, measure
             if units > 1:
                 rate *= assumptions.scaling_efficiency
             source = figure["source"] + note
-            if request.phase in PHASE_STAGES:
+            if request.phase in training_phases():
                 source += _setting_note(figure, request.setting, getattr(config, request.setting))
-        training_on_gpu = request.phase in PHASE_STAGES and on_gpu
-        step = memory.phase_memory(config, PHASE_STAGES[request.phase]) if training_on_gpu else None
+        training_on_gpu = request.phase in training_phases() and on_gpu
+        step = memory.phase_memory(config, training_phases()[request.phase].name) if training_on_gpu else None
         rows.append(PhasePlan(phase=request.phase, unit="gpu" if on_gpu else "cpu", units=units, samples=samples,
                               samples_per_second_per_unit=rate, budget=budget, source=source, memory=step,
                               stored_bytes=stored, read_bytes=read))
@@ -326,13 +327,14 @@ def _setting_note(figure: dict, section: str, train) -> str:
 def memory_problems(config: RunConfig, phases: list[str], gpu_gib: float) -> list[str]:
     """One line per training phase on GPUs whose step does not fit GPUs of ``gpu_gib``: its
     predicted peak and the settings that would fit."""
-    problems = [memory.does_not_fit(config, phase, PHASE_STAGES[phase], gpu_gib) for phase in phases
-                if phase in PHASE_STAGES and getattr(config, config_section(PHASE_STAGES[phase])).gpus_per_worker > 0]
+    stages = training_phases()
+    problems = [memory.does_not_fit(config, phase, stages[phase].name, gpu_gib) for phase in phases
+                if phase in stages and getattr(config, stages[phase].config_section).gpus_per_worker > 0]
     return [f"DOES NOT FIT: {problem}" for problem in problems if problem is not None]
 
 
 def _peak(row: PhasePlan, gpu_gib: float | None) -> str:
-    if row.phase not in PHASE_STAGES or row.unit != "gpu":
+    if row.phase not in training_phases() or row.unit != "gpu":
         return "-"
     if row.memory is None:
         return "not modelled"
@@ -413,7 +415,7 @@ def format_plan(rows: list[PhasePlan], assumptions: Assumptions, config: RunConf
                    f"by pixel count where the figure names a resolution; {assumptions.scaling_efficiency:.0%} scaling "
                    "efficiency above one unit (assumed).")]
     lines += [f"  {row.phase}: {row.source}" for row in rows]
-    if any(row.phase in PHASE_STAGES and row.unit == "gpu" for row in rows):
+    if any(row.phase in training_phases() and row.unit == "gpu" for row in rows):
         against = ("" if assumptions.gpu_memory_gib is None else
                    f", against {memory.HEADROOM:.0%} of {assumptions.gpu_memory_gib:g} GiB per GPU")
         lines.append(f"Peak per GPU: one training step's, predicted by cluster.memory (docs/memory.md){against}.")
@@ -482,7 +484,7 @@ def training_gpu_memory(config: RunConfig, phases: list[str], path: Path = CLUST
     smallest where they land on several); none when none of them runs on a GPU node that gives it."""
     types, memories = worker_node_types(path), gpu_memory_gib(path)
     found = [memories[node] for request in phase_requests(config, phases)
-             if request.phase in PHASE_STAGES and request.gpus > 0
+             if request.phase in training_phases() and request.gpus > 0
              and (node := node_type_for(request.cpus, request.gpus, types)) in memories]
     return min(found, default=None)
 
@@ -510,7 +512,7 @@ def check_local_gpus(config: RunConfig, phases: list[str], gpus_here: int) -> No
     forever, so it is refused before anything starts, naming the setting to change."""
     for request in phase_requests(config, phases):
         if request.gpus > gpus_here:
-            field = "gpus_per_worker" if request.phase in PHASE_STAGES else "num_gpus"
+            field = "gpus_per_worker" if request.phase in training_phases() else "num_gpus"
             raise ValueError(
                 f"{request.phase} asks for {request.gpus:g} GPU(s) per {'worker' if field == 'gpus_per_worker' else 'actor'} "
                 f"({request.setting}.{field}) but this machine has {gpus_here} and Ray runs locally: set "

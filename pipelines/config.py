@@ -21,8 +21,8 @@ from pipelines.pre_encode import PreEncodeConfig
 from pipelines.runtime import RayConfig
 from pipelines.storage import StorageConfig
 from pipelines.tracking import TrackingConfig
-from pipelines.train import TrainConfig
-from pipelines.train_tasks import StageALosses
+from pipelines.trainable.base import StageALosses
+from pipelines.training.config import TrainConfig
 from stages.stage_a_losses import VGG16_WEIGHTS_URL
 from stages.stage_b import STAGE_B_CONFIGS
 

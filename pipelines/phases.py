@@ -19,7 +19,8 @@ from pipelines.reports import histograms, image_grid
 from pipelines.schema import DropReason
 from pipelines.storage import filesystem
 from pipelines.tracking import ATTEMPT_GPU_HOURS, OUTPUT_TAG, RUN_GPU_HOURS, TrackedRun, Tracker
-from pipelines.train_phase import PHASE_STAGES, BudgetStop, run_training, weights_url
+from pipelines.train_phase import BudgetStop, run_training, weights_url
+from pipelines.trainable import REGISTRY
 
 SKIPPED = "skipped: output already complete"
 _GRID_SIZE = 16
@@ -189,11 +190,8 @@ PHASES: dict[str, Callable[[PhaseContext, TrackedRun], str]] = {
     metadata_filter.PHASE: run_metadata_filter,
     decode.PHASE: run_decode,
     embed.PHASE: run_embed,
-    "train_stage_a": _training("train_stage_a"),
-    "train_semantic": _training("train_semantic"),
+    **{stage.phase: _training(stage.phase) for stage in REGISTRY.values() if stage.source_phase == decode.PHASE},
     pre_encode.PHASE: run_pre_encode,
-    "train_stage_b": _training("train_stage_b"),
-    "train_stage_c": _training("train_stage_c"),
+    **{stage.phase: _training(stage.phase) for stage in REGISTRY.values() if stage.source_phase == pre_encode.PHASE},
     generate_phase.PHASE: run_generate,
 }
-assert set(PHASE_STAGES) <= set(PHASES)

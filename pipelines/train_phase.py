@@ -25,17 +25,15 @@ from pipelines import decode, pre_encode, schema, shard_phase, trained_weights
 from pipelines.overrides import to_flat_dict
 from pipelines.storage import StorageConfig, filesystem, local_copy
 from pipelines.tracking import ATTEMPT_GPU_HOURS, CHECKPOINTS_TAG, RUN_GPU_HOURS
-from pipelines.train import TRAIN_DATASET, TrainConfig, WorkerArgs, exported_state, read_checkpoint_weights, trainer
-from pipelines.train_tasks import TaskSpec, decode_images, input_columns
+from pipelines.train import WorkerArgs, exported_state, trainer
+from pipelines.trainable import REGISTRY, stage_of_phase
+from pipelines.trainable.base import TaskSpec, TrainableStage, decode_images
+from pipelines.training.checkpoint import read_checkpoint_weights
+from pipelines.training.config import TrainConfig
+from pipelines.training.data import TRAIN_DATASET
 from cluster.budget import run_budget
-from stages.stage_b import STAGE_B_CONFIGS
 
 TRAINED = "trained"  # a pre_encode.*_weights value: the output of this run's own training phase
-PHASE_STAGES = {"train_stage_a": "stage_a", "train_semantic": "semantic", "train_stage_b": "stage_b",
-                "train_stage_c": "stage_c"}
-_TRAINING_PHASE = {stage: phase for phase, stage in PHASE_STAGES.items()}
-# The encoders a run may train itself: the pre_encode setting that names their weights.
-_ENCODER_WEIGHTS = {"stage_a": "stage_a_weights", "semantic": "semantic_weights"}
 _SAMPLE_ROWS = 8
 _CROP_COLUMNS = [schema.CROP_WIDTH, schema.CROP_HEIGHT]  # the bucket of a row of bucketed latent shards
 
@@ -44,34 +42,30 @@ class BudgetStop(Exception):
     """A training run stopped at its GPU-hour budget; the pipeline ends here, cleanly."""
 
 
-def config_section(stage: str) -> str:
-    """The RunConfig field of a stage's training settings."""
-    return {"stage_a": "train_a", "semantic": "train_semantic", "stage_b": "train_b", "stage_c": "train_c"}[stage]
-
-
 def training_needed(config, stage: str) -> bool:
-    """Stage B and Stage C always train; Stage A and the semantic compressor only when their
-    ``pre_encode.*_weights`` setting asks for this run's own weights."""
-    return stage not in _ENCODER_WEIGHTS or getattr(config.pre_encode, _ENCODER_WEIGHTS[stage]) == TRAINED
+    """A stage trains unless it is an encoder whose ``pre_encode.*_weights`` setting names weights to use
+    instead of this run's own (Stage B and Stage C always train)."""
+    setting = REGISTRY[stage].encoder_weights
+    return not setting or getattr(config.pre_encode, setting) == TRAINED
 
 
 def weights_url(context, stage: str) -> str:
     """Where a stage's weights come from: its training phase's result, or the configured path/URL."""
     if training_needed(context.config, stage):
-        return f"{context.output_url(_TRAINING_PHASE[stage])}/{trained_weights.FINAL_FILE}"
-    return getattr(context.config.pre_encode, _ENCODER_WEIGHTS[stage])
+        return f"{context.output_url(REGISTRY[stage].phase)}/{trained_weights.FINAL_FILE}"
+    return getattr(context.config.pre_encode, REGISTRY[stage].encoder_weights)
 
 
 def run_training(context, run, phase: str) -> str:
     """Runs (or resumes, or skips) one stage's training; returns the console summary."""
-    stage = PHASE_STAGES[phase]
-    section = config_section(stage)
+    stage = stage_of_phase(phase)
+    section = stage.config_section
     config: TrainConfig = getattr(context.config, section)
     storage = context.config.storage
-    if not training_needed(context.config, stage):
+    if not training_needed(context.config, stage.name):
         run.set_tags({"phase.outcome": "not needed"})
-        return f"not needed: pre_encode.{_ENCODER_WEIGHTS[stage]} names the weights to use"
-    source_phase = decode.PHASE if stage in ("stage_a", "semantic") else pre_encode.PHASE
+        return f"not needed: pre_encode.{stage.encoder_weights} names the weights to use"
+    source_phase = stage.source_phase
     source = context.finished(source_phase)
     # Workers get equal rows and drop their last partial batch: a set smaller than one global
     # batch would give epochs without a step.
@@ -97,7 +91,7 @@ def run_training(context, run, phase: str) -> str:
     datasets, buckets = _datasets(context, stage, sorted(source.shards), config, run)
     spec = _task_spec(context, stage, config, datasets[max(buckets, key=buckets.get) if buckets else TRAIN_DATASET])
     init_weights = local_copy(config.init_weights, storage) if config.init_weights else ""
-    args = WorkerArgs(train=config, task=spec, budget=budget.limit, used_before=run_used,
+    args = WorkerArgs(train=config, stage=stage, task=spec, budget=budget.limit, used_before=run_used,
                       tracking_uri=context.tracker.uri, run_id=run.run_id, init_weights_path=init_weights,
                       buckets=buckets, ray_log_level=context.config.ray.log_level)
     # The tag makes this phase run an attempt of the training run; the experiment counts it once.
@@ -116,9 +110,9 @@ def run_training(context, run, phase: str) -> str:
         run.set_tags({"phase.outcome": "stopped", "stop_reason": state.stop_reason})
         raise BudgetStop(f"{phase} stopped at step {state.step} of {config.steps}: {state.stop_reason}. The checkpoint "
                          f"is kept; raise {budget.setting} and run again to continue")
-    data = trained_weights.write(final_url, exported_state(spec, ema), fingerprint, storage)
+    data = trained_weights.write(final_url, exported_state(stage, spec, ema), fingerprint, storage)
     with tempfile.TemporaryDirectory() as folder:
-        local = Path(folder) / f"{stage}.safetensors"
+        local = Path(folder) / f"{stage.name}.safetensors"
         local.write_bytes(data)
         run.log_artifact(str(local), "weights")
     run.set_tags({"phase.outcome": "ran"})
@@ -136,26 +130,26 @@ def _ray_run_name(phase: str, fingerprint: dict) -> str:
     return f"{phase}-{hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]}"
 
 
-def _datasets(context, stage: str, shards: list[str], config: TrainConfig,
+def _datasets(context, stage: TrainableStage, shards: list[str], config: TrainConfig,
               run) -> tuple[dict[str, ray.data.Dataset], dict[str, int]]:
     """The training data: one data set, or with aspect-ratio buckets one per bucket, with the batches
     each worker takes from it per epoch (a bucket too small for one global batch is left out)."""
     storage = context.config.storage
     resolution = context.config.decode.resolution
-    phase = decode.PHASE if stage in ("stage_a", "semantic") else pre_encode.PHASE
-    fs, folder = filesystem(context.output_url(phase), storage)
+    fs, folder = filesystem(context.output_url(stage.source_phase), storage)
     files = [f"{folder}/{schema.shard_parquet(shard)}" for shard in shards]
-    if stage in ("stage_a", "semantic"):
+    if stage.source_phase == decode.PHASE:
         dataset = ray.data.read_parquet(files, filesystem=fs).select_columns(
             [schema.IMAGE, schema.CAPTION, schema.DROP_REASON])
         dataset = dataset.filter(expr=col(schema.DROP_REASON).is_null()).map_batches(
             decode_images, fn_kwargs={"resolution": resolution})
         return {TRAIN_DATASET: _in_fixed_order(dataset, config).randomize_block_order(seed=config.seed)}, {}
-    columns = [*input_columns(_spec_stub(context, stage)), schema.CAPTION]
+    assert stage.source_phase == pre_encode.PHASE, stage.source_phase
+    columns = [*stage.columns(_spec_stub(context, stage)), schema.CAPTION]
     crops = context.config.decode.crop_sizes()
     if len(crops) == 1:
-        if stage == "stage_b":
-            _check_stage_b_takes(context, crops[0])
+        if stage.check_crop is not None:
+            stage.check_crop(context.config, crops[0])
         dataset = ray.data.read_parquet(files, filesystem=fs).filter(expr=pre_encode.TRAINING_ROWS).select_columns(columns)
         return {TRAIN_DATASET: _in_fixed_order(dataset, config).randomize_block_order(seed=config.seed)}, {}
 
@@ -170,8 +164,8 @@ def _datasets(context, stage: str, shards: list[str], config: TrainConfig,
     for width, height in crops:
         batches = rows.get((width, height), 0) // config.workers // per_worker
         if batches:
-            if stage == "stage_b":
-                _check_stage_b_takes(context, (width, height))
+            if stage.check_crop is not None:
+                stage.check_crop(context.config, (width, height))
             name = f"{TRAIN_DATASET}_{width}x{height}"
             shapes = pre_encode.latent_shapes(context.config.pre_encode, (width, height), resolution)
             bucket = (in_bucket(everything, (width, height))
@@ -185,20 +179,6 @@ def _datasets(context, stage: str, shards: list[str], config: TrainConfig,
                          f"samples per bucket: {dict(sorted(rows.items()))}: lower the batch size or use fewer "
                          "decode.bucket_aspect_ratios")
     return datasets, buckets
-
-
-def _check_stage_b_takes(context, crop: tuple[int, int]) -> None:
-    """Refuses, before Ray Train starts, a crop whose Stage A latent Stage B cannot take: each worker
-    would fail on its first batch of it, and again on every restart."""
-    config = context.config
-    models = config.pre_encode.models
-    multiple = STAGE_B_CONFIGS[models]().size_multiple
-    _, height, width = pre_encode.latent_shapes(config.pre_encode, crop, config.decode.resolution)[schema.STAGE_B_LATENT]
-    if height % multiple or width % multiple:
-        pixels = multiple * crop[0] // width
-        raise ValueError(f"train_stage_b: the {crop[0]}x{crop[1]} crops have {width}x{height} Stage A latents, and the "
-                         f"{models!r} Stage B takes sides that are multiples of {multiple}: set decode.bucket_multiple "
-                         f"(or decode.resolution) to a multiple of {pixels}")
 
 
 def bucketed_source(files: list[str], fs, columns: list[str]) -> ray.data.Dataset:
@@ -222,21 +202,21 @@ def _in_fixed_order(dataset: ray.data.Dataset, config: TrainConfig) -> ray.data.
     return dataset.materialize() if config.cache_data else dataset
 
 
-def _spec_stub(context, stage: str) -> TaskSpec:
-    return TaskSpec(stage=stage, models=context.config.pre_encode.models, caption_dropout=0.0, semantic_dropout=0.0,
+def _spec_stub(context, stage: TrainableStage) -> TaskSpec:
+    return TaskSpec(stage=stage.name, models=context.config.pre_encode.models, caption_dropout=0.0, semantic_dropout=0.0,
                     semantic_noise=0.0, text_from_tokens=context.config.pre_encode.text == "tokens")
 
 
-def _task_spec(context, stage: str, config: TrainConfig, dataset: ray.data.Dataset) -> TaskSpec:
+def _task_spec(context, stage: TrainableStage, config: TrainConfig, dataset: ray.data.Dataset) -> TaskSpec:
     storage = context.config.storage
     sample = dataset.take_batch(_SAMPLE_ROWS, batch_format="numpy")
     empty: dict[str, np.ndarray] = {}
-    if stage in ("stage_b", "stage_c") and context.config.pre_encode.text == "hidden_states":
+    if stage.text_column and context.config.pre_encode.text == "hidden_states":
         fs, path = filesystem(f"{context.output_url(pre_encode.PHASE)}/{pre_encode.EMPTY_CAPTION_FILE}", storage)
         with fs.open(path, "rb") as stream:
             empty = {name: tensor.numpy() for name, tensor in load_safetensors(stream.read()).items()}
     partners = {}
-    for partner in {"stage_c": ("stage_b", "stage_a"), "stage_b": ("stage_a",)}.get(stage, ()):
+    for partner in stage.sample_partners:
         url = weights_url(context, partner)
         fs, path = filesystem(url, storage)
         if url and fs.exists(path):
@@ -253,9 +233,7 @@ def _task_spec(context, stage: str, config: TrainConfig, dataset: ray.data.Datas
         resolution=context.config.decode.resolution,
         stage_a_losses=config.stage_a_losses,
         activation_checkpointing=config.activation_checkpointing,
-        perceptual_weights_path=(local_copy(config.stage_a_losses.perceptual_weights, storage)
-                                 if stage == "stage_a" and config.stage_a_losses.perceptual_weight > 0
-                                 and config.stage_a_losses.perceptual_weights else ""),
+        perceptual_weights_path=local_copy(url, storage) if (url := stage.loss_weights(config)) else "",
     )
 
 

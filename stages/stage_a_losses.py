@@ -1,6 +1,6 @@
 """Stage A's optional training terms: a perceptual distance and a patch critic, as VQGAN trains with.
 
-Model code only; ``pipelines/train_tasks.py`` decides when they count.
+Model code only; ``pipelines/trainable/stage_a.py`` decides when they count.
 
 - ``PerceptualDistance``: a frozen network's features of both images at several depths, each
   normalised over channels, squared differences averaged per depth and summed over depths: LPIPS

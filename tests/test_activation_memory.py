@@ -14,7 +14,9 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.activation_memory import saved_for_backward  # noqa: E402
-from pipelines.train import compile_blocks  # noqa: E402
+from pipelines.trainable.stage_b import STAGE_B  # noqa: E402
+from pipelines.trainable.stage_c import STAGE_C  # noqa: E402
+from pipelines.training.parallel import compile_blocks  # noqa: E402
 from stages.stage_b import STAGE_B_CONFIGS, StageB  # noqa: E402
 from stages.stage_c import STAGE_C_CONFIGS, StageC  # noqa: E402
 
@@ -55,7 +57,7 @@ def test_a_lower_activation_memory_budget_saves_less_for_backward_and_changes_no
         if budget is not None:
             # The partitioner picks what is saved; inductor's kernels do not change it (the same
             # bytes either way) and cost half a minute more to build here.
-            compile_blocks(model, (budget,), backend="aot_eager_decomp_partition")
+            compile_blocks(model, STAGE_C.parallelism, (budget,), backend="aot_eager_decomp_partition")
         saved = saved_for_backward(model, x, r, {"c": c}, contextlib.nullcontext()).activations
         model(x, r, c).square().mean().backward()
         return saved, [parameter.grad for parameter in model.parameters()]
@@ -82,7 +84,7 @@ def test_stage_b_s_budgets_per_level_each_hold_their_level_and_change_no_gradien
         torch.manual_seed(0)
         model = StageB(STAGE_B_CONFIGS["tiny"]())
         if budgets is not None:
-            compile_blocks(model, budgets, backend="aot_eager_decomp_partition")
+            compile_blocks(model, STAGE_B.parallelism, budgets, backend="aot_eager_decomp_partition")
         saved = saved_for_backward(model, x, r, cond, contextlib.nullcontext()).activations
         model(x, r, **cond).square().mean().backward()
         with torch.compiler.set_stance("force_eager"):  # how the training loop draws samples
@@ -102,4 +104,4 @@ def test_stage_b_s_budgets_per_level_each_hold_their_level_and_change_no_gradien
         for expected, got in zip(eager_gradients, gradients):
             torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
     with pytest.raises(ValueError, match="2 shares.*one per level \\(3 here\\)"):
-        compile_blocks(StageB(STAGE_B_CONFIGS["tiny"]()), (0.5, 0.5))
+        compile_blocks(StageB(STAGE_B_CONFIGS["tiny"]()), STAGE_B.parallelism, (0.5, 0.5))

@@ -15,8 +15,12 @@ from cluster.budget import BudgetMeter
 from cluster.gpus import peak_flops
 from pipelines import schema
 from pipelines.flops import train_step_flops
-from pipelines.train import TrainConfig, TrainingState, _flops_per_sample, _log_progress, _Window
-from pipelines.train_tasks import Task, TaskSpec
+from pipelines.trainable import build_task
+from pipelines.trainable.base import TaskSpec
+from pipelines.trainable.stage_c import STAGE_C
+from pipelines.training.checkpoint import TrainingState
+from pipelines.training.config import TrainConfig
+from pipelines.training.progress import ProgressWindow, flops_per_sample, log_progress
 from stages.stage_c import STAGE_C_CONFIGS
 
 
@@ -46,10 +50,10 @@ def test_the_loop_s_count_leaves_the_generators_alone_and_leaves_out_recomputati
              schema.TEXT_STAGE_C: torch.randn(4, 77, config.c_cond, generator=generator)}
     torch.manual_seed(1)
     state = torch.get_rng_state()
-    flops = _flops_per_sample(Task(spec, torch.device("cpu")), batch, per_worker=4, step=0)
+    flops = flops_per_sample(STAGE_C, build_task(spec, torch.device("cpu")), batch, per_worker=4, step=0)
     assert torch.equal(torch.get_rng_state(), state)  # model initialisation and dropout drew nothing
-    checkpointed = Task(dataclasses.replace(spec, activation_checkpointing=True), torch.device("cpu"))
-    assert _flops_per_sample(checkpointed, batch, per_worker=4, step=0) == flops
+    checkpointed = build_task(dataclasses.replace(spec, activation_checkpointing=True), torch.device("cpu"))
+    assert flops_per_sample(STAGE_C, checkpointed, batch, per_worker=4, step=0) == flops
     assert flops > 0
 
 
@@ -67,7 +71,7 @@ def test_peak_flops_by_device_name_and_none_for_an_unknown_device(name: str, flo
 
 
 class _Recorded:
-    """The one call of a TrackedRun that _log_progress makes."""
+    """The one call of a TrackedRun that log_progress makes."""
 
     def __init__(self) -> None:
         self.metrics: dict[str, float] = {}
@@ -80,12 +84,12 @@ class _Recorded:
 def test_progress_logs_mfu_only_against_a_known_peak(peak: float | None, caplog) -> None:
     config = TrainConfig(steps=10, global_batch_size=4)
     optimizer = torch.optim.AdamW([nn.Parameter(torch.zeros(1))])
-    window = _Window()
+    window = ProgressWindow()
     for flops in (0.5e9, 1.5e9):  # two buckets' batches: 1e9 per sample on average
         window.add(loss=1.0, grad_norm=1.0, wait=0.0, total=0.5, flops_per_sample=flops)
     run = _Recorded()
     caplog.set_level(logging.INFO, logger="pipelines.train")
-    _log_progress(run, TrainingState(step=2), window, BudgetMeter(units_held=1, budget=None), config, optimizer,
+    log_progress(run, TrainingState(step=2), window, BudgetMeter(units_held=1, budget=None), config, optimizer,
                   torch.device("cpu"), peak)
     assert run.metrics["flops_per_sample"] == 1e9
     if peak is None:
@@ -98,12 +102,12 @@ def test_progress_logs_mfu_only_against_a_known_peak(peak: float | None, caplog)
 
 def test_progress_eta_goes_by_the_typical_step_not_the_run_s_slow_start(caplog) -> None:
     config = TrainConfig(steps=10, global_batch_size=4)
-    window = _Window()
+    window = ProgressWindow()
     for total in (30.0, 0.5, 0.5, 0.5):  # the first step also waited for the data pipeline's first blocks
         window.add(loss=1.0, grad_norm=1.0, wait=0.0, total=total, flops_per_sample=None)
     run = _Recorded()
     caplog.set_level(logging.INFO, logger="pipelines.train")
-    _log_progress(run, TrainingState(step=4), window, BudgetMeter(units_held=1, budget=None), config,
+    log_progress(run, TrainingState(step=4), window, BudgetMeter(units_held=1, budget=None), config,
                   torch.optim.AdamW([nn.Parameter(torch.zeros(1))]), torch.device("cpu"), None)
     assert run.metrics["eta_seconds"] == 6 * 0.5
     assert run.metrics["step_seconds"] == pytest.approx(31.5 / 4)  # samples/s stay the window's own

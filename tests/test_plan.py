@@ -12,6 +12,7 @@ from pipelines import demo_data, full
 from pipelines.config import load_config
 from pipelines.demo_data import DemoDataConfig
 from pipelines.phases import PHASES
+from pipelines.trainable import training_phases
 
 
 def _rows(overrides=(), **assumed) -> dict[str, plan.PhasePlan]:
@@ -181,7 +182,7 @@ def test_v2_training_steps_fit_the_gpus_of_ray_cluster_yaml():
     config = load_config("v2")
     assert plan.training_gpu_memory(config, list(PHASES)) == 80
     for phase in ("train_stage_b", "train_stage_c"):
-        step = memory.phase_memory(config, plan.PHASE_STAGES[phase])
+        step = memory.phase_memory(config, training_phases()[phase].name)
         assert step is not None and step.fits(80), phase
     plan.check_training_memory(config, list(PHASES))  # the dry run's check passes
 

@@ -8,8 +8,11 @@ import torch
 import torchvision
 
 from pipelines.config import load_config
-from pipelines.train import TrainConfig, train_step
-from pipelines.train_tasks import StageALosses, StageAWithCritic, Task, TaskSpec, build_model, exported
+from pipelines.trainable import build_model, build_task
+from pipelines.trainable.base import StageALosses, TaskSpec
+from pipelines.trainable.stage_a import STAGE_A, StageAWithCritic
+from pipelines.training.config import TrainConfig
+from pipelines.training.step import train_step
 from stages.stage_a import STAGE_A_CONFIGS, StageA
 from stages.stage_a_losses import (
     STAGE_A_LOSS_CONFIGS,
@@ -89,7 +92,7 @@ def test_training_with_both_terms_counts_the_critic_from_its_start_step():
     model = build_model(spec)
     assert isinstance(model, StageAWithCritic)
     with pytest.warns(UserWarning, match="random features"):
-        task = Task(spec, torch.device("cpu"))
+        task = build_task(spec, torch.device("cpu"))
     config = TrainConfig(steps=4, global_batch_size=4, warmup_steps=0, lr=1e-3)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
@@ -100,7 +103,7 @@ def test_training_with_both_terms_counts_the_critic_from_its_start_step():
         critic_gradient = sum(p.grad.abs().sum() for p in model.critic.parameters())
         # Before its start step the critic runs, weighted 0: every parameter has a (zero) gradient.
         assert (critic_gradient > 0) == (step >= 2), (step, critic_gradient)
-    exported_model = exported(spec, model)
+    exported_model = STAGE_A.export(model)
     assert isinstance(exported_model, StageA) and not any("critic" in k for k in exported_model.state_dict())
 
 

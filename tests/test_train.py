@@ -34,9 +34,13 @@ from pipelines.config import load_config
 from pipelines.ledger import read_manifest
 from pipelines.phases import PhaseContext
 from pipelines.pre_encode import latent_shapes, semantic_input_size
-from pipelines.train import TrainConfig, WorkerArgs, file_record, train_step, verify_files
 from pipelines.tracking import Tracker
-from pipelines.train_tasks import Task, TaskSpec
+from pipelines.train import WorkerArgs
+from pipelines.trainable import build_task
+from pipelines.trainable.base import TaskSpec
+from pipelines.training.checkpoint import file_record, verify_files
+from pipelines.training.config import TrainConfig
+from pipelines.training.step import train_step
 from stages.semantic import SEMANTIC_CONFIGS, SemanticCompressor
 from stages.stage_a import STAGE_A_CONFIGS, StageA
 from stages.stage_c import STAGE_C_CONFIGS, StageC
@@ -426,7 +430,7 @@ def test_a_step_draws_its_dropout_masks_from_its_seed_alone():
     spec = TaskSpec(stage="stage_c", models="tiny", caption_dropout=0, semantic_dropout=0, semantic_noise=0,
                     text_from_tokens=False,
                     empty_caption={schema.TEXT_STAGE_C: np.zeros((1, 77, stage_c.c_cond), np.float32)})
-    task = Task(spec, torch.device("cpu"))
+    task = build_task(spec, torch.device("cpu"))
     config = TrainConfig(steps=1, global_batch_size=4, warmup_steps=0)
     generator = torch.Generator().manual_seed(0)
     batch = {schema.STAGE_C_LATENT: torch.randn(4, stage_c.c_in, 4, 4, generator=generator),
