@@ -63,6 +63,7 @@ from cluster.budget import BudgetMeter
 from cluster.gpus import peak_flops
 from pipelines.flops import train_step_flops
 from pipelines.runtime import quiet_ray_below
+from pipelines.storage import local_copy
 from pipelines.train_tasks import StageALosses, Task, TaskSpec, build_model, exported, input_columns
 from pipelines.tracking import ATTEMPT_GPU_HOURS, RUN_GPU_HOURS, TrackedRun, connect
 from stages.blocks import AttnBlock, ResBlock, TimestepBlock
@@ -213,7 +214,6 @@ class WorkerArgs:
     """GPU-hours the run's earlier attempts used."""
     tracking_uri: str
     run_id: str
-    init_weights_path: str
     buckets: dict[str, int] = dataclasses.field(default_factory=dict)
     """Aspect-ratio buckets: data set name -> batches each worker takes from it per epoch. Empty: the
     one data set ``train``, read to its end."""
@@ -285,8 +285,8 @@ def train_worker(args: WorkerArgs) -> None:
         torch.set_num_threads(max(1, int(config.cpus_per_worker)))
     torch.manual_seed(config.seed)
     model = build_model(spec)
-    if args.init_weights_path:
-        model.load_state_dict(load_file(args.init_weights_path), strict=True)
+    if config.init_weights:
+        model.load_state_dict(load_file(local_copy(config.init_weights, spec.storage)), strict=True)
     task = Task(spec, device)
     if config.strategy == "fsdp":
         model = _fully_sharded(model.to(device), device)

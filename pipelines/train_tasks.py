@@ -18,8 +18,9 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps
 from torch import nn
 
-from pipelines import schema
+from pipelines import schema, trained_weights
 from pipelines.reports import image_grid, to_uint8
+from pipelines.storage import StorageConfig, local_copy
 from stages.diffusion import DIFFUSION_CONFIGS, CosineDiffusion, drop_conditioning, linear_timesteps
 from stages.generate import GENERATE_CONFIGS, Wuerstchen, generate
 from stages.semantic import SEMANTIC_CONFIGS, SemanticCompressor, from_stage_c_latents
@@ -34,7 +35,6 @@ from stages.stage_a_losses import (
 from stages.stage_b import STAGE_B_CONFIGS, StageB
 from stages.stage_c import STAGE_C_CONFIGS, StageC
 from stages.text import TEXT_CONFIGS, TextEncoder, attention_mask
-from stages.weights import load_weights
 
 STAGES = ("stage_a", "semantic", "stage_b", "stage_c")
 # The low resolution the semantic compressor learns to reconstruct when trained from scratch.
@@ -86,12 +86,13 @@ class TaskSpec:
     sample_batch: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
     """Fixed held-in samples for the grids of Stage B, Stage A and the semantic compressor."""
     partner_weights: dict[str, str] = dataclasses.field(default_factory=dict)
-    """Local weights of already trained stages, used to render samples (stage name -> path)."""
+    """Weights of already trained stages, used to render samples (stage name -> path or URL, read on
+    the worker: a copy the driver made would be on the driver's node only)."""
     resolution: int = 64
     """Side of the decoded crops, pixels."""
     stage_a_losses: StageALosses = dataclasses.field(default_factory=StageALosses)
-    perceptual_weights_path: str = ""
-    """Local copy of ``stage_a_losses.perceptual_weights``."""
+    storage: StorageConfig = dataclasses.field(default_factory=StorageConfig)
+    """Where the weights URLs above and ``TrainConfig.init_weights`` are read from."""
     activation_checkpointing: bool = False
     """Stage B and Stage C recompute each block's activations in backward."""
 
@@ -192,8 +193,8 @@ class Task:
         self.perceptual = None
         if spec.stage == "stage_a" and spec.stage_a_losses.perceptual_weight > 0:
             self.perceptual = PerceptualDistance(STAGE_A_LOSS_CONFIGS[spec.models]().perceptual)
-            if spec.perceptual_weights_path:
-                self.perceptual.load_torchvision_vgg16(spec.perceptual_weights_path)
+            if spec.stage_a_losses.perceptual_weights:
+                self.perceptual.load_torchvision_vgg16(local_copy(spec.stage_a_losses.perceptual_weights, spec.storage))
             else:
                 warnings.warn("train_a.stage_a_losses.perceptual_weights is empty: the perceptual distance "
                               "uses random features", stacklevel=2)
@@ -275,11 +276,11 @@ class Task:
             model.train()
 
     def _partner(self, stage: str) -> nn.Module | None:
-        path = self.spec.partner_weights.get(stage)
-        if path is None:
+        url = self.spec.partner_weights.get(stage)
+        if url is None:
             return None
         model = build_model(dataclasses.replace(self.spec, stage=stage))
-        return load_weights(model, path).to(self.device).eval()
+        return trained_weights.load(model, url, self.spec.storage).to(self.device).eval()
 
     def _stage_b_samples(self, model: nn.Module, step: int) -> torch.Tensor | None:
         stage_a = self._partner("stage_a")
