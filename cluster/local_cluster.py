@@ -280,7 +280,10 @@ def ray_node(folder: Path, auth: dict[str, str], *, num_cpus: float, head_addres
         command = ["unshare", "--mount", "--propagation", "private", "--", "/bin/sh", "-c", script]
     env = {**{k: v for k, v in os.environ.items() if k not in _NOT_FOR_NODES}, **auth,
            # Unbuffered: the start waits for a line it prints.
-           "RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1"}
+           "RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1",
+           # No memory monitor: each node's would count the whole machine's memory, the other nodes'
+           # included, and kill its own workers (the job's driver among them) for what others use.
+           "RAY_memory_monitor_refresh_ms": "0"}
     folder.mkdir(parents=True, exist_ok=True)
     log = folder / "ray-start.log"
     with open(log, "wb") as out:
