@@ -344,6 +344,17 @@ def submit_job(dashboard: str, auth: dict[str, str], args: list[str], *, env_var
         env={**{k: v for k, v in os.environ.items() if k not in _NOT_FOR_NODES}, **auth})
 
 
+def ray_state(dashboard: str, auth: dict[str, str], resource: str, *filters: str) -> list[dict]:
+    """``ray list RESOURCE --detail`` as dicts (dead actors included), from a client process: a
+    process's Ray reads its auth settings once, so this one's may not fit the cluster."""
+    listed = subprocess.run(
+        [str(BIN / "ray"), "list", resource, "--address", dashboard, "--detail", "--format", "json", "--limit", "10000",
+         *[option for f in filters for option in ("--filter", f)]],
+        capture_output=True, text=True, timeout=120, check=True,
+        env={**{k: v for k, v in os.environ.items() if k not in _NOT_FOR_NODES}, **auth})
+    return json.loads(listed.stdout)
+
+
 @dataclasses.dataclass(frozen=True)
 class LocalCluster:
     """A running ``local_cluster``: where to reach each shared service."""

@@ -16,7 +16,7 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from safetensors.torch import save
 
-from cluster.local_cluster import BUCKET, S3_KEY, local_cluster, submit_job
+from cluster.local_cluster import BUCKET, S3_KEY, local_cluster, ray_state, submit_job
 from pipelines import demo_data, generate_phase, pre_encode, schema, train_phase, trained_weights
 from pipelines.config import load_config
 from pipelines.decode import DECODE_REASONS
@@ -87,7 +87,7 @@ def test_training_workers_and_render_tasks_get_urls_not_the_drivers_local_copies
 
 
 @pytest.mark.slow
-def test_the_pipeline_runs_across_nodes_that_share_only_ray_s3_and_mlflow(tmp_path, monkeypatch):
+def test_the_pipeline_runs_across_nodes_that_share_only_ray_s3_and_mlflow(tmp_path):
     with local_cluster(tmp_path, worker_nodes=2, worker_cpus=WORKER_NODE_CPUS) as cluster:
         storage = StorageConfig(endpoint_url=cluster.s3_endpoint, key=S3_KEY, secret=cluster.s3_secret)
         work = f"s3://{BUCKET}/run"
@@ -106,18 +106,13 @@ def test_the_pipeline_runs_across_nodes_that_share_only_ray_s3_and_mlflow(tmp_pa
 
         # Placed by their resource requests: nothing on the head, the two workers of every training
         # run on two nodes.
-        for name, value in cluster.auth.items():
-            monkeypatch.setenv(name, value)
-        from ray.util.state import list_actors, list_nodes
-        nodes = {node.node_id: node for node in list_nodes(address=cluster.dashboard)}
-        head = [node_id for node_id, node in nodes.items() if node.is_head_node]
-        workers = list_actors(address=cluster.dashboard, filters=[("class_name", "=", "RayTrainWorker")], detail=True,
-                              limit=10_000)
+        nodes = ray_state(cluster.dashboard, cluster.auth, "nodes")
+        head = {node["node_id"] for node in nodes if node["is_head_node"]}
         groups: dict[str, set[str]] = {}
-        for actor in workers:
-            groups.setdefault(actor.placement_group_id, set()).add(actor.node_id)
+        for actor in ray_state(cluster.dashboard, cluster.auth, "actors", "class_name=RayTrainWorker"):
+            groups.setdefault(actor["placement_group_id"], set()).add(actor["node_id"])
         assert len(groups) >= len(TRAINING) and all(len(group) == 2 for group in groups.values()), groups
-        assert not set().union(*groups.values()) & set(head)
+        assert len(head) == 1 and not set().union(*groups.values()) & head, (head, groups)
 
         # The ledger is exact, as on one machine.
         client = MlflowClient(cluster.mlflow_uri)
