@@ -93,7 +93,7 @@ def ray_train_run(spec: TaskSpec, config: TrainConfig, columns: dict[str, np.nda
     dataset = ray.data.from_items([{name: values[i] for name, values in columns.items()}
                                    for i in range(len(next(iter(columns.values()))))]).materialize()
     args = WorkerArgs(train=config, stage=REGISTRY[spec.stage], task=spec, budget=None, used_before=0.0,
-                      tracking_uri=client.tracking_uri, run_id=run_id, init_weights_path="")
+                      tracking_uri=client.tracking_uri, run_id=run_id)
     trainer(name="throughput", args=args, datasets={TRAIN_DATASET: dataset}, storage_path=str(folder / "ray"),
             storage_filesystem=None).fit()
     history = {name: [m.value for m in sorted(client.get_metric_history(run_id, name), key=lambda m: m.step)]

@@ -20,7 +20,7 @@ from PIL import Image
 from pipelines import trained_weights
 from pipelines.demo_data import BACKGROUNDS, COLOURS
 from pipelines.reports import image_grid, to_uint8
-from pipelines.storage import StorageConfig, filesystem, local_copy, write_atomically
+from pipelines.storage import StorageConfig, filesystem, write_atomically
 from stages.generate import GENERATE_CONFIGS, build_models, generate
 
 PHASE = "generate"
@@ -87,19 +87,29 @@ def colour_scores(images: list[np.ndarray], prompts: list[str]) -> dict[str, flo
     return scores
 
 
-def render(models_name: str, weights: dict[str, str], prompts: list[str], size: int, guidance: float,
-           seed: int) -> np.ndarray:
-    """Images (N, size, size, 3) uint8 for ``prompts``, on a GPU when the task holds one."""
+def render(models_name: str, weights_urls: dict[str, str], storage: StorageConfig, prompts: list[str], size: int,
+           guidance: float, seed: int) -> np.ndarray:
+    """Images (N, size, size, 3) uint8 for ``prompts``, on a GPU when the task holds one. The weights
+    are read here, on the task's node: a copy the driver made would be on the driver's node only."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     models = build_models(models_name)
-    for stage, path in weights.items():
-        trained_weights.load(getattr(models, stage), path)
+    for stage, url in weights_urls.items():
+        trained_weights.load(getattr(models, stage), url, storage)
     for module in (models.text_c, models.stage_c, models.text_b, models.stage_b, models.stage_a):
         module.to(device).eval()
     config = dataclasses.replace(GENERATE_CONFIGS[models_name](), prior_guidance=guidance)
     generated = generate(prompts, models=models, config=config, height=size, width=size,
                          generator=torch.Generator(device).manual_seed(seed))
     return to_uint8(generated.images)
+
+
+def render_args(config: SampleConfig, models_name: str, weights_urls: dict[str, str],
+                storage: StorageConfig) -> dict[str, tuple]:
+    """The arguments of each ``render`` task: the prompts, and with ``score_colours`` as many empty ones."""
+    prompts = list(config.prompts)
+    sets = {"prompted": prompts, **({"empty": [""] * len(prompts)} if config.score_colours else {})}
+    return {name: (models_name, weights_urls, storage, texts, config.size, config.prior_guidance, config.seed)
+            for name, texts in sets.items()}
 
 
 def run(*, config: SampleConfig, models_name: str, weights_urls: dict[str, str], output_url: str,
@@ -120,13 +130,9 @@ def run(*, config: SampleConfig, models_name: str, weights_urls: dict[str, str],
         weights_fs, path = filesystem(url, storage)
         if not weights_fs.exists(path):
             raise FileNotFoundError(f"no {stage} weights at {url}: run its training phase first")
-    weights = {stage: local_copy(url, storage) for stage, url in weights_urls.items()}
     task = ray.remote(num_gpus=config.num_gpus, num_cpus=1)(render)
     prompts = list(config.prompts)
-    jobs = {"prompted": task.remote(models_name, weights, prompts, config.size, config.prior_guidance, config.seed)}
-    if config.score_colours:
-        jobs["empty"] = task.remote(models_name, weights, [""] * len(prompts), config.size, config.prior_guidance,
-                                    config.seed)
+    jobs = {name: task.remote(*args) for name, args in render_args(config, models_name, weights_urls, storage).items()}
     images = {name: ray.get(job) for name, job in jobs.items()}
     tracked_run.log_image(image_grid([Image.fromarray(i) for i in images["prompted"]], prompts, columns=8), "samples.png")
     metrics: dict[str, float] = {}

@@ -28,7 +28,7 @@ from pipelines import trained_weights
 from pipelines.generate_phase import render
 from pipelines.overrides import apply_overrides
 from pipelines.reports import image_grid
-from pipelines.storage import StorageConfig, filesystem, local_copy
+from pipelines.storage import StorageConfig, filesystem
 from pipelines.train_phase import TRAINED
 from stages.generate import GENERATE_CONFIGS
 
@@ -76,29 +76,27 @@ def _stage_weights(text: str) -> tuple[str, str]:
     return stage, url
 
 
-def local_weights(chain: Chain, storage: StorageConfig) -> dict[str, str]:
-    """Each stage's weights as a local file (a download for a URL), checked to exist first."""
+def checked_weights(chain: Chain, storage: StorageConfig) -> dict[str, str]:
+    """Each stage's weights URL, checked to name a file first."""
     missing = [stage for stage in CHAIN if not chain.weights.get(stage)]
     if missing:
         raise ValueError(f"no weights for {', '.join(missing)}: give them with --weights "
                          + " ".join(f"{stage}=PATH" for stage in missing))
-    local = {}
     for stage, url in chain.weights.items():
         path, _ = trained_weights.split_entry(url)
         fs, inside = filesystem(path, storage)
         if not fs.exists(inside):
             raise ValueError(f"{stage} weights not found at {path}: has its training phase finished? Else give "
                              f"them with --weights {stage}=PATH")
-        local[stage] = local_copy(path, storage) + url[len(path):]  # the #entry, if any, stays
-    return local
+    return dict(chain.weights)
 
 
 def sample(chain: Chain, prompts: list[str], *, size: int, guidance: float, seed: int,
            storage: StorageConfig) -> list[Image.Image]:
     """The chain's images for ``prompts``; a weights file of another stage or size is refused by name."""
-    weights = local_weights(chain, storage)
+    weights = checked_weights(chain, storage)
     try:
-        images = render(chain.models, weights, prompts, size, guidance, seed)
+        images = render(chain.models, weights, storage, prompts, size, guidance, seed)
     except ValueError as error:  # a strict load names the file and the model; its key list can run to pages
         raise ValueError(f"{str(error).splitlines()[0]} (is it a {chain.models!r} checkpoint of that stage?)") from None
     return [Image.fromarray(image) for image in images]

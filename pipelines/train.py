@@ -37,6 +37,7 @@ from safetensors.torch import load_file
 
 from cluster.budget import BudgetMeter
 from pipelines.runtime import quiet_ray_below
+from pipelines.storage import local_copy
 from pipelines.tracking import ATTEMPT_GPU_HOURS, connect
 from pipelines.trainable.base import TaskSpec, TrainableStage
 from pipelines.training.checkpoint import restore_latest, save_checkpoint
@@ -60,7 +61,6 @@ class WorkerArgs:
     """GPU-hours the run's earlier attempts used."""
     tracking_uri: str
     run_id: str
-    init_weights_path: str
     buckets: dict[str, int] = dataclasses.field(default_factory=dict)
     """Aspect-ratio buckets: data set name -> batches each worker takes from it per epoch. Empty: the
     one data set ``train``, read to its end."""
@@ -103,8 +103,8 @@ def _train(args: WorkerArgs, device: torch.device) -> None:
     rank = ray.train.get_context().get_world_rank()
     torch.manual_seed(config.seed)
     model = stage.build_model(spec)
-    if args.init_weights_path:
-        model.load_state_dict(load_file(args.init_weights_path), strict=True)
+    if config.init_weights:  # each worker reads them itself: a driver's copy would be on its node only
+        model.load_state_dict(load_file(local_copy(config.init_weights, spec.storage)), strict=True)
     task = stage.task(spec, device)
     model = data_parallel(model, stage.parallelism, config, device)
     forward = compile_blocks(model, stage.parallelism, config.activation_memory_budget) if config.compile else model

@@ -23,7 +23,7 @@ from safetensors.torch import load as load_safetensors
 
 from pipelines import decode, pre_encode, schema, shard_phase, trained_weights
 from pipelines.overrides import to_flat_dict
-from pipelines.storage import StorageConfig, filesystem, local_copy
+from pipelines.storage import StorageConfig, filesystem
 from pipelines.tracking import ATTEMPT_GPU_HOURS, CHECKPOINTS_TAG, RUN_GPU_HOURS
 from pipelines.train import WorkerArgs, exported_state, trainer
 from pipelines.trainable import REGISTRY, stage_of_phase
@@ -90,10 +90,9 @@ def run_training(context, run, phase: str) -> str:
                         setting=f"{section}.budget_gpu_hours")
     datasets, buckets = _datasets(context, stage, sorted(source.shards), config, run)
     spec = _task_spec(context, stage, config, datasets[max(buckets, key=buckets.get) if buckets else TRAIN_DATASET])
-    init_weights = local_copy(config.init_weights, storage) if config.init_weights else ""
     args = WorkerArgs(train=config, stage=stage, task=spec, budget=budget.limit, used_before=run_used,
-                      tracking_uri=context.tracker.uri, run_id=run.run_id, init_weights_path=init_weights,
-                      buckets=buckets, ray_log_level=context.config.ray.log_level)
+                      tracking_uri=context.tracker.uri, run_id=run.run_id, buckets=buckets,
+                      ray_log_level=context.config.ray.log_level)
     # The tag makes this phase run an attempt of the training run; the experiment counts it once.
     run.set_tags({CHECKPOINTS_TAG: checkpoints})
     run.log_params({"budget_gpu_hours": budget.limit, "units_held": config.units_held})
@@ -220,7 +219,7 @@ def _task_spec(context, stage: TrainableStage, config: TrainConfig, dataset: ray
         url = weights_url(context, partner)
         fs, path = filesystem(url, storage)
         if url and fs.exists(path):
-            partners[partner] = local_copy(url, storage)
+            partners[partner] = url
     return dataclasses.replace(
         _spec_stub(context, stage),
         caption_dropout=config.caption_dropout,
@@ -233,7 +232,8 @@ def _task_spec(context, stage: TrainableStage, config: TrainConfig, dataset: ray
         resolution=context.config.decode.resolution,
         stage_a_losses=config.stage_a_losses,
         activation_checkpointing=config.activation_checkpointing,
-        perceptual_weights_path=local_copy(url, storage) if (url := stage.loss_weights(config)) else "",
+        loss_weights=stage.loss_weights(config),
+        storage=storage,
     )
 
 

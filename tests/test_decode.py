@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from conftest import kill_session
 from PIL import Image
 
+from cluster.local_cluster import kill_session
 from pipelines import decode, demo_data, metadata_filter, schema, shard_phase
 from pipelines.config import load_config
 from pipelines.decode import DecodeConfig, decode_image, tar_samples

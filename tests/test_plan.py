@@ -5,9 +5,9 @@ from __future__ import annotations
 import re
 
 import pytest
-from conftest import free_port
 
 from cluster import memory, plan
+from cluster.local_cluster import free_port
 from pipelines import demo_data, full
 from pipelines.config import load_config
 from pipelines.demo_data import DemoDataConfig

@@ -16,9 +16,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import s3fs
-from conftest import SeaweedFS
 from mlflow.tracking import MlflowClient
 
+from cluster.local_cluster import SeaweedFS
 from pipelines import decode, demo_data, metadata_filter, schema, shard_phase
 from pipelines.config import load_config
 from pipelines.inputs import exists

@@ -17,6 +17,7 @@ from stages.stage_a import STAGE_A_CONFIGS, StageA
 from stages.stage_b import STAGE_B_CONFIGS, StageB
 from stages.stage_c import STAGE_C_CONFIGS, StageC
 
+STORAGE = StorageConfig()
 PROMPTS = ["a red circle on a white background", "a blue square on a black background"]
 MODELS = {"stage_c": lambda: StageC(STAGE_C_CONFIGS["tiny"]()), "stage_b": lambda: StageB(STAGE_B_CONFIGS["tiny"]()),
           "stage_a": lambda: StageA(STAGE_A_CONFIGS["tiny"]())}
@@ -51,7 +52,7 @@ def test_a_pipeline_runs_chain_is_rendered_written_and_logged(pipeline_run, tmp_
     uri, run_id, work_dir = pipeline_run
     sample.main(["--run", run_id, "--tracking-uri", uri, "--size", "64", "--seed", "3", "--out", str(tmp_path / "out"),
                  *[arg for prompt in PROMPTS for arg in ("--prompt", prompt)]])
-    expected = render("tiny", _weights(work_dir), PROMPTS, 64, 4.0, 3)
+    expected = render("tiny", _weights(work_dir), STORAGE, PROMPTS, 64, 4.0, 3)
     written = _pngs(tmp_path / "out")
     assert len(written) == 2 and all(np.array_equal(w, e) for w, e in zip(written, expected))
     # Another decoder draws other images: the run's files were the ones loaded. (A fresh Stage C
@@ -59,8 +60,8 @@ def test_a_pipeline_runs_chain_is_rendered_written_and_logged(pipeline_run, tmp_
     torch.manual_seed(2)
     other = tmp_path / "other.safetensors"
     trained_weights.write(str(other), MODELS["stage_a"]().state_dict(), {}, StorageConfig())
-    assert not np.array_equal(render("tiny", {**_weights(work_dir), "stage_a": str(other)}, PROMPTS[:1], 64, 4.0, 3)[0],
-                              expected[0])
+    other_decoder = {**_weights(work_dir), "stage_a": str(other)}
+    assert not np.array_equal(render("tiny", other_decoder, STORAGE, PROMPTS[:1], 64, 4.0, 3)[0], expected[0])
 
     client = MlflowClient(uri)
     (logged,) = [r for r in client.search_runs([client.get_run(run_id).info.experiment_id])
@@ -78,7 +79,8 @@ def test_weights_given_per_stage_need_no_run(pipeline_run, tmp_path):
     _, _, work_dir = pipeline_run
     sample.main(["--models", "tiny", "--size", "64", "--out", str(tmp_path / "out"), "--prompt", PROMPTS[0],
                  *[arg for stage, path in _weights(work_dir).items() for arg in ("--weights", f"{stage}={path}")]])
-    assert np.array_equal(_pngs(tmp_path / "out")[0], render("tiny", _weights(work_dir), PROMPTS[:1], 64, 4.0, 0)[0])
+    expected = render("tiny", _weights(work_dir), STORAGE, PROMPTS[:1], 64, 4.0, 0)
+    assert np.array_equal(_pngs(tmp_path / "out")[0], expected[0])
 
 
 @pytest.mark.parametrize("case, message", [

@@ -25,10 +25,10 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
-from conftest import kill_session
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
+from cluster.local_cluster import kill_session
 from pipelines import full, schema, train_phase, trained_weights
 from pipelines.config import load_config
 from pipelines.ledger import read_manifest

@@ -19,9 +19,9 @@ import torch
 from PIL import Image, ImageOps
 from torch import nn
 
-from pipelines import schema
+from pipelines import schema, trained_weights
 from pipelines.reports import to_uint8
-from stages.weights import load_weights
+from pipelines.storage import StorageConfig
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -70,12 +70,15 @@ class TaskSpec:
     sample_batch: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
     """Fixed held-in samples for the grids of Stage B, Stage A and the semantic compressor."""
     partner_weights: dict[str, str] = dataclasses.field(default_factory=dict)
-    """Local weights of already trained stages, used to render samples (stage name -> path)."""
+    """Weights of already trained stages, used to render samples (stage name -> path or URL, read on
+    the worker: a copy the driver made would be on the driver's node only)."""
     resolution: int = 64
     """Side of the decoded crops, pixels."""
     stage_a_losses: StageALosses = dataclasses.field(default_factory=StageALosses)
-    perceptual_weights_path: str = ""
-    """Local copy of ``stage_a_losses.perceptual_weights``."""
+    loss_weights: str = ""
+    """Path or URL of the weights of a network the loss uses (Stage A's perceptual VGG16), read on the worker."""
+    storage: StorageConfig = dataclasses.field(default_factory=StorageConfig)
+    """Where the weights URLs above and ``TrainConfig.init_weights`` are read from."""
     activation_checkpointing: bool = False
     """Stage B and Stage C recompute each block's activations in backward."""
 
@@ -109,11 +112,11 @@ class Task:
         # Imported here: the registry imports every stage module, this one's included.
         from pipelines.trainable import REGISTRY
 
-        path = self.spec.partner_weights.get(name)
-        if path is None:
+        url = self.spec.partner_weights.get(name)
+        if url is None:
             return None
         model = REGISTRY[name].build_model(dataclasses.replace(self.spec, stage=name))
-        return load_weights(model, path).to(self.device).eval()
+        return trained_weights.load(model, url, self.spec.storage).to(self.device).eval()
 
 
 def whole_model(model: nn.Module) -> nn.Module:

@@ -12,6 +12,7 @@ from torch import nn
 
 from pipelines import decode, schema
 from pipelines.reports import image_grid
+from pipelines.storage import local_copy
 from pipelines.trainable.base import Parallelism, TaskSpec, Task, TrainableStage, batch_images, pil_images, sample_images
 from stages.stage_a import STAGE_A_CONFIGS, MixingBlock, StageA
 from stages.stage_a_losses import (
@@ -71,8 +72,8 @@ class StageATask(Task):
         self.perceptual = None
         if spec.stage_a_losses.perceptual_weight > 0:
             self.perceptual = PerceptualDistance(STAGE_A_LOSS_CONFIGS[spec.models]().perceptual)
-            if spec.perceptual_weights_path:
-                self.perceptual.load_torchvision_vgg16(spec.perceptual_weights_path)
+            if spec.loss_weights:
+                self.perceptual.load_torchvision_vgg16(local_copy(spec.loss_weights, spec.storage))
             else:
                 warnings.warn("train_a.stage_a_losses.perceptual_weights is empty: the perceptual distance "
                               "uses random features", stacklevel=2)
