@@ -98,7 +98,7 @@ def test_a_registered_stage_trains_through_the_real_loop(tmp_path, local_ray, mo
         tracker = Tracker(TrackingConfig(), str(tmp_path))
         with tracker.run(TOY.phase) as run:
             args = WorkerArgs(train=config, stage=TOY, task=spec, budget=None, used_before=0.0,
-                              tracking_uri=tracker.uri, run_id=run.run_id, init_weights_path="")
+                              tracking_uri=tracker.uri, run_id=run.run_id)
             result = trainer(name="toy", args=args, datasets={TRAIN_DATASET: dataset},
                              storage_path=str(tmp_path / "ray"), storage_filesystem=None).fit()
     finally:
