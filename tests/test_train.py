@@ -36,7 +36,7 @@ from pipelines.phases import PhaseContext
 from pipelines.pre_encode import latent_shapes, semantic_input_size
 from pipelines.tracking import Tracker
 from pipelines.train import WorkerArgs
-from pipelines.trainable import build_task
+from pipelines.trainable import REGISTRY, build_task
 from pipelines.trainable.base import TaskSpec
 from pipelines.training.checkpoint import file_record, verify_files
 from pipelines.training.config import TrainConfig
@@ -133,7 +133,7 @@ def test_training_reads_every_train_sample_of_its_buckets_and_no_validation_samp
     tracker = Tracker(config.tracking, str(tmp_path))
     context = PhaseContext(config=config, work_dir=str(latents), shards_url="", tracker=tracker)
     with tracker.run("datasets") as run:
-        datasets, buckets = train_phase._datasets(context, "stage_c", shards, config.train_c, run)
+        datasets, buckets = train_phase._datasets(context, REGISTRY["stage_c"], shards, config.train_c, run)
     assert set(buckets) == {"train_48x80", "train_80x48"}, buckets  # the square bucket is too small
     read = [key_of[np.asarray(latent, np.float16).tobytes()] for dataset in datasets.values()
             for batch in dataset.iter_batches(batch_format="numpy") for latent in batch[schema.STAGE_C_LATENT]]
