@@ -24,7 +24,7 @@ from pipelines.metadata_filter import METADATA_REASONS
 from pipelines.phases import PHASES, PhaseContext
 from pipelines.storage import StorageConfig, filesystem
 from pipelines.train import WorkerArgs
-from pipelines.trainable import REGISTRY
+from pipelines.trainable import REGISTRY, training_phases
 from stages.stage_c import STAGE_C_CONFIGS, StageC
 
 TRAINING = ("train_a", "train_semantic", "train_b", "train_c")
@@ -140,7 +140,7 @@ def test_the_pipeline_runs_across_nodes_that_share_only_ray_s3_and_mlflow(tmp_pa
         # Training: every run to its last step, checkpoints on S3, sample grids drawn by workers with
         # the weights of the stages trained before (Stage B's grid decodes with Stage A, Stage C's
         # with Stage B and Stage A).
-        for phase in train_phase.PHASE_STAGES:
+        for phase in training_phases():
             assert phases[phase].data.metrics["final_step"] == STEPS, phase
             assert fs.glob(f"{BUCKET}/run/{phase}/ray/*/checkpoint_*/model.safetensors"), phase
             assert trained_weights.fingerprint_of(f"{work}/{phase}/{trained_weights.FINAL_FILE}", storage), phase
