@@ -148,12 +148,14 @@ def test_training_reads_every_train_sample_of_its_buckets_and_no_validation_samp
 
 
 @pytest.mark.slow
-def test_budgets_stop_a_run_with_a_checkpoint_and_refuse_one_that_cannot_fit(latents, tmp_path, capsys):
+def test_budgets_stop_a_run_with_a_checkpoint_and_refuse_one_that_cannot_fit(latents, tmp_path, capsys, monkeypatch):
     work_dir = _fresh_copy(latents, tmp_path)
-    # Worker-hours: ~14 s of wall time for 2 workers, start-up included (~100 steps on 2 cores; half of
-    # it stopped CI's run at step 11). The stop must come after the loss's first drop (step ~14), or
-    # resumed and fresh losses look alike.
-    budget = 0.008
+    # Each worker's meter reads a clock that advances 1.8 s a read (once at the start, once a step): a
+    # step of the 2 workers costs 0.001 worker-hours whatever the machine's load, so the run stops at
+    # step 20, after the loss's first drop (step ~14); earlier, resumed and fresh losses look alike.
+    clock = functools.partial(next, itertools.count(1.8, 1.8))
+    monkeypatch.setattr(train_phase, "WorkerArgs", functools.partial(WorkerArgs, clock=clock))
+    budget = 0.0205
     _main(work_dir, "--phases", "train_stage_c,generate", "--set", "train_c.steps=100000",
           "--set", f"train_c.budget_gpu_hours={budget}", "--set", "train_c.log_every_seconds=0")
     assert "stopped before: generate" in capsys.readouterr().err
@@ -166,7 +168,7 @@ def test_budgets_stop_a_run_with_a_checkpoint_and_refuse_one_that_cannot_fit(lat
     assert 0.5 * budget < used < 1.5 * budget
     assert run.data.metrics["gpu_hours_remaining"] == pytest.approx(max(budget - used, 0), abs=1e-9)
     stopped_at = int(run.data.metrics["final_step"])
-    assert 0 < stopped_at < 100000
+    assert stopped_at == 20, stopped_at
     assert list((work_dir / "train_stage_c" / "ray").glob("*/checkpoint_*/model.safetensors"))
     assert not (work_dir / "train_stage_c" / trained_weights.FINAL_FILE).exists()
 
