@@ -352,6 +352,8 @@ def test_a_killed_worker_and_a_killed_job_continue_from_the_last_checkpoint(late
     try:
         # A worker dies: Ray Train restarts the group from the last checkpoint (max_failures).
         _wait_for(lambda: registered_step() >= 10, driver, "a registered checkpoint")
+        # A step past that checkpoint logged first: killed before it, the restart would repeat no step.
+        _wait_for(lambda: max(logged_steps(), default=0) > registered_step(), driver, "a step past the checkpoint")
         workers = _train_workers(driver.pid)
         assert len(workers) == 2, workers
         registered_before = registered_step()
