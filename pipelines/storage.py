@@ -89,14 +89,18 @@ def write_atomically(fs: fsspec.AbstractFileSystem, path: str, write: Callable[[
 
 
 def local_copy(url: str, storage: StorageConfig | None = None, cache_dir: str | None = None) -> str:
-    """A local path holding the file at ``url`` (a path is returned as it is; URLs are downloaded once)."""
+    """A local path holding the file at ``url`` (a path is returned as it is; URLs are downloaded once
+    per version: a file written again at the same URL, as a rerun's weights are, is downloaded again)."""
     if "://" not in url or url.startswith("file://"):
         return url.removeprefix("file://")
+    fs, path = filesystem(url, storage)
+    info = fs.info(path)
+    version = next((str(info[k]) for k in ("ETag", "LastModified", "Last-Modified", "mtime", "updated") if info.get(k)), "")
+    key = hashlib.sha256(f"{url}\n{info.get('size')}\n{version}".encode()).hexdigest()[:16]
     cache = Path(cache_dir or Path.home() / ".cache" / "wuerstchen-ray")
-    target = cache / f"{hashlib.sha256(url.encode()).hexdigest()[:16]}-{url.rsplit('/', 1)[-1]}"
+    target = cache / f"{key}-{url.rsplit('/', 1)[-1]}"
     if not target.is_file():
         cache.mkdir(parents=True, exist_ok=True)
-        fs, path = filesystem(url, storage)
         temporary = Path(temporary_name(str(target)))
         fs.get(path, str(temporary))
         temporary.rename(target)

@@ -6,6 +6,7 @@ import dataclasses
 import functools
 import http.server
 import threading
+from pathlib import Path
 
 import numpy as np
 import open_clip
@@ -69,13 +70,18 @@ def http_folder(tmp_path):
     thread.join()
 
 
-def test_weights_from_a_url_are_downloaded_once(http_folder, tmp_path):
+def test_weights_from_a_url_are_downloaded_once_per_version(http_folder, tmp_path):
     folder, url = http_folder
     torch.save(AestheticPredictor(8).state_dict(), folder / "predictor.pth")
     first = local_copy(f"{url}/predictor.pth", cache_dir=str(tmp_path / "cache"))
-    (folder / "predictor.pth").unlink()  # a second call must not need the server's copy
+    Path(first).write_bytes(b"the cached copy, not the server's")
     assert local_copy(f"{url}/predictor.pth", cache_dir=str(tmp_path / "cache")) == first
-    load_weights(AestheticPredictor(8), first)
+    assert Path(first).read_bytes() == b"the cached copy, not the server's", "downloaded the same version again"
+
+    torch.save(AestheticPredictor(16).state_dict(), folder / "predictor.pth")
+    second = local_copy(f"{url}/predictor.pth", cache_dir=str(tmp_path / "cache"))
+    assert second != first, "a file written again at the same URL was served from the cache"
+    load_weights(AestheticPredictor(16), second)
     assert local_copy(str(folder / "x.pth")) == str(folder / "x.pth")
 
 

@@ -8,11 +8,14 @@ continues from it. Its files are checked against the sizes and SHA-256 digests i
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import json
 import logging
 import math
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
@@ -109,8 +112,7 @@ def _restore(checkpoint: Checkpoint, model, optimizer, schedule, ema: list[torch
     """Model, optimizer, schedule and EMA from ``checkpoint``; its files are checked against the sizes
     and SHA-256 digests its state recorded, so a truncated or altered file is refused even where its
     format would load it."""
-    with checkpoint.as_directory() as folder:
-        folder = Path(folder)
+    with node_local_copy(checkpoint) as folder:
         state, files = _read_state(folder)
         verify_files(folder, files)
         # A run stopped by its budget continues when resubmitted (with a larger one).
@@ -183,5 +185,50 @@ def save_checkpoint(model, ema, optimizer, state: TrainingState, meter: BudgetMe
 
 def read_checkpoint_weights(checkpoint: Checkpoint) -> tuple[dict[str, torch.Tensor], TrainingState]:
     """The EMA weights and the training state of a finished run's last checkpoint."""
-    with checkpoint.as_directory() as folder:
-        return load_file(Path(folder) / EMA_FILE), _read_state(Path(folder))[0]
+    with node_local_copy(checkpoint) as folder:
+        return load_file(folder / EMA_FILE), _read_state(folder)[0]
+
+
+@contextlib.contextmanager
+def node_local_copy(checkpoint: Checkpoint) -> Iterator[Path]:
+    """A local folder holding ``checkpoint``'s files, downloaded once per node and never rewritten while
+    a process reads it; the last reader to leave deletes it.
+
+    Ray's ``Checkpoint.as_directory`` downloads again into the same folder when a second rank arrives
+    after the first download has finished, truncating files the first rank may have memory-mapped
+    (SIGBUS, or a torn read). Here the download goes to a fresh folder that is renamed into place, and
+    readers hold a shared lock that the deleting process must take exclusively."""
+    if isinstance(checkpoint.filesystem, pyarrow.fs.LocalFileSystem):
+        yield Path(checkpoint.path)
+        return
+    identity = f"{checkpoint.filesystem.type_name}:{checkpoint.path.rstrip('/')}"
+    folder = Path(tempfile.gettempdir()) / f"wuerstchen-checkpoint-{hashlib.sha256(identity.encode()).hexdigest()[:16]}"
+    with open(f"{folder}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_SH)
+        # Converting a flock drops it first: whoever holds it shared after the loop holds a folder
+        # that no one can delete, however the other processes came and went in between.
+        while not folder.is_dir():
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not folder.is_dir():
+                _download(checkpoint, folder)
+            fcntl.flock(lock, fcntl.LOCK_SH)
+        try:
+            yield folder
+        finally:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                pass  # another process still reads it and deletes it when it leaves
+            else:
+                shutil.rmtree(folder, ignore_errors=True)
+
+
+def _download(checkpoint: Checkpoint, folder: Path) -> None:
+    """Downloads into a new folder and renames it to ``folder``, which therefore is complete or absent."""
+    download = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f"{folder.name}.download-"))
+    try:
+        checkpoint.to_directory(str(download))
+    except BaseException:
+        shutil.rmtree(download, ignore_errors=True)
+        raise
+    download.rename(folder)

@@ -1,0 +1,129 @@
+"""Several ranks of one node restoring one checkpoint from S3: one download, never rewritten while read.
+
+Each test process stands in for a rank: it receives the checkpoint pickled, as Ray Train hands it to
+every worker, and enters ``node_local_copy`` as the training loop's restore does. Ray's own ``Checkpoint.as_directory``
+fails the first test: the second rank downloads again into the folder the first is reading.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import random
+import time
+from pathlib import Path
+
+import pyarrow.fs
+import pytest
+from ray.train import Checkpoint
+
+from pipelines.storage import StorageConfig, filesystem
+from pipelines.training.checkpoint import file_record, node_local_copy, verify_files
+
+def _storage(endpoint: str) -> StorageConfig:
+    return StorageConfig(endpoint_url=endpoint, key="test-key", secret="test-secret")
+
+
+FILES = {"model.safetensors": 6 << 20, "ema.safetensors": 6 << 20, "optimizer.pt": 12 << 20}
+
+
+@pytest.fixture(scope="module")
+def checkpoint_url(s3_server, tmp_path_factory) -> str:
+    """A checkpoint folder on S3 whose files are random bytes."""
+    fs, _ = filesystem("s3://restore", _storage(s3_server))
+    fs.mkdir("restore")
+    local = tmp_path_factory.mktemp("checkpoint")
+    for name, size in FILES.items():
+        (local / name).write_bytes(random.Random(name).randbytes(size))
+        fs.put(str(local / name), f"restore/checkpoint_000001/{name}")
+    return "s3://restore/checkpoint_000001"
+
+
+def _checkpoint(endpoint: str, url: str) -> Checkpoint:
+    fs, path = filesystem(url, _storage(endpoint))
+    return Checkpoint(path, filesystem=pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs)))
+
+
+def _snapshot(folder: Path) -> dict[str, tuple]:
+    """What would change if a file were written again: its inode, modification time and content."""
+    return {name: ((folder / name).stat().st_ino, (folder / name).stat().st_mtime_ns, file_record(folder / name))
+            for name in FILES}
+
+
+def _first_rank(checkpoint, inside, second_done, results):
+    with node_local_copy(checkpoint) as folder:
+        before = _snapshot(folder)
+        inside.set()
+        assert second_done.wait(120)
+        results.put(("first", str(folder), before, _snapshot(folder)))
+
+
+def _second_rank(checkpoint, inside, second_done, results):
+    assert inside.wait(120)
+    with node_local_copy(checkpoint) as folder:
+        results.put(("second", str(folder), _snapshot(folder), None))
+    second_done.set()
+
+
+def _rank_restoring_repeatedly(checkpoint, records, seed, results):
+    jitter = random.Random(seed)
+    failures = []
+    for _ in range(4):
+        time.sleep(jitter.uniform(0, 0.3))
+        try:
+            with node_local_copy(checkpoint) as folder:
+                verify_files(folder, records)
+        except Exception as error:  # noqa: BLE001 - the parent reports every failure
+            failures.append(repr(error))
+    results.put(failures)
+
+
+def _copies_left(folder: Path) -> list[str]:
+    return [p.name for p in folder.glob("wuerstchen-checkpoint-*") if not p.name.endswith(".lock")]
+
+
+def _run(targets, tmp_path: Path) -> list:
+    """Runs each (function, args) in its own process with ``tmp_path`` as its temporary folder."""
+    context = multiprocessing.get_context("spawn")
+    results = context.Queue()
+    os.environ["TMPDIR"], previous = str(tmp_path), os.environ.get("TMPDIR")
+    try:
+        processes = [context.Process(target=target, args=(*args, results)) for target, args in targets]
+        for process in processes:
+            process.start()
+        found = [results.get(timeout=300) for _ in processes]
+        for process in processes:
+            process.join(60)
+            assert process.exitcode == 0, f"a rank died with exit code {process.exitcode}"
+    finally:
+        if previous is None:
+            del os.environ["TMPDIR"]
+        else:
+            os.environ["TMPDIR"] = previous
+    return found
+
+
+def test_a_rank_arriving_after_the_download_reads_the_same_files_unchanged(s3_server, checkpoint_url, tmp_path):
+    context = multiprocessing.get_context("spawn")
+    inside, second_done = context.Event(), context.Event()
+    args = (_checkpoint(s3_server, checkpoint_url), inside, second_done)
+    found = {role: rest for role, *rest in _run([(_first_rank, args), (_second_rank, args)], tmp_path)}
+    first_folder, before, after = found["first"]
+    second_folder, second_view, _ = found["second"]
+    assert before == after, "the checkpoint was written again while the first rank read it"
+    assert second_folder == first_folder and second_view == before, "the node downloaded the checkpoint twice"
+    assert _copies_left(tmp_path) == [], "the last reader left its copy behind"
+
+
+@pytest.mark.slow
+def test_ranks_restoring_at_random_moments_always_read_whole_files(s3_server, checkpoint_url, tmp_path):
+    records = {}
+    fs, path = filesystem(checkpoint_url, _storage(s3_server))
+    for name in FILES:
+        fs.get(f"{path}/{name}", str(tmp_path / name))
+        records[name] = file_record(tmp_path / name)
+        (tmp_path / name).unlink()
+    targets = [(_rank_restoring_repeatedly, (_checkpoint(s3_server, checkpoint_url), records, seed)) for seed in range(3)]
+    failures = [failure for found in _run(targets, tmp_path) for failure in found]
+    assert failures == []
+    assert _copies_left(tmp_path) == [], "the last reader left its copy behind"
