@@ -126,7 +126,7 @@ def _tiny_training(*, steps: int, lr: float, ema_beta: float) -> TrainConfig:
     """Two CPU workers sharing a 2-core machine with Ray Data (fractional CPUs avoid starving it)."""
     return TrainConfig(steps=steps, global_batch_size=32, lr=lr, warmup_steps=50, ema_beta=ema_beta, ema_every=1,
                        ema_start=0, workers=2, gpus_per_worker=0, cpus_per_worker=0.5, checkpoint_every=200,
-                       sample_every=0, log_every_seconds=10, cache_data=True)
+                       sample_every=0, eval_every=100, eval_samples=16, log_every_seconds=10, cache_data=True)
 
 
 def v2() -> RunConfig:

@@ -60,6 +60,7 @@ V2_STAGE_A_WEIGHTS = "https://huggingface.co/warp-ai/wuerstchen/resolve/main/vqg
 V2_SEMANTIC_WEIGHTS = "https://huggingface.co/dome272/wuerstchen/resolve/main/model_v2_stage_b.pt#effnet_state_dict"
 # The rows of the latent shards a training phase may read (a Ray Data expression; ``.to_pyarrow()`` for pyarrow).
 TRAINING_ROWS = col(schema.SPLIT) == str(Split.TRAIN)
+VALIDATION_ROWS = col(schema.SPLIT) == str(Split.VALIDATION)
 _KEY_HASHES = 2**64
 # Standard deviations between the number of keys the share is expected to hold out and the minimum,
 # beyond which the minimum is taken as met without counting: the chance it is not is below e^-50.

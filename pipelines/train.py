@@ -13,7 +13,8 @@ from the seed (pipelines/training/data.py), so a resumed run draws what the unin
 have.
 
 Rank 0 logs into the MLflow run the driver opened and prints a progress line at a steady interval
-(pipelines/training/progress.py).
+(pipelines/training/progress.py), and the held-out loss of the EMA weights every ``eval_every``
+steps and at the end (pipelines/training/evaluation.py).
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from pipelines.trainable.base import TaskSpec, TrainableStage
 from pipelines.training.checkpoint import restore_latest, save_checkpoint
 from pipelines.training.config import TrainConfig
 from pipelines.training.data import TRAIN_DATASET, ShardCache, epoch_batches
+from pipelines.training.evaluation import log_validation
 from pipelines.training.parallel import all_agree, compile_blocks, data_parallel
 from pipelines.training.progress import ProgressWindow, flops_per_sample, log_progress, log_samples, run_peak_flops
 from pipelines.training.step import build_optimizer, build_schedule, step_seed, train_step, update_ema
@@ -169,6 +171,8 @@ def _train(args: WorkerArgs, device: torch.device) -> None:
                 last_log = time.monotonic()
             if config.sample_every and state.step % config.sample_every == 0:
                 log_samples(run, stage, task, model, ema, state.step)
+            if config.eval_every and state.step % config.eval_every == 0 and state.step < config.steps:
+                log_validation(run, stage, task, model, ema, state.step, per_worker)
             if state.step % config.checkpoint_every == 0 and state.step < config.steps:
                 save_checkpoint(model, ema, optimizer, state, meter)
             waited_since = time.monotonic()
@@ -181,6 +185,7 @@ def _train(args: WorkerArgs, device: torch.device) -> None:
             state.epoch += 1
             state.batches_in_epoch = 0
     log_samples(run, stage, task, model, ema, state.step)
+    log_validation(run, stage, task, model, ema, state.step, per_worker)
     meter.lap()  # the final samples count; the driver logs the final figures from the checkpoint
     if run is not None:
         log_progress(run, state, window, meter, config, optimizer, device, peak)

@@ -89,7 +89,9 @@ def run_training(context, run, phase: str) -> str:
                         experiment_used=context.tracker.gpu_hours(), run_used=run_used,
                         setting=f"{section}.budget_gpu_hours")
     datasets, buckets = _datasets(context, stage, sorted(source.shards), config, run)
-    spec = _task_spec(context, stage, config, datasets[max(buckets, key=buckets.get) if buckets else TRAIN_DATASET])
+    spec = dataclasses.replace(
+        _task_spec(context, stage, config, datasets[max(buckets, key=buckets.get) if buckets else TRAIN_DATASET]),
+        validation_batches=_validation_batches(context, stage, sorted(source.shards), config))
     args = WorkerArgs(train=config, stage=stage, task=spec, budget=budget.limit, used_before=run_used,
                       tracking_uri=context.tracker.uri, run_id=run.run_id, buckets=buckets,
                       ray_log_level=context.config.ray.log_level)
@@ -178,6 +180,36 @@ def _datasets(context, stage: TrainableStage, shards: list[str], config: TrainCo
                          f"samples per bucket: {dict(sorted(rows.items()))}: lower the batch size or use fewer "
                          "decode.bucket_aspect_ratios")
     return datasets, buckets
+
+
+def _validation_batches(context, stage: TrainableStage, shards: list[str],
+                        config: TrainConfig) -> tuple[dict[str, np.ndarray], ...]:
+    """The held-out rows each evaluation uses: the first ``eval_samples`` of the validation split in
+    shard order (shared equally among the buckets), in the training columns, one group per bucket.
+    Only the latent stages are evaluated: the image stages train before the split is drawn."""
+    if stage.source_phase != pre_encode.PHASE or not config.eval_samples:
+        return ()
+    fs, folder = filesystem(context.output_url(stage.source_phase), context.config.storage)
+    files = [f"{folder}/{schema.shard_parquet(shard)}" for shard in shards]
+    columns = stage.columns(_spec_stub(context, stage))
+    source = ray.data.read_parquet(files, filesystem=fs).filter(expr=pre_encode.VALIDATION_ROWS)
+    source.context.execution_options.preserve_order = True  # the same rows on every run
+    crops = context.config.decode.crop_sizes()
+    if len(crops) == 1:
+        groups = [source.select_columns(columns)]
+    else:
+        shapes = {crop: pre_encode.latent_shapes(context.config.pre_encode, crop, context.config.decode.resolution)
+                  for crop in crops}
+        source = source.select_columns([*columns, *_CROP_COLUMNS])
+        groups = [in_bucket(source, crop).map_batches(shard_phase.unflatten_ragged, fn_kwargs={"shapes": shapes[crop]})
+                  .select_columns(columns) for crop in crops]
+    each = max(1, config.eval_samples // len(groups))
+    batches = []
+    for group in groups:
+        batch = next(iter(group.limit(each).iter_batches(batch_size=each, batch_format="numpy")), None)
+        if batch is not None:
+            batches.append({name: np.asarray(values) for name, values in batch.items()})
+    return tuple(batches)
 
 
 def bucketed_source(files: list[str], fs, columns: list[str]) -> ray.data.Dataset:

@@ -140,8 +140,12 @@ class CosineDiffusion:
 
     def loss(self, predicted_noise: torch.Tensor, noise: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
         """P2-weighted MSE between predicted and true noise: a float32 scalar."""
-        per_sample = (predicted_noise.float() - noise.float()).square().flatten(1).mean(dim=1)  # (B,)
-        return (per_sample * self.p2_weight(r)).mean()
+        return self.per_sample_loss(predicted_noise, noise, r).mean()
+
+    def per_sample_loss(self, predicted_noise: torch.Tensor, noise: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+        """Each sample's P2-weighted MSE between predicted and true noise: float32 (B,)."""
+        per_sample = (predicted_noise.float() - noise.float()).square().flatten(1).mean(dim=1)
+        return per_sample * self.p2_weight(r)
 
     def step(
         self, predicted_noise: torch.Tensor, x: torch.Tensor, r: torch.Tensor, r_prev: torch.Tensor, noise: torch.Tensor

@@ -146,6 +146,15 @@ def test_training_reads_every_train_sample_of_its_buckets_and_no_validation_samp
         assert batches == sum(f"train_{row[schema.CROP_WIDTH]}x{row[schema.CROP_HEIGHT]}" == name
                               and row[schema.SPLIT] == "train" for row in rows) // 32, name
 
+    # Evaluation's rows: validation rows only, shared among the buckets, the same on every call.
+    held_out = train_phase._validation_batches(context, REGISTRY["stage_c"], shards, config.train_c)
+    evaluated = [key_of[np.asarray(latent, np.float16).tobytes()] for group in held_out
+                 for latent in group[schema.STAGE_C_LATENT]]
+    assert set(evaluated) <= validation and len(evaluated) == len(set(evaluated)) <= config.train_c.eval_samples
+    assert len(held_out) > 1, "the validation rows of one bucket only: sharing among buckets is not shown"
+    again = train_phase._validation_batches(context, REGISTRY["stage_c"], shards, config.train_c)
+    assert all(np.array_equal(a[name], b[name]) for a, b in zip(held_out, again, strict=True) for name in a)
+
 
 @pytest.mark.slow
 def test_budgets_stop_a_run_with_a_checkpoint_and_refuse_one_that_cannot_fit(latents, tmp_path, capsys, monkeypatch):

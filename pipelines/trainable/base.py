@@ -69,6 +69,9 @@ class TaskSpec:
     """Fixed prompts of the sample grids (Stage C)."""
     sample_batch: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
     """Fixed held-in samples for the grids of Stage B, Stage A and the semantic compressor."""
+    validation_batches: tuple[dict[str, np.ndarray], ...] = ()
+    """Held-out rows of the validation split (the training columns), one group per latent shape, on
+    which the loop evaluates the loss (pipelines/training/evaluation.py); empty: no evaluation."""
     partner_weights: dict[str, str] = dataclasses.field(default_factory=dict)
     """Weights of already trained stages, used to render samples (stage name -> path or URL, read on
     the worker: a copy the driver made would be on the driver's node only)."""

@@ -33,19 +33,19 @@ class StageBTask(TextConditionedTask):
     def __init__(self, spec: TaskSpec, device: torch.device):
         super().__init__(spec, device, TEXT_CONFIGS[spec.models]().stage_b)
 
-    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor], generator: torch.Generator,
-             step: int) -> torch.Tensor:
+    def conditioned(self, model: nn.Module, batch: dict[str, torch.Tensor], generator: torch.Generator | None):
         spec = self.spec
-        text = drop_conditioning(self.text(batch, schema.TEXT_STAGE_B), self.empty[schema.TEXT_STAGE_B],
-                                 spec.caption_dropout, generator=generator)
+        text = self.text(batch, schema.TEXT_STAGE_B)
         semantic = from_stage_c_latents(batch[schema.STAGE_C_LATENT].float())
-        if spec.semantic_noise:
-            semantic = semantic + spec.semantic_noise * torch.randn(
-                semantic.shape, generator=generator, device=generator.device).to(semantic.device)
-        # As the unconditional pass of the official decoder pipeline: no semantics at all.
-        semantic = drop_conditioning(semantic, torch.zeros_like(semantic[:1]), spec.semantic_dropout, generator=generator)
-        noised, noise, r = self.diffusion.noise_batch(batch[schema.STAGE_B_LATENT].float(), generator=generator)
-        return self.diffusion.loss(model(noised, r, semantic, text), noise, r)
+        if generator is not None:
+            text = drop_conditioning(text, self.empty[schema.TEXT_STAGE_B], spec.caption_dropout, generator=generator)
+            if spec.semantic_noise:
+                semantic = semantic + spec.semantic_noise * torch.randn(
+                    semantic.shape, generator=generator, device=generator.device).to(semantic.device)
+            # As the unconditional pass of the official decoder pipeline: no semantics at all.
+            semantic = drop_conditioning(semantic, torch.zeros_like(semantic[:1]), spec.semantic_dropout,
+                                         generator=generator)
+        return batch[schema.STAGE_B_LATENT], lambda noised, r: model(noised, r, semantic, text)
 
     def sample_grid(self, model: nn.Module, step: int) -> Image.Image | None:
         """The held-in samples decoded from their semantic latents and captions, once Stage A exists."""

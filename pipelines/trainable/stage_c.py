@@ -31,12 +31,12 @@ class StageCTask(TextConditionedTask):
     def __init__(self, spec: TaskSpec, device: torch.device):
         super().__init__(spec, device, TEXT_CONFIGS[spec.models]().stage_c)
 
-    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor], generator: torch.Generator,
-             step: int) -> torch.Tensor:
-        text = drop_conditioning(self.text(batch, schema.TEXT_STAGE_C), self.empty[schema.TEXT_STAGE_C],
-                                 self.spec.caption_dropout, generator=generator)
-        noised, noise, r = self.diffusion.noise_batch(batch[schema.STAGE_C_LATENT].float(), generator=generator)
-        return self.diffusion.loss(model(noised, r, text), noise, r)
+    def conditioned(self, model: nn.Module, batch: dict[str, torch.Tensor], generator: torch.Generator | None):
+        text = self.text(batch, schema.TEXT_STAGE_C)
+        if generator is not None:
+            text = drop_conditioning(text, self.empty[schema.TEXT_STAGE_C], self.spec.caption_dropout,
+                                     generator=generator)
+        return batch[schema.STAGE_C_LATENT], lambda noised, r: model(noised, r, text)
 
     def sample_grid(self, model: nn.Module, step: int) -> Image.Image | None:
         """The fixed prompts generated through the trained Stage B and Stage A, once both exist."""

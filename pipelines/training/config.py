@@ -72,6 +72,11 @@ class TrainConfig:
     """Checkpoints kept in storage; older ones are deleted."""
     sample_every: int = 5_000
     """Steps between sample grids logged to MLflow; 0: only at the end."""
+    eval_every: int = 2_000
+    """Steps between evaluations of the held-out loss (``val/loss``); 0: only at the end."""
+    eval_samples: int = 256
+    """Held-out rows each evaluation uses: the first of the validation split in shard order, shared
+    equally among the aspect-ratio buckets; 0: no evaluation. Each costs forward passes at 8 times."""
     log_every_seconds: float = 30.0
     """Interval of the progress line and the MLflow metrics."""
     max_failures: int = 3
@@ -94,6 +99,9 @@ class TrainConfig:
         for name in ("steps", "global_batch_size", "workers", "checkpoint_every", "keep_checkpoints", "ema_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("eval_every", "eval_samples", "sample_every"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.global_batch_size % self.workers:
             raise ValueError(f"global_batch_size ({self.global_batch_size}) must be a multiple of workers "
                              f"({self.workers}): each worker takes an equal share of every batch")
@@ -125,6 +133,7 @@ class TrainConfig:
     def outcome(self) -> dict[str, Any]:
         """Settings that decide the trained weights (scale, logging and budget do not)."""
         ignored = {"workers", "gpus_per_worker", "cpus_per_worker", "checkpoint_every", "keep_checkpoints",
-                   "sample_every", "log_every_seconds", "max_failures", "budget_gpu_hours", "cache_data", "compile",
-                   "strategy", "activation_checkpointing", "activation_memory_budget"}
+                   "sample_every", "eval_every", "eval_samples", "log_every_seconds", "max_failures",
+                   "budget_gpu_hours", "cache_data", "compile", "strategy", "activation_checkpointing",
+                   "activation_memory_budget"}
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in ignored}
