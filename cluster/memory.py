@@ -77,7 +77,7 @@ class StepSettings(Protocol):
 
 def variant(train: StepSettings) -> str:
     """What a training config runs, named as bench/train_step.py names its variants of ours (the
-    name bench/measured.toml gives a throughput's ``setting``)."""
+    name cluster/measured.toml gives a throughput's ``setting``)."""
     parts = ["compile"] if train.compile else []
     if train.activation_checkpointing:
         parts.append("checkpointing")

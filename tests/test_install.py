@@ -47,6 +47,7 @@ def test_the_installed_planner_and_dry_run_read_their_data_from_the_package(inst
                           f"print(*(importlib.util.find_spec(name).origin for name in {PACKAGES})); "
                           "print(cluster.costs.MEASURED_FILE, cluster.nodes.CLUSTER_FILE)")
     assert all(Path(line).is_relative_to(installed) for line in where.split()), where
+    assert (installed / "pipelines" / "model_configs" / "tiny-clip.json").is_file()  # pipelines/embed.py's
 
     plan = run_installed(installed, tmp_path, "-m", "pipelines.plan", "--samples", "1e6")
     assert "| train_stage_c | 64 GPU |" in plan and "cluster/measured.toml [v2_h200]" in plan

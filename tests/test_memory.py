@@ -1,5 +1,6 @@
-"""cluster.memory (through pipelines.plan, which counts the parameters): the predicted peak of a train step against the H200's measured peaks and
-bench/peak_memory.py's predictions (docs/memory.md), and what it says would fit."""
+"""cluster.memory, through pipelines.plan (which counts the parameters): the predicted peak of a
+train step against the H200's measured peaks and bench/peak_memory.py's predictions
+(docs/memory.md), and what it says would fit."""
 
 from __future__ import annotations
 
