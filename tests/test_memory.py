@@ -83,3 +83,14 @@ def test_the_largest_bucket_sets_the_latent():
     buckets = load_config("v2", ["decode.crop=buckets"])
     assert plan.training_latent(buckets, "stage_b") == (320, 224)  # 1280x896 crops at f4
     assert plan.training_latent(load_config("v2"), "stage_c") == (24, 24)
+
+
+def test_the_model_takes_plain_settings_and_a_parameter_count():
+    # cluster/ knows nothing of the pipeline: any object with the settings' fields will do.
+    train = dataclasses.replace(load_config("v2").train_c, workers=2, global_batch_size=32, strategy="fsdp")
+    fields = ("workers", "global_batch_size", "strategy", "compile", "activation_checkpointing",
+              "activation_memory_budget")
+    plain = dataclasses.make_dataclass("Settings", fields, frozen=True)(*(getattr(train, name) for name in fields))
+    step = memory.step_memory("stage_c", "v2", plain, (24, 24), parameters=plan.parameter_count("stage_c", "v2"))
+    assert step == plan.step_memory("stage_c", "v2", train, (24, 24))
+    assert step.samples_per_gpu == 16 and step.text_tower_gib == 0
