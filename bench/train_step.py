@@ -60,11 +60,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # the stages, and the test oracle's reference builders
+sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
-from stage_oracle import REFERENCE_BLOCKS, perturb_, reference_like, use_fused_attention_  # noqa: E402
 
+from bench.stage_oracle import REFERENCE_BLOCKS, perturb_, reference_like, use_fused_attention_  # noqa: E402
 from cluster.gpus import peak_flops  # noqa: E402
 from pipelines.flops import train_step_flops  # noqa: E402
 from pipelines.trainable import REGISTRY  # noqa: E402

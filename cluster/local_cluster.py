@@ -39,6 +39,8 @@ from pathlib import Path
 import psutil
 
 BIN = Path(sys.executable).parent
+# The checkout this harness runs from (it hides it from the nodes and submits it as a job's working
+# dir): a tool for the tests and for debugging a checkout, not for an installed package.
 PROJECT = Path(__file__).resolve().parents[1]
 BUCKET = "wuerstchen"
 S3_KEY = "local-cluster"

@@ -13,21 +13,16 @@ What it does not model, and says so: compiled blocks with an ``activation_memory
 (their peak depends on the partitioner's choices: measure them with ``bench/peak_memory.py``);
 FSDP's peak, never measured (the model adds nothing for the unit of weights each worker
 gathers, ~1% of a v2 stage); model sizes without a calibration (``tiny``).
+
+It takes plain numbers and settings: the planner of a run config (``pipelines/plan.py``) counts a
+stage's parameters and finds the latent it trains on.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
-
-import torch
-
-from pipelines.pre_encode import latent_shapes
-from pipelines.trainable import REGISTRY, build_model
-from pipelines.trainable.base import TaskSpec
-from pipelines.training.config import TrainConfig
-from stages.text import TEXT_CONFIGS, TextEncoder
+from typing import Protocol
 
 GIB = 2**30
 HEADROOM = 0.9
@@ -67,9 +62,22 @@ CALIBRATIONS = {
 }
 
 
-def variant(train: TrainConfig) -> str:
+class StepSettings(Protocol):
+    """What the model reads of a training config: a dataclass (``what_fits`` varies its fields), as
+    ``pipelines.training.config.TrainConfig`` is."""
+
+    workers: int
+    global_batch_size: int
+    strategy: str
+    """"ddp" or "fsdp"."""
+    compile: bool
+    activation_checkpointing: bool
+    activation_memory_budget: tuple[float, ...]
+
+
+def variant(train: StepSettings) -> str:
     """What a training config runs, named as bench/train_step.py names its variants of ours (the
-    name bench/measured.toml gives a throughput's ``setting``)."""
+    name cluster/measured.toml gives a throughput's ``setting``)."""
     parts = ["compile"] if train.compile else []
     if train.activation_checkpointing:
         parts.append("checkpointing")
@@ -78,7 +86,7 @@ def variant(train: TrainConfig) -> str:
     return "+".join(parts) or "eager"
 
 
-def setting(train: TrainConfig) -> str | None:
+def setting(train: StepSettings) -> str | None:
     """The calibrated setting whose line bounds a config's peak, or None for one the model does not
     know. Compiled per block without a budget keeps at most what eager keeps (v2 Stage C measured
     50.92 GiB against 57.81, Stage B predicted 30.26 against 32.70), so eager's line bounds it."""
@@ -114,50 +122,26 @@ class StepMemory:
         return self.peak_gib <= HEADROOM * gpu_gib
 
 
-@functools.cache
-def parameter_count(stage: str, models: str) -> int:
-    """Parameters of a stage, counted on the meta device (no memory, no initialisation)."""
-    spec = TaskSpec(stage=stage, models=models, caption_dropout=0.0, semantic_dropout=0.0, semantic_noise=0.0,
-                    text_from_tokens=True)
-    with torch.device("meta"):
-        return sum(p.numel() for p in build_model(spec).parameters())
-
-
-@functools.cache
-def text_tower_parameter_count(stage: str, models: str) -> int:
-    """Parameters of the text tower a stage runs in its step when it trains from stored tokens."""
-    text = TEXT_CONFIGS[models]().with_random_weights()
-    with torch.device("meta"):
-        return sum(p.numel() for p in TextEncoder(text.stage_c if stage == "stage_c" else text.stage_b).parameters())
-
-
-def step_memory(stage: str, models: str, train: TrainConfig, latent: tuple[int, int], *,
-                text_from_tokens: bool = False) -> StepMemory | None:
-    """The peak of one step of ``train`` on a (height, width) latent; None where nothing is calibrated."""
+def step_memory(stage: str, models: str, train: StepSettings, latent: tuple[int, int], *, parameters: int,
+                text_tower_parameters: int = 0) -> StepMemory | None:
+    """The peak of one step of ``train`` on a (height, width) latent, for a stage of ``parameters``
+    trained beside a frozen text tower of ``text_tower_parameters`` (with pre_encode.text=tokens; 0
+    without); None where nothing is calibrated."""
     name = setting(train)
     fit = CALIBRATIONS.get((stage, models, name))
     if fit is None:
         return None
-    states = SHARDED_BYTES_PER_PARAMETER * parameter_count(stage, models) / GIB
+    states = SHARDED_BYTES_PER_PARAMETER * parameters / GIB
     shards = train.workers if train.strategy == "fsdp" else 1
     samples = train.global_batch_size // train.workers
     return StepMemory(samples_per_gpu=samples, latent=latent, variant=variant(train), sharded_gib=states / shards,
                       rest_gib=fit.fixed_gib - states,
                       samples_gib=samples * fit.gib_per_sample * math.prod(latent) / math.prod(fit.latent),
-                      text_tower_gib=(TEXT_TOWER_BYTES_PER_PARAMETER * text_tower_parameter_count(stage, models) / GIB
-                                      if text_from_tokens else 0.0))
+                      text_tower_gib=TEXT_TOWER_BYTES_PER_PARAMETER * text_tower_parameters / GIB)
 
 
-def training_latent(config, stage: str) -> tuple[int, int]:
-    """The largest (height, width) latent a stage trains on: with aspect-ratio buckets, the largest
-    bucket's (a step holds one bucket, and the largest one sets the peak)."""
-    shapes = [latent_shapes(config.pre_encode, crop, config.decode.resolution)[REGISTRY[stage].latent_column]
-              for crop in config.decode.crop_sizes()]
-    return max((tuple(shape[1:]) for shape in shapes), key=math.prod)
-
-
-def what_fits(stage: str, models: str, section: str, train: TrainConfig, latent: tuple[int, int],
-              gpu_gib: float, *, text_from_tokens: bool = False) -> list[str]:
+def what_fits(stage: str, models: str, section: str, train: StepSettings, latent: tuple[int, int],
+              gpu_gib: float, *, parameters: int, text_tower_parameters: int = 0) -> list[str]:
     """Changes that would make a step fit GPUs of ``gpu_gib``, each with its predicted peak: more
     workers (fewer samples each), activation checkpointing, FSDP, bigger GPUs. Empty when none does."""
     changes = []
@@ -165,7 +149,7 @@ def what_fits(stage: str, models: str, section: str, train: TrainConfig, latent:
         if train.global_batch_size % workers:
             continue
         memory = step_memory(stage, models, dataclasses.replace(train, workers=workers), latent,
-                             text_from_tokens=text_from_tokens)
+                             parameters=parameters, text_tower_parameters=text_tower_parameters)
         if memory is not None and memory.fits(gpu_gib):
             changes.append(f"{section}.workers={workers} ({memory.samples_per_gpu} samples per GPU, "
                            f"{memory.peak_gib:.1f} GiB)")
@@ -174,37 +158,12 @@ def what_fits(stage: str, models: str, section: str, train: TrainConfig, latent:
                              {"activation_checkpointing": True, "compile": False, "activation_memory_budget": (1.0,)}),
                             (f"{section}.strategy=fsdp", {"strategy": "fsdp"})):
         memory = step_memory(stage, models, dataclasses.replace(train, **variant), latent,
-                             text_from_tokens=text_from_tokens)
+                             parameters=parameters, text_tower_parameters=text_tower_parameters)
         if memory is not None and memory.fits(gpu_gib):
             changes.append(f"{change} ({memory.peak_gib:.1f} GiB)")
-    memory = step_memory(stage, models, train, latent, text_from_tokens=text_from_tokens)
+    memory = step_memory(stage, models, train, latent, parameters=parameters, text_tower_parameters=text_tower_parameters)
     assert memory is not None, "asked what fits for a step the model does not know"
     bigger = next((name for size, name in GPU_SIZES_GIB if size > gpu_gib and memory.fits(size)), None)
     if bigger is not None:
         changes.append(f"GPUs of {memory.peak_gib / HEADROOM:.0f} GiB or more ({bigger})")
     return changes
-
-
-def phase_memory(config, stage: str) -> StepMemory | None:
-    """The predicted peak of a training phase's step as ``config`` runs it; None where the stage or
-    its setting has no calibration."""
-    if not REGISTRY[stage].latent_column:
-        return None
-    section = REGISTRY[stage].config_section
-    return step_memory(stage, config.pre_encode.models, getattr(config, section),
-                       training_latent(config, stage), text_from_tokens=config.pre_encode.text == "tokens")
-
-
-def does_not_fit(config, phase: str, stage: str, gpu_gib: float) -> str | None:
-    """Why a training phase's step does not fit GPUs of ``gpu_gib`` and what would; None when it
-    fits or is not modelled."""
-    memory = phase_memory(config, stage)
-    if memory is None or memory.fits(gpu_gib):
-        return None
-    section = REGISTRY[stage].config_section
-    height, width = memory.latent
-    changes = what_fits(stage, config.pre_encode.models, section, getattr(config, section), memory.latent, gpu_gib,
-                        text_from_tokens=config.pre_encode.text == "tokens")
-    return (f"{phase}: {memory.peak_gib:.1f} GiB per GPU predicted ({memory.samples_per_gpu} samples of "
-            f"{height}x{width} latents, {memory.variant}) does not fit {HEADROOM:.0%} of {gpu_gib:g} GiB GPUs; "
-            + ("would fit: " + "; ".join(changes) if changes else "nothing this planner knows would fit"))

@@ -152,7 +152,7 @@ def v2() -> RunConfig:
                           resources=StepResources(num_cpus=8, num_gpus=1, min_actors=1, max_actors=64, batch_size=256)),
         # Two calls per actor: each GPU actor starts its next shard while it commits the last, which
         # took the phase from 0.81x to 0.99x of the encoders' own rate on an H200 (docs/benchmarks.md).
-        # Tokens, not the towers' hidden states: by `python -m cluster.plan`, running the towers in
+        # Tokens, not the towers' hidden states: by `python -m pipelines.plan`, running the towers in
         # every Stage B and C step costs less GPU time than a month of storing 0.35 MB more per sample.
         pre_encode=PreEncodeConfig(models="v2", text="tokens",
                                    resources=StepResources(num_cpus=8, num_gpus=1, min_actors=1, max_actors=64,

@@ -14,7 +14,7 @@ import sys
 
 import torch
 
-from cluster.plan import check_local_gpus, check_training_memory, dry_run
+from pipelines.plan import check_local_gpus, check_training_memory, dry_run
 from pipelines.config import RUNS, load_config
 from pipelines.inputs import count_input_rows, exists, prepare_input
 from pipelines.overrides import to_flat_dict

@@ -4,21 +4,17 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench.activation_memory import saved_for_backward  # noqa: E402
-from pipelines.trainable.stage_b import STAGE_B  # noqa: E402
-from pipelines.trainable.stage_c import STAGE_C  # noqa: E402
-from pipelines.training.parallel import compile_blocks  # noqa: E402
-from stages.stage_b import STAGE_B_CONFIGS, StageB  # noqa: E402
-from stages.stage_c import STAGE_C_CONFIGS, StageC  # noqa: E402
+from bench.activation_memory import saved_for_backward
+from pipelines.trainable.stage_b import STAGE_B
+from pipelines.trainable.stage_c import STAGE_C
+from pipelines.training.parallel import compile_blocks
+from stages.stage_b import STAGE_B_CONFIGS, StageB
+from stages.stage_c import STAGE_C_CONFIGS, StageC
 
 
 class Scaled(nn.Module):

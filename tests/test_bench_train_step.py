@@ -3,24 +3,20 @@
 from __future__ import annotations
 
 import dataclasses
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench import train_step  # noqa: E402
-from bench.train_step import (  # noqa: E402
+from bench import train_step
+from bench.train_step import (
     build,
     check,
     correctness_outputs,
     parse_variants,
     prepared,
 )
-from stages.stage_b import STAGE_B_CONFIGS  # noqa: E402
-from stages.stage_c import STAGE_C_CONFIGS  # noqa: E402
+from stages.stage_b import STAGE_B_CONFIGS
+from stages.stage_c import STAGE_C_CONFIGS
 
 SIDES = {"c": 8, "b": 16}
 CONFIGS = {"c": STAGE_C_CONFIGS, "b": STAGE_B_CONFIGS}

@@ -12,7 +12,7 @@ from jsonschema import ValidationError
 from ray._private.label_utils import validate_node_label_syntax, validate_node_labels
 from ray.autoscaler._private.util import prepare_config, validate_config
 
-from cluster import plan
+from cluster import nodes
 
 CLUSTER_YAML = Path(__file__).resolve().parents[1] / "ray_cluster.yaml"
 
@@ -49,8 +49,8 @@ def test_image_matches_the_pinned_ray(cluster):
 def test_gpu_node_types_give_their_gpu_memory_in_a_label_ray_start_accepts(cluster):
     types = cluster["available_node_types"]
     gpu_types = [name for name, node in types.items() if node["resources"].get("GPU", 0) > 0]
-    assert gpu_types and set(plan.gpu_memory_gib()) == set(gpu_types)
-    assert plan.gpu_memory_gib()["gpu_worker"] == 80  # p4de.24xlarge: A100 80 GB (81,920 MiB)
+    assert gpu_types and set(nodes.gpu_memory_gib()) == set(gpu_types)
+    assert nodes.gpu_memory_gib()["gpu_worker"] == 80  # p4de.24xlarge: A100 80 GB (81,920 MiB)
     for name in gpu_types:
         # What `ray start --labels` checks; the launcher's schema above only asks for strings.
         validate_node_labels(types[name]["labels"])

@@ -1,5 +1,6 @@
-"""cluster.memory: the predicted peak of a train step against the H200's measured peaks and
-bench/peak_memory.py's predictions (docs/memory.md), and what it says would fit."""
+"""cluster.memory, through pipelines.plan (which counts the parameters): the predicted peak of a
+train step against the H200's measured peaks and bench/peak_memory.py's predictions
+(docs/memory.md), and what it says would fit."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import dataclasses
 import pytest
 
 from cluster import memory
+from pipelines import plan
 from pipelines.config import load_config
 
 # Each line goes through a measured peak with bench/peak_memory.py's slope, and the script predicts
@@ -21,7 +23,7 @@ TOLERANCE = 0.035
 def v2_step(stage: str, samples: int, side: int, **settings) -> memory.StepMemory:
     section = {"stage_b": "train_b", "stage_c": "train_c"}[stage]
     train = dataclasses.replace(getattr(load_config("v2"), section), workers=1, global_batch_size=samples, **settings)
-    step = memory.step_memory(stage, "v2", train, (side, side))
+    step = plan.step_memory(stage, "v2", train, (side, side))
     assert step is not None
     return step
 
@@ -44,40 +46,51 @@ def test_the_model_meets_the_measured_and_predicted_peaks(stage, samples, side, 
 
 def test_fsdp_divides_the_weights_and_adamw_state_over_the_workers():
     train = dataclasses.replace(load_config("v2").train_c, strategy="fsdp")
-    ddp = memory.step_memory("stage_c", "v2", dataclasses.replace(train, strategy="ddp"), (24, 24))
-    fsdp = memory.step_memory("stage_c", "v2", train, (24, 24))
-    weights_and_moments = 12 * memory.parameter_count("stage_c", "v2") / memory.GIB
+    ddp = plan.step_memory("stage_c", "v2", dataclasses.replace(train, strategy="ddp"), (24, 24))
+    fsdp = plan.step_memory("stage_c", "v2", train, (24, 24))
+    weights_and_moments = 12 * plan.parameter_count("stage_c", "v2") / memory.GIB
     assert ddp.peak_gib - fsdp.peak_gib == pytest.approx(weights_and_moments * (1 - 1 / train.workers))
 
 
 def test_a_budget_below_one_is_not_modelled_and_compile_alone_is_bounded_by_eager():
     train = load_config("v2").train_c
     budget = dataclasses.replace(train, compile=True, activation_memory_budget=(0.5,))
-    assert memory.step_memory("stage_c", "v2", budget, (24, 24)) is None
+    assert plan.step_memory("stage_c", "v2", budget, (24, 24)) is None
     assert memory.variant(budget) == "compile+budget=0.5"
-    compiled = memory.step_memory("stage_c", "v2", dataclasses.replace(train, compile=True), (24, 24))
-    assert compiled.peak_gib == memory.step_memory("stage_c", "v2", train, (24, 24)).peak_gib
+    compiled = plan.step_memory("stage_c", "v2", dataclasses.replace(train, compile=True), (24, 24))
+    assert compiled.peak_gib == plan.step_memory("stage_c", "v2", train, (24, 24)).peak_gib
 
 
 def test_text_from_tokens_adds_the_fp32_text_tower():
-    hidden = memory.phase_memory(load_config("v2", ["pre_encode.text=hidden_states"]), "stage_b")
-    tokens = memory.phase_memory(load_config("v2", ["pre_encode.text=tokens"]), "stage_b")
+    hidden = plan.phase_memory(load_config("v2", ["pre_encode.text=hidden_states"]), "stage_b")
+    tokens = plan.phase_memory(load_config("v2", ["pre_encode.text=tokens"]), "stage_b")
     assert hidden.text_tower_gib == 0
     assert tokens.peak_gib - hidden.peak_gib == pytest.approx(4 * 352_984_064 / 2**30)  # CLIP H's text tower
 
 
 def test_v2_on_40_gb_says_what_would_fit():
     config = load_config("v2", ["pre_encode.text=hidden_states"])
-    problem = memory.does_not_fit(config, "train_stage_b", "stage_b", 40)
+    problem = plan.does_not_fit(config, "train_stage_b", "stage_b", 40)
     assert problem.startswith("train_stage_b: 51.6 GiB per GPU predicted (8 samples of 256x256 latents, eager) "
                               "does not fit 90% of 40 GiB GPUs; would fit: ")
     assert "train_b.workers=128 (4 samples per GPU, 33.0 GiB)" in problem
     assert "train_b.activation_checkpointing=true" in problem
     assert "GPUs of 57 GiB or more (A100 80 GB: p4de.24xlarge)" in problem
-    assert memory.does_not_fit(config, "train_stage_b", "stage_b", 80) is None
+    assert plan.does_not_fit(config, "train_stage_b", "stage_b", 80) is None
 
 
 def test_the_largest_bucket_sets_the_latent():
     buckets = load_config("v2", ["decode.crop=buckets"])
-    assert memory.training_latent(buckets, "stage_b") == (320, 224)  # 1280x896 crops at f4
-    assert memory.training_latent(load_config("v2"), "stage_c") == (24, 24)
+    assert plan.training_latent(buckets, "stage_b") == (320, 224)  # 1280x896 crops at f4
+    assert plan.training_latent(load_config("v2"), "stage_c") == (24, 24)
+
+
+def test_the_model_takes_plain_settings_and_a_parameter_count():
+    # cluster/ knows nothing of the pipeline: any object with the settings' fields will do.
+    train = dataclasses.replace(load_config("v2").train_c, workers=2, global_batch_size=32, strategy="fsdp")
+    fields = ("workers", "global_batch_size", "strategy", "compile", "activation_checkpointing",
+              "activation_memory_budget")
+    plain = dataclasses.make_dataclass("Settings", fields, frozen=True)(*(getattr(train, name) for name in fields))
+    step = memory.step_memory("stage_c", "v2", plain, (24, 24), parameters=plan.parameter_count("stage_c", "v2"))
+    assert step == plan.step_memory("stage_c", "v2", train, (24, 24))
+    assert step.samples_per_gpu == 16 and step.text_tower_gib == 0

@@ -4,18 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench.peak_memory import CUDA_BLOCK_BYTES, LiveStorages, predict, train_steps  # noqa: E402
-from stages.diffusion import CosineDiffusion, DiffusionConfig  # noqa: E402
-from stages.stage_c import STAGE_C_CONFIGS, StageC  # noqa: E402
+from bench.peak_memory import CUDA_BLOCK_BYTES, LiveStorages, predict, train_steps
+from stages.diffusion import CosineDiffusion, DiffusionConfig
+from stages.stage_c import STAGE_C_CONFIGS, StageC
 
 
 def test_live_storages_count_each_storage_once_rounded_as_cuda_allocates_until_it_is_freed() -> None:

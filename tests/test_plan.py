@@ -1,4 +1,4 @@
-"""The cost planner (``python -m cluster.plan``) and ``full.py --dry-run``: arithmetic, budgets, errors."""
+"""The cost planner (``python -m pipelines.plan``) and ``full.py --dry-run``: arithmetic, budgets, errors."""
 
 from __future__ import annotations
 
@@ -6,19 +6,21 @@ import re
 
 import pytest
 
-from cluster import memory, plan
+import yaml
+
+from cluster import costs, nodes
 from cluster.local_cluster import free_port
-from pipelines import demo_data, full
+from pipelines import demo_data, full, plan
 from pipelines.config import load_config
 from pipelines.demo_data import DemoDataConfig
 from pipelines.phases import PHASES
 from pipelines.trainable import training_phases
 
 
-def _rows(overrides=(), **assumed) -> dict[str, plan.PhasePlan]:
+def _rows(overrides=(), **assumed) -> dict[str, costs.PhasePlan]:
     config = load_config("v2", list(overrides))
     assumptions = plan.Assumptions(samples=10**6, keep={"metadata_filter": 0.5}, **{"gpus": 8, "gpu": "a100", **assumed})
-    return {row.phase: row for row in plan.plan(config, list(PHASES), assumptions, plan.load_measured("v2_h200"))}
+    return {row.phase: row for row in plan.plan(config, list(PHASES), assumptions, costs.load_measured("v2_h200"))}
 
 
 def test_hours_follow_the_work_the_gpu_count_and_the_gpu_kind():
@@ -29,7 +31,7 @@ def test_hours_follow_the_work_the_gpu_count_and_the_gpu_kind():
     wider = _rows(gpus=16)["train_stage_c"]  # same efficiency above one GPU: same GPU-hours, half the wall time
     assert wider.unit_hours == pytest.approx(stage_c.unit_hours) and wider.seconds == pytest.approx(stage_c.seconds / 2)
     assert _rows(gpu="h200")["train_stage_c"].unit_hours == pytest.approx(
-        stage_c.unit_hours * plan.GPU_SPEED_VS_H200["a100"])
+        stage_c.unit_hours * costs.GPU_SPEED_VS_H200["a100"])
     # The data volumes chain through the keep fractions; v2 loads its encoders, so it trains neither.
     assert base["decode"].samples == 500_000 and base["pre_encode"].samples == 500_000
     assert "train_stage_a" not in base and "train_semantic" not in base
@@ -40,9 +42,9 @@ def test_hours_follow_the_work_the_gpu_count_and_the_gpu_kind():
 
 
 def test_the_text_setting_moves_the_towers_time_between_pre_encode_and_training():
-    towers = plan.load_measured("v2_h200")["text_towers"]
+    towers = costs.load_measured("v2_h200")["text_towers"]
     hidden, tokens = _rows(["pre_encode.text=hidden_states"]), _rows(["pre_encode.text=tokens"])
-    a100 = plan.GPU_SPEED_VS_H200["a100"] * 0.9  # slower GPUs, 90% efficiency over several
+    a100 = costs.GPU_SPEED_VS_H200["a100"] * 0.9  # slower GPUs, 90% efficiency over several
 
     def extra_seconds(phase: str) -> float:
         return (1 / tokens[phase].samples_per_second_per_unit - 1 / hidden[phase].samples_per_second_per_unit) * a100
@@ -58,15 +60,15 @@ def test_the_text_setting_moves_the_towers_time_between_pre_encode_and_training(
 
 def test_storage_is_priced_by_the_month_and_reads_by_the_gigabyte():
     rows = list(_rows().values())
-    month = plan.total_costs(rows, plan.Assumptions(samples=1, keep={}, storage_months=1))
-    year = plan.total_costs(rows, plan.Assumptions(samples=1, keep={}, storage_months=12, usd_per_gb_read=0.02))
+    month = costs.total_costs(rows, plan.Assumptions(samples=1, keep={}, storage_months=1))
+    year = costs.total_costs(rows, plan.Assumptions(samples=1, keep={}, storage_months=12, usd_per_gb_read=0.02))
     stored = sum(row.stored_bytes for row in rows)
-    assert month.storage == pytest.approx(stored / 1e9 * plan.USD_PER_GB_MONTH) and month.transfer == 0
+    assert month.storage == pytest.approx(stored / 1e9 * costs.USD_PER_GB_MONTH) and month.transfer == 0
     assert year.storage == pytest.approx(12 * month.storage) and year.compute == month.compute
     assert year.transfer == pytest.approx(sum(row.read_bytes for row in rows) / 1e9 * 0.02)
     # A training run keeps its checkpoints: weights, EMA and AdamW's two moments, 16 bytes a parameter.
     stage_c = _rows()["train_stage_c"]
-    assert stage_c.stored_bytes == 3 * 16 * memory.parameter_count("stage_c", "v2")
+    assert stage_c.stored_bytes == 3 * 16 * plan.parameter_count("stage_c", "v2")
 
 
 def test_the_planner_names_the_cheaper_text_setting(capsys):
@@ -89,7 +91,7 @@ def test_planner_prints_the_table_the_paper_comparison_and_budgets(capsys):
     assert re.search(r"\| train_stage_b \|.*: fits \|", out)
     assert re.search(r"Training \(train_stage_b, train_stage_c\): [\d,]+ A100-hours predicted; the paper gives 24,602 "
                      r"A100-hours for its whole training", out)
-    assert "bench/measured.toml [v2_h200]" in out
+    assert "cluster/measured.toml [v2_h200]" in out
 
 
 def test_latent_bytes_per_sample_are_the_v2_shard_payload_and_the_largest_bucket():
@@ -141,13 +143,13 @@ def test_dry_run_of_a_missing_input_names_the_setting(tmp_path):
 
 
 def test_every_v2_phase_fits_the_node_type_meant_for_it():
-    types = plan.worker_node_types()
+    types = nodes.worker_node_types()
     config = load_config("v2")
-    assert plan.node_type_for(config.decode.resources.num_cpus, 0, types) == "cpu_worker"
-    assert plan.node_type_for(config.pre_encode.resources.num_cpus, 1, types) == "gpu_worker"
-    assert plan.node_type_for(config.train_c.cpus_per_worker, config.train_c.gpus_per_worker, types) == "gpu_worker"
+    assert nodes.node_type_for(config.decode.resources.num_cpus, 0, types) == "cpu_worker"
+    assert nodes.node_type_for(config.pre_encode.resources.num_cpus, 1, types) == "gpu_worker"
+    assert nodes.node_type_for(config.train_c.cpus_per_worker, config.train_c.gpus_per_worker, types) == "gpu_worker"
     # The planner's default scale is the GPU pool's: 8 nodes of 8 GPUs.
-    gpu_pool = plan.yaml.safe_load(plan.CLUSTER_FILE.read_text())["available_node_types"]["gpu_worker"]
+    gpu_pool = yaml.safe_load(nodes.CLUSTER_FILE.read_text())["available_node_types"]["gpu_worker"]
     assert gpu_pool["max_workers"] * types["gpu_worker"]["GPU"] == config.train_c.workers == 64
 
 
@@ -182,7 +184,7 @@ def test_v2_training_steps_fit_the_gpus_of_ray_cluster_yaml():
     config = load_config("v2")
     assert plan.training_gpu_memory(config, list(PHASES)) == 80
     for phase in ("train_stage_b", "train_stage_c"):
-        step = memory.phase_memory(config, training_phases()[phase].name)
+        step = plan.phase_memory(config, training_phases()[phase].name)
         assert step is not None and step.fits(80), phase
     plan.check_training_memory(config, list(PHASES))  # the dry run's check passes
 
@@ -209,6 +211,6 @@ def test_dry_run_refuses_a_step_that_does_not_fit_and_says_what_would(tmp_path, 
 def test_a_throughput_measured_at_another_setting_is_flagged():
     config = load_config("v2", ["train_b.activation_checkpointing=true"])
     assumptions = plan.Assumptions(samples=10**6, keep={}, gpus=8, gpu="a100")
-    rows = {row.phase: row for row in plan.plan(config, list(PHASES), assumptions, plan.load_measured("v2_h200"))}
+    rows = {row.phase: row for row in plan.plan(config, list(PHASES), assumptions, costs.load_measured("v2_h200"))}
     assert "MEASURED eager, BUT train_b RUNS checkpointing" in rows["train_stage_b"].source
     assert "MEASURED" not in rows["train_stage_c"].source

@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 import torch
-from stage_oracle import perturb_, reference_like, reference_stage_a, shapes
+from bench.stage_oracle import perturb_, reference_like, reference_stage_a, shapes
 
 from stages.stage_a import STAGE_A_CONFIGS, MixingBlock, StageA, StageAConfig
 

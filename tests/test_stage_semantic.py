@@ -8,7 +8,7 @@ import pytest
 import torch
 import torchvision
 from safetensors.torch import save_file
-from stage_oracle import perturb_
+from bench.stage_oracle import perturb_
 from torch import nn
 
 from stages.semantic import (

@@ -7,7 +7,7 @@ import pytest
 import torch
 from diffusers.pipelines.deprecated.wuerstchen.modeling_wuerstchen_common import AttnBlock as ReferenceAttnBlock
 from safetensors.torch import save_file
-from stage_oracle import perturb_, reference_like, reference_stage_b, reference_stage_c
+from bench.stage_oracle import perturb_, reference_like, reference_stage_b, reference_stage_c
 from torch import nn
 
 from pipelines import trained_weights

@@ -6,7 +6,7 @@ Three inputs, each visible in the output:
   and batch sizes, the budgets;
 - the data: samples into the metadata filter and the fraction each filtering phase keeps (your
   assumptions: the defaults are guesses for LAION-Aesthetics and printed as such);
-- measured throughputs (``bench/measured.toml``, one figure per phase from the bench scripts),
+- measured throughputs (``cluster/measured.toml``, one figure per phase from the bench scripts),
   scaled to the planned GPU kind by a stated factor and to the run's resolution by pixel count.
 
 A phase with no measured figure is listed without an estimate: nothing is invented for it. Beside
@@ -14,50 +14,42 @@ compute, each phase's output is priced as object storage for the months it is ke
 next phases read of it as transfer; the text conditioning (hidden states stored at pre-encode, or
 tokens encoded in every training step) is planned both ways, so the cheaper one shows.
 
-    python -m cluster.plan                           # v2 on LAION-Aesthetics v2 5+ (600M) at 64 A100s
-    python -m cluster.plan --samples 100e6 --gpus 128 --set train_c.steps=500000
+    python -m pipelines.plan                           # v2 on LAION-Aesthetics v2 5+ (600M) at 64 A100s
+    python -m pipelines.plan --samples 100e6 --gpus 128 --set train_c.steps=500000
+
+The config's side lives here; the prices, the measured figures, the node types of the cluster file
+and the memory model's arithmetic are ``cluster/``'s (costs, nodes, memory), which knows nothing of
+the config.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import itertools
 import math
-import tomllib
-from pathlib import Path
+from importlib.resources.abc import Traversable
 
 import numpy as np
 import pyarrow as pa
-import yaml
+import torch
 
 from cluster import memory
+from cluster.costs import (A100_USD_PER_GPU_HOUR, GPU_SPEED_VS_H200, MEASURED_FILE, USD_PER_CPU_HOUR, USD_PER_GB_MONTH,
+                           PhasePlan, load_measured, row_costs, total_costs)
 from cluster.memory import SHARDED_BYTES_PER_PARAMETER
+from cluster.nodes import CLUSTER_FILE, gpu_memory_gib, node_type_for, worker_node_types
 from pipelines import pre_encode
 from pipelines.embed import embedding_width
 from pipelines.config import RUNS, RunConfig, load_config
 from pipelines.phases import PHASES
 from pipelines.train_phase import training_needed
-from pipelines.trainable import REGISTRY, training_phases
+from pipelines.trainable import REGISTRY, build_model, training_phases
 from pipelines.trainable.base import TaskSpec
+from pipelines.training.config import TrainConfig
+from stages.text import TEXT_CONFIGS, TextEncoder
 
-MEASURED_FILE = Path(__file__).resolve().parents[1] / "bench" / "measured.toml"
-CLUSTER_FILE = Path(__file__).resolve().parents[1] / "ray_cluster.yaml"
-# Throughput of a GPU kind relative to the H200 the v2 figures were measured on. A100: 312 vs 989
-# dense bf16 TFLOP/s (~0.32, 40 and 80 GB alike) and 1.56 (40 GB) or 2.04 (80 GB) vs 4.8 TB/s of
-# memory bandwidth (0.32-0.43); the lower ratio, of peaks, not a measurement.
-GPU_SPEED_VS_H200 = {"h200": 1.0, "a100": 0.32}
-# On-demand us-east-1 list prices, assumed (not checked against AWS's price list from here, and they
-# change: override with --usd-per-gpu-hour): p4de.24xlarge $40.97/h for 8 A100s of 80 GB
-# (ray_cluster.yaml's GPU nodes: the v2 steps need more than the 40 GB of p4d's, docs/memory.md);
-# c6i.16xlarge $2.72/h for 64 vCPUs.
-A100_USD_PER_GPU_HOUR = 40.97 / 8
-USD_PER_CPU_HOUR = 2.72 / 64
-# S3 Standard in us-east-1, assumed list prices like the instances': storage per GB-month (the
-# first 50 TB; beyond, $0.022 and $0.021); reads by instances in the bucket's region carry no
-# transfer charge (override --usd-per-gb-read for another region). Requests are left out: shards
-# are tens of MB and more, so a LAION run makes millions of requests, a few dollars.
-USD_PER_GB_MONTH = 0.023
 # Output bytes of the phases before pre-encode that their shapes do not give (assumed, not
 # measured on LAION): a metadata row (URL, caption, sizes, scores; the demo's short rows are 233
 # bytes, docs/data_format.md) and a decoded crop as a quality-95 JPEG at about 3 bits per pixel.
@@ -65,9 +57,6 @@ ROW_BYTES = 1_000
 JPEG_BITS_PER_PIXEL = 3.0
 # The paper's abstract gives this for its whole training; it publishes no split by stage.
 PAPER_TRAINING_A100_HOURS = 24_602
-# The node label of ray_cluster.yaml that gives a GPU node type's memory per GPU (Ray has no
-# resource for it; labels pass Ray's validator and reach `ray start --labels`).
-GPU_MEMORY_LABEL = "gpu-memory-gib"
 DATA_PHASES = ("metadata_filter", "decode", "embed", "pre_encode")
 
 
@@ -112,44 +101,6 @@ class Assumptions:
         for name in ("usd_per_gb_month", "storage_months", "usd_per_gb_read"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class PhasePlan:
-    phase: str
-    unit: str
-    """"gpu" or "cpu": what the phase holds while it runs."""
-    units: float
-    samples: int
-    samples_per_second_per_unit: float | None
-    """After scaling to the GPU kind and resolution; none: no measured figure."""
-    budget: float | None = None
-    """The phase's GPU-hour budget (training only)."""
-    source: str = ""
-    memory: memory.StepMemory | None = None
-    """Predicted peak of a training step on one GPU (training on GPUs only; none: not modelled)."""
-    stored_bytes: float = 0.0
-    """What the phase leaves in object storage: its output shards, or a training run's checkpoints."""
-    read_bytes: float = 0.0
-    """What the phase reads of earlier phases' outputs (not the input data set's own shards)."""
-
-    @property
-    def seconds(self) -> float | None:
-        if self.samples_per_second_per_unit is None:
-            return None
-        return self.samples / (self.samples_per_second_per_unit * self.units) if self.samples else 0.0
-
-    @property
-    def unit_hours(self) -> float | None:
-        """GPU-hours (GPU phases) or CPU core-hours (CPU phases)."""
-        return None if self.seconds is None else self.seconds * self.units / 3600
-
-
-def load_measured(name: str, path: Path = MEASURED_FILE) -> dict:
-    tables = tomllib.loads(path.read_text())
-    if name not in tables:
-        raise ValueError(f"no measured table {name!r} in {path}; available: {', '.join(tables)}")
-    return tables[name]
 
 
 def measured_table_for(config: RunConfig) -> str:
@@ -230,7 +181,7 @@ def checkpoint_bytes(config: RunConfig, stage: str) -> int:
     """The checkpoints a training run keeps: fp32 weights, AdamW's two moments and the EMA's copy."""
     train = getattr(config, REGISTRY[stage].config_section)
     per_parameter = SHARDED_BYTES_PER_PARAMETER + (4 if train.ema_beta > 0 else 0)
-    return train.keep_checkpoints * per_parameter * memory.parameter_count(stage, config.pre_encode.models)
+    return train.keep_checkpoints * per_parameter * parameter_count(stage, config.pre_encode.models)
 
 
 def _text_tower_seconds(phase: str, towers: dict | None) -> float | None:
@@ -288,7 +239,7 @@ def plan(config: RunConfig, phases: list[str], assumptions: Assumptions, measure
             if request.phase in training_phases():
                 source += _setting_note(figure, request.setting, getattr(config, request.setting))
         training_on_gpu = request.phase in training_phases() and on_gpu
-        step = memory.phase_memory(config, training_phases()[request.phase].name) if training_on_gpu else None
+        step = phase_memory(config, training_phases()[request.phase].name) if training_on_gpu else None
         rows.append(PhasePlan(phase=request.phase, unit="gpu" if on_gpu else "cpu", units=units, samples=samples,
                               samples_per_second_per_unit=rate, budget=budget, source=source, memory=step,
                               stored_bytes=stored, read_bytes=read))
@@ -324,11 +275,73 @@ def _setting_note(figure: dict, section: str, train) -> str:
     return note
 
 
+@functools.cache
+def parameter_count(stage: str, models: str) -> int:
+    """Parameters of a stage, counted on the meta device (no memory, no initialisation)."""
+    spec = TaskSpec(stage=stage, models=models, caption_dropout=0.0, semantic_dropout=0.0, semantic_noise=0.0,
+                    text_from_tokens=True)
+    with torch.device("meta"):
+        return sum(p.numel() for p in build_model(spec).parameters())
+
+
+@functools.cache
+def text_tower_parameter_count(stage: str, models: str) -> int:
+    """Parameters of the text tower a stage runs in its step when it trains from stored tokens."""
+    text = TEXT_CONFIGS[models]().with_random_weights()
+    with torch.device("meta"):
+        return sum(p.numel() for p in TextEncoder(text.stage_c if stage == "stage_c" else text.stage_b).parameters())
+
+
+def step_memory(stage: str, models: str, train: TrainConfig, latent: tuple[int, int], *,
+                text_from_tokens: bool = False) -> memory.StepMemory | None:
+    """cluster.memory's prediction for a stage of the registry, with its parameters counted and,
+    where it trains from stored tokens, its text tower's."""
+    return memory.step_memory(stage, models, train, latent, **_parameters(stage, models, text_from_tokens))
+
+
+def _parameters(stage: str, models: str, text_from_tokens: bool) -> dict[str, int]:
+    return {"parameters": parameter_count(stage, models),
+            "text_tower_parameters": text_tower_parameter_count(stage, models) if text_from_tokens else 0}
+
+
+def training_latent(config: RunConfig, stage: str) -> tuple[int, int]:
+    """The largest (height, width) latent a stage trains on: with aspect-ratio buckets, the largest
+    bucket's (a step holds one bucket, and the largest one sets the peak)."""
+    shapes = [pre_encode.latent_shapes(config.pre_encode, crop, config.decode.resolution)[REGISTRY[stage].latent_column]
+              for crop in config.decode.crop_sizes()]
+    return max((tuple(shape[1:]) for shape in shapes), key=math.prod)
+
+
+def phase_memory(config: RunConfig, stage: str) -> memory.StepMemory | None:
+    """The predicted peak of a training phase's step as ``config`` runs it; None where the stage or
+    its setting has no calibration."""
+    if not REGISTRY[stage].latent_column:
+        return None
+    section = REGISTRY[stage].config_section
+    return step_memory(stage, config.pre_encode.models, getattr(config, section), training_latent(config, stage),
+                       text_from_tokens=config.pre_encode.text == "tokens")
+
+
+def does_not_fit(config: RunConfig, phase: str, stage: str, gpu_gib: float) -> str | None:
+    """Why a training phase's step does not fit GPUs of ``gpu_gib`` and what would; None when it
+    fits or is not modelled."""
+    step = phase_memory(config, stage)
+    if step is None or step.fits(gpu_gib):
+        return None
+    section = REGISTRY[stage].config_section
+    height, width = step.latent
+    changes = memory.what_fits(stage, config.pre_encode.models, section, getattr(config, section), step.latent, gpu_gib,
+                               **_parameters(stage, config.pre_encode.models, config.pre_encode.text == "tokens"))
+    return (f"{phase}: {step.peak_gib:.1f} GiB per GPU predicted ({step.samples_per_gpu} samples of "
+            f"{height}x{width} latents, {step.variant}) does not fit {memory.HEADROOM:.0%} of {gpu_gib:g} GiB GPUs; "
+            + ("would fit: " + "; ".join(changes) if changes else "nothing this planner knows would fit"))
+
+
 def memory_problems(config: RunConfig, phases: list[str], gpu_gib: float) -> list[str]:
     """One line per training phase on GPUs whose step does not fit GPUs of ``gpu_gib``: its
     predicted peak and the settings that would fit."""
     stages = training_phases()
-    problems = [memory.does_not_fit(config, phase, stages[phase].name, gpu_gib) for phase in phases
+    problems = [does_not_fit(config, phase, stages[phase].name, gpu_gib) for phase in phases
                 if phase in stages and getattr(config, stages[phase].config_section).gpus_per_worker > 0]
     return [f"DOES NOT FIT: {problem}" for problem in problems if problem is not None]
 
@@ -355,33 +368,6 @@ def _hours(seconds: float | None) -> str:
     if seconds is None:
         return "-"
     return f"{seconds / 3600:,.1f} h" if seconds >= 360 else f"{seconds:,.0f} s"
-
-
-@dataclasses.dataclass(frozen=True)
-class Costs:
-    compute: float
-    storage: float
-    transfer: float
-
-    @property
-    def total(self) -> float:
-        return self.compute + self.storage + self.transfer
-
-
-def row_costs(row: PhasePlan, assumptions: Assumptions) -> Costs:
-    """USD of a phase: its GPU- or core-hours (0 without a figure), its output kept in object storage
-    for the assumed months, and what it reads."""
-    hours = row.unit_hours or 0.0
-    compute = hours * (assumptions.usd_per_gpu_hour if row.unit == "gpu" else assumptions.usd_per_cpu_hour)
-    return Costs(compute=compute,
-                 storage=row.stored_bytes / 1e9 * assumptions.usd_per_gb_month * assumptions.storage_months,
-                 transfer=row.read_bytes / 1e9 * assumptions.usd_per_gb_read)
-
-
-def total_costs(rows: list[PhasePlan], assumptions: Assumptions) -> Costs:
-    costs = [row_costs(row, assumptions) for row in rows]
-    return Costs(compute=sum(c.compute for c in costs), storage=sum(c.storage for c in costs),
-                 transfer=sum(c.transfer for c in costs))
 
 
 def format_plan(rows: list[PhasePlan], assumptions: Assumptions, config: RunConfig, measured_name: str) -> str:
@@ -411,7 +397,7 @@ def format_plan(rows: list[PhasePlan], assumptions: Assumptions, config: RunConf
                  f"{total.storage + total.transfer:,.0f} | {_experiment_budget(config, gpu_hours)} | |")
     gpu_scaling = (f", scaled to {assumptions.gpu.upper()} (x{GPU_SPEED_VS_H200[assumptions.gpu]:g} of an H200)"
                    if any(row.unit == "gpu" for row in rows) else "")
-    lines += ["", (f"Measured figures: bench/measured.toml [{measured_name}]{gpu_scaling}, to {config.decode.resolution} px "
+    lines += ["", (f"Measured figures: cluster/{MEASURED_FILE.name} [{measured_name}]{gpu_scaling}, to {config.decode.resolution} px "
                    f"by pixel count where the figure names a resolution; {assumptions.scaling_efficiency:.0%} scaling "
                    "efficiency above one unit (assumed).")]
     lines += [f"  {row.phase}: {row.source}" for row in rows]
@@ -465,21 +451,7 @@ def format_text_choice(config: RunConfig, phases: list[str], assumptions: Assump
     return "\n".join(lines)
 
 
-def worker_node_types(path: Path = CLUSTER_FILE) -> dict[str, dict[str, float]]:
-    """The resources of each worker node type of the cluster file (the head runs no tasks)."""
-    cluster = yaml.safe_load(path.read_text())
-    return {name: node.get("resources", {}) for name, node in cluster["available_node_types"].items()
-            if name != cluster["head_node_type"]}
-
-
-def gpu_memory_gib(path: Path = CLUSTER_FILE) -> dict[str, float]:
-    """Memory per GPU of each worker node type that gives it (its GPU_MEMORY_LABEL), GiB."""
-    cluster = yaml.safe_load(path.read_text())
-    return {name: float(node["labels"][GPU_MEMORY_LABEL]) for name, node in cluster["available_node_types"].items()
-            if GPU_MEMORY_LABEL in node.get("labels", {})}
-
-
-def training_gpu_memory(config: RunConfig, phases: list[str], path: Path = CLUSTER_FILE) -> float | None:
+def training_gpu_memory(config: RunConfig, phases: list[str], path: Traversable = CLUSTER_FILE) -> float | None:
     """The GPU memory the training workers of ``phases`` get on the cluster file's node types (the
     smallest where they land on several); none when none of them runs on a GPU node that gives it."""
     types, memories = worker_node_types(path), gpu_memory_gib(path)
@@ -498,13 +470,6 @@ def check_training_memory(config: RunConfig, phases: list[str]) -> None:
     if problems:
         raise ValueError(f"a training step does not fit the GPUs of {CLUSTER_FILE.name}: "
                          + " | ".join(problem.removeprefix("DOES NOT FIT: ") for problem in problems))
-
-
-def node_type_for(cpus: float, gpus: float, types: dict[str, dict[str, float]]) -> str | None:
-    """The node type one actor or worker asking for ``cpus`` and ``gpus`` lands on: a CPU-only
-    request on a node without GPUs where one fits (GPU nodes are the expensive ones)."""
-    fitting = [name for name, r in types.items() if cpus <= r.get("CPU", 0) and gpus <= r.get("GPU", 0)]
-    return min(fitting, key=lambda name: (gpus == 0 and types[name].get("GPU", 0) > 0), default=None)
 
 
 def check_local_gpus(config: RunConfig, phases: list[str], gpus_here: int) -> None:

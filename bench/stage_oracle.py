@@ -1,6 +1,5 @@
-"""The diffusers reference implementations (the test oracle), built from our stage configs.
-
-Used by the stage tests and bench/train_step.py; never by shipped code.
+"""The diffusers reference implementations, built from our stage configs: the oracle of the stage
+tests and what bench/train_step.py races ours against; never used by shipped code.
 """
 
 from __future__ import annotations
