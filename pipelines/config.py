@@ -118,7 +118,8 @@ def tiny() -> RunConfig:
         train_b=_tiny_training(steps=800, lr=2e-3, ema_beta=0.0),
         train_c=_tiny_training(steps=700, lr=3e-3, ema_beta=0.99),
         # 16 prompts per demo colour: the learning measure of the test suite, and a grid to look at.
-        generate=SampleConfig(prompts=colour_prompts(16), size=64, score_colours=True, num_gpus=0),
+        generate=SampleConfig(prompts=colour_prompts(16), size=64, score_colours=True, num_gpus=0, eval_captions=16,
+                              fid_features="tiny"),
     )
 
 

@@ -19,6 +19,7 @@ from PIL import Image
 
 from pipelines import trained_weights
 from pipelines.demo_data import BACKGROUNDS, COLOURS
+from pipelines.quality import FEATURE_EXTRACTORS
 from pipelines.reports import image_grid, to_uint8
 from pipelines.storage import StorageConfig, filesystem, write_atomically
 from stages.generate import GENERATE_CONFIGS, build_models, generate
@@ -43,10 +44,21 @@ class SampleConfig:
     """Score the dominant colour of each image against the colour its prompt names (demo data)."""
     num_gpus: float = 1.0
     """GPUs of the Ray task that renders; 0 renders on CPU."""
+    eval_captions: int = 256
+    """Held-out captions the chain renders at each evaluation of Stage C's training, scored by CLIP
+    score and FID against their real images (pipelines/chain_evaluation.py); 0: none."""
+    fid_features: str = "inception-v3-fid"
+    """Feature extractor of FID (``pipelines.quality.FEATURE_EXTRACTORS``); FIDs compare only with the same one."""
 
     def __post_init__(self):
         if not self.prompts:
             raise ValueError("prompts must hold at least one prompt")
+        if self.eval_captions < 0 or self.eval_captions == 1:
+            raise ValueError(f"generate.eval_captions must be 0 (none) or at least 2 (FID needs a covariance), "
+                             f"got {self.eval_captions}")
+        if self.fid_features not in FEATURE_EXTRACTORS:
+            raise ValueError(f"generate.fid_features: unknown {self.fid_features!r}, choose one of "
+                             f"{', '.join(FEATURE_EXTRACTORS)}")
         if self.size < 8:
             raise ValueError(f"size must be >= 8 pixels, got {self.size}")
 

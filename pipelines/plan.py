@@ -48,6 +48,7 @@ from pipelines.train_phase import training_needed
 from pipelines.trainable import REGISTRY, build_model, training_phases
 from pipelines.trainable.base import TaskSpec
 from pipelines.training.config import TrainConfig
+from pipelines.training.evaluation import VALIDATION_TIMES
 from stages.text import TEXT_CONFIGS, TextEncoder
 
 # Output bytes of the phases before pre-encode that their shapes do not give (assumed, not
@@ -370,6 +371,17 @@ def _hours(seconds: float | None) -> str:
     return f"{seconds / 3600:,.1f} h" if seconds >= 360 else f"{seconds:,.0f} s"
 
 
+def evaluation_unit_hours(row: PhasePlan, train: TrainConfig) -> float | None:
+    """GPU-hours a training run spends on its held-out loss (pipelines/training/evaluation.py): at each
+    evaluation (every ``eval_every`` steps and at the end) rank 0 runs ``eval_samples`` rows at 8
+    times forward, about a third of a training sample's work each, while the run holds all its GPUs."""
+    if row.samples_per_second_per_unit is None or not train.eval_samples:
+        return None
+    evaluations = (train.steps // train.eval_every if train.eval_every else 0) + 1
+    seconds = evaluations * train.eval_samples * VALIDATION_TIMES / (3 * row.samples_per_second_per_unit)
+    return seconds * row.units / 3600
+
+
 def format_plan(rows: list[PhasePlan], assumptions: Assumptions, config: RunConfig, measured_name: str) -> str:
     """The table, its totals and its inputs, as printed by the planner and by ``full.py --dry-run``."""
     lines = ["| phase | runs on | samples | samples/s per unit | wall time | GPU-hours | CPU core-hours | compute (USD) "
@@ -418,6 +430,16 @@ def format_plan(rows: list[PhasePlan], assumptions: Assumptions, config: RunConf
         lines.append(f"Latent shards: {per_sample:,} bytes per sample (tensor payload{largest}, pre_encode.text="
                      f"{config.pre_encode.text}) x {kept:,} samples = {_bytes(per_sample * kept)}.")
     training = [row for row in rows if row.phase.startswith("train_") and row.unit == "gpu"]
+    evaluations = [(row, evaluation_unit_hours(row, getattr(config, training_phases()[row.phase].config_section)))
+                   for row in training]
+    evaluations = [(row, hours) for row, hours in evaluations if hours is not None and row.unit_hours]
+    if evaluations:
+        shares = ", ".join(f"{row.phase} {hours:,.1f} ({hours / row.unit_hours:.1%} of its training)"
+                           for row, hours in evaluations)
+        lines.append(f"Held-out loss ({assumptions.gpu.upper()}-hours, predicted: rank 0's forward passes while "
+                     f"every GPU of the run waits, each a third of a training sample's work, assumed): {shares}. "
+                     "Stage C's chain scoring (generate.eval_captions images each evaluation) is not predicted: "
+                     "the v2 chain's generation rate is not measured. Not in the totals above.")
     if training and all(row.unit_hours is not None for row in training):
         hours = sum(row.unit_hours for row in training)
         lines.append(f"Training ({', '.join(row.phase for row in training)}): {hours:,.0f} "

@@ -22,6 +22,7 @@ from ray.data.expressions import col
 from safetensors.torch import load as load_safetensors
 
 from pipelines import decode, pre_encode, schema, shard_phase, trained_weights
+from pipelines.chain_evaluation import ChainEvaluation, held_out_captions
 from pipelines.overrides import to_flat_dict
 from pipelines.storage import StorageConfig, filesystem
 from pipelines.tracking import ATTEMPT_GPU_HOURS, CHECKPOINTS_TAG, RUN_GPU_HOURS
@@ -91,7 +92,8 @@ def run_training(context, run, phase: str) -> str:
     datasets, buckets = _datasets(context, stage, sorted(source.shards), config, run)
     spec = dataclasses.replace(
         _task_spec(context, stage, config, datasets[max(buckets, key=buckets.get) if buckets else TRAIN_DATASET]),
-        validation_batches=_validation_batches(context, stage, sorted(source.shards), config))
+        validation_batches=_validation_batches(context, stage, sorted(source.shards), config),
+        chain_evaluation=_chain_evaluation(context, stage, sorted(source.shards)))
     args = WorkerArgs(train=config, stage=stage, task=spec, budget=budget.limit, used_before=run_used,
                       tracking_uri=context.tracker.uri, run_id=run.run_id, buckets=buckets,
                       ray_log_level=context.config.ray.log_level)
@@ -210,6 +212,20 @@ def _validation_batches(context, stage: TrainableStage, shards: list[str],
         if batch is not None:
             batches.append({name: np.asarray(values) for name, values in batch.items()})
     return tuple(batches)
+
+
+def _chain_evaluation(context, stage: TrainableStage, shards: list[str]) -> ChainEvaluation | None:
+    """What a stage that ``evaluates_chain`` scores the chain on: the first ``generate.eval_captions``
+    held-out captions and their real images."""
+    sample = context.config.generate
+    if not stage.evaluates_chain or not sample.eval_captions:
+        return None
+    held_out = held_out_captions(context.output_url(stage.source_phase), context.output_url(decode.PHASE), shards,
+                                 sample.eval_captions, context.config.storage)
+    if held_out is None:
+        return None
+    return ChainEvaluation(held_out=held_out, sample=sample, embed=context.config.embed,
+                           models=context.config.pre_encode.models)
 
 
 def bucketed_source(files: list[str], fs, columns: list[str]) -> ray.data.Dataset:

@@ -168,7 +168,13 @@ def test_each_stage_learns_checkpoints_and_logs_loadable_weights(first_run, phas
         trained_weights.load_from_mlflow(model, run.info.run_id, f"sqlite:///{work_dir}/mlflow.db",
                                          f"weights/{stage}.safetensors")
         assert sum(p.abs().sum().item() for p in model.parameters()) > 0
-    if phase == "train_stage_c":  # its grid is rendered through the trained Stage B and Stage A
+    if phase == "train_stage_c":  # the chain on held-out captions at each evaluation: its colours improve
+        chain = {name: sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, f"eval/{name}"))
+                 for name in ("clip_score", "fid", "colour_accuracy")}
+        assert all(len(history) == len(validation) for history in chain.values()), chain
+        accuracy = [value for _, value in chain["colour_accuracy"]]
+        assert accuracy[-1] > accuracy[0], accuracy
+        # Its grid is rendered through the trained Stage B and Stage A.
         artifacts = [a.path for a in client.list_artifacts(run.info.run_id, "samples")]
         last_step = load_config("tiny", []).train_c.steps  # the grid logged at the end of training
         assert f"samples/step_{last_step:07d}.png" in artifacts

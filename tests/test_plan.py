@@ -41,6 +41,22 @@ def test_hours_follow_the_work_the_gpu_count_and_the_gpu_kind():
     assert base["metadata_filter"].samples_per_second_per_unit is None, "no figure is invented"
 
 
+def test_evaluation_hours_follow_the_evaluations_their_rows_and_the_gpus_held():
+    config = load_config("v2", [])
+    stage_c = _rows()["train_stage_c"]
+    hours = plan.evaluation_unit_hours(stage_c, config.train_c)
+    assert hours > 0
+    fewer_rows = load_config("v2", ["train_c.eval_samples=128"]).train_c
+    assert plan.evaluation_unit_hours(stage_c, fewer_rows) == pytest.approx(hours / 2)
+    # One evaluation every eval_every steps and one at the end.
+    evaluations = config.train_c.steps // config.train_c.eval_every + 1
+    only_at_the_end = load_config("v2", ["train_c.eval_every=0"]).train_c
+    assert plan.evaluation_unit_hours(stage_c, only_at_the_end) == pytest.approx(hours / evaluations)
+    # Rank 0 evaluates while the others wait: twice the GPUs held, twice the GPU-hours.
+    assert plan.evaluation_unit_hours(_rows(gpus=16)["train_stage_c"], config.train_c) == pytest.approx(2 * hours)
+    assert plan.evaluation_unit_hours(stage_c, load_config("v2", ["train_c.eval_samples=0"]).train_c) is None
+
+
 def test_the_text_setting_moves_the_towers_time_between_pre_encode_and_training():
     towers = costs.load_measured("v2_h200")["text_towers"]
     hidden, tokens = _rows(["pre_encode.text=hidden_states"]), _rows(["pre_encode.text=tokens"])

@@ -30,6 +30,7 @@ from safetensors.torch import load_file, save_file
 
 from cluster.local_cluster import kill_session
 from pipelines import full, schema, train_phase, trained_weights
+from pipelines.chain_evaluation import ChainEvaluation, ChainScorer, held_out_captions, real_images
 from pipelines.config import load_config
 from pipelines.ledger import read_manifest
 from pipelines.phases import PhaseContext
@@ -43,6 +44,7 @@ from pipelines.training.config import TrainConfig
 from pipelines.training.step import train_step
 from stages.semantic import SEMANTIC_CONFIGS, SemanticCompressor
 from stages.stage_a import STAGE_A_CONFIGS, StageA
+from stages.generate import build_models
 from stages.stage_c import STAGE_C_CONFIGS, StageC
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -463,3 +465,24 @@ def test_a_step_draws_its_dropout_masks_from_its_seed_alone():
     assert torch.equal(weights_after_one_step(global_seed=2, step_seed=7), reference)
     assert not torch.equal(weights_after_one_step(global_seed=1, step_seed=8), reference)
 
+
+
+def test_the_chain_is_scored_on_held_out_captions_and_their_real_images(latents):
+    config = load_config("tiny", [*SMALL_DATA[1::2], *RANDOM_ENCODERS[1::2], f"work_dir={latents}"])
+    shards = sorted(read_manifest(str(latents / "pre_encode")).shards)
+    held_out = held_out_captions(str(latents / "pre_encode"), str(latents / "decode"), shards, 5, config.storage)
+    rows = [row for shard in shards for row in pq.read_table(latents / "pre_encode" / f"{shard}.parquet").to_pylist()
+            if row[schema.SPLIT] == "validation"]
+    assert held_out.captions == tuple(row[schema.CAPTION] for row in rows[:5])
+    real = real_images(held_out, config.generate.size)
+    assert len(real) == 5 and all(image.size == (config.generate.size,) * 2 for image in real)
+
+    evaluation = ChainEvaluation(held_out=held_out, sample=config.generate, embed=config.embed, models="tiny")
+    models = build_models("tiny")
+    for module in (models.text_c, models.stage_c, models.text_b, models.stage_b, models.stage_a):
+        module.eval()
+    scorer = ChainScorer(evaluation, torch.device("cpu"))
+    first, again = scorer(models), scorer(models)
+    assert first == again  # fixed captions, seed and real statistics: a property of the weights
+    assert set(first) == {"eval/clip_score", "eval/fid", "eval/colour_accuracy"}
+    assert 0 <= first["eval/clip_score"] <= 100 and first["eval/fid"] > 0 and 0 <= first["eval/colour_accuracy"] <= 1

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 import torch
@@ -22,6 +22,9 @@ from torch import nn
 from pipelines import schema, trained_weights
 from pipelines.reports import to_uint8
 from pipelines.storage import StorageConfig
+
+if TYPE_CHECKING:  # the scorer's imports (open_clip, pytorch-fid) load only where a chain is scored
+    from pipelines.chain_evaluation import ChainEvaluation
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -72,6 +75,9 @@ class TaskSpec:
     validation_batches: tuple[dict[str, np.ndarray], ...] = ()
     """Held-out rows of the validation split (the training columns), one group per latent shape, on
     which the loop evaluates the loss (pipelines/training/evaluation.py); empty: no evaluation."""
+    chain_evaluation: ChainEvaluation | None = None
+    """Held-out captions and settings for scoring the chain at each evaluation (a stage with
+    ``evaluates_chain``); None: not scored."""
     partner_weights: dict[str, str] = dataclasses.field(default_factory=dict)
     """Weights of already trained stages, used to render samples (stage name -> path or URL, read on
     the worker: a copy the driver made would be on the driver's node only)."""
@@ -91,6 +97,7 @@ class Task:
 
     def __init__(self, spec: TaskSpec, device: torch.device):
         self.spec, self.device = spec, device
+        self._partners: dict[str, nn.Module] = {}
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor], generator: torch.Generator,
              step: int) -> torch.Tensor:
@@ -118,8 +125,10 @@ class Task:
         url = self.spec.partner_weights.get(name)
         if url is None:
             return None
-        model = REGISTRY[name].build_model(dataclasses.replace(self.spec, stage=name))
-        return trained_weights.load(model, url, self.spec.storage).to(self.device).eval()
+        if name not in self._partners:  # loaded once: every sample grid and evaluation renders through it
+            model = REGISTRY[name].build_model(dataclasses.replace(self.spec, stage=name))
+            self._partners[name] = trained_weights.load(model, url, self.spec.storage).to(self.device).eval()
+        return self._partners[name]
 
 
 def whole_model(model: nn.Module) -> nn.Module:
@@ -173,6 +182,9 @@ class TrainableStage:
     """The latent it learns from, whose size sets its step's memory (cluster/memory.py); empty: images."""
     sample_partners: tuple[str, ...] = ()
     """Trained stages its sample grid renders through, when their weights exist."""
+    evaluates_chain: bool = False
+    """Its evaluations also render held-out captions through its sample partners and score them
+    (pipelines/chain_evaluation.py): its task has ``chain_metrics``."""
     encoder_weights: str = ""
     """The ``pre_encode`` setting that names weights to use instead of its own training; empty: it
     always trains."""

@@ -30,6 +30,8 @@ def build_model(spec: TaskSpec) -> nn.Module:
 class StageCTask(TextConditionedTask):
     def __init__(self, spec: TaskSpec, device: torch.device):
         super().__init__(spec, device, TEXT_CONFIGS[spec.models]().stage_c)
+        self._text_encoders: tuple[TextEncoder, TextEncoder] | None = None
+        self._scorer = None
 
     def conditioned(self, model: nn.Module, batch: dict[str, torch.Tensor], generator: torch.Generator | None):
         text = self.text(batch, schema.TEXT_STAGE_C)
@@ -38,14 +40,40 @@ class StageCTask(TextConditionedTask):
                                      generator=generator)
         return batch[schema.STAGE_C_LATENT], lambda noised, r: model(noised, r, text)
 
-    def sample_grid(self, model: nn.Module, step: int) -> Image.Image | None:
-        """The fixed prompts generated through the trained Stage B and Stage A, once both exist."""
+    def chain(self, model: nn.Module) -> Wuerstchen | None:
+        """The chain through ``model`` and the trained Stage B and Stage A, once both exist."""
         stage_b, stage_a = self.partner("stage_b"), self.partner("stage_a")
         if stage_b is None or stage_a is None:
             return None
-        text = TEXT_CONFIGS[self.spec.models]()
-        models = Wuerstchen(text_c=TextEncoder(text.stage_c).to(self.device), stage_c=model,
-                            text_b=TextEncoder(text.stage_b).to(self.device), stage_b=stage_b, stage_a=stage_a)
+        if self._text_encoders is None:
+            text = TEXT_CONFIGS[self.spec.models]()
+            self._text_encoders = (TextEncoder(text.stage_c).to(self.device).eval(),
+                                   TextEncoder(text.stage_b).to(self.device).eval())
+        text_c, text_b = self._text_encoders
+        return Wuerstchen(text_c=text_c, stage_c=model, text_b=text_b, stage_b=stage_b, stage_a=stage_a)
+
+    @torch.no_grad()
+    def chain_metrics(self, model: nn.Module) -> dict[str, float]:
+        """CLIP score, FID and (demo) colour accuracy of the chain on the held-out captions; empty
+        before Stage B and Stage A exist or without held-out captions."""
+        models = self.chain(model)
+        if models is None or self.spec.chain_evaluation is None:
+            return {}
+        if self._scorer is None:
+            from pipelines.chain_evaluation import ChainScorer  # open_clip and pytorch-fid: only here
+
+            self._scorer = ChainScorer(self.spec.chain_evaluation, self.device)
+        model.eval()
+        try:
+            return self._scorer(models)
+        finally:
+            model.train()
+
+    def sample_grid(self, model: nn.Module, step: int) -> Image.Image | None:
+        """The fixed prompts generated through the trained Stage B and Stage A, once both exist."""
+        models = self.chain(model)
+        if models is None:
+            return None
         side = self.spec.resolution
         generated = generate(list(self.spec.sample_prompts), models=models, config=GENERATE_CONFIGS[self.spec.models](),
                              height=side, width=side, generator=torch.Generator(self.device).manual_seed(step))
@@ -64,4 +92,5 @@ STAGE_C = TrainableStage(
     text_column=schema.TEXT_STAGE_C,
     latent_column=schema.STAGE_C_LATENT,
     sample_partners=("stage_b", "stage_a"),
+    evaluates_chain=True,
 )

@@ -20,7 +20,7 @@ from torch.distributed.fsdp import FSDPModule
 from pipelines.tracking import TrackedRun
 from pipelines.trainable.base import TrainableStage
 from pipelines.trainable.text_conditioned import TextConditionedTask
-from pipelines.training.parallel import unwrapped
+from pipelines.training.parallel import full_state, unwrapped
 from pipelines.training.step import swapped_in
 
 VALIDATION_TIMES = 8
@@ -68,17 +68,38 @@ def validation_metrics(stage: TrainableStage, task: TextConditionedTask, model: 
     return {"val/loss": sum(per_time) / len(per_time), **{f"val/loss_r{r:.3f}": loss for r, loss in zip(times, per_time)}}
 
 
-def log_validation(run: TrackedRun | None, stage: TrainableStage, task: TextConditionedTask, model: nn.Module, ema: list[torch.Tensor],
-                   step: int, batch_size: int) -> None:
-    """Evaluates the EMA weights and logs the figures and their seconds at ``step`` from rank 0 (``run``).
-    Every rank calls it: under FSDP each runs the sharded model's forward on every row (rank 0 alone
-    cannot); otherwise rank 0 evaluates while the others wait at the next step's all-reduce."""
-    if not task.spec.validation_batches or (run is None and not isinstance(model, FSDPModule)):
+def log_validation(run: TrackedRun | None, stage: TrainableStage, task: TextConditionedTask, model: nn.Module,
+                   ema: list[torch.Tensor], step: int, batch_size: int) -> None:
+    """Evaluates the EMA weights and logs the figures and their seconds at ``step`` from rank 0 (``run``):
+    the held-out loss, and for a stage that ``evaluates_chain`` the chain's scores
+    (pipelines/chain_evaluation.py). Every rank calls it. Under FSDP each rank runs the sharded
+    model's forward on every held-out row (rank 0 alone cannot), and the chain renders on rank 0
+    through an unsharded copy of the EMA weights gathered from all; otherwise rank 0 evaluates while
+    the others wait at the next step's all-reduce."""
+    scores_chain = stage.evaluates_chain and task.spec.chain_evaluation is not None
+    sharded = isinstance(model, FSDPModule)
+    if not (task.spec.validation_batches or scores_chain) or (run is None and not sharded):
         return
-    started = time.monotonic()
+    metrics: dict[str, float] = {}
     # Eager: with `compile`, the blocks are compiled in place, and other batch shapes would compile again.
     with swapped_in(model, ema), torch.compiler.set_stance("force_eager"):
-        metrics = validation_metrics(stage, task, model if isinstance(model, FSDPModule) else unwrapped(model),
-                                     batch_size)
+        started = time.monotonic()
+        if task.spec.validation_batches:
+            metrics.update(validation_metrics(stage, task, model if sharded else unwrapped(model), batch_size))
+            metrics["val/seconds"] = time.monotonic() - started
+        if scores_chain:
+            started = time.monotonic()
+            renderer = unwrapped(model)
+            if sharded:
+                weights = full_state(model)
+                if run is not None:
+                    renderer = stage.build_model(task.spec)
+                    renderer.load_state_dict(weights)
+                    renderer.to(task.device)
+            if run is not None:
+                chain = task.chain_metrics(renderer)
+                metrics.update(chain)
+                if chain:
+                    metrics["eval/seconds"] = time.monotonic() - started
     if run is not None and metrics:
-        run.log_metrics({**metrics, "val/seconds": time.monotonic() - started}, step=step)
+        run.log_metrics(metrics, step=step)

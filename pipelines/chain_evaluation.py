@@ -1,0 +1,144 @@
+"""What the chain (Stage C -> Stage B -> Stage A) makes of held-out captions, scored.
+
+At each evaluation of Stage C's training (``eval_every``, with the Stage B and Stage A the run
+trained before it), the chain renders the captions of the first ``generate.eval_captions`` rows of
+the validation split, with the generate phase's size, guidance and seed, and logs:
+
+- ``eval/clip_score``: the mean CLIP score of each image against its caption, with the embed
+  phase's open_clip model (pipelines/quality.py);
+- ``eval/fid``: FID between the rendered images and the held-out rows' real images (the decode
+  phase's crops), with the feature extractor ``generate.fid_features`` names;
+- ``eval/colour_accuracy`` (the demo, ``generate.score_colours``): the share of images whose
+  dominant colour is the one the caption names, as the generate phase scores it.
+
+Definitions and sources: docs/evaluation.md.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+
+import numpy as np
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import torch
+from PIL import Image, ImageOps
+
+from pipelines import pre_encode, quality, schema
+from pipelines.embed import EmbedConfig, load_clip
+from pipelines.generate_phase import SampleConfig, colour_scores
+from pipelines.reports import to_uint8
+from pipelines.storage import StorageConfig, filesystem
+from stages.generate import GENERATE_CONFIGS, Wuerstchen, generate
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class HeldOutCaptions:
+    """Held-out rows the chain is scored on: their captions and where their real images are."""
+
+    captions: tuple[str, ...]
+    keys: tuple[tuple[str, str], ...]
+    """(shard, key) of each caption's row, in caption order."""
+    images_url: str
+    """The decode phase's output, which holds each row's image in ``<shard>.parquet``."""
+    storage: StorageConfig
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ChainEvaluation:
+    """Everything a worker needs to score the chain: picklable, read on the worker's own node."""
+
+    held_out: HeldOutCaptions
+    sample: SampleConfig
+    embed: EmbedConfig
+    models: str
+
+
+def held_out_captions(latents_url: str, images_url: str, shards: list[str], count: int,
+                      storage: StorageConfig) -> HeldOutCaptions | None:
+    """The first ``count`` validation rows of the latent shards, in shard order; None if there are none."""
+    fs, folder = filesystem(latents_url, storage)
+    captions, keys = [], []
+    for shard in shards:
+        if len(captions) >= count:
+            break
+        table = pq.read_table(f"{folder}/{schema.shard_parquet(shard)}", filesystem=fs,
+                              columns=[schema.KEY, schema.CAPTION], filters=pre_encode.VALIDATION_ROWS.to_pyarrow())
+        for row in table.slice(0, count - len(captions)).to_pylist():
+            captions.append(row[schema.CAPTION])
+            keys.append((shard, row[schema.KEY]))
+    if not captions:
+        return None
+    return HeldOutCaptions(captions=tuple(captions), keys=tuple(keys), images_url=images_url, storage=storage)
+
+
+def real_images(held_out: HeldOutCaptions, size: int) -> list[Image.Image]:
+    """Each held-out row's real image, fitted to ``size`` x ``size`` as the chain renders."""
+    fs, folder = filesystem(held_out.images_url, held_out.storage)
+    by_key: dict[tuple[str, str], bytes] = {}
+    for shard in dict.fromkeys(shard for shard, _ in held_out.keys):
+        wanted = [key for s, key in held_out.keys if s == shard]
+        table = pq.read_table(f"{folder}/{schema.shard_parquet(shard)}", filesystem=fs,
+                              columns=[schema.KEY, schema.IMAGE], filters=pc.field(schema.KEY).isin(wanted))
+        by_key.update({(shard, row[schema.KEY]): row[schema.IMAGE] for row in table.to_pylist()})
+    missing = [key for key in held_out.keys if key not in by_key]
+    assert not missing, f"held-out rows without an image in {held_out.images_url}: {missing[:3]}"
+    return [_fitted(Image.open(io.BytesIO(by_key[key])), size) for key in held_out.keys]
+
+
+def _fitted(image: Image.Image, size: int) -> Image.Image:
+    image = image.convert("RGB")
+    return image if image.size == (size, size) else ImageOps.fit(image, (size, size), Image.Resampling.BICUBIC)
+
+
+def _pixels(images: list[Image.Image]) -> torch.Tensor:
+    """(N, 3, H, W) float in [0, 1]."""
+    return torch.from_numpy(np.stack([np.asarray(image) for image in images])).permute(0, 3, 1, 2).float() / 255
+
+
+_FEATURE_BATCH = 64
+
+
+class ChainScorer:
+    """Scores a chain's images of the held-out captions; holds the CLIP model, the feature extractor
+    and the real images' feature statistics from the first call on."""
+
+    def __init__(self, evaluation: ChainEvaluation, device: torch.device):
+        self.evaluation, self.device = evaluation, device
+        self._clip = None
+        self._features: torch.nn.Module | None = None
+        self._real: quality.FeatureStatistics | None = None
+
+    def _statistics(self, images: list[Image.Image]) -> quality.FeatureStatistics:
+        assert self._features is not None
+        pixels = _pixels(images)
+        statistics = None
+        with torch.inference_mode():
+            for start in range(0, len(pixels), _FEATURE_BATCH):
+                features = self._features(pixels[start:start + _FEATURE_BATCH].to(self.device))
+                statistics = statistics or quality.FeatureStatistics(features.shape[1])
+                statistics.add(features)
+        assert statistics is not None
+        return statistics
+
+    def __call__(self, models: Wuerstchen) -> dict[str, float]:
+        """The metrics of the chain ``models`` (in eval mode, on this scorer's device)."""
+        evaluation, sample = self.evaluation, self.evaluation.sample
+        captions = list(evaluation.held_out.captions)
+        if self._clip is None:
+            self._clip = load_clip(evaluation.embed, self.device)
+            self._features = quality.feature_extractor(sample.fid_features).to(self.device)
+            self._real = self._statistics(real_images(evaluation.held_out, sample.size))
+        config = dataclasses.replace(GENERATE_CONFIGS[evaluation.models](), prior_guidance=sample.prior_guidance)
+        generated = generate(captions, models=models, config=config, height=sample.size, width=sample.size,
+                             generator=torch.Generator(self.device).manual_seed(sample.seed))
+        images = [Image.fromarray(image) for image in to_uint8(generated.images)]
+        model, preprocess, tokenizer = self._clip
+        metrics = {"eval/clip_score": float(quality.clip_scores(model, preprocess, tokenizer, images, captions,
+                                                                self.device).mean()),
+                   "eval/fid": self._statistics(images).frechet_distance(self._real)}
+        if sample.score_colours:
+            metrics["eval/colour_accuracy"] = colour_scores([np.asarray(image) for image in images],
+                                                            captions)["colour_accuracy"]
+        return metrics
