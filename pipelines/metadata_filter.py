@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 import ray.data
 
 from cluster.resources import StepResources
-from pipelines import schema
+from pipelines import fingerprints, schema
 from pipelines.ledger import Manifest, ShardCounts, read_manifest, remove_manifest, write_manifest
 from pipelines.schema import DropReason
 from pipelines.storage import StorageConfig, filesystem, write_atomically
@@ -268,12 +268,12 @@ def run(shards_url: str, output_url: str, config: MetadataFilterConfig,
 
     Returns the manifest and the run's metrics (empty when the phase was already complete).
     """
-    recorded = {"shards_url": shards_url, **config.outcome()}
+    shards = list_shards(shards_url, storage)
+    fingerprint = fingerprints.of(input=fingerprints.folder_fingerprint(shards_url, storage), settings=config.outcome())
     previous = read_manifest(output_url, storage)
-    if previous is not None and previous.config == recorded:
+    if previous is not None and fingerprints.is_complete(previous.config, fingerprint):
         return previous, {}
     input_fs, input_folder = filesystem(shards_url, storage)
-    shards = list_shards(shards_url, storage)
     check_columns(input_fs, f"{input_folder}/{schema.shard_parquet(shards[0])}", config)
     fs, folder = filesystem(output_url, storage)
     if previous is not None:
@@ -296,7 +296,7 @@ def run(shards_url: str, output_url: str, config: MetadataFilterConfig,
 
     manifest = Manifest(
         phase=PHASE,
-        config=recorded,
+        config=fingerprint,
         shards={row[schema.SHARD]: ShardCounts(samples_in=row["samples_in"], kept=row["kept"],
                                                dropped=json.loads(row["dropped"])) for row in counts},
     )
