@@ -116,12 +116,14 @@ def render_args(config: SampleConfig, models_name: str, weights_urls: dict[str, 
             for name, texts in sets.items()}
 
 
-def fingerprint(config: SampleConfig, models_name: str, weights_urls: dict[str, str],
-                storage: StorageConfig) -> dict[str, Any]:
-    """What decides the phase's images: the weights (a training phase's by its fingerprint, others by
-    their URL), the model sizes and the settings."""
-    weights = {stage: trained_weights.fingerprint_of(url, storage) or url for stage, url in weights_urls.items() if url}
-    return fingerprints.of(input={"weights": weights}, settings={"models": models_name, **config.outcome()})
+def fingerprint(config: SampleConfig, models_name: str, weights: dict[str, Any]) -> dict[str, Any]:
+    """What decides the phase's images: the weights (``weights_fingerprints``), the model sizes and the settings."""
+    return fingerprints.of(input=weights, settings={"models": models_name, **config.outcome()})
+
+
+def weights_fingerprints(weights_urls: dict[str, str], storage: StorageConfig) -> dict[str, Any]:
+    """Each stage's weights: a training phase's by its fingerprint, others by their URL."""
+    return {stage: trained_weights.fingerprint_of(url, storage) or url for stage, url in weights_urls.items() if url}
 
 
 def read_summary(output_url: str, storage: StorageConfig) -> dict[str, Any] | None:
@@ -133,15 +135,22 @@ def read_summary(output_url: str, storage: StorageConfig) -> dict[str, Any] | No
         return json.load(file)
 
 
+def write_summary(output_url: str, fingerprint: dict[str, Any], metrics: dict[str, float],
+                  storage: StorageConfig) -> None:
+    fs, folder = filesystem(output_url, storage)
+    fs.makedirs(folder, exist_ok=True)
+    summary = json.dumps({"fingerprint": fingerprint, "metrics": metrics}, indent=1, sort_keys=True).encode()
+    write_atomically(fs, f"{folder}/{SUMMARY_FILE}", lambda stream: stream.write(summary))
+
+
 def run(*, config: SampleConfig, models_name: str, weights_urls: dict[str, str], output_url: str,
         storage: StorageConfig, tracked_run) -> str:
-    current = fingerprint(config, models_name, weights_urls, storage)
+    current = fingerprint(config, models_name, weights_fingerprints(weights_urls, storage))
     previous = read_summary(output_url, storage)
     if previous is not None and fingerprints.is_complete(previous["fingerprint"], current):
         tracked_run.log_metrics(previous["metrics"])
         tracked_run.set_tags({"phase.outcome": "skipped: output already complete"})
         return "skipped: output already complete"
-    fs, folder = filesystem(output_url, storage)
     # An empty URL (pre_encode.stage_a_weights empty: plumbing tests) leaves that stage random.
     weights_urls = {stage: url for stage, url in weights_urls.items() if url}
     for stage, url in weights_urls.items():
@@ -160,9 +169,7 @@ def run(*, config: SampleConfig, models_name: str, weights_urls: dict[str, str],
         tracked_run.log_image(image_grid([Image.fromarray(i) for i in images["empty"]], ["(empty prompt)"] * len(prompts),
                                          columns=8), "samples_empty_prompt.png")
         tracked_run.log_metrics(metrics)
-    fs.makedirs(folder, exist_ok=True)
-    summary = json.dumps({"fingerprint": current, "metrics": metrics}, indent=1, sort_keys=True).encode()
-    write_atomically(fs, f"{folder}/{SUMMARY_FILE}", lambda stream: stream.write(summary))
+    write_summary(output_url, current, metrics, storage)
     tracked_run.set_tags({"phase.outcome": "ran"})
     scored = f"; colour accuracy {metrics['colour_accuracy']:.2f} (empty prompts {metrics['empty_prompt_colour_accuracy']:.2f})" \
         if metrics else ""

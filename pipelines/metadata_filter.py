@@ -262,6 +262,11 @@ def check_columns(fs, first_shard: str, config: MetadataFilterConfig) -> None:
             raise ValueError(f"shard {first_shard} has no {column!r} column (has: {', '.join(names)}){hint}")
 
 
+def fingerprint(shards: dict[str, str], config: MetadataFilterConfig) -> dict[str, Any]:
+    """What decides the filter's output: the input shards (``fingerprints.folder_fingerprint``) and the checks."""
+    return fingerprints.of(input=shards, settings=config.outcome())
+
+
 def run(shards_url: str, output_url: str, config: MetadataFilterConfig,
         storage: StorageConfig) -> tuple[Manifest, dict[str, float]]:
     """Runs the phase unless ``output_url`` already holds its result for this input and config.
@@ -269,9 +274,9 @@ def run(shards_url: str, output_url: str, config: MetadataFilterConfig,
     Returns the manifest and the run's metrics (empty when the phase was already complete).
     """
     shards = list_shards(shards_url, storage)
-    fingerprint = fingerprints.of(input=fingerprints.folder_fingerprint(shards_url, storage), settings=config.outcome())
+    current = fingerprint(fingerprints.folder_fingerprint(shards_url, storage), config)
     previous = read_manifest(output_url, storage)
-    if previous is not None and fingerprints.is_complete(previous.config, fingerprint):
+    if previous is not None and fingerprints.is_complete(previous.config, current):
         return previous, {}
     input_fs, input_folder = filesystem(shards_url, storage)
     check_columns(input_fs, f"{input_folder}/{schema.shard_parquet(shards[0])}", config)
@@ -296,7 +301,7 @@ def run(shards_url: str, output_url: str, config: MetadataFilterConfig,
 
     manifest = Manifest(
         phase=PHASE,
-        config=fingerprint,
+        config=current,
         shards={row[schema.SHARD]: ShardCounts(samples_in=row["samples_in"], kept=row["kept"],
                                                dropped=json.loads(row["dropped"])) for row in counts},
     )
