@@ -26,7 +26,7 @@ from PIL import Image, ImageOps
 from webdataset.tariterators import base_plus_ext, tar_file_iterator
 
 from cluster.resources import StepResources
-from pipelines import schema, shard_phase
+from pipelines import fingerprints, schema, shard_phase
 from pipelines.ledger import ShardCounts
 from pipelines.schema import DropReason
 from pipelines.storage import StorageConfig, filesystem
@@ -302,7 +302,7 @@ class DecodeShard:
 
 def phase(*, shards_url: str, filtered_url: str, output_url: str, filtered_fingerprint: dict[str, Any],
           config: DecodeConfig, storage: StorageConfig) -> shard_phase.ShardPhase:
-    fingerprint = {"input": filtered_fingerprint, **config.outcome()}
+    fingerprint = fingerprints.of(input=filtered_fingerprint, settings=config.outcome())
     return shard_phase.ShardPhase(
         name=PHASE,
         step=DecodeShard,

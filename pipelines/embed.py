@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 from cluster.resources import StepResources
-from pipelines import schema, shard_phase
+from pipelines import fingerprints, schema, shard_phase
 from pipelines.ledger import ShardCounts
 from pipelines.schema import DropReason
 from pipelines.storage import StorageConfig, filesystem, local_copy
@@ -183,7 +183,7 @@ class EmbedShard:
 
 def phase(*, decoded_url: str, output_url: str, decoded_fingerprint: dict[str, Any], config: EmbedConfig,
           storage: StorageConfig) -> shard_phase.ShardPhase:
-    fingerprint = {"input": decoded_fingerprint, **config.outcome()}
+    fingerprint = fingerprints.of(input=decoded_fingerprint, settings=config.outcome())
     return shard_phase.ShardPhase(
         name=PHASE,
         step=EmbedShard,

@@ -17,7 +17,7 @@ import ray
 import torch
 from PIL import Image
 
-from pipelines import trained_weights
+from pipelines import fingerprints, trained_weights
 from pipelines.demo_data import BACKGROUNDS, COLOURS
 from pipelines.quality import FEATURE_EXTRACTORS
 from pipelines.reports import image_grid, to_uint8
@@ -61,6 +61,12 @@ class SampleConfig:
                              f"{', '.join(FEATURE_EXTRACTORS)}")
         if self.size < 8:
             raise ValueError(f"size must be >= 8 pixels, got {self.size}")
+
+    def outcome(self) -> dict[str, Any]:
+        """The settings that decide the images and scores (where they render does not, nor what Stage C's
+        evaluations render)."""
+        elsewhere = {"num_gpus", "eval_captions", "fid_features"}
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in elsewhere}
 
 
 def colour_prompts(per_colour: int) -> tuple[str, ...]:
@@ -124,18 +130,41 @@ def render_args(config: SampleConfig, models_name: str, weights_urls: dict[str, 
             for name, texts in sets.items()}
 
 
-def run(*, config: SampleConfig, models_name: str, weights_urls: dict[str, str], output_url: str,
-        fingerprint: dict[str, Any], storage: StorageConfig, tracked_run) -> str:
+def fingerprint(config: SampleConfig, models_name: str, weights: dict[str, Any]) -> dict[str, Any]:
+    """What decides the phase's images: the weights (``weights_fingerprints``), the model sizes and the settings."""
+    return fingerprints.of(input=weights, settings={"models": models_name, **config.outcome()})
+
+
+def weights_fingerprints(weights_urls: dict[str, str], storage: StorageConfig) -> dict[str, Any]:
+    """Each stage's weights: a training phase's by its fingerprint, others by their URL."""
+    return {stage: trained_weights.fingerprint_of(url, storage) or url for stage, url in weights_urls.items() if url}
+
+
+def read_summary(output_url: str, storage: StorageConfig) -> dict[str, Any] | None:
+    """The summary of a finished run of the phase (fingerprint and metrics), or None."""
+    fs, path = filesystem(f"{output_url}/{SUMMARY_FILE}", storage)
+    if not fs.exists(path):
+        return None
+    with fs.open(path, "r") as file:
+        return json.load(file)
+
+
+def write_summary(output_url: str, fingerprint: dict[str, Any], metrics: dict[str, float],
+                  storage: StorageConfig) -> None:
     fs, folder = filesystem(output_url, storage)
-    summary_path = f"{folder}/{SUMMARY_FILE}"
-    fingerprint = json.loads(json.dumps(fingerprint))  # as the summary reads back: tuples become lists
-    if fs.exists(summary_path):
-        with fs.open(summary_path, "r") as file:
-            previous = json.load(file)
-        if previous["fingerprint"] == fingerprint:
-            tracked_run.log_metrics(previous["metrics"])
-            tracked_run.set_tags({"phase.outcome": "skipped: output already complete"})
-            return "skipped: output already complete"
+    fs.makedirs(folder, exist_ok=True)
+    summary = json.dumps({"fingerprint": fingerprint, "metrics": metrics}, indent=1, sort_keys=True).encode()
+    write_atomically(fs, f"{folder}/{SUMMARY_FILE}", lambda stream: stream.write(summary))
+
+
+def run(*, config: SampleConfig, models_name: str, weights_urls: dict[str, str], output_url: str,
+        storage: StorageConfig, tracked_run) -> str:
+    current = fingerprint(config, models_name, weights_fingerprints(weights_urls, storage))
+    previous = read_summary(output_url, storage)
+    if previous is not None and fingerprints.is_complete(previous["fingerprint"], current):
+        tracked_run.log_metrics(previous["metrics"])
+        tracked_run.set_tags({"phase.outcome": "skipped: output already complete"})
+        return "skipped: output already complete"
     # An empty URL (pre_encode.stage_a_weights empty: plumbing tests) leaves that stage random.
     weights_urls = {stage: url for stage, url in weights_urls.items() if url}
     for stage, url in weights_urls.items():
@@ -154,9 +183,7 @@ def run(*, config: SampleConfig, models_name: str, weights_urls: dict[str, str],
         tracked_run.log_image(image_grid([Image.fromarray(i) for i in images["empty"]], ["(empty prompt)"] * len(prompts),
                                          columns=8), "samples_empty_prompt.png")
         tracked_run.log_metrics(metrics)
-    fs.makedirs(folder, exist_ok=True)
-    summary = json.dumps({"fingerprint": fingerprint, "metrics": metrics}, indent=1, sort_keys=True).encode()
-    write_atomically(fs, summary_path, lambda stream: stream.write(summary))
+    write_summary(output_url, current, metrics, storage)
     tracked_run.set_tags({"phase.outcome": "ran"})
     scored = f"; colour accuracy {metrics['colour_accuracy']:.2f} (empty prompts {metrics['empty_prompt_colour_accuracy']:.2f})" \
         if metrics else ""

@@ -1,7 +1,8 @@
 """The per-shard ledger of a phase: every sample that came in was kept or dropped for one reason.
 
-A phase writes its manifest last, after all of its shard outputs; a manifest whose recorded config
-equals the current one is the proof that the phase is complete, so a rerun can skip it.
+A phase writes its manifest last, after all of its shard outputs; a manifest that records the
+current fingerprint is the proof that the phase is complete, so a rerun skips it
+(``pipelines/fingerprints.py``).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ class Manifest:
 
     phase: str
     config: dict[str, Any]
+    """The phase's fingerprint: its settings that decide the output and its input's fingerprint."""
     shards: dict[str, ShardCounts]
 
     @property

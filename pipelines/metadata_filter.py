@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 import ray.data
 
 from cluster.resources import StepResources
-from pipelines import schema
+from pipelines import fingerprints, schema
 from pipelines.ledger import Manifest, ShardCounts, read_manifest, remove_manifest, write_manifest
 from pipelines.schema import DropReason
 from pipelines.storage import StorageConfig, filesystem, write_atomically
@@ -262,18 +262,23 @@ def check_columns(fs, first_shard: str, config: MetadataFilterConfig) -> None:
             raise ValueError(f"shard {first_shard} has no {column!r} column (has: {', '.join(names)}){hint}")
 
 
+def fingerprint(shards: dict[str, str], config: MetadataFilterConfig) -> dict[str, Any]:
+    """What decides the filter's output: the input shards (``fingerprints.folder_fingerprint``) and the checks."""
+    return fingerprints.of(input=shards, settings=config.outcome())
+
+
 def run(shards_url: str, output_url: str, config: MetadataFilterConfig,
         storage: StorageConfig) -> tuple[Manifest, dict[str, float]]:
     """Runs the phase unless ``output_url`` already holds its result for this input and config.
 
     Returns the manifest and the run's metrics (empty when the phase was already complete).
     """
-    recorded = {"shards_url": shards_url, **config.outcome()}
+    shards = list_shards(shards_url, storage)
+    current = fingerprint(fingerprints.folder_fingerprint(shards_url, storage), config)
     previous = read_manifest(output_url, storage)
-    if previous is not None and previous.config == recorded:
+    if previous is not None and fingerprints.is_complete(previous.config, current):
         return previous, {}
     input_fs, input_folder = filesystem(shards_url, storage)
-    shards = list_shards(shards_url, storage)
     check_columns(input_fs, f"{input_folder}/{schema.shard_parquet(shards[0])}", config)
     fs, folder = filesystem(output_url, storage)
     if previous is not None:
@@ -296,7 +301,7 @@ def run(shards_url: str, output_url: str, config: MetadataFilterConfig,
 
     manifest = Manifest(
         phase=PHASE,
-        config=recorded,
+        config=current,
         shards={row[schema.SHARD]: ShardCounts(samples_in=row["samples_in"], kept=row["kept"],
                                                dropped=json.loads(row["dropped"])) for row in counts},
     )

@@ -3,15 +3,23 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import io
-import json
 from collections.abc import Callable
 
 from PIL import Image
 
 from cluster.budget import run_budget
-from pipelines import decode, embed, generate_phase, metadata_filter, pre_encode, schema, shard_phase, trained_weights
+from pipelines import (
+    decode,
+    embed,
+    fingerprints,
+    generate_phase,
+    metadata_filter,
+    pre_encode,
+    schema,
+    shard_phase,
+    trained_weights,
+)
 from pipelines.config import RunConfig
 from pipelines.ledger import Manifest, read_manifest
 from pipelines.overrides import to_flat_dict
@@ -121,7 +129,7 @@ def _run_within_budget(context: PhaseContext, run: TrackedRun, phase: shard_phas
                        budget_gpu_hours: float | None, shards: list[str], output_url: str) -> tuple[Manifest, dict]:
     """``shard_phase.run`` under the phase's budget and the experiment's, counted over the phase's
     attempts at this output and these settings; a BudgetStop when it left shards for the next run."""
-    attempts_of = f"{output_url}#{hashlib.sha256(json.dumps(phase.fingerprint, sort_keys=True).encode()).hexdigest()[:16]}"
+    attempts_of = f"{output_url}#{fingerprints.digest(phase.fingerprint)[:16]}"
     used = context.tracker.gpu_hours(output=attempts_of)
     budget = run_budget(run_budget=budget_gpu_hours, experiment_budget=context.config.tracking.experiment_budget_gpu_hours,
                         experiment_used=context.tracker.gpu_hours(), run_used=used, setting=f"{section}.budget_gpu_hours")
@@ -170,14 +178,10 @@ def run_generate(context: PhaseContext, run: TrackedRun) -> str:
     config = context.config.generate
     weights = {"stage_c": weights_url(context, "stage_c"), "stage_b": weights_url(context, "stage_b"),
                "stage_a": weights_url(context, "stage_a")}
-    storage = context.config.storage
-    fingerprint = {"weights": {stage: trained_weights.fingerprint_of(url, storage) or url
-                               for stage, url in weights.items() if url},
-                   **dataclasses.asdict(config)}
     run.log_params(to_flat_dict(config, prefix="generate."))
     return generate_phase.run(config=config, models_name=context.config.pre_encode.models, weights_urls=weights,
-                              output_url=context.output_url(generate_phase.PHASE), fingerprint=fingerprint,
-                              storage=storage, tracked_run=run)
+                              output_url=context.output_url(generate_phase.PHASE), storage=context.config.storage,
+                              tracked_run=run)
 
 
 def _training(phase: str) -> Callable[[PhaseContext, TrackedRun], str]:

@@ -41,7 +41,7 @@ from ray.data.expressions import col
 from safetensors.torch import save
 
 from cluster.resources import StepResources
-from pipelines import schema, shard_phase, trained_weights
+from pipelines import fingerprints, schema, shard_phase, trained_weights
 from pipelines.ledger import Manifest, ShardCounts
 from pipelines.schema import DropReason, Split
 from pipelines.storage import StorageConfig, filesystem, write_atomically
@@ -430,7 +430,7 @@ def phase(*, decoded_url: str, embedded_url: str, output_url: str, embedded_fing
           crops: tuple[tuple[int, int], ...], resolution: int, config: PreEncodeConfig, validation_threshold: int,
           storage: StorageConfig) -> shard_phase.ShardPhase:
     output_schema(config, crops, resolution)  # crops the encoders cannot take fail here, before any work
-    fingerprint = {"input": embedded_fingerprint, **config.outcome()}
+    fingerprint = fingerprints.of(input=embedded_fingerprint, settings=config.outcome())
     return shard_phase.ShardPhase(
         name=PHASE,
         step=PreEncodeShard,

@@ -3,8 +3,9 @@
 A shard is the unit of work, of resume and of the ledger. Each output shard is written under a
 temporary name and moved into place complete, with its ledger (samples in, kept, dropped by
 reason) and the phase's fingerprint in the Parquet footer, so the file itself proves what it
-holds. A rerun skips every shard whose output carries the current fingerprint; a run killed at
-any moment leaves each shard either finished or absent, never half-written or doubled.
+holds. A rerun skips every shard whose output is complete for the current fingerprint
+(``pipelines/fingerprints.py``), and the whole phase when its manifest is; a run killed at any
+moment leaves each shard either finished or absent, never half-written or doubled.
 
 Ray Data schedules the shards over a pool of actors (one shard per call), so the pool's size and
 resources say how wide the phase runs and the autoscaler can add nodes for it.
@@ -30,13 +31,12 @@ import ray.data
 
 from cluster.budget import gpu_hours
 from cluster.resources import StepResources
-from pipelines import schema
+from pipelines import fingerprints, schema
 from pipelines.ledger import Manifest, ShardCounts, read_manifest, remove_manifest, write_manifest
 from pipelines.storage import StorageConfig, filesystem, remove_orphaned_temporaries, temporary_name
 from pipelines.tracking import ATTEMPT_GPU_HOURS
 
 _COUNTS = b"wuerstchen.counts"
-_FINGERPRINT = b"wuerstchen.fingerprint"
 
 
 class ShardOutput:
@@ -68,9 +68,7 @@ class ShardOutput:
 
     def commit(self, counts: ShardCounts, fingerprint: dict[str, Any]) -> None:
         self.writer.add_key_value_metadata({
-            _COUNTS: json.dumps(dataclasses.asdict(counts)),
-            _FINGERPRINT: json.dumps(fingerprint, sort_keys=True),
-        })
+            _COUNTS: json.dumps(dataclasses.asdict(counts)), **fingerprints.metadata(fingerprint)})
         self.writer.close()
         self.stream.close()
         self.fs.mv(self.temporary, self.path)
@@ -144,7 +142,7 @@ def read_shard_ledger(fs, path: str) -> tuple[ShardCounts, dict[str, Any]] | Non
         metadata = pq.read_metadata(stream).metadata or {}
     if _COUNTS not in metadata:
         return None
-    return ShardCounts(**json.loads(metadata[_COUNTS])), json.loads(metadata[_FINGERPRINT])
+    return ShardCounts(**json.loads(metadata[_COUNTS])), fingerprints.from_metadata(metadata)
 
 
 def iter_rows(fs, path: str, columns: list[str] | None = None, batch_size: int = 256) -> Iterator[list[dict]]:
@@ -164,11 +162,7 @@ class ShardPhase:
     step_kwargs: dict[str, Any]
     resources: StepResources
     fingerprint: dict[str, Any]
-    """Everything that decides the phase's output (its settings and its input's fingerprint)."""
-
-    def __post_init__(self):
-        # As the ledgers and the manifest give it back (JSON: a tuple returns as a list), to compare.
-        object.__setattr__(self, "fingerprint", json.loads(json.dumps(self.fingerprint)))
+    """Everything that decides the phase's output (``fingerprints.of`` its settings and its input's)."""
 
 
 class WithinDeadline:
@@ -199,7 +193,8 @@ def run(phase: ShardPhase, shards: list[str], output_url: str, storage: StorageC
     hold (a phase without GPUs holds none); the manifest is None when it stopped shards short of it.
     """
     previous = read_manifest(output_url, storage)
-    if previous is not None and previous.config == phase.fingerprint and set(previous.shards) == set(shards):
+    if (previous is not None and fingerprints.is_complete(previous.config, phase.fingerprint)
+            and set(previous.shards) == set(shards)):
         return previous, {}
     fs, folder = filesystem(output_url, storage)
     if previous is not None:
@@ -208,7 +203,7 @@ def run(phase: ShardPhase, shards: list[str], output_url: str, storage: StorageC
 
     def finished(shard: str) -> bool:
         ledger = read_shard_ledger(fs, f"{folder}/{schema.shard_parquet(shard)}")
-        return ledger is not None and ledger[1] == phase.fingerprint
+        return ledger is not None and fingerprints.is_complete(ledger[1], phase.fingerprint)
 
     todo = [shard for shard in shards if not finished(shard)]
     actors = min(len(todo), phase.resources.max_actors)
@@ -227,7 +222,8 @@ def run(phase: ShardPhase, shards: list[str], output_url: str, storage: StorageC
     fs.invalidate_cache()  # object-store listings cached before the actors wrote
     remove_orphaned_temporaries(fs, folder)  # of actors that died mid-shard (Ray redid those shards)
     ledgers = {shard: read_shard_ledger(fs, f"{folder}/{schema.shard_parquet(shard)}") for shard in shards}
-    done = [shard for shard in todo if ledgers[shard] is not None and ledgers[shard][1] == phase.fingerprint]
+    done = [shard for shard in todo
+            if ledgers[shard] is not None and fingerprints.is_complete(ledgers[shard][1], phase.fingerprint)]
     metrics = throughput_metrics(
         samples=sum(ledgers[s][0].samples_in for s in done), seconds=seconds, resources=phase.resources,
         actors=actors, shards_done=len(done), shards_skipped=len(shards) - len(todo))

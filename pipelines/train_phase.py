@@ -21,7 +21,7 @@ import ray.data
 from ray.data.expressions import col
 from safetensors.torch import load as load_safetensors
 
-from pipelines import decode, pre_encode, schema, shard_phase, trained_weights
+from pipelines import decode, fingerprints, pre_encode, schema, shard_phase, trained_weights
 from pipelines.chain_evaluation import ChainEvaluation, held_out_captions
 from pipelines.overrides import to_flat_dict
 from pipelines.storage import StorageConfig, filesystem
@@ -74,11 +74,10 @@ def run_training(context, run, phase: str) -> str:
         raise ValueError(f"{section}.global_batch_size ({config.global_batch_size}) is larger than the training "
                          f"set ({source.kept - source.validation} samples kept by {source_phase}, the validation "
                          "split left out): lower it or add data")
-    models = context.config.pre_encode.models
-    fingerprint = {"input": source.config, "models": models, **config.outcome()}
+    fingerprint = training_fingerprint(context.config, section, source.config)
     final_url = f"{context.output_url(phase)}/{trained_weights.FINAL_FILE}"
     run.log_params(to_flat_dict(config, prefix=f"{section}."))
-    if trained_weights.fingerprint_of(final_url, storage) == fingerprint:
+    if fingerprints.is_complete(trained_weights.fingerprint_of(final_url, storage), fingerprint):
         run.set_tags({"phase.outcome": "skipped: output already complete"})
         return "skipped: output already complete"
 
@@ -121,6 +120,13 @@ def run_training(context, run, phase: str) -> str:
     run.set_tags({"phase.outcome": "ran"})
     return (f"ran; {state.step} steps, loss {state.last_loss:.4f}, {state.gpu_hours_attempt:.4g} GPU-hours "
             f"({state.gpu_hours_used:.4g} over all attempts)")
+
+
+def training_fingerprint(config, section: str, source_fingerprint: dict) -> dict:
+    """What decides a stage's trained weights: its training data (the source phase's fingerprint),
+    the model sizes and the ``section``'s settings that decide the weights (``TrainConfig.outcome``)."""
+    return fingerprints.of(input=source_fingerprint,
+                           settings={"models": config.pre_encode.models, **getattr(config, section).outcome()})
 
 
 def _ray_run_name(phase: str, fingerprint: dict) -> str:

@@ -2,7 +2,7 @@
 
 A phase's result is one safetensors file whose metadata holds the phase's fingerprint (its input
 and settings), written atomically: the file existing with the current fingerprint is the proof
-that the phase is complete.
+that the phase is complete (``pipelines/fingerprints.py``).
 
 Weights named in the config are a path or URL, with ``#entry`` appended where the file is a PyTorch
 pickle holding several state dicts (``model_v2_stage_b.pt#effnet_state_dict``).
@@ -19,11 +19,11 @@ from mlflow.artifacts import download_artifacts
 from safetensors.torch import save
 from torch import nn
 
+from pipelines import fingerprints
 from pipelines.storage import StorageConfig, filesystem, local_copy, write_atomically
 from stages.weights import load_weights
 
 FINAL_FILE = "final.safetensors"
-_FINGERPRINT = "wuerstchen.fingerprint"
 _ENTRY = "#"
 
 
@@ -41,7 +41,7 @@ def split_entry(url: str) -> tuple[str, str | None]:
 
 def write(url: str, tensors: dict[str, torch.Tensor], fingerprint: dict[str, Any], storage: StorageConfig) -> bytes:
     """Writes the weights with their fingerprint atomically; returns the file's bytes."""
-    data = save(tensors, metadata={_FINGERPRINT: json.dumps(fingerprint, sort_keys=True)})
+    data = save(tensors, metadata=fingerprints.metadata(fingerprint))
     fs, path = filesystem(url, storage)
     fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
     write_atomically(fs, path, lambda stream: stream.write(data))
@@ -60,8 +60,7 @@ def fingerprint_of(url: str, storage: StorageConfig) -> dict[str, Any] | None:
     with fs.open(path, "rb") as stream:
         (length,) = struct.unpack("<Q", stream.read(8))  # safetensors: u64 header size, then JSON
         header = json.loads(stream.read(length))
-    metadata = header.get("__metadata__", {})
-    return json.loads(metadata[_FINGERPRINT]) if _FINGERPRINT in metadata else None
+    return fingerprints.from_metadata(header.get("__metadata__"))
 
 
 def load(model: nn.Module, url: str, storage: StorageConfig | None = None) -> nn.Module:
