@@ -41,7 +41,8 @@ from pipelines.trainable import REGISTRY, build_task
 from pipelines.trainable.base import TaskSpec
 from pipelines.training.checkpoint import file_record, verify_files
 from pipelines.training.config import TrainConfig
-from pipelines.training.step import train_step
+from pipelines.training.parallel import full_state
+from pipelines.training.step import swapped_in, train_step
 from stages.semantic import SEMANTIC_CONFIGS, SemanticCompressor
 from stages.stage_a import STAGE_A_CONFIGS, StageA
 from stages.generate import build_models
@@ -486,3 +487,14 @@ def test_the_chain_is_scored_on_held_out_captions_and_their_real_images(latents)
     assert first == again  # fixed captions, seed and real statistics: a property of the weights
     assert set(first) == {"eval/clip_score", "eval/fid", "eval/colour_accuracy"}
     assert 0 <= first["eval/clip_score"] <= 100 and first["eval/fid"] > 0 and 0 <= first["eval/colour_accuracy"] <= 1
+
+
+def test_a_state_read_with_the_ema_swapped_in_keeps_the_ema_after_the_swap():
+    # On CPU without FSDP the state dict would hold the parameters themselves, and checkpoints and
+    # exported weights the trained weights where the EMA belongs.
+    model = torch.nn.Linear(3, 2)
+    ema = [torch.zeros_like(p) for p in model.parameters()]
+    with swapped_in(model, ema):
+        state = full_state(model)
+    assert all(value.abs().sum() == 0 for value in state.values())
+    assert model.weight.abs().sum() > 0

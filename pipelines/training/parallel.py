@@ -106,8 +106,13 @@ def unwrapped(model: nn.Module) -> nn.Module:
 
 
 def full_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The whole model's state dict on CPU, gathered from shards under FSDP."""
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    """The whole model's state dict on CPU, gathered from shards under FSDP, in tensors of its own."""
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    # On CPU without FSDP there is nothing to gather or move, and the state dict holds the parameters
+    # themselves: a caller that reads it with the EMA swapped in would otherwise find the trained
+    # weights in it once they are swapped back.
+    live = {tensor.data_ptr() for tensor in (*model.parameters(), *model.buffers())}
+    return {name: value.clone() if value.data_ptr() in live else value for name, value in state.items()}
 
 
 def all_agree(fits: bool, device: torch.device) -> bool:
