@@ -22,7 +22,7 @@ from pipelines.demo_data import BACKGROUNDS, COLOURS
 from pipelines.quality import FEATURE_EXTRACTORS
 from pipelines.reports import image_grid, to_uint8
 from pipelines.storage import StorageConfig, filesystem, write_atomically
-from stages.generate import GENERATE_CONFIGS, build_models, generate
+from stages.generate import GENERATE_CONFIGS, Wuerstchen, build_models, generate
 
 PHASE = "generate"
 SUMMARY_FILE = "summary.json"
@@ -105,16 +105,23 @@ def colour_scores(images: list[np.ndarray], prompts: list[str]) -> dict[str, flo
     return scores
 
 
-def render(models_name: str, weights_urls: dict[str, str], storage: StorageConfig, prompts: list[str], size: int,
-           guidance: float, seed: int) -> np.ndarray:
-    """Images (N, size, size, 3) uint8 for ``prompts``, on a GPU when the task holds one. The weights
-    are read here, on the task's node: a copy the driver made would be on the driver's node only."""
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def load_chain(models_name: str, weights_urls: dict[str, str], storage: StorageConfig,
+               device: torch.device) -> Wuerstchen:
+    """The chain of size ``models_name`` with each named stage's weights, in eval mode on ``device``."""
     models = build_models(models_name)
     for stage, url in weights_urls.items():
         trained_weights.load(getattr(models, stage), url, storage)
     for module in (models.text_c, models.stage_c, models.text_b, models.stage_b, models.stage_a):
         module.to(device).eval()
+    return models
+
+
+def render(models_name: str, weights_urls: dict[str, str], storage: StorageConfig, prompts: list[str], size: int,
+           guidance: float, seed: int) -> np.ndarray:
+    """Images (N, size, size, 3) uint8 for ``prompts``, on a GPU when the task holds one. The weights
+    are read here, on the task's node: a copy the driver made would be on the driver's node only."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    models = load_chain(models_name, weights_urls, storage, device)
     config = dataclasses.replace(GENERATE_CONFIGS[models_name](), prior_guidance=guidance)
     generated = generate(prompts, models=models, config=config, height=size, width=size,
                          generator=torch.Generator(device).manual_seed(seed))

@@ -14,7 +14,7 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from PIL import Image
 
-from pipelines import demo_data, full, sample, trained_weights
+from pipelines import demo_data, evaluate, full, sample, trained_weights
 from pipelines.config import load_config
 from pipelines.decode import DECODE_REASONS
 from pipelines.metadata_filter import METADATA_REASONS
@@ -209,3 +209,25 @@ def test_the_demo_runs_chain_can_be_sampled_later(first_run, tmp_path):
     (logged,) = [r for r in runs if r.info.run_name == sample.RUN_NAME]
     assert logged.data.tags[MLFLOW_PARENT_RUN_ID] == parent.info.run_id
     assert logged.data.params["weights.stage_b"] == f"{work_dir}/train_stage_b/final.safetensors"
+
+
+def test_the_demo_runs_chain_evaluated_later_scores_what_training_logged_last(first_run, capsys):
+    work_dir, _ = first_run
+    client, runs = _runs(work_dir)
+    parent = [r for r in runs if MLFLOW_PARENT_RUN_ID not in r.data.tags][0]
+    evaluate.main(["--run", parent.info.run_id, "--tracking-uri", f"sqlite:///{work_dir}/mlflow.db"])
+    assert "eval/colour_accuracy" in capsys.readouterr().out
+    _, runs = _runs(work_dir)
+    (logged,) = [r for r in runs if r.info.run_name == evaluate.RUN_NAME]
+    assert logged.data.tags[MLFLOW_PARENT_RUN_ID] == parent.info.run_id
+    assert logged.data.params["captions"] == "16" and logged.data.params["fid_features"] == "tiny"
+    # The exported weights are the EMA that Stage C's last evaluation scored, on the same captions.
+    (stage_c,) = _ran(runs, "train_stage_c")
+    for name in ("eval/clip_score", "eval/fid", "eval/colour_accuracy"):
+        assert logged.data.metrics[name] == pytest.approx(stage_c.data.metrics[name], rel=1e-3, abs=1e-6), name
+
+    with pytest.raises(SystemExit, match="no MLflow run 'nope'"):
+        evaluate.main(["--run", "nope", "--tracking-uri", f"sqlite:///{work_dir}/mlflow.db"])
+    with pytest.raises(SystemExit, match="is it a 'tiny' checkpoint of that stage"):
+        evaluate.main(["--run", parent.info.run_id, "--tracking-uri", f"sqlite:///{work_dir}/mlflow.db",
+                       "--weights", f"stage_c={work_dir}/train_stage_b/final.safetensors"])
