@@ -17,6 +17,7 @@ import ray
 import torch
 from PIL import Image
 
+from cluster.resources import GPU, check_gpu_resource, gpu_request
 from pipelines import trained_weights
 from pipelines.demo_data import BACKGROUNDS, COLOURS
 from pipelines.reports import image_grid, to_uint8
@@ -43,10 +44,14 @@ class SampleConfig:
     """Score the dominant colour of each image against the colour its prompt names (demo data)."""
     num_gpus: float = 1.0
     """GPUs of the Ray task that renders; 0 renders on CPU."""
+    gpu_resource: str = GPU
+    """The Ray resource ``num_gpus`` asks for: GPU, or a custom resource that a node type offers in
+    place of GPUs (the task then renders on CPU there)."""
 
     def __post_init__(self):
         if not self.prompts:
             raise ValueError("prompts must hold at least one prompt")
+        check_gpu_resource(self.gpu_resource)
         if self.size < 8:
             raise ValueError(f"size must be >= 8 pixels, got {self.size}")
 
@@ -130,7 +135,7 @@ def run(*, config: SampleConfig, models_name: str, weights_urls: dict[str, str],
         weights_fs, path = filesystem(url, storage)
         if not weights_fs.exists(path):
             raise FileNotFoundError(f"no {stage} weights at {url}: run its training phase first")
-    task = ray.remote(num_gpus=config.num_gpus, num_cpus=1)(render)
+    task = ray.remote(num_cpus=1, **gpu_request(config.num_gpus, config.gpu_resource))(render)
     prompts = list(config.prompts)
     jobs = {name: task.remote(*args) for name, args in render_args(config, models_name, weights_urls, storage).items()}
     images = {name: ray.get(job) for name, job in jobs.items()}
