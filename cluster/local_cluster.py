@@ -292,7 +292,10 @@ def ray_node(folder: Path, auth: dict[str, str], *, num_cpus: float, head_addres
         command.append(f"--autoscaling-config={folder / 'autoscaling.yaml'}")
         # What ``ray.cluster_utils.AutoscalingCluster`` sets, without its ``ray stop --force`` (which
         # stops every Ray of the machine): the fake provider's switch, its head's node and instance
-        # ID, the autoscaler v2 that ``ray up`` runs, and an autoscaler that looks every second.
+        # ID, the autoscaler v2 that ``ray up`` runs, and an autoscaler that looks every second. Not
+        # the head's node type (``RAY_NODE_TYPE_NAME``, as ``ray up`` sets it): the provider starts
+        # its nodes in the autoscaler's process, which has the head's environment, and each would be
+        # labelled with it.
         fake_cluster = {"RAY_FAKE_CLUSTER": "1", "RAY_enable_autoscaler_v2": "1",
                         "RAY_CLOUD_INSTANCE_ID": FAKE_HEAD_NODE_ID, "RAY_OVERRIDE_NODE_ID_FOR_TESTING": FAKE_HEAD_NODE_ID,
                         "AUTOSCALER_UPDATE_INTERVAL_S": "1"}
