@@ -11,7 +11,10 @@ proxied into a folder only the server reads). Every process it starts it stops b
 
     python -m cluster.local_cluster [--worker-nodes 2] [--worker-cpus 2]
 
-starts one, prints its addresses and a ``ray job submit`` command, and stops it on Ctrl-C.
+starts one, prints its addresses and a ``ray job submit`` command, and stops it on Ctrl-C. With
+``--autoscaling`` (``autoscaling_cluster``) the head starts alone, and its autoscaler adds and
+removes nodes of ``ray_cluster.yaml``'s node types as the phases ask for them (Ray's fake multi-node
+provider: nodes are processes of the head, without mount namespaces of their own).
 """
 
 from __future__ import annotations
@@ -442,6 +445,16 @@ def local_cluster(folder: Path, *, worker_nodes: int = 2, worker_cpus: float = 2
 GPU_STAND_IN = "fake_gpu"
 
 
+def gpu_stand_in_overrides() -> list[str]:
+    """The pipeline's ``--set`` options that make every phase that can use GPUs ask for one
+    ``GPU_STAND_IN`` per actor, worker or render task."""
+    return [*[f"--set={section}.resources.{setting}" for section in ("embed", "pre_encode")
+              for setting in ("num_gpus=1", f"gpu_resource={GPU_STAND_IN}")],
+            *[f"--set={section}.{setting}" for section in ("train_a", "train_semantic", "train_b", "train_c")
+              for setting in ("gpus_per_worker=1", f"gpu_resource={GPU_STAND_IN}")],
+            "--set=generate.num_gpus=1", f"--set=generate.gpu_resource={GPU_STAND_IN}"]
+
+
 def autoscaling_config(*, idle_timeout_s: float, worker_cpus: float, object_store_bytes: int) -> dict:
     """A cluster config of Ray's fake multi-node provider with ``ray_cluster.yaml``'s node types: a
     head that takes no work and each worker type from zero to one node of ``worker_cpus`` CPUs, a
@@ -491,11 +504,19 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--worker-nodes", type=int, default=2)
     parser.add_argument("--worker-cpus", type=float, default=2)
+    parser.add_argument("--autoscaling", action="store_true",
+                        help="no fixed worker nodes: an autoscaler adds and removes ray_cluster.yaml's node types")
+    parser.add_argument("--idle-timeout-s", type=float, default=30,
+                        help="with --autoscaling: seconds an idle node stays")
     parser.add_argument("--folder", type=Path, default=None,
                         help="for the servers' data and the logs (default: a new folder under /tmp)")
     args = parser.parse_args(argv)
     folder = args.folder or Path(tempfile.mkdtemp(prefix="local-cluster-"))
-    with local_cluster(folder.resolve(), worker_nodes=args.worker_nodes, worker_cpus=args.worker_cpus) as cluster:
+    if args.autoscaling:
+        started = autoscaling_cluster(folder.resolve(), idle_timeout_s=args.idle_timeout_s, worker_cpus=args.worker_cpus)
+    else:
+        started = local_cluster(folder.resolve(), worker_nodes=args.worker_nodes, worker_cpus=args.worker_cpus)
+    with started as cluster:
         token = folder / "ray-auth-token"
         token.write_text(cluster.auth["RAY_AUTH_TOKEN"])
         client = f"RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH={token}"
@@ -506,7 +527,8 @@ def main(argv: list[str] | None = None) -> None:
               f"{client} {BIN}/ray job submit --address {cluster.dashboard} --working-dir . "
               f"--runtime-env-json '{json.dumps({'env_vars': {'MLFLOW_TRACKING_URI': cluster.mlflow_uri}})}' -- "
               f"{sys.executable} pipelines/full.py --set work_dir=s3://{BUCKET}/run "
-              f"{' '.join(cluster.storage_overrides())}\n\nCtrl-C stops it.", flush=True)
+              f"{' '.join(cluster.storage_overrides())}"
+              f"{' ' + ' '.join(gpu_stand_in_overrides()) if args.autoscaling else ''}\n\nCtrl-C stops it.", flush=True)
         # Ctrl-C, and SIGTERM, and SIGINT where a shell started it in the background (which ignores it).
         for number in (signal.SIGINT, signal.SIGTERM):
             signal.signal(number, signal.default_int_handler)

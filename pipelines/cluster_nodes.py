@@ -104,11 +104,10 @@ class NodeRecorder:
     def sample(self) -> Snapshot:
         """Reads the cluster's nodes now, and keeps the reading."""
         status = get_cluster_status(self._gcs_address)
-        seconds = time.monotonic() - self._started
-        snapshot = Snapshot(seconds, alive={node.node_id: self._type(node) for node in
-                                            (*status.active_nodes, *status.idle_nodes)},
-                            dead={node.node_id: self._type(node) for node in status.failed_nodes})
-        with self._lock:
+        alive = {node.node_id: self._type(node) for node in (*status.active_nodes, *status.idle_nodes)}
+        dead = {node.node_id: self._type(node) for node in status.failed_nodes}
+        with self._lock:  # the poller's readings and the phases' stay in the order of their times
+            snapshot = Snapshot(time.monotonic() - self._started, alive=alive, dead=dead)
             self._snapshots.append(snapshot)
         return snapshot
 

@@ -10,7 +10,8 @@ import time
 import pytest
 from mlflow.tracking import MlflowClient
 
-from cluster.local_cluster import BUCKET, GPU_STAND_IN, S3_KEY, autoscaling_cluster, ray_state, submit_job
+from cluster.local_cluster import (BUCKET, GPU_STAND_IN, S3_KEY, autoscaling_cluster, gpu_stand_in_overrides,
+                                   ray_state, submit_job)
 from cluster.nodes import worker_node_types
 from pipelines.phases import PHASES
 from pipelines.storage import StorageConfig
@@ -19,13 +20,8 @@ from test_multinode import assert_complete
 IDLE_TIMEOUT_S = 30
 STEPS = 10
 TRAINING = ("train_a", "train_semantic", "train_b", "train_c")
-# The phases that ask for GPUs, here for the stand-in, and the settings that say so.
+# The phases that ask for GPUs, here for the stand-in (gpu_stand_in_overrides).
 GPU_PHASES = ("embed", "train_stage_a", "train_semantic", "pre_encode", "train_stage_b", "train_stage_c", "generate")
-ON_STAND_IN = [*[f"--set={section}.resources.{setting}" for section in ("embed", "pre_encode")
-                 for setting in ("num_gpus=1", f"gpu_resource={GPU_STAND_IN}")],
-               *[f"--set={section}.{setting}" for section in TRAINING
-                 for setting in ("gpus_per_worker=1", f"gpu_resource={GPU_STAND_IN}")],
-               "--set=generate.num_gpus=1", f"--set=generate.gpu_resource={GPU_STAND_IN}"]
 # Small enough for minutes on 2 cores.
 FAST = ["--set=data.demo.num_shards=2", "--set=data.demo.samples_per_shard=40",
         *[f"--set={section}.{setting}" for section in TRAINING
@@ -53,9 +49,10 @@ def test_the_autoscaler_launches_each_pool_when_a_phase_asks_and_removes_it_when
         work = f"s3://{BUCKET}/run"
         submitted = submit_job(cluster.dashboard, cluster.auth,
                                ["pipelines/full.py", f"--set=work_dir={work}", *cluster.storage_overrides(), *FAST,
-                                *ON_STAND_IN],
+                                *gpu_stand_in_overrides()],
                                env_vars={"MLFLOW_TRACKING_URI": cluster.mlflow_uri}, timeout=1800)
         output = submitted.stdout + submitted.stderr
+        (tmp_path / "job.log").write_text(output)  # beside the cluster's logs
         assert submitted.returncode == 0, output[-6000:]
         assert "succeeded" in output and f"ran: {', '.join(PHASES)}" in output, output[-6000:]
         parent, phases = assert_complete(cluster.mlflow_uri, work, storage, steps=STEPS)
@@ -69,7 +66,7 @@ def test_the_autoscaler_launches_each_pool_when_a_phase_asks_and_removes_it_when
         first_gpu_phase = next(phase for phase in PHASES if phase in GPU_PHASES)
         assert nodes_of("metadata_filter", "start", cpu) == 0 and nodes_of("metadata_filter", "launched", cpu) >= 1
         assert nodes_of(first_gpu_phase, "start", gpu) == 0 and nodes_of(first_gpu_phase, "launched", gpu) >= 1
-        for phase in PHASES[:PHASES.index(first_gpu_phase)]:
+        for phase in list(PHASES)[:list(PHASES).index(first_gpu_phase)]:
             assert nodes_of(phase, "peak", gpu) == 0, phase
         for phase in GPU_PHASES:
             assert nodes_of(phase, "peak", gpu) >= 1, phase
