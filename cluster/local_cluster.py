@@ -11,7 +11,10 @@ proxied into a folder only the server reads). Every process it starts it stops b
 
     python -m cluster.local_cluster [--worker-nodes 2] [--worker-cpus 2]
 
-starts one, prints its addresses and a ``ray job submit`` command, and stops it on Ctrl-C.
+starts one, prints its addresses and a ``ray job submit`` command, and stops it on Ctrl-C. With
+``--autoscaling`` (``autoscaling_cluster``) the head starts alone, and its autoscaler adds and
+removes nodes of ``ray_cluster.yaml``'s node types as the phases ask for them (Ray's fake multi-node
+provider: nodes are processes of the head, without mount namespaces of their own).
 """
 
 from __future__ import annotations
@@ -37,6 +40,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
+import yaml
+from ray.autoscaler._private.fake_multi_node.node_provider import (FAKE_HEAD_NODE_ID, FAKE_HEAD_NODE_TYPE,
+                                                                    FakeMultiNodeProvider)
+
+from cluster.nodes import worker_node_types
 
 BIN = Path(sys.executable).parent
 # The checkout this harness runs from (it hides it from the nodes and submits it as a job's working
@@ -256,11 +264,16 @@ class RayNode:
 
 @contextlib.contextmanager
 def ray_node(folder: Path, auth: dict[str, str], *, num_cpus: float, head_address: str = "",
-             private: bool = False, object_store_bytes: int | None = None) -> Iterator[RayNode]:
+             private: bool = False, object_store_bytes: int | None = None,
+             autoscaling: dict | None = None) -> Iterator[RayNode]:
     """A Ray node from ``ray start --block`` on 127.0.0.1: the head, or with ``head_address`` a node
     that joins it. ``private``: in a mount namespace of its own, in which /tmp, ``~/.cache`` and this
-    checkout are empty (``private_mounts``). Its ``ray start`` output goes to ``folder/ray-start.log``."""
+    checkout are empty (``private_mounts``). ``autoscaling``: a head whose autoscaler runs this
+    cluster config of Ray's fake multi-node provider (``autoscaling_config``), which starts and stops
+    worker nodes as processes of this head. Its ``ray start`` output goes to ``folder/ray-start.log``."""
     head = not head_address
+    assert head or autoscaling is None, "only a head runs an autoscaler"
+    assert not (private and autoscaling), "a private head could not read its autoscaling config"
     ports = {name: free_port() for name in (*_HEAD_PORTS, *_NODE_PORTS) if head or name in _NODE_PORTS}
     # Short: Ray's unix sockets live under it and their paths are limited to 107 bytes. In a private
     # node a name of its own under its own /tmp; otherwise a fresh folder of this machine's /tmp.
@@ -273,6 +286,22 @@ def ray_node(folder: Path, auth: dict[str, str], *, num_cpus: float, head_addres
                *(["--head", "--dashboard-host=127.0.0.1", "--include-dashboard=true"] if head
                  else [f"--address={head_address}"]),
                *[f"--{name}={port}" for name, port in ports.items()]]
+    folder.mkdir(parents=True, exist_ok=True)
+    fake_cluster = {}
+    if autoscaling is not None:
+        # The provider starts its nodes with this head's GCS address (its default is port 6379).
+        config = {**autoscaling, "provider": {**autoscaling["provider"], "gcs_address": f"127.0.0.1:{ports['port']}"}}
+        (folder / "autoscaling.yaml").write_text(yaml.safe_dump(config))
+        command.append(f"--autoscaling-config={folder / 'autoscaling.yaml'}")
+        # What ``ray.cluster_utils.AutoscalingCluster`` sets, without its ``ray stop --force`` (which
+        # stops every Ray of the machine): the fake provider's switch, its head's node and instance
+        # ID, the autoscaler v2 that ``ray up`` runs, and an autoscaler that looks every second. Not
+        # the head's node type (``RAY_NODE_TYPE_NAME``, as ``ray up`` sets it): the provider starts
+        # its nodes in the autoscaler's process, which has the head's environment, and each would be
+        # labelled with it.
+        fake_cluster = {"RAY_FAKE_CLUSTER": "1", "RAY_enable_autoscaler_v2": "1",
+                        "RAY_CLOUD_INSTANCE_ID": FAKE_HEAD_NODE_ID, "RAY_OVERRIDE_NODE_ID_FOR_TESTING": FAKE_HEAD_NODE_ID,
+                        "AUTOSCALER_UPDATE_INTERVAL_S": "1"}
     if private:
         # From / : a working directory in a hidden folder would still show what the mount covers. The
         # error lines of a failed node's session logs go to its log: its /tmp is gone when it exits.
@@ -285,8 +314,7 @@ def ray_node(folder: Path, auth: dict[str, str], *, num_cpus: float, head_addres
            "RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1",
            # No memory monitor: each node's would count the whole machine's memory, the other nodes'
            # included, and kill its own workers (the job's driver among them) for what others use.
-           "RAY_memory_monitor_refresh_ms": "0"}
-    folder.mkdir(parents=True, exist_ok=True)
+           "RAY_memory_monitor_refresh_ms": "0", **fake_cluster}
     log = folder / "ray-start.log"
     with open(log, "wb") as out:
         node = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=env)
@@ -378,6 +406,19 @@ class LocalCluster:
                 f"--set=storage.secret={self.s3_secret}"]
 
 
+def _shared_services(stack: contextlib.ExitStack, folder: Path) -> tuple[SeaweedFS, str, str]:
+    """Starts the S3 server (bucket ``BUCKET``) and the MLflow server, stopped when ``stack`` closes;
+    returns the S3 server, its secret and MLflow's URL."""
+    secret = secrets.token_hex(16)
+    (folder / "s3").mkdir(parents=True, exist_ok=True)
+    s3 = SeaweedFS(folder / "s3", credentials=(S3_KEY, secret))
+    s3.start()
+    stack.callback(s3.stop)
+    import s3fs  # a dependency of the pipeline; imported here, where it is used
+    s3fs.S3FileSystem(key=S3_KEY, secret=secret, endpoint_url=s3.endpoint).mkdir(BUCKET)
+    return s3, secret, stack.enter_context(mlflow_server(folder))
+
+
 @contextlib.contextmanager
 def local_cluster(folder: Path, *, worker_nodes: int = 2, worker_cpus: float = 2,
                   object_store_bytes: int = 300 * 2**20) -> Iterator[LocalCluster]:
@@ -386,16 +427,9 @@ def local_cluster(folder: Path, *, worker_nodes: int = 2, worker_cpus: float = 2
     them all on exit. ``folder`` holds the servers' data and every process's log."""
     if os.geteuid() != 0:
         raise SystemExit("the local cluster puts each Ray node in a mount namespace of its own: run it as root")
-    secret = secrets.token_hex(16)
-    (folder / "s3").mkdir(parents=True, exist_ok=True)
-    s3 = SeaweedFS(folder / "s3", credentials=(S3_KEY, secret))
     auth = ray_auth()
     with contextlib.ExitStack() as stack:
-        s3.start()
-        stack.callback(s3.stop)
-        import s3fs  # a dependency of the pipeline; imported here, where it is used
-        s3fs.S3FileSystem(key=S3_KEY, secret=secret, endpoint_url=s3.endpoint).mkdir(BUCKET)
-        mlflow = stack.enter_context(mlflow_server(folder))
+        s3, secret, mlflow = _shared_services(stack, folder)
         head = stack.enter_context(ray_node(folder / "head", auth, num_cpus=0, private=True,
                                             object_store_bytes=object_store_bytes))
         workers = [stack.enter_context(ray_node(folder / f"worker{i}", auth, num_cpus=worker_cpus,
@@ -406,15 +440,83 @@ def local_cluster(folder: Path, *, worker_nodes: int = 2, worker_cpus: float = 2
                            mlflow_uri=mlflow, nodes=(head, *workers))
 
 
+# The custom resource the GPU-standing node type offers in place of ray_cluster.yaml's GPUs: a phase
+# asks for it with ``gpu_resource`` (``cluster.resources``) and runs on CPU there.
+GPU_STAND_IN = "fake_gpu"
+
+
+def gpu_stand_in_overrides() -> list[str]:
+    """The pipeline's ``--set`` options that make every phase that can use GPUs ask for one
+    ``GPU_STAND_IN`` per actor, worker or render task."""
+    return [*[f"--set={section}.resources.{setting}" for section in ("embed", "pre_encode")
+              for setting in ("num_gpus=1", f"gpu_resource={GPU_STAND_IN}")],
+            *[f"--set={section}.{setting}" for section in ("train_a", "train_semantic", "train_b", "train_c")
+              for setting in ("gpus_per_worker=1", f"gpu_resource={GPU_STAND_IN}")],
+            "--set=generate.num_gpus=1", f"--set=generate.gpu_resource={GPU_STAND_IN}"]
+
+
+def autoscaling_config(*, idle_timeout_s: float, worker_cpus: float, object_store_bytes: int) -> dict:
+    """A cluster config of Ray's fake multi-node provider with ``ray_cluster.yaml``'s node types: a
+    head that takes no work and each worker type from zero to one node of ``worker_cpus`` CPUs, a
+    GPU type with one ``GPU_STAND_IN`` per GPU it has there; idle nodes leave after ``idle_timeout_s``."""
+    types = {name: {"min_workers": 0, "max_workers": 1, "node_config": {},
+                    "resources": {"CPU": worker_cpus, "object_store_memory": object_store_bytes,
+                                  **({GPU_STAND_IN: resources["GPU"]} if resources.get("GPU") else {})}}
+             for name, resources in worker_node_types().items()}
+    # The provider names its head's node type itself.
+    types[FAKE_HEAD_NODE_TYPE] = {"resources": {"CPU": 0}, "node_config": {}, "max_workers": 0}
+    return {
+        "cluster_name": "local-autoscaling", "max_workers": len(types) - 1, "upscaling_speed": 1.0,
+        "idle_timeout_minutes": idle_timeout_s / 60,
+        # The fake provider as an "external" one, loaded by its class: by its own type name Ray fills
+        # the config's defaults in from a file its wheel does not ship. Its settings are the ones
+        # ``AutoscalingCluster`` gives it for the autoscaler v2.
+        "provider": {"type": "external", "module": f"{FakeMultiNodeProvider.__module__}.{FakeMultiNodeProvider.__name__}",
+                     "launch_multiple": True, "head_node_id": FAKE_HEAD_NODE_ID},
+        "available_node_types": types, "head_node_type": FAKE_HEAD_NODE_TYPE,
+        # Nothing to install or start on a node: the provider starts Ray itself.
+        "auth": {"ssh_user": "ray"}, "docker": {}, "file_mounts": {}, "cluster_synced_files": [],
+        "file_mounts_sync_continuously": False, "rsync_exclude": [], "rsync_filter": [],
+        "initialization_commands": [], "setup_commands": [], "head_setup_commands": [], "worker_setup_commands": [],
+        "head_start_ray_commands": [], "worker_start_ray_commands": [],
+    }
+
+
+@contextlib.contextmanager
+def autoscaling_cluster(folder: Path, *, idle_timeout_s: float = 30, worker_cpus: float = 2,
+                        object_store_bytes: int = 300 * 2**20) -> Iterator[LocalCluster]:
+    """Starts the S3 server (bucket ``BUCKET``), the MLflow server and a head without CPUs whose
+    autoscaler adds and removes the worker nodes of ``autoscaling_config`` as the cluster's demand
+    asks; stops them all on exit (the autoscaler's nodes are processes of the head's session).
+    No mount namespaces: the nodes see this machine's files, as in Ray's own autoscaler tests."""
+    auth = ray_auth()
+    with contextlib.ExitStack() as stack:
+        s3, secret, mlflow = _shared_services(stack, folder)
+        config = autoscaling_config(idle_timeout_s=idle_timeout_s, worker_cpus=worker_cpus,
+                                    object_store_bytes=object_store_bytes)
+        head = stack.enter_context(ray_node(folder / "head", auth, num_cpus=0, object_store_bytes=object_store_bytes,
+                                            autoscaling=config))
+        yield LocalCluster(dashboard=head.dashboard, auth=auth, s3_endpoint=s3.endpoint, s3_secret=secret,
+                           mlflow_uri=mlflow, nodes=(head,))
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--worker-nodes", type=int, default=2)
     parser.add_argument("--worker-cpus", type=float, default=2)
+    parser.add_argument("--autoscaling", action="store_true",
+                        help="no fixed worker nodes: an autoscaler adds and removes ray_cluster.yaml's node types")
+    parser.add_argument("--idle-timeout-s", type=float, default=30,
+                        help="with --autoscaling: seconds an idle node stays")
     parser.add_argument("--folder", type=Path, default=None,
                         help="for the servers' data and the logs (default: a new folder under /tmp)")
     args = parser.parse_args(argv)
     folder = args.folder or Path(tempfile.mkdtemp(prefix="local-cluster-"))
-    with local_cluster(folder.resolve(), worker_nodes=args.worker_nodes, worker_cpus=args.worker_cpus) as cluster:
+    if args.autoscaling:
+        started = autoscaling_cluster(folder.resolve(), idle_timeout_s=args.idle_timeout_s, worker_cpus=args.worker_cpus)
+    else:
+        started = local_cluster(folder.resolve(), worker_nodes=args.worker_nodes, worker_cpus=args.worker_cpus)
+    with started as cluster:
         token = folder / "ray-auth-token"
         token.write_text(cluster.auth["RAY_AUTH_TOKEN"])
         client = f"RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH={token}"
@@ -425,7 +527,8 @@ def main(argv: list[str] | None = None) -> None:
               f"{client} {BIN}/ray job submit --address {cluster.dashboard} --working-dir . "
               f"--runtime-env-json '{json.dumps({'env_vars': {'MLFLOW_TRACKING_URI': cluster.mlflow_uri}})}' -- "
               f"{sys.executable} pipelines/full.py --set work_dir=s3://{BUCKET}/run "
-              f"{' '.join(cluster.storage_overrides())}\n\nCtrl-C stops it.", flush=True)
+              f"{' '.join(cluster.storage_overrides())}"
+              f"{' ' + ' '.join(gpu_stand_in_overrides()) if args.autoscaling else ''}\n\nCtrl-C stops it.", flush=True)
         # Ctrl-C, and SIGTERM, and SIGINT where a shell started it in the background (which ignores it).
         for number in (signal.SIGINT, signal.SIGTERM):
             signal.signal(number, signal.default_int_handler)

@@ -11,6 +11,26 @@ from typing import Any
 
 from ray.data import ActorPoolStrategy
 
+GPU = "GPU"
+# Resources Ray defines itself, which cannot stand for GPUs.
+_RAY_RESOURCES = ("CPU", "memory", "object_store_memory")
+
+
+def check_gpu_resource(name: str) -> None:
+    """A ValueError unless ``name`` can be what GPU work asks Ray for: ``GPU``, or a custom resource
+    that a node type offers in place of GPUs."""
+    if name != GPU and (not name or name != name.strip() or name in _RAY_RESOURCES or name.startswith("node:")):
+        raise ValueError(f"gpu_resource must be {GPU} or the name of a custom resource that node types offer in place "
+                         f"of GPUs, got {name!r}")
+
+
+def gpu_request(gpus: float, resource: str) -> dict[str, Any]:
+    """Ray's remote arguments for ``gpus`` GPUs asked for as ``resource``: with a custom resource in
+    place of GPUs (to try placement and autoscaling without GPUs) the work holds that and runs on CPU."""
+    if resource == GPU:
+        return {"num_gpus": gpus}
+    return {"num_gpus": 0, **({"resources": {resource: gpus}} if gpus else {})}
+
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class StepResources:
@@ -20,6 +40,9 @@ class StepResources:
     """CPUs each actor holds (fractions let several small actors share a core)."""
     num_gpus: float = 0.0
     """GPUs each actor holds; 0 runs the step on CPU."""
+    gpu_resource: str = GPU
+    """The Ray resource ``num_gpus`` asks for: GPU, or a custom resource that a node type offers in
+    place of GPUs (the step then runs on CPU there)."""
     min_actors: int = 1
     """Actors kept alive while the step runs."""
     max_actors: int = 1
@@ -37,6 +60,7 @@ class StepResources:
             raise ValueError(f"num_cpus must be >= 0, got {self.num_cpus}")
         if self.num_gpus < 0:
             raise ValueError(f"num_gpus must be >= 0, got {self.num_gpus}")
+        check_gpu_resource(self.gpu_resource)
         if self.min_actors < 1:
             raise ValueError(f"min_actors must be >= 1, got {self.min_actors}")
         if self.max_actors < self.min_actors:
@@ -53,8 +77,13 @@ class StepResources:
                                          max_concurrent_calls_per_actor=self.calls_per_actor,
                                          enable_true_multi_threading=self.calls_per_actor > 1),
             "num_cpus": self.num_cpus,
-            "num_gpus": self.num_gpus,
+            **gpu_request(self.num_gpus, self.gpu_resource),
         }
+
+    @property
+    def on_gpu(self) -> bool:
+        """Whether each actor holds real GPUs."""
+        return self.num_gpus > 0 and self.gpu_resource == GPU
 
     def map_batches_args(self) -> dict[str, Any]:
         """Keyword arguments for ``Dataset.map_batches`` with a callable-class step."""

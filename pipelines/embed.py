@@ -117,7 +117,7 @@ class EmbedShard:
         self.decoded, self.decoded_folder = filesystem(decoded_url, storage)
         self.output, self.output_folder = filesystem(output_url, storage)
         self.config, self.fingerprint = config, fingerprint
-        self.device = torch.device("cuda" if config.resources.num_gpus and torch.cuda.is_available() else "cpu")
+        self.device = torch.device("cuda" if config.resources.on_gpu and torch.cuda.is_available() else "cpu")
         self.model, self.preprocess, self.tokenizer = load_clip(config, self.device)
         with torch.inference_mode():
             self.embed_dim = self.model.encode_text(self.tokenizer([""]).to(self.device)).shape[-1]

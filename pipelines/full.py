@@ -15,6 +15,7 @@ import sys
 import torch
 
 from pipelines.plan import check_local_gpus, check_training_memory, dry_run
+from pipelines.cluster_nodes import NodeRecorder
 from pipelines.config import RUNS, load_config
 from pipelines.inputs import count_input_rows, exists, prepare_input
 from pipelines.overrides import to_flat_dict
@@ -70,12 +71,12 @@ def run(args: argparse.Namespace) -> None:
     context = PhaseContext(config=config, work_dir=work_dir, shards_url=shards_url, tracker=tracker)
 
     done, stopped = [], ""
-    with tracker.run(f"full-{config.name}") as pipeline_run:
+    with tracker.run(f"full-{config.name}") as pipeline_run, NodeRecorder(pipeline_run) as nodes:
         pipeline_run.log_params({"config": config.name, **to_flat_dict(config)})
         pipeline_run.log_dict(to_flat_dict(config), "config.json")
         pipeline_run.set_tags({"phases": ",".join(phases)})
         for name in phases:
-            with tracker.run(name, parent=pipeline_run) as phase_run:
+            with tracker.run(name, parent=pipeline_run) as phase_run, nodes.phase(name, phase_run):
                 try:
                     summary = PHASES[name](context, phase_run)
                 except BudgetStop as stop:
@@ -87,6 +88,7 @@ def run(args: argparse.Namespace) -> None:
                 pipeline_run.set_tags({"stopped": stopped})
                 break
 
+    print(f"\n{nodes.summary()}", file=sys.stderr)
     print(f"\nran: {', '.join(done)}", file=sys.stderr)
     if stopped:
         print(f"stopped before: {', '.join(phases[len(done):])} ({stopped})", file=sys.stderr)

@@ -17,6 +17,7 @@ import ray
 import torch
 from PIL import Image
 
+from cluster.resources import GPU, check_gpu_resource, gpu_request
 from pipelines import fingerprints, trained_weights
 from pipelines.demo_data import BACKGROUNDS, COLOURS
 from pipelines.quality import FEATURE_EXTRACTORS
@@ -49,6 +50,9 @@ class SampleConfig:
     score and FID against their real images (pipelines/chain_evaluation.py); 0: none."""
     fid_features: str = "inception-v3-fid"
     """Feature extractor of FID (``pipelines.quality.FEATURE_EXTRACTORS``); FIDs compare only with the same one."""
+    gpu_resource: str = GPU
+    """The Ray resource ``num_gpus`` asks for: GPU, or a custom resource that a node type offers in
+    place of GPUs (the task then renders on CPU there)."""
 
     def __post_init__(self):
         if not self.prompts:
@@ -59,13 +63,14 @@ class SampleConfig:
         if self.fid_features not in FEATURE_EXTRACTORS:
             raise ValueError(f"generate.fid_features: unknown {self.fid_features!r}, choose one of "
                              f"{', '.join(FEATURE_EXTRACTORS)}")
+        check_gpu_resource(self.gpu_resource)
         if self.size < 8:
             raise ValueError(f"size must be >= 8 pixels, got {self.size}")
 
     def outcome(self) -> dict[str, Any]:
         """The settings that decide the images and scores (where they render does not, nor what Stage C's
         evaluations render)."""
-        elsewhere = {"num_gpus", "eval_captions", "fid_features"}
+        elsewhere = {"num_gpus", "gpu_resource", "eval_captions", "fid_features"}
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in elsewhere}
 
 
@@ -178,7 +183,7 @@ def run(*, config: SampleConfig, models_name: str, weights_urls: dict[str, str],
         weights_fs, path = filesystem(url, storage)
         if not weights_fs.exists(path):
             raise FileNotFoundError(f"no {stage} weights at {url}: run its training phase first")
-    task = ray.remote(num_gpus=config.num_gpus, num_cpus=1)(render)
+    task = ray.remote(num_cpus=1, **gpu_request(config.num_gpus, config.gpu_resource))(render)
     prompts = list(config.prompts)
     jobs = {name: task.remote(*args) for name, args in render_args(config, models_name, weights_urls, storage).items()}
     images = {name: ray.get(job) for name, job in jobs.items()}

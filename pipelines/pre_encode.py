@@ -231,7 +231,7 @@ class PreEncodeShard:
         self.schema = output_schema(config, crops, resolution)
         self.bucketed = len(crops) > 1
         self.semantic_sizes = {crop: semantic_input_size(config, crop, resolution) for crop in crops}
-        self.device = torch.device("cuda" if config.resources.num_gpus and torch.cuda.is_available() else "cpu")
+        self.device = torch.device("cuda" if config.resources.on_gpu and torch.cuda.is_available() else "cpu")
         torch.manual_seed(config.seed)
         self.stage_a = _random_or_loaded(StageA(STAGE_A_CONFIGS[config.models]()), config.stage_a_weights,
                                          "Stage A", storage).to(self.device).eval()

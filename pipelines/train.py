@@ -37,6 +37,7 @@ from ray.train.torch import TorchTrainer
 from safetensors.torch import load_file
 
 from cluster.budget import BudgetMeter
+from cluster.resources import GPU
 from pipelines.runtime import quiet_ray_below
 from pipelines.storage import local_copy
 from pipelines.tracking import ATTEMPT_GPU_HOURS, connect
@@ -204,9 +205,9 @@ def trainer(*, name: str, args: WorkerArgs, datasets: dict[str, ray.data.Dataset
         train_loop_config=args,
         scaling_config=ScalingConfig(
             num_workers=config.workers,
-            use_gpu=config.gpus_per_worker > 0,
+            use_gpu=config.gpus_per_worker > 0 and config.gpu_resource == GPU,
             resources_per_worker={"CPU": config.cpus_per_worker,
-                                  **({"GPU": config.gpus_per_worker} if config.gpus_per_worker else {})},
+                                  **({config.gpu_resource: config.gpus_per_worker} if config.gpus_per_worker else {})},
         ),
         run_config=RunConfig(
             logging_config=LoggingConfig(log_level=args.ray_log_level),

@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 
-from cluster.resources import StepResources
+from cluster.resources import StepResources, gpu_request
 from pipelines.config import RUNS, load_config
 from pipelines.overrides import apply_overrides, to_flat_dict
 
@@ -63,6 +63,9 @@ def test_overrides_parse_by_field_type():
     ("train_c.activation_memory_budget=0.5", "train_c.*activation_memory_budget below 1 needs compile=true"),
     ("train_c.compile=true train_c.activation_memory_budget=0.5 train_c.activation_checkpointing=true",
      "train_c.*set one of them"),
+    ("embed.resources.gpu_resource=CPU", "embed.resources.gpu_resource: gpu_resource must be GPU or the name of a custom"),
+    ("train_c.gpu_resource=", "train_c.gpu_resource: .*got ''"),
+    ("generate.gpu_resource=node:10.0.0.1", "generate.gpu_resource: .*got 'node:10.0.0.1'"),
 ])
 def test_bad_overrides_name_the_key(override, message):
     with pytest.raises(ValueError, match=message):
@@ -93,3 +96,11 @@ def test_secrets_show_only_as_stars():
     flat = to_flat_dict(load_config("tiny", ["storage.key=AKIAEXAMPLE", "storage.secret=shh"]))
     assert flat["storage.key"] == flat["storage.secret"] == "***"
     assert to_flat_dict(load_config("tiny"))["storage.secret"] == ""
+
+
+def test_a_custom_gpu_resource_is_asked_for_in_place_of_gpus():
+    assert StepResources(num_gpus=1).actor_args()["num_gpus"] == 1 and "resources" not in StepResources().actor_args()
+    stand_in = StepResources(num_gpus=2, gpu_resource="fake_gpu")
+    assert stand_in.actor_args()["num_gpus"] == 0 and stand_in.actor_args()["resources"] == {"fake_gpu": 2}
+    assert StepResources(num_gpus=1).on_gpu and not stand_in.on_gpu
+    assert gpu_request(0, "fake_gpu") == {"num_gpus": 0}

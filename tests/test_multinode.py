@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import ray
 import torch
+from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from safetensors.torch import save
@@ -115,42 +116,53 @@ def test_the_pipeline_runs_across_nodes_that_share_only_ray_s3_and_mlflow(tmp_pa
         assert len(groups) >= len(TRAINING) and all(len(group) == 2 for group in groups.values()), groups
         assert len(head) == 1 and not set().union(*groups.values()) & head, (head, groups)
 
-        # The ledger is exact, as on one machine.
-        client = MlflowClient(cluster.mlflow_uri)
-        experiment = client.get_experiment_by_name("wuerstchen-ray")
-        runs = client.search_runs([experiment.experiment_id])
-        (parent,) = [r for r in runs if MLFLOW_PARENT_RUN_ID not in r.data.tags]
-        phases = {r.info.run_name: r for r in runs if MLFLOW_PARENT_RUN_ID in r.data.tags}
-        assert set(phases) == set(PHASES) and parent.info.status == "FINISHED"
-        assert all(run.info.status == "FINISHED" and run.data.tags["phase.outcome"] == "ran" for run in phases.values())
-        truth = demo_data.load_ground_truth(f"{work}/demo_data", storage)["samples"]
-        expected = [r["expected"] for r in truth.values()]
-        metadata = phases["metadata_filter"].data.metrics
-        dropped = [r["expected"] for r in truth.values() if r["phase"] == "metadata"]
-        assert metadata["samples_in"] == len(truth) and metadata["kept"] == len(truth) - len(dropped)
-        for reason in METADATA_REASONS:
-            assert metadata[f"dropped/{reason}"] == dropped.count(reason), reason
-        decoded = phases["decode"].data.metrics
-        dropped = [r["expected"] for r in truth.values() if r["phase"] == "decode" and r["expected"] != demo_data.KEEP]
-        assert decoded["samples_in"] == metadata["kept"] and decoded["kept"] == metadata["kept"] - len(dropped)
-        for reason in DECODE_REASONS:
-            assert decoded[f"dropped/{reason}"] == dropped.count(reason), reason
-        assert phases["pre_encode"].data.metrics["kept"] == expected.count(demo_data.KEEP)
-
-        # Training: every run to its last step, checkpoints on S3, sample grids drawn by workers with
-        # the weights of the stages trained before (Stage B's grid decodes with Stage A, Stage C's
-        # with Stage B and Stage A).
-        for phase in training_phases():
-            assert phases[phase].data.metrics["final_step"] == STEPS, phase
-            assert fs.glob(f"{BUCKET}/run/{phase}/ray/*/checkpoint_*/model.safetensors"), phase
-            assert trained_weights.fingerprint_of(f"{work}/{phase}/{trained_weights.FINAL_FILE}", storage), phase
-        for phase in ("train_stage_b", "train_stage_c"):
-            assert client.list_artifacts(phases[phase].info.run_id, "samples"), phase
-        generated = phases["generate"]
-        assert "samples.png" in {a.path for a in client.list_artifacts(generated.info.run_id)}
-        assert 0 <= generated.data.metrics["colour_accuracy"] <= 1
-        assert fs.exists(f"{BUCKET}/run/generate/{generate_phase.SUMMARY_FILE}")
+        assert_complete(cluster.mlflow_uri, work, storage, steps=STEPS)
 
         # Weights were read where they were used: the driver's node downloaded none.
         driver_cache = Path(f"/proc/{cluster.nodes[0].process.pid}/root{Path.home()}/.cache/wuerstchen-ray")
         assert not driver_cache.exists() or not list(driver_cache.iterdir()), list(driver_cache.iterdir())
+
+
+def assert_complete(mlflow_uri: str, work: str, storage: StorageConfig, *, steps: int) -> tuple[Run, dict[str, Run]]:
+    """That a pipeline job ran every phase to its end: MLflow's runs (the parent and one per phase,
+    all finished), a ledger exact against the demo data's ground truth, every training run at its last
+    step with checkpoints and final weights in ``work``, sample grids and generate's outputs. Returns
+    the parent run and the phase runs by name."""
+    client = MlflowClient(mlflow_uri)
+    experiment = client.get_experiment_by_name("wuerstchen-ray")
+    runs = client.search_runs([experiment.experiment_id])
+    (parent,) = [r for r in runs if MLFLOW_PARENT_RUN_ID not in r.data.tags]
+    phases = {r.info.run_name: r for r in runs if MLFLOW_PARENT_RUN_ID in r.data.tags}
+    assert set(phases) == set(PHASES) and parent.info.status == "FINISHED"
+    assert all(run.info.status == "FINISHED" and run.data.tags["phase.outcome"] == "ran" for run in phases.values())
+
+    # The ledger is exact, as on one machine.
+    truth = demo_data.load_ground_truth(f"{work}/demo_data", storage)["samples"]
+    expected = [r["expected"] for r in truth.values()]
+    metadata = phases["metadata_filter"].data.metrics
+    dropped = [r["expected"] for r in truth.values() if r["phase"] == "metadata"]
+    assert metadata["samples_in"] == len(truth) and metadata["kept"] == len(truth) - len(dropped)
+    for reason in METADATA_REASONS:
+        assert metadata[f"dropped/{reason}"] == dropped.count(reason), reason
+    decoded = phases["decode"].data.metrics
+    dropped = [r["expected"] for r in truth.values() if r["phase"] == "decode" and r["expected"] != demo_data.KEEP]
+    assert decoded["samples_in"] == metadata["kept"] and decoded["kept"] == metadata["kept"] - len(dropped)
+    for reason in DECODE_REASONS:
+        assert decoded[f"dropped/{reason}"] == dropped.count(reason), reason
+    assert phases["pre_encode"].data.metrics["kept"] == expected.count(demo_data.KEEP)
+
+    # Training: every run to its last step, checkpoints on S3, sample grids drawn by workers with
+    # the weights of the stages trained before (Stage B's grid decodes with Stage A, Stage C's
+    # with Stage B and Stage A).
+    fs, root = filesystem(work, storage)
+    for phase in training_phases():
+        assert phases[phase].data.metrics["final_step"] == steps, phase
+        assert fs.glob(f"{root}/{phase}/ray/*/checkpoint_*/model.safetensors"), phase
+        assert trained_weights.fingerprint_of(f"{work}/{phase}/{trained_weights.FINAL_FILE}", storage), phase
+    for phase in ("train_stage_b", "train_stage_c"):
+        assert client.list_artifacts(phases[phase].info.run_id, "samples"), phase
+    generated = phases["generate"]
+    assert "samples.png" in {a.path for a in client.list_artifacts(generated.info.run_id)}
+    assert 0 <= generated.data.metrics["colour_accuracy"] <= 1
+    assert fs.exists(f"{root}/{generate_phase.PHASE}/{generate_phase.SUMMARY_FILE}")
+    return parent, phases

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Literal
 
+from cluster.resources import GPU, check_gpu_resource
 from pipelines.trainable.base import StageALosses
 
 
@@ -42,6 +43,9 @@ class TrainConfig:
     """Ray Train workers (one process each)."""
     gpus_per_worker: float = 1.0
     """GPUs per worker; 0 trains on CPU with gloo."""
+    gpu_resource: str = GPU
+    """The Ray resource ``gpus_per_worker`` asks for: GPU, or a custom resource that a node type
+    offers in place of GPUs (the workers then train on CPU with gloo there)."""
     cpus_per_worker: float = 8.0
     """CPUs per worker (fractions let CPU test runs share a small machine with Ray Data)."""
     strategy: Literal["ddp", "fsdp"] = "ddp"
@@ -105,6 +109,7 @@ class TrainConfig:
         if self.global_batch_size % self.workers:
             raise ValueError(f"global_batch_size ({self.global_batch_size}) must be a multiple of workers "
                              f"({self.workers}): each worker takes an equal share of every batch")
+        check_gpu_resource(self.gpu_resource)
         if not 0 <= self.ema_beta < 1:
             raise ValueError(f"ema_beta must be in [0, 1), got {self.ema_beta}")
         for name in ("caption_dropout", "semantic_dropout"):
@@ -132,7 +137,7 @@ class TrainConfig:
 
     def outcome(self) -> dict[str, Any]:
         """Settings that decide the trained weights (scale, logging and budget do not)."""
-        ignored = {"workers", "gpus_per_worker", "cpus_per_worker", "checkpoint_every", "keep_checkpoints",
+        ignored = {"workers", "gpus_per_worker", "gpu_resource", "cpus_per_worker", "checkpoint_every", "keep_checkpoints",
                    "sample_every", "eval_every", "eval_samples", "log_every_seconds", "max_failures",
                    "budget_gpu_hours", "cache_data", "compile", "strategy", "activation_checkpointing",
                    "activation_memory_budget"}
