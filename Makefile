@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-slow clean
+.PHONY: demo test test-slow lint clean
 
 # pip, not uv or poetry: pip takes torch from this machine's local wheels instead of downloading.
 $(VENV)/.installed-run: pyproject.toml
@@ -30,6 +30,10 @@ test-slow: MARKS := slow
 test test-slow: $(VENV)/.installed-test
 	@$(PY) -m pytest -m "$(MARKS)" $(PYTEST_ARGS); rc=$$?; \
 	if [ -n "$(PYTEST_RC_FILE)" ]; then echo $$rc > "$(PYTEST_RC_FILE)"; fi; exit $$rc
+
+# The linter's rules live in pyproject.toml ([tool.ruff]); CI runs this after the tests.
+lint: $(VENV)/.installed-test
+	$(VENV)/bin/ruff check .
 
 clean:
 	rm -rf work .pytest_cache

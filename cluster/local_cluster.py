@@ -41,8 +41,11 @@ from pathlib import Path
 
 import psutil
 import yaml
-from ray.autoscaler._private.fake_multi_node.node_provider import (FAKE_HEAD_NODE_ID, FAKE_HEAD_NODE_TYPE,
-                                                                    FakeMultiNodeProvider)
+from ray.autoscaler._private.fake_multi_node.node_provider import (
+    FAKE_HEAD_NODE_ID,
+    FAKE_HEAD_NODE_TYPE,
+    FakeMultiNodeProvider,
+)
 
 from cluster.nodes import worker_node_types
 
@@ -50,6 +53,7 @@ BIN = Path(sys.executable).parent
 # The checkout this harness runs from (it hides it from the nodes and submits it as a job's working
 # dir): a tool for the tests and for debugging a checkout, not for an installed package.
 PROJECT = Path(__file__).resolve().parents[1]
+ENVIRONMENT = Path(sys.prefix).resolve()  # the Python environment every node runs
 BUCKET = "wuerstchen"
 S3_KEY = "local-cluster"
 # Environment variables of the caller that must not reach a node: a node imports the project from
@@ -338,7 +342,7 @@ def ray_node(folder: Path, auth: dict[str, str], *, num_cpus: float, head_addres
         assert stopped, f"the Ray node's processes ({folder.name}) outlived SIGKILL"
 
 
-def private_mounts(keep: Path = Path(sys.prefix).resolve()) -> list[str]:
+def private_mounts(keep: Path = ENVIRONMENT) -> list[str]:
     """Shell commands that, in a fresh mount namespace, leave /tmp, ``~/.cache`` and this checkout
     empty, except for ``keep`` (the Python environment the node runs, which may lie in the checkout)."""
     hidden = sorted({Path(tempfile.gettempdir()).resolve(), (Path.home() / ".cache").resolve(), PROJECT})

@@ -11,7 +11,7 @@ arithmetic, the part a GPU's peak FLOP/s describes.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn

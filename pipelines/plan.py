@@ -36,13 +36,22 @@ import pyarrow as pa
 import torch
 
 from cluster import memory
-from cluster.costs import (A100_USD_PER_GPU_HOUR, GPU_SPEED_VS_H200, MEASURED_FILE, USD_PER_CPU_HOUR, USD_PER_GB_MONTH,
-                           PhasePlan, load_measured, row_costs, total_costs)
+from cluster.costs import (
+    A100_USD_PER_GPU_HOUR,
+    GPU_SPEED_VS_H200,
+    MEASURED_FILE,
+    USD_PER_CPU_HOUR,
+    USD_PER_GB_MONTH,
+    PhasePlan,
+    load_measured,
+    row_costs,
+    total_costs,
+)
 from cluster.memory import SHARDED_BYTES_PER_PARAMETER
 from cluster.nodes import CLUSTER_FILE, gpu_memory_gib, node_type_for, worker_node_types
 from pipelines import pre_encode
-from pipelines.embed import embedding_width
 from pipelines.config import RUNS, RunConfig, load_config
+from pipelines.embed import embedding_width
 from pipelines.phases import PHASES
 from pipelines.train_phase import training_needed
 from pipelines.trainable import REGISTRY, build_model, training_phases

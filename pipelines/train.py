@@ -25,7 +25,7 @@ import json
 import math
 import time
 import warnings
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import pyarrow.fs
 import ray.data

@@ -21,6 +21,7 @@ import ray.data
 from ray.data.expressions import col
 from safetensors.torch import load as load_safetensors
 
+from cluster.budget import run_budget
 from pipelines import decode, fingerprints, pre_encode, schema, shard_phase, trained_weights
 from pipelines.chain_evaluation import ChainEvaluation, held_out_captions
 from pipelines.overrides import to_flat_dict
@@ -32,7 +33,6 @@ from pipelines.trainable.base import TaskSpec, TrainableStage, decode_images
 from pipelines.training.checkpoint import read_checkpoint_weights
 from pipelines.training.config import TrainConfig
 from pipelines.training.data import TRAIN_DATASET
-from cluster.budget import run_budget
 
 TRAINED = "trained"  # a pre_encode.*_weights value: the output of this run's own training phase
 _SAMPLE_ROWS = 8

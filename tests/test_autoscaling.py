@@ -9,13 +9,20 @@ import time
 
 import pytest
 from mlflow.tracking import MlflowClient
+from test_multinode import assert_complete
 
-from cluster.local_cluster import (BUCKET, GPU_STAND_IN, S3_KEY, autoscaling_cluster, gpu_stand_in_overrides,
-                                   ray_state, submit_job)
+from cluster.local_cluster import (
+    BUCKET,
+    GPU_STAND_IN,
+    S3_KEY,
+    autoscaling_cluster,
+    gpu_stand_in_overrides,
+    ray_state,
+    submit_job,
+)
 from cluster.nodes import worker_node_types
 from pipelines.phases import PHASES
 from pipelines.storage import StorageConfig
-from test_multinode import assert_complete
 
 IDLE_TIMEOUT_S = 30
 STEPS = 10

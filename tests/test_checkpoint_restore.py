@@ -20,6 +20,7 @@ from ray.train import Checkpoint
 from pipelines.storage import StorageConfig, filesystem
 from pipelines.training.checkpoint import file_record, node_local_copy, verify_files
 
+
 def _storage(endpoint: str) -> StorageConfig:
     return StorageConfig(endpoint_url=endpoint, key="test-key", secret="test-secret")
 

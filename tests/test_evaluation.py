@@ -9,8 +9,8 @@ import torch
 from pipelines import schema
 from pipelines.trainable import REGISTRY
 from pipelines.trainable.base import TaskSpec
-from stages.text import TEXT_CONFIGS
 from pipelines.training.evaluation import VALIDATION_TIMES, validation_metrics, validation_noise, validation_times
+from stages.text import TEXT_CONFIGS
 
 
 def _task(stage_name: str, rows: int, seed: int = 0):

@@ -7,8 +7,8 @@ import dataclasses
 import pytest
 import torch
 from diffusers import DDPMWuerstchenScheduler, WuerstchenDecoderPipeline, WuerstchenPriorPipeline
-from bench.stage_oracle import perturb_, reference_like
 
+from bench.stage_oracle import perturb_, reference_like
 from stages.generate import GENERATE_CONFIGS, Wuerstchen, build_models, generate
 from stages.text import clip_tokenizer
 

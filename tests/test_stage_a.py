@@ -6,8 +6,8 @@ import dataclasses
 
 import pytest
 import torch
-from bench.stage_oracle import perturb_, reference_like, reference_stage_a, shapes
 
+from bench.stage_oracle import perturb_, reference_like, reference_stage_a, shapes
 from stages.stage_a import STAGE_A_CONFIGS, MixingBlock, StageA, StageAConfig
 
 SMALL = StageAConfig(bottleneck_blocks=2, embed_dim=16, codebook_size=64)

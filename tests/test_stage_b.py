@@ -6,8 +6,8 @@ import dataclasses
 
 import pytest
 import torch
-from bench.stage_oracle import perturb_, reference_like, reference_stage_b, shapes
 
+from bench.stage_oracle import perturb_, reference_like, reference_stage_b, shapes
 from stages.diffusion import DIFFUSION_CONFIGS, CosineDiffusion
 from stages.stage_b import STAGE_B_CONFIGS, StageB, StageBConfig
 

@@ -6,8 +6,8 @@ import dataclasses
 
 import pytest
 import torch
-from bench.stage_oracle import perturb_, reference_like, reference_stage_c, shapes
 
+from bench.stage_oracle import perturb_, reference_like, reference_stage_c, shapes
 from stages.diffusion import DIFFUSION_CONFIGS, CosineDiffusion
 from stages.stage_c import OUTPUT_EPS, STAGE_C_CONFIGS, StageC, StageCConfig
 

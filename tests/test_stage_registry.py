@@ -17,10 +17,10 @@ from torch import nn
 
 from pipelines.config import RunConfig, load_config
 from pipelines.phases import PHASES
-from pipelines.trainable import REGISTRY, stage_of_phase, training_phases
-from pipelines.trainable.base import Parallelism, Task, TaskSpec, TrainableStage
 from pipelines.tracking import Tracker, TrackingConfig
 from pipelines.train import WorkerArgs, exported_state, trainer, worker_torch_settings
+from pipelines.trainable import REGISTRY, stage_of_phase, training_phases
+from pipelines.trainable.base import Parallelism, Task, TaskSpec, TrainableStage
 from pipelines.training.checkpoint import read_checkpoint_weights
 from pipelines.training.config import TrainConfig
 from pipelines.training.data import TRAIN_DATASET

@@ -8,9 +8,9 @@ import pytest
 import torch
 import torchvision
 from safetensors.torch import save_file
-from bench.stage_oracle import perturb_
 from torch import nn
 
+from bench.stage_oracle import perturb_
 from stages.semantic import (
     IMAGENET_MEAN,
     IMAGENET_STD,

@@ -7,9 +7,9 @@ import pytest
 import torch
 from diffusers.pipelines.deprecated.wuerstchen.modeling_wuerstchen_common import AttnBlock as ReferenceAttnBlock
 from safetensors.torch import save_file
-from bench.stage_oracle import perturb_, reference_like, reference_stage_b, reference_stage_c
 from torch import nn
 
+from bench.stage_oracle import perturb_, reference_like, reference_stage_b, reference_stage_c
 from pipelines import trained_weights
 from stages.stage_b import StageB, StageBConfig
 from stages.stage_c import StageC, StageCConfig

@@ -43,9 +43,9 @@ from pipelines.training.checkpoint import file_record, verify_files
 from pipelines.training.config import TrainConfig
 from pipelines.training.parallel import full_state
 from pipelines.training.step import swapped_in, train_step
+from stages.generate import build_models
 from stages.semantic import SEMANTIC_CONFIGS, SemanticCompressor
 from stages.stage_a import STAGE_A_CONFIGS, StageA
-from stages.generate import build_models
 from stages.stage_c import STAGE_C_CONFIGS, StageC
 
 ROOT = Path(__file__).resolve().parents[1]

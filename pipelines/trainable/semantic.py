@@ -10,7 +10,7 @@ from torch import nn
 
 from pipelines import decode, schema
 from pipelines.reports import image_grid
-from pipelines.trainable.base import TaskSpec, Task, TrainableStage, batch_images, pil_images, sample_images
+from pipelines.trainable.base import Task, TaskSpec, TrainableStage, batch_images, pil_images, sample_images
 from stages.semantic import SEMANTIC_CONFIGS, SemanticCompressor
 
 # The low resolution the semantic compressor learns to reconstruct when trained from scratch.

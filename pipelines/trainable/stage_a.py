@@ -13,7 +13,15 @@ from torch import nn
 from pipelines import decode, schema
 from pipelines.reports import image_grid
 from pipelines.storage import local_copy
-from pipelines.trainable.base import Parallelism, TaskSpec, Task, TrainableStage, batch_images, pil_images, sample_images
+from pipelines.trainable.base import (
+    Parallelism,
+    Task,
+    TaskSpec,
+    TrainableStage,
+    batch_images,
+    pil_images,
+    sample_images,
+)
 from stages.stage_a import STAGE_A_CONFIGS, MixingBlock, StageA
 from stages.stage_a_losses import (
     STAGE_A_LOSS_CONFIGS,

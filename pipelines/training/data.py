@@ -10,7 +10,7 @@ same on every rank (each holds as many batches of each bucket).
 from __future__ import annotations
 
 import random
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 

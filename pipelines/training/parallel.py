@@ -4,7 +4,8 @@ torch.compile block by block, as the stage's ``Parallelism`` says (its model cod
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import ray.train.torch
 import torch
@@ -17,6 +18,7 @@ from torch.distributed.fsdp import fully_shard
 
 from pipelines.trainable.base import Parallelism
 from pipelines.training.config import TrainConfig
+
 
 def data_parallel(model: nn.Module, parallelism: Parallelism, config: TrainConfig, device: torch.device) -> nn.Module:
     """``model`` on ``device``, replicated over the workers (DDP) or sharded (FSDP)."""
