@@ -154,7 +154,10 @@ class SeaweedFS:
                  f"-master.port={self.ports['master']}", f"-volume.port={self.ports['volume']}",
                  f"-filer.port={self.ports['filer']}", f"-s3.port={self.ports['s3']}",
                  # No Iceberg or Lance endpoints (fixed ports otherwise); a restarted master elects itself in 1 s, not 10.
-                 "-s3.port.iceberg=0", "-s3.port.lance=0", "-master.electionTimeout=1s", *self.options],
+                 "-s3.port.iceberg=0", "-s3.port.lance=0", "-master.electionTimeout=1s",
+                 # Each bucket takes 7 volumes of its own at its first write (sparse files); the default of
+                 # 8 in all leaves a second bucket none ("No writable volumes and no free volumes left").
+                 "-volume.max=100", *self.options],
                 stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 60
         while True:
