@@ -23,14 +23,14 @@ import numpy as np
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 
 from pipelines import pre_encode, quality, schema
 from pipelines.embed import EmbedConfig, load_clip
-from pipelines.generate_phase import SampleConfig, colour_scores
-from pipelines.reports import to_uint8
+from pipelines.generate_phase import SampleConfig, colour_scores, render_with
+from pipelines.reports import fit_square
 from pipelines.storage import StorageConfig, filesystem
-from stages.generate import GENERATE_CONFIGS, Wuerstchen, generate
+from stages.generate import Wuerstchen
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -84,12 +84,7 @@ def real_images(held_out: HeldOutCaptions, size: int) -> list[Image.Image]:
         by_key.update({(shard, row[schema.KEY]): row[schema.IMAGE] for row in table.to_pylist()})
     missing = [key for key in held_out.keys if key not in by_key]
     assert not missing, f"held-out rows without an image in {held_out.images_url}: {missing[:3]}"
-    return [_fitted(Image.open(io.BytesIO(by_key[key])), size) for key in held_out.keys]
-
-
-def _fitted(image: Image.Image, size: int) -> Image.Image:
-    image = image.convert("RGB")
-    return image if image.size == (size, size) else ImageOps.fit(image, (size, size), Image.Resampling.BICUBIC)
+    return [fit_square(Image.open(io.BytesIO(by_key[key])).convert("RGB"), size) for key in held_out.keys]
 
 
 def _pixels(images: list[Image.Image]) -> torch.Tensor:
@@ -130,10 +125,8 @@ class ChainScorer:
             self._clip = load_clip(evaluation.embed, self.device)
             self._features = quality.feature_extractor(sample.fid_features).to(self.device)
             self._real = self._statistics(real_images(evaluation.held_out, sample.size))
-        config = dataclasses.replace(GENERATE_CONFIGS[evaluation.models](), prior_guidance=sample.prior_guidance)
-        generated = generate(captions, models=models, config=config, height=sample.size, width=sample.size,
-                             generator=torch.Generator(self.device).manual_seed(sample.seed))
-        images = [Image.fromarray(image) for image in to_uint8(generated.images)]
+        images = [Image.fromarray(image) for image in render_with(models, evaluation.models, captions, sample.size,
+                                                                  sample.prior_guidance, sample.seed)]
         model, preprocess, tokenizer = self._clip
         metrics = {"eval/clip_score": float(quality.clip_scores(model, preprocess, tokenizer, images, captions,
                                                                 self.device).mean()),

@@ -26,11 +26,11 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from pipelines import decode, pre_encode
 from pipelines.chain_evaluation import ChainEvaluation, ChainScorer, held_out_captions
 from pipelines.embed import EmbedConfig
-from pipelines.generate_phase import SampleConfig, load_chain
+from pipelines.generate_phase import SampleConfig
 from pipelines.ledger import read_manifest
 from pipelines.overrides import apply_overrides
 from pipelines.quality import FEATURE_EXTRACTORS
-from pipelines.sample import Chain, _stage_weights, chain_of_run, checked_weights
+from pipelines.sample import Chain, _stage_weights, chain_of_run, loaded_chain
 from pipelines.storage import StorageConfig
 
 RUN_NAME = "evaluate"
@@ -70,12 +70,8 @@ def evaluation_of_run(client: MlflowClient, chain: Chain, storage: StorageConfig
 
 def evaluate(chain: Chain, evaluation: ChainEvaluation, storage: StorageConfig) -> dict[str, float]:
     """The chain's scores; a weights file of another stage or size is refused by name."""
-    weights = checked_weights(chain, storage)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        models = load_chain(chain.models, weights, storage, device)
-    except ValueError as error:  # a strict load names the file and the model; its key list can run to pages
-        raise ValueError(f"{str(error).splitlines()[0]} (is it a {chain.models!r} checkpoint of that stage?)") from None
+    models = loaded_chain(chain, storage, device)
     with torch.no_grad():
         return ChainScorer(evaluation, device)(models)
 

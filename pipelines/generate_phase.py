@@ -126,7 +126,14 @@ def render(models_name: str, weights_urls: dict[str, str], storage: StorageConfi
     """Images (N, size, size, 3) uint8 for ``prompts``, on a GPU when the task holds one. The weights
     are read here, on the task's node: a copy the driver made would be on the driver's node only."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    models = load_chain(models_name, weights_urls, storage, device)
+    return render_with(load_chain(models_name, weights_urls, storage, device), models_name, prompts, size,
+                       guidance, seed)
+
+
+def render_with(models: Wuerstchen, models_name: str, prompts: list[str], size: int, guidance: float,
+                seed: int) -> np.ndarray:
+    """Images (N, size, size, 3) uint8 of the loaded chain ``models`` for ``prompts``, on its device."""
+    device = next(models.stage_c.parameters()).device
     config = dataclasses.replace(GENERATE_CONFIGS[models_name](), prior_guidance=guidance)
     generated = generate(prompts, models=models, config=config, height=size, width=size,
                          generator=torch.Generator(device).manual_seed(seed))

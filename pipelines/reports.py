@@ -19,6 +19,13 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
     return (images.clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
 
 
+def fit_square(image: Image.Image, side: int) -> Image.Image:
+    """``image`` as a ``side`` x ``side`` square: its centre, scaled (bicubic), unless it is one already."""
+    if image.size == (side, side):
+        return image
+    return ImageOps.fit(image, (side, side), Image.Resampling.BICUBIC)
+
+
 def image_grid(images: list[Image.Image], captions: list[str], columns: int = 4) -> Image.Image:
     """Tiles of ``_TILE`` px (an image keeps its aspect ratio) with their captions (wrapped, cut at three lines) beneath them."""
     assert len(images) == len(captions) and images, "a grid needs images and one caption each"

@@ -18,6 +18,7 @@ import os
 import sys
 from pathlib import Path
 
+import torch
 from mlflow.entities import Param
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
@@ -25,12 +26,12 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from PIL import Image
 
 from pipelines import trained_weights
-from pipelines.generate_phase import render
+from pipelines.generate_phase import load_chain, render_with
 from pipelines.overrides import apply_overrides
 from pipelines.reports import image_grid
 from pipelines.storage import StorageConfig, filesystem
 from pipelines.train_phase import TRAINED
-from stages.generate import GENERATE_CONFIGS
+from stages.generate import GENERATE_CONFIGS, Wuerstchen
 
 # The stages a text-to-image chain runs, in order; the semantic compressor only encodes training data.
 CHAIN = ("stage_c", "stage_b", "stage_a")
@@ -91,14 +92,21 @@ def checked_weights(chain: Chain, storage: StorageConfig) -> dict[str, str]:
     return dict(chain.weights)
 
 
-def sample(chain: Chain, prompts: list[str], *, size: int, guidance: float, seed: int,
-           storage: StorageConfig) -> list[Image.Image]:
-    """The chain's images for ``prompts``; a weights file of another stage or size is refused by name."""
+def loaded_chain(chain: Chain, storage: StorageConfig, device: torch.device) -> Wuerstchen:
+    """The chain's models with their weights, checked first; a weights file of another stage or size
+    is refused by name."""
     weights = checked_weights(chain, storage)
     try:
-        images = render(chain.models, weights, storage, prompts, size, guidance, seed)
+        return load_chain(chain.models, weights, storage, device)
     except ValueError as error:  # a strict load names the file and the model; its key list can run to pages
         raise ValueError(f"{str(error).splitlines()[0]} (is it a {chain.models!r} checkpoint of that stage?)") from None
+
+
+def sample(chain: Chain, prompts: list[str], *, size: int, guidance: float, seed: int,
+           storage: StorageConfig) -> list[Image.Image]:
+    """The chain's images for ``prompts``."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    images = render_with(loaded_chain(chain, storage, device), chain.models, prompts, size, guidance, seed)
     return [Image.fromarray(image) for image in images]
 
 

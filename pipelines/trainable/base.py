@@ -17,11 +17,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 from torch import nn
 
 from pipelines import schema, trained_weights
-from pipelines.reports import to_uint8
+from pipelines.reports import fit_square, to_uint8
 from pipelines.storage import StorageConfig
 
 if TYPE_CHECKING:  # the scorer's imports (open_clip, pytorch-fid) load only where a chain is scored
@@ -200,9 +200,7 @@ def decode_images(batch: dict[str, Any], resolution: int) -> dict[str, Any]:
     """Ray Data step for the image-trained stages: encoded crops -> uint8 arrays (B, R, R, 3). The
     encoders learn from squares: a crop of an aspect-ratio bucket gives its centre square."""
     images = [Image.open(io.BytesIO(data)).convert("RGB") for data in batch[schema.IMAGE]]
-    batch[schema.IMAGE] = np.stack([np.asarray(ImageOps.fit(image, (resolution, resolution), Image.Resampling.BICUBIC)
-                                               if image.size != (resolution, resolution) else image)
-                                    for image in images])
+    batch[schema.IMAGE] = np.stack([np.asarray(fit_square(image, resolution)) for image in images])
     return batch
 
 

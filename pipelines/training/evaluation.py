@@ -39,7 +39,8 @@ def validation_noise(shape: torch.Size, row: int, time_index: int) -> torch.Tens
     return torch.randn(shape, generator=generator)
 
 
-def validation_metrics(stage: TrainableStage, task: TextConditionedTask, model: nn.Module, batch_size: int) -> dict[str, float]:
+def validation_metrics(stage: TrainableStage, task: TextConditionedTask, model: nn.Module,
+                       batch_size: int) -> dict[str, float]:
     """``val/loss`` and one ``val/loss_r<time>`` per time, of ``model`` as it is (eval mode) on the
     task's validation rows; empty where the task has none."""
     groups = task.spec.validation_batches
