@@ -67,8 +67,11 @@ def saved_for_backward(model: torch.nn.Module, x: torch.Tensor, r: torch.Tensor,
     def leave(module: torch.nn.Module, args, out) -> None:  # returns None: the output stays the module's
         stack.pop()
 
-    handles = [hook for module in model.modules()
-               for hook in (module.register_forward_pre_hook(enter), module.register_forward_hook(leave))]
+    handles = [
+        hook
+        for module in model.modules()
+        for hook in (module.register_forward_pre_hook(enter), module.register_forward_hook(leave))
+    ]
     seen: dict[int, tuple[torch.nn.Module, int]] = {}
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
@@ -127,8 +130,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--stage", default="b", choices=["c", "b"])
     parser.add_argument("--config", default="reduced", choices=sorted(SETUPS))
-    parser.add_argument("--ours", default="eager", type=parse_variants,
-                        help="comma-separated variants of ours, as in bench/train_step.py (e.g. 'eager,checkpointing')")
+    parser.add_argument(
+        "--ours",
+        default="eager",
+        type=parse_variants,
+        help="comma-separated variants of ours, as in bench/train_step.py (e.g. 'eager,checkpointing')",
+    )
     parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True, help="bf16 autocast")
     args = parser.parse_args()
     print(f"stage {args.stage.upper()}, config {args.config}, bf16 autocast {args.bf16}; torch {torch.__version__}")
@@ -140,9 +147,11 @@ def main() -> None:
     for impl, res in results.items():
         static = STATIC_BYTES_PER_PARAM * res["params"]
         peak = static + res["fixed"] + res["batch"] * res["per_sample"]
-        print(f"\n{impl}: {res['params'] / 1e6:,.1f}M params; saved for backward: {_mib(res['per_sample'])} per "
-              f"sample + {_mib(res['fixed'])} fixed (autocast's weight copies, mostly); predicted peak at "
-              f"batch {res['batch']}: {peak / 2**30:,.2f} GiB (static {static / 2**30:,.2f} GiB)")
+        print(
+            f"\n{impl}: {res['params'] / 1e6:,.1f}M params; saved for backward: {_mib(res['per_sample'])} per "
+            f"sample + {_mib(res['fixed'])} fixed (autocast's weight copies, mostly); predicted peak at "
+            f"batch {res['batch']}: {peak / 2**30:,.2f} GiB (static {static / 2**30:,.2f} GiB)"
+        )
         for title, counter in (("by module class", res["by_class"]), ("by top-level part", res["by_part"])):
             rows = ", ".join(f"{name} {share / res['per_sample']:.0%}" for name, share in counter.most_common(TOP_ROWS))
             print(f"  per sample {title}: {rows}")

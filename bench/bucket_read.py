@@ -73,11 +73,19 @@ def write_shard(path: str, rows_per_batch: int, batches_per_bucket: int) -> list
                 rows = []
                 for index in range(rows_per_batch):
                     row = {field.name: None for field in table_schema}
-                    row.update({name: generator.standard_normal(shape).astype(np.float16) for name, shape in shapes.items()})
-                    row.update({schema.KEY: f"{crop[0]}x{crop[1]}-{batch}-{index}", schema.SPLIT: str(schema.Split.TRAIN),
-                                schema.CAPTION: "a photo",
-                                schema.CROP_WIDTH: crop[0], schema.CROP_HEIGHT: crop[1],
-                                schema.TEXT_TOKENS: np.zeros(MAX_LENGTH, np.int32)})
+                    row.update(
+                        {name: generator.standard_normal(shape).astype(np.float16) for name, shape in shapes.items()}
+                    )
+                    row.update(
+                        {
+                            schema.KEY: f"{crop[0]}x{crop[1]}-{batch}-{index}",
+                            schema.SPLIT: str(schema.Split.TRAIN),
+                            schema.CAPTION: "a photo",
+                            schema.CROP_WIDTH: crop[0],
+                            schema.CROP_HEIGHT: crop[1],
+                            schema.TEXT_TOKENS: np.zeros(MAX_LENGTH, np.int32),
+                        }
+                    )
                     rows.append(row)
                 output.write(rows)
         output.commit(ShardCounts(samples_in=samples, kept=samples, dropped={}), {})
@@ -99,16 +107,28 @@ def main() -> None:
         path, log = f"{folder}/00000.parquet", Path(folder) / "reads.log"
         crops = write_shard(path, args.rows_per_batch, args.batches_per_bucket)
         size = Path(path).stat().st_size
-        print(f"ray {ray.__version__}; a v2 bucketed shard (text=tokens): {len(crops)} buckets x "
-              f"{args.batches_per_bucket} row groups x {args.rows_per_batch} rows, {size / 2**20:.1f} MiB")
+        print(
+            f"ray {ray.__version__}; a v2 bucketed shard (text=tokens): {len(crops)} buckets x "
+            f"{args.batches_per_bucket} row groups x {args.rows_per_batch} rows, {size / 2**20:.1f} MiB"
+        )
         # The read tasks unpickle the filesystem: its class by reference, from a module they can import.
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-                 runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
+        ray.init(
+            num_cpus=2,
+            include_dashboard=False,
+            log_to_driver=False,
+            runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}},
+        )
         from bench.bucket_read import CountingFileSystem as Importable
 
         try:
-            stage_b = TaskSpec(stage="stage_b", models="v2", caption_dropout=0.0, semantic_dropout=0.0,
-                               semantic_noise=0.0, text_from_tokens=True)
+            stage_b = TaskSpec(
+                stage="stage_b",
+                models="v2",
+                caption_dropout=0.0,
+                semantic_dropout=0.0,
+                semantic_noise=0.0,
+                text_from_tokens=True,
+            )
             columns = [*REGISTRY["stage_b"].columns(stage_b), schema.CAPTION]
             everything = train_phase.bucketed_source([path], Importable(str(log)), columns)
             rows, whole = read_bytes(log, everything)
@@ -117,7 +137,9 @@ def main() -> None:
             for width, height in crops:
                 rows, read = read_bytes(log, train_phase.in_bucket(everything, (width, height)))
                 total += read
-                print(f"bucket {width}x{height}: {rows} rows, {read / 2**20:.1f} MiB read ({read / size:.2f} of the file)")
+                print(
+                    f"bucket {width}x{height}: {rows} rows, {read / 2**20:.1f} MiB read ({read / size:.2f} of the file)"
+                )
             print(f"all buckets together: {total / whole:.2f}x the bytes of one whole-shard read")
         finally:
             ray.shutdown()

@@ -114,8 +114,31 @@ DEFAULT_SIZES = {
 # below this; a latent read from host memory before its copy landed does not.
 MAX_DIFFERENCE = 0.05
 EMBED_DIM = 768  # CLIP ViT-L/14, the v2 config's embed model: only the embed shards' size depends on it
-WORDS = ("a", "photo", "of", "the", "red", "small", "dog", "house", "on", "beach", "at", "sunset", "with",
-         "painting", "portrait", "woman", "city", "street", "night", "green", "forest", "mountain", "lake")
+WORDS = (
+    "a",
+    "photo",
+    "of",
+    "the",
+    "red",
+    "small",
+    "dog",
+    "house",
+    "on",
+    "beach",
+    "at",
+    "sunset",
+    "with",
+    "painting",
+    "portrait",
+    "woman",
+    "city",
+    "street",
+    "night",
+    "green",
+    "forest",
+    "mountain",
+    "lake",
+)
 
 
 def captions(rng: np.random.Generator, count: int) -> list[str]:
@@ -139,8 +162,9 @@ def seconds_per_batch(encode: Callable[[], torch.Tensor], device: torch.device, 
     return statistics.median(times)
 
 
-def direct_seconds(models: str, columns: tuple[str, ...], device: torch.device, batch: int, resolution: int,
-                   warmup: int, steps: int) -> dict[str, float]:
+def direct_seconds(
+    models: str, columns: tuple[str, ...], device: torch.device, batch: int, resolution: int, warmup: int, steps: int
+) -> dict[str, float]:
     """Seconds per batch of the encoders of ``columns`` on in-memory inputs, keyed by column."""
     rng = np.random.default_rng(0)
     images = np.stack([np.asarray(synthetic_image(rng, resolution, resolution)) for _ in range(batch)])
@@ -155,7 +179,9 @@ def direct_seconds(models: str, columns: tuple[str, ...], device: torch.device, 
     # Built one at a time and freed after their measurement: the v2 bigG tower alone is 2.8 GB in fp32.
     builders: dict[str, Callable[[], Callable[[], torch.Tensor]]] = {
         schema.STAGE_B_LATENT: lambda: StageA(STAGE_A_CONFIGS[models]()).to(device).eval().encode_stage_b_latents,
-        schema.STAGE_C_LATENT: lambda: SemanticCompressor(SEMANTIC_CONFIGS[models]()).to(device).eval().encode_stage_c_latents,
+        schema.STAGE_C_LATENT: lambda: (
+            SemanticCompressor(SEMANTIC_CONFIGS[models]()).to(device).eval().encode_stage_c_latents
+        ),
         schema.TEXT_STAGE_C: lambda: TextEncoder(text.stage_c).to(device),
         schema.TEXT_STAGE_B: lambda: TextEncoder(text.stage_b).to(device),
     }
@@ -184,14 +210,22 @@ def write_input_shards(folder: Path, *, shards: int, shard_size: int, resolution
             crop = decode.encode_crop(synthetic_image(rng, resolution, resolution), "jpeg")
             decoded.append({**metadata, schema.CAPTION: caption, schema.IMAGE: crop, schema.DROP_REASON: None})
         embedded = [
-            {**row, schema.CLIP_IMAGE_EMBEDDING: np.zeros(EMBED_DIM), schema.CLIP_TEXT_EMBEDDING: np.zeros(EMBED_DIM),
-             schema.CLIP_SIMILARITY: 0.3, schema.AESTHETIC_SCORE: 5.5}
+            {
+                **row,
+                schema.CLIP_IMAGE_EMBEDDING: np.zeros(EMBED_DIM),
+                schema.CLIP_TEXT_EMBEDDING: np.zeros(EMBED_DIM),
+                schema.CLIP_SIMILARITY: 0.3,
+                schema.AESTHETIC_SCORE: 5.5,
+            }
             for row in decoded
         ]
-        pq.write_table(shard_phase.rows_to_table(decoded, decode.OUTPUT_SCHEMA),
-                       folder / "decode" / schema.shard_parquet(shard))
-        pq.write_table(shard_phase.rows_to_table(embedded, embed.output_schema(EMBED_DIM)),
-                       folder / "embed" / schema.shard_parquet(shard))
+        pq.write_table(
+            shard_phase.rows_to_table(decoded, decode.OUTPUT_SCHEMA), folder / "decode" / schema.shard_parquet(shard)
+        )
+        pq.write_table(
+            shard_phase.rows_to_table(embedded, embed.output_schema(EMBED_DIM)),
+            folder / "embed" / schema.shard_parquet(shard),
+        )
     return names
 
 
@@ -216,8 +250,9 @@ def end_to_end(folder: Path, shards: list[str], config: PreEncodeConfig, resolut
     return after_first / (commits[-1] - commits[first - 1]), manifest.samples_in / seconds
 
 
-def largest_difference(folder: Path, shard: str, config: PreEncodeConfig, resolution: int,
-                       device: torch.device) -> dict[str, float]:
+def largest_difference(
+    folder: Path, shard: str, config: PreEncodeConfig, resolution: int, device: torch.device
+) -> dict[str, float]:
     """Per stored column (image latents, and text hidden states when stored), the largest difference
     between what the end-to-end run stored for the shard's first batch and the same encoders (an actor
     built the same way: same weights) called directly on those crops and captions.
@@ -225,20 +260,31 @@ def largest_difference(folder: Path, shard: str, config: PreEncodeConfig, resolu
     The direct call copies to the host synchronously, so a copy that the pipeline read before it had
     landed shows up here; in float16 and bf16 the two differ only by rounding."""
     step = pre_encode.PreEncodeShard(
-        decoded_url=str(folder / "decode"), embedded_url=str(folder / "embed"), output_url=str(folder / "pre_encode"),
-        config=config, crops=((resolution, resolution),), resolution=resolution, validation_threshold=0, fingerprint={},
-        storage=StorageConfig())
+        decoded_url=str(folder / "decode"),
+        embedded_url=str(folder / "embed"),
+        output_url=str(folder / "pre_encode"),
+        config=config,
+        crops=((resolution, resolution),),
+        resolution=resolution,
+        validation_threshold=0,
+        fingerprint={},
+        storage=StorageConfig(),
+    )
     stored = pq.read_table(folder / "pre_encode" / schema.shard_parquet(shard)).slice(0, config.resources.batch_size)
-    decoded = {row[schema.KEY]: row[schema.IMAGE]
-               for row in pq.read_table(folder / "decode" / schema.shard_parquet(shard)).to_pylist()}
+    decoded = {
+        row[schema.KEY]: row[schema.IMAGE]
+        for row in pq.read_table(folder / "decode" / schema.shard_parquet(shard)).to_pylist()
+    }
     crops = [np.asarray(Image.open(io.BytesIO(decoded[key])).convert("RGB")) for key in stored[schema.KEY].to_pylist()]
     pixels = torch.from_numpy(np.stack(crops)).to(device).permute(0, 3, 1, 2).float() / 255
     tokens, mask = (t.to(device) for t in tokenize(stored[schema.CAPTION].to_pylist()))
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     with torch.inference_mode(), autocast:
-        direct = {schema.STAGE_B_LATENT: step.stage_a.encode_stage_b_latents(pixels),
-                  schema.STAGE_C_LATENT: step.semantic.encode_stage_c_latents(pixels),
-                  **{name: encoder(tokens, mask) for name, encoder in step.text_encoders.items()}}
+        direct = {
+            schema.STAGE_B_LATENT: step.stage_a.encode_stage_b_latents(pixels),
+            schema.STAGE_C_LATENT: step.semantic.encode_stage_c_latents(pixels),
+            **{name: encoder(tokens, mask) for name, encoder in step.text_encoders.items()},
+        }
     differences = {}
     for name, value in direct.items():
         written = torch.from_numpy(stored[name].combine_chunks().to_numpy_ndarray().astype(np.float32))
@@ -248,9 +294,11 @@ def largest_difference(folder: Path, shard: str, config: PreEncodeConfig, resolu
 
 def main() -> None:
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="sizes left unset, per --device and --models:\n" + "\n".join(
-            f"  {device} {models}: {sizes}" for (device, models), sizes in DEFAULT_SIZES.items()))
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="sizes left unset, per --device and --models:\n"
+        + "\n".join(f"  {device} {models}: {sizes}" for (device, models), sizes in DEFAULT_SIZES.items()),
+    )
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--models", default="v2", choices=sorted(STAGE_A_CONFIGS), help="encoder sizes")
     parser.add_argument("--resolution", type=int, default=None, help="side of the decoded crops in pixels")
@@ -259,17 +307,33 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=None, help="untimed batches first")
     parser.add_argument("--shards", type=int, default=None, help="end-to-end input shards")
     parser.add_argument("--shard-size", type=int, default=None, help="samples per end-to-end input shard")
-    parser.add_argument("--text", default=None, choices=["tokens", "hidden_states"],
-                        help="what the end-to-end run stores (default: tokens when the text towers load from "
-                             "the hub, as v2's do; else hidden_states); the text towers are random either way")
-    parser.add_argument("--actor-cpus", type=float, default=None,
-                        help="CPUs of the pre-encode actor; Ray gives it as many torch threads (default: the "
-                             "threads of the direct run on cpu, 8 on cuda as in the v2 config)")
-    parser.add_argument("--actors", type=int, default=1,
-                        help="pre-encode actors; on cuda they share the one GPU (each holds 1/actors of it)")
+    parser.add_argument(
+        "--text",
+        default=None,
+        choices=["tokens", "hidden_states"],
+        help="what the end-to-end run stores (default: tokens when the text towers load from "
+        "the hub, as v2's do; else hidden_states); the text towers are random either way",
+    )
+    parser.add_argument(
+        "--actor-cpus",
+        type=float,
+        default=None,
+        help="CPUs of the pre-encode actor; Ray gives it as many torch threads (default: the "
+        "threads of the direct run on cpu, 8 on cuda as in the v2 config)",
+    )
+    parser.add_argument(
+        "--actors",
+        type=int,
+        default=1,
+        help="pre-encode actors; on cuda they share the one GPU (each holds 1/actors of it)",
+    )
     parser.add_argument("--calls-per-actor", type=int, default=1, help="shards each actor works on at once")
-    parser.add_argument("--no-dashboard", dest="dashboard", action="store_false",
-                        help="local Ray without its dashboard (a minimal ray install has none)")
+    parser.add_argument(
+        "--no-dashboard",
+        dest="dashboard",
+        action="store_false",
+        help="local Ray without its dashboard (a minimal ray install has none)",
+    )
     args = parser.parse_args()
     cuda = args.device == "cuda"
     if cuda and not torch.cuda.is_available():
@@ -279,15 +343,20 @@ def main() -> None:
     steps, warmup = args.steps or sizes.steps, args.warmup if args.warmup is not None else sizes.warmup
     shards, shard_size = args.shards or sizes.shards, args.shard_size or batch * sizes.batches_per_shard
     if shards <= args.actors * args.calls_per_actor:
-        parser.error("--shards must exceed --actors x --calls-per-actor: the steady rate is measured over the "
-                     "shards after each actor call's first")
+        parser.error(
+            "--shards must exceed --actors x --calls-per-actor: the steady rate is measured over the "
+            "shards after each actor call's first"
+        )
     towers = TEXT_CONFIGS[args.models]()
     text_from_hub = any(tower.pretrained for tower in (towers.stage_c, towers.stage_b))
     text = args.text or ("tokens" if text_from_hub else "hidden_states")
     actor_cpus = args.actor_cpus or (8 if cuda else torch.get_num_threads())
     device = torch.device(args.device)
-    device_name = torch.cuda.get_device_name() if cuda else (
-        f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
+    device_name = (
+        torch.cuda.get_device_name()
+        if cuda
+        else (f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
+    )
     print(f"device: {device_name}; torch {torch.__version__}; models {args.models}; {resolution} px crops; "
           f"batch {batch}; bf16 autocast {cuda}")  # fmt: skip
     print(f"load average at start: {load_average()}")
@@ -297,11 +366,21 @@ def main() -> None:
     init_ray(RayConfig(progress_bars=False, dashboard=args.dashboard))
     # Random text towers only where the actor builds them: with tokens, the setting is refused as ignored.
     text_weights = "random" if text == "hidden_states" else "pretrained"
-    config = PreEncodeConfig(models=args.models, stage_a_weights="", semantic_weights="", text=text,
-                             text_weights=text_weights,
-                             resources=StepResources(num_cpus=actor_cpus, num_gpus=int(cuda) / args.actors,
-                                                     min_actors=args.actors, max_actors=args.actors, batch_size=batch,
-                                                     calls_per_actor=args.calls_per_actor))
+    config = PreEncodeConfig(
+        models=args.models,
+        stage_a_weights="",
+        semantic_weights="",
+        text=text,
+        text_weights=text_weights,
+        resources=StepResources(
+            num_cpus=actor_cpus,
+            num_gpus=int(cuda) / args.actors,
+            min_actors=args.actors,
+            max_actors=args.actors,
+            batch_size=batch,
+            calls_per_actor=args.calls_per_actor,
+        ),
+    )
     with tempfile.TemporaryDirectory(prefix="bench-encode-") as folder:
         names = write_input_shards(Path(folder), shards=shards, shard_size=shard_size, resolution=resolution)
         steady, with_startup = end_to_end(Path(folder), names, config, resolution)
@@ -329,10 +408,13 @@ def main() -> None:
     print(f"  steady (after each call's first shard):  {steady:9.2f} samples/s")
     print(f"  with the actors' start-up:               {with_startup:9.2f} samples/s")
     print(f"end to end / direct (same encoders): {steady / direct_used:.2f}x")
-    print("stored vs direct, first batch of the last shard (largest difference / largest value): " +
-          ", ".join(f"{name} {value:.2e}" for name, value in differences.items()))
-    assert max(differences.values()) < MAX_DIFFERENCE, \
+    print(
+        "stored vs direct, first batch of the last shard (largest difference / largest value): "
+        + ", ".join(f"{name} {value:.2e}" for name, value in differences.items())
+    )
+    assert max(differences.values()) < MAX_DIFFERENCE, (
         f"the stored latents are not what the encoders compute (more than {MAX_DIFFERENCE} of the largest value)"
+    )
     print(f"load average at end: {load_average()}")
 
 

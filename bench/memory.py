@@ -41,10 +41,22 @@ def main() -> None:
     args = parser.parse_args()
     shards = max(1, args.samples // SHARD_SIZE)
     with tempfile.TemporaryDirectory(prefix="bench-memory-") as work:
-        command = [sys.executable, str(ROOT / "pipelines" / "full.py"), "--phases", "metadata_filter,decode,embed,pre_encode",
-                   "--set", f"work_dir={work}", "--set", f"data.demo.num_shards={shards}",
-                   "--set", f"data.demo.samples_per_shard={SHARD_SIZE}",
-                   "--set", "pre_encode.stage_a_weights=", "--set", "pre_encode.semantic_weights="]
+        command = [
+            sys.executable,
+            str(ROOT / "pipelines" / "full.py"),
+            "--phases",
+            "metadata_filter,decode,embed,pre_encode",
+            "--set",
+            f"work_dir={work}",
+            "--set",
+            f"data.demo.num_shards={shards}",
+            "--set",
+            f"data.demo.samples_per_shard={SHARD_SIZE}",
+            "--set",
+            "pre_encode.stage_a_weights=",
+            "--set",
+            "pre_encode.semantic_weights=",
+        ]
         log = Path(work) / "full.log"
         started = time.monotonic()
         with open(log, "w") as out:
@@ -56,25 +68,38 @@ def main() -> None:
             others = [m for m in others if m is not None]
             mine = uss_mib(handle)
             if mine is not None:
-                series.append((time.monotonic() - started, mine, max(others, default=0.0), mine + sum(others), len(others)))
+                series.append(
+                    (time.monotonic() - started, mine, max(others, default=0.0), mine + sum(others), len(others))
+                )
             time.sleep(args.interval)
         seconds = time.monotonic() - started
         output = log.read_text()
     if driver.returncode != 0:
         sys.exit(f"pipelines/full.py failed ({driver.returncode}):\n{output[-3000:]}")
-    print(f"{shards * SHARD_SIZE:,} samples in {shards} shards, {seconds:.0f} s; "
-          f"{psutil.cpu_count()} CPUs, {psutil.virtual_memory().total / 2**30:.1f} GiB RAM")
-    print("\n".join(line for line in output.splitlines()  # the phase summaries
-                    if line.startswith(("[metadata_filter]", "[decode]", "[embed]", "[pre_encode]"))))
+    print(
+        f"{shards * SHARD_SIZE:,} samples in {shards} shards, {seconds:.0f} s; "
+        f"{psutil.cpu_count()} CPUs, {psutil.virtual_memory().total / 2**30:.1f} GiB RAM"
+    )
+    print(
+        "\n".join(
+            line
+            for line in output.splitlines()  # the phase summaries
+            if line.startswith(("[metadata_filter]", "[decode]", "[embed]", "[pre_encode]"))
+        )
+    )
     print(f"\n{'time':>7} {'driver USS':>11} {'largest other':>14} {'all USS':>9} {'processes':>10}")
     for index in range(10):
         window = [row for row in series if index / 10 <= row[0] / seconds < (index + 1) / 10]
         if window:
             t = window[-1][0]
-            print(f"{t:6.0f}s {max(r[1] for r in window):10.0f}M {max(r[2] for r in window):13.0f}M "
-                  f"{max(r[3] for r in window):8.0f}M {max(r[4] for r in window):10d}")
-    print(f"\npeak: driver {max(r[1] for r in series):.0f} MiB, largest other process "
-          f"{max(r[2] for r in series):.0f} MiB, all processes {max(r[3] for r in series):.0f} MiB (USS, MiB)")
+            print(
+                f"{t:6.0f}s {max(r[1] for r in window):10.0f}M {max(r[2] for r in window):13.0f}M "
+                f"{max(r[3] for r in window):8.0f}M {max(r[4] for r in window):10d}"
+            )
+    print(
+        f"\npeak: driver {max(r[1] for r in series):.0f} MiB, largest other process "
+        f"{max(r[2] for r in series):.0f} MiB, all processes {max(r[3] for r in series):.0f} MiB (USS, MiB)"
+    )
 
 
 if __name__ == "__main__":

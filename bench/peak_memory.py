@@ -137,8 +137,9 @@ def fused_dropout(input: torch.Tensor, p: float = 0.5, training: bool = True, in
     return CPU_DROPOUT(input, p, training, inplace)
 
 
-def train_steps(model, optimizer, diffusion: CosineDiffusion, x0: torch.Tensor, cond: dict,
-                tracker: LiveStorages) -> None:
+def train_steps(
+    model, optimizer, diffusion: CosineDiffusion, x0: torch.Tensor, cond: dict, tracker: LiveStorages
+) -> None:
     """bench/train_step.py's step, twice: the tracker's peak is the second step's, the first one that
     starts with AdamW's state."""
     # nn.Dropout looks F.dropout up at each call, the recompute of a checkpoint included.
@@ -158,8 +159,9 @@ def train_steps(model, optimizer, diffusion: CosineDiffusion, x0: torch.Tensor, 
             del noised, noise, r, loss
 
 
-def predict(stage: str, impl: str, options: frozenset[str], config_name: str, batch: int | None,
-            side: int | None = None) -> dict:
+def predict(
+    stage: str, impl: str, options: frozenset[str], config_name: str, batch: int | None, side: int | None = None
+) -> dict:
     """One implementation's train steps on fake tensors; executed in its own process (compile settings
     are process-wide)."""
     factory, default_batch, default_side = SETUPS[config_name][stage]
@@ -170,8 +172,12 @@ def predict(stage: str, impl: str, options: frozenset[str], config_name: str, ba
         config = dataclasses.replace(factory(), checkpointing="checkpointing" in options)  # the reference ignores it
         model = tracker.model = build(stage, impl, config).train()
         if "compile" in options:
-            compile_blocks(model, REGISTRY[f"stage_{stage}"].parallelism, memory_budget(options),
-                           backend="aot_eager_decomp_partition")
+            compile_blocks(
+                model,
+                REGISTRY[f"stage_{stage}"].parallelism,
+                memory_budget(options),
+                backend="aot_eager_decomp_partition",
+            )
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)  # as on CUDA (bench/train_step.py)
         diffusion = CosineDiffusion(DiffusionConfig())
         x0, cond = inputs(stage, config, batch, side, torch.Generator().manual_seed(1))
@@ -193,11 +199,13 @@ def predict(stage: str, impl: str, options: frozenset[str], config_name: str, ba
 
 def describe(name: str, res: dict) -> str:
     rest = res["peak"] - res["static"] - res["gradients"]
-    return (f"{name:30s}: {res['params_m']:8.1f}M params, batch {res['batch']} of {res['side']}x{res['side']} latents: "
-            f"peak {res['peak'] / GIB:6.2f} GiB in "
-            f"the {res['phase']:>14s} = weights and AdamW state {res['static'] / GIB:5.2f} + gradients "
-            f"{res['gradients'] / GIB:5.2f} + activations and temporaries {rest / GIB:5.2f}; "
-            f"{res['forward_flops'] / 1e9:,.0f} GFLOP forward, {res['backward_flops'] / 1e9:,.0f} backward")
+    return (
+        f"{name:30s}: {res['params_m']:8.1f}M params, batch {res['batch']} of {res['side']}x{res['side']} latents: "
+        f"peak {res['peak'] / GIB:6.2f} GiB in "
+        f"the {res['phase']:>14s} = weights and AdamW state {res['static'] / GIB:5.2f} + gradients "
+        f"{res['gradients'] / GIB:5.2f} + activations and temporaries {rest / GIB:5.2f}; "
+        f"{res['forward_flops'] / 1e9:,.0f} GFLOP forward, {res['backward_flops'] / 1e9:,.0f} backward"
+    )
 
 
 def main() -> None:
@@ -229,10 +237,13 @@ def main() -> None:
     for name, ours in results.items():
         against_measured = (f", {ours['peak'] / GIB / args.reference_peak:.2f}x the reference's measured "
                             f"{args.reference_peak:.2f} GiB" if args.reference_peak else "")  # fmt: skip
-        flops = ((ours["forward_flops"] + ours["backward_flops"])
-                 / (reference["forward_flops"] + reference["backward_flops"]))
-        print(f"{name} / reference: {ours['peak'] / reference['peak']:.2f}x the reference's predicted peak"
-              f"{against_measured}; {flops:.2f}x its FLOPs")
+        flops = (ours["forward_flops"] + ours["backward_flops"]) / (
+            reference["forward_flops"] + reference["backward_flops"]
+        )
+        print(
+            f"{name} / reference: {ours['peak'] / reference['peak']:.2f}x the reference's predicted peak"
+            f"{against_measured}; {flops:.2f}x its FLOPs"
+        )
 
 
 if __name__ == "__main__":

@@ -42,8 +42,9 @@ def main() -> None:
     diffusion = CosineDiffusion(DiffusionConfig())
     x0, cond = inputs(args.stage, config, batch, side, torch.Generator(device).manual_seed(1))
 
-    step = functools.partial(one_step, model, optimizer, diffusion, x0, cond,
-                             torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda))
+    step = functools.partial(
+        one_step, model, optimizer, diffusion, x0, cond, torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda)
+    )
     step()
     activities = [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]
     with profile(activities=activities) as profiler:

@@ -172,10 +172,12 @@ def parse_variants(text: str, impl: str = "ours") -> list[frozenset[str]]:
                 if not in_range or "compile" not in options or "checkpointing" in options:
                     raise argparse.ArgumentTypeError(
                         f"{variant!r}: budget=B takes a B from 0 to 1, or for Stage B one per level joined by '/', "
-                        "with compile and without checkpointing (TrainConfig.activation_memory_budget)")
+                        "with compile and without checkpointing (TrainConfig.activation_memory_budget)"
+                    )
             elif option not in OPTIONS[impl]:
                 raise argparse.ArgumentTypeError(
-                    f"{text!r}: each {impl} variant is {PLAIN[impl]!r} or '+'-joined from {OPTIONS[impl]}")
+                    f"{text!r}: each {impl} variant is {PLAIN[impl]!r} or '+'-joined from {OPTIONS[impl]}"
+                )
         variants.append(options)
     return variants
 
@@ -249,8 +251,9 @@ def prepared(template: torch.nn.Module, impl: str, options: frozenset[str], devi
     return model
 
 
-def correctness_outputs(model: torch.nn.Module, stage: str, config, batch: int, side: int, device: torch.device,
-                        bf16: bool) -> dict:
+def correctness_outputs(
+    model: torch.nn.Module, stage: str, config, batch: int, side: int, device: torch.device, bf16: bool
+) -> dict:
     """What the asserted check compares: eval-mode outputs in fp32 and under autocast, and a train-mode
     forward and backward in fp32 on ``CHECK_TRAIN_BATCH`` samples, dropout seeded."""
     generator = torch.Generator(device).manual_seed(1)
@@ -329,8 +332,9 @@ def profiled(step: Callable[[], float], steps: int = 2) -> dict:
             "top": [(event.key[:60], event.self_device_time_total / 1e3 / steps) for event in top]}  # fmt: skip
 
 
-def measure(template: torch.nn.Module, job: dict, options: frozenset[str], batch: int, side: int,
-            baseline_gib: float) -> dict:
+def measure(
+    template: torch.nn.Module, job: dict, options: frozenset[str], batch: int, side: int, baseline_gib: float
+) -> dict:
     """One variant: fresh weights, warm-up (compiling), timed steps; its peak memory and counters."""
     started = time.perf_counter()
     device = torch.device(job["device"])
@@ -351,8 +355,9 @@ def measure(template: torch.nn.Module, job: dict, options: frozenset[str], batch
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=job["bf16"])
     counts_before = compile_counts()
     if cudagraph:
-        step = graphed(functools.partial(update, trained, optimizer, diffusion, x0, cond, autocast), optimizer,
-                       job["warmup"])
+        step = graphed(
+            functools.partial(update, trained, optimizer, diffusion, x0, cond, autocast), optimizer, job["warmup"]
+        )
     else:
         step = functools.partial(one_step, trained, optimizer, diffusion, x0, cond, autocast)
         for _ in range(job["warmup"]):
@@ -433,14 +438,18 @@ def describe(stage: str, name: str, res: dict, mfu_of: Callable[[float], float |
     utilisation = f" (MFU {utilisation:.0%})" if utilisation is not None else ""
     compiled = (f", {res['graphs']} graphs, {res['breaks']} breaks, {res['recompiles_in_timed_steps']} compiles in "
                 "the timed steps" if res["graphs"] else "")  # fmt: skip
-    line = (f"stage {stage.upper()} {name:40s}: {res['params_m']:8.2f}M params, batch {res['batch']:3d}: "
-            f"{res['samples_per_s']:8.2f} samples/s{utilisation}, peak {res['peak_gib']:7.3f} GiB{step_growth}{compiled}, "
-            f"{res['seconds']:.0f} s")
+    line = (
+        f"stage {stage.upper()} {name:40s}: {res['params_m']:8.2f}M params, batch {res['batch']:3d}: "
+        f"{res['samples_per_s']:8.2f} samples/s{utilisation}, peak {res['peak_gib']:7.3f} GiB{step_growth}{compiled}, "
+        f"{res['seconds']:.0f} s"
+    )
     if res["profile"]:
         profile = res["profile"]
-        line += (f"\n    profile: {profile['wall_ms']:.1f} ms wall per step, kernels {profile['kernel_ms']:.1f} ms "
-                 f"({profile['kernel_ms'] / profile['wall_ms']:.0%} of it), {profile['launches']:.0f} kernels per step; "
-                 "costliest: " + "; ".join(f"{key} {ms:.1f} ms" for key, ms in profile["top"]))
+        line += (
+            f"\n    profile: {profile['wall_ms']:.1f} ms wall per step, kernels {profile['kernel_ms']:.1f} ms "
+            f"({profile['kernel_ms'] / profile['wall_ms']:.0%} of it), {profile['launches']:.0f} kernels per step; "
+            "costliest: " + "; ".join(f"{key} {ms:.1f} ms" for key, ms in profile["top"])
+        )
     return line
 
 
@@ -466,8 +475,10 @@ def check(stage: str, reference: dict, ours: dict, bf16: bool) -> list[str]:
     figures = {
         "ours fp32 eval output": (relative(ours["fp32"], exact), FP32_TOLERANCE),
         "ours fp32 train output (dropout on)": (relative(ours["train"], reference["train"]), FP32_TOLERANCE),
-        "ours fp32 train gradients": (float((ours_projections - reference_projections).norm()
-                                            / reference_projections.norm()), GRADIENT_TOLERANCE),
+        "ours fp32 train gradients": (
+            float((ours_projections - reference_projections).norm() / reference_projections.norm()),
+            GRADIENT_TOLERANCE,
+        ),
     }
     if bf16:
         reference_bf16 = relative(reference["bf16"], exact)
@@ -497,10 +508,14 @@ def main() -> None:
                         help="comma-separated variants of the reference: 'shipped', or '+'-joined from sdpa, "
                              "compile, cudagraph (default: shipped,sdpa for Stage C, whose prior ships with the "
                              "unfused attention; shipped for Stage B)")  # fmt: skip
-    parser.add_argument("--ours", default=[frozenset()], type=parse_variants,
-                        help="comma-separated variants of ours: 'eager', or '+'-joined from compile, "
-                             "checkpointing, cudagraph and budget=B (with compile; for Stage B one B per level, "
-                             "outermost first, joined by '/'), e.g. 'eager,compile+budget=0.3/0.4/0.6/0.5+cudagraph'")
+    parser.add_argument(
+        "--ours",
+        default=[frozenset()],
+        type=parse_variants,
+        help="comma-separated variants of ours: 'eager', or '+'-joined from compile, "
+        "checkpointing, cudagraph and budget=B (with compile; for Stage B one B per level, "
+        "outermost first, joined by '/'), e.g. 'eager,compile+budget=0.3/0.4/0.6/0.5+cudagraph'",
+    )
     parser.add_argument("--profile", action="store_true", help="on cuda: kernel time, wall time and kernels per step")
     args = parser.parse_args()
     config = args.config or ("v2" if args.device == "cuda" else "reduced")
@@ -558,8 +573,12 @@ def main() -> None:
         for name, res in results.items():
             if name.startswith("reference"):
                 continue
-            against_shipped = (f"; / reference as shipped: {res['samples_per_s'] / shipped['samples_per_s']:.2f}x "
-                               f"samples/s, {res['peak_gib'] / shipped['peak_gib']:.2f}x peak" if shipped else "")
+            against_shipped = (
+                f"; / reference as shipped: {res['samples_per_s'] / shipped['samples_per_s']:.2f}x "
+                f"samples/s, {res['peak_gib'] / shipped['peak_gib']:.2f}x peak"
+                if shipped
+                else ""
+            )
             print(f"stage {stage.upper()} {name} / best reference: {res['samples_per_s'] / best['samples_per_s']:.2f}x "
                   f"samples/s, {res['peak_gib'] / best['peak_gib']:.2f}x peak memory{against_shipped}")  # fmt: skip
     if failures:

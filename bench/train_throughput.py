@@ -56,13 +56,15 @@ def synthetic_columns(spec: TaskSpec, samples: int, resolution: int) -> dict[str
         tensor_type: pa.FixedShapeTensorType = fields.field(name).type
         dtype = tensor_type.value_type.to_pandas_dtype()
         shape = (samples, *tensor_type.shape)
-        columns[name] = (rng.integers(0, 1000, shape) if np.issubdtype(dtype, np.integer)
-                         else rng.standard_normal(shape)).astype(dtype)
+        columns[name] = (
+            rng.integers(0, 1000, shape) if np.issubdtype(dtype, np.integer) else rng.standard_normal(shape)
+        ).astype(dtype)
     return columns
 
 
-def bare_loop(spec: TaskSpec, config: TrainConfig, columns: dict[str, np.ndarray], device: torch.device,
-              warmup: int) -> float:
+def bare_loop(
+    spec: TaskSpec, config: TrainConfig, columns: dict[str, np.ndarray], device: torch.device, warmup: int
+) -> float:
     """Samples/s of the same steps over batches already on the device."""
     torch.manual_seed(config.seed)
     model = build_model(spec).to(device)
@@ -71,9 +73,13 @@ def bare_loop(spec: TaskSpec, config: TrainConfig, columns: dict[str, np.ndarray
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     ema = [p.detach().clone() for p in model.parameters()]
     samples = len(next(iter(columns.values())))
-    batches = [{name: torch.from_numpy(values[i:i + config.global_batch_size]).to(device)
-                for name, values in columns.items()}
-               for i in range(0, samples - config.global_batch_size + 1, config.global_batch_size)]
+    batches = [
+        {
+            name: torch.from_numpy(values[i : i + config.global_batch_size]).to(device)
+            for name, values in columns.items()
+        }
+        for i in range(0, samples - config.global_batch_size + 1, config.global_batch_size)
+    ]
     seconds = []
     for step in range(config.steps):
         started = time.perf_counter()
@@ -85,23 +91,41 @@ def bare_loop(spec: TaskSpec, config: TrainConfig, columns: dict[str, np.ndarray
     return config.global_batch_size / statistics.mean(seconds[warmup:])
 
 
-def ray_train_run(spec: TaskSpec, config: TrainConfig, columns: dict[str, np.ndarray],
-                  folder: Path) -> tuple[float, float]:
+def ray_train_run(
+    spec: TaskSpec, config: TrainConfig, columns: dict[str, np.ndarray], folder: Path
+) -> tuple[float, float]:
     """Samples/s and data-wait fraction of the Ray Train loop, from its steady-state log windows."""
     client = MlflowClient(f"sqlite:///{folder}/mlflow.db")
     run_id = client.create_run(client.create_experiment("train-throughput")).info.run_id
-    dataset = ray.data.from_items([{name: values[i] for name, values in columns.items()}
-                                   for i in range(len(next(iter(columns.values()))))]).materialize()
-    args = WorkerArgs(train=config, stage=REGISTRY[spec.stage], task=spec, budget=None, used_before=0.0,
-                      tracking_uri=client.tracking_uri, run_id=run_id)
-    trainer(name="throughput", args=args, datasets={TRAIN_DATASET: dataset}, storage_path=str(folder / "ray"),
-            storage_filesystem=None).fit()
-    history = {name: [m.value for m in sorted(client.get_metric_history(run_id, name), key=lambda m: m.step)]
-               for name in ("samples_per_second", "data_wait_fraction")}
+    dataset = ray.data.from_items(
+        [{name: values[i] for name, values in columns.items()} for i in range(len(next(iter(columns.values()))))]
+    ).materialize()
+    args = WorkerArgs(
+        train=config,
+        stage=REGISTRY[spec.stage],
+        task=spec,
+        budget=None,
+        used_before=0.0,
+        tracking_uri=client.tracking_uri,
+        run_id=run_id,
+    )
+    trainer(
+        name="throughput",
+        args=args,
+        datasets={TRAIN_DATASET: dataset},
+        storage_path=str(folder / "ray"),
+        storage_filesystem=None,
+    ).fit()
+    history = {
+        name: [m.value for m in sorted(client.get_metric_history(run_id, name), key=lambda m: m.step)]
+        for name in ("samples_per_second", "data_wait_fraction")
+    }
     assert len(history["samples_per_second"]) >= 3, "too few log windows: raise --steps"
     steady = slice(1, -1)  # the first window holds the warm-up, the last may be a partial one
-    return (statistics.mean(history["samples_per_second"][steady]),
-            statistics.mean(history["data_wait_fraction"][steady]))
+    return (
+        statistics.mean(history["samples_per_second"][steady]),
+        statistics.mean(history["data_wait_fraction"][steady]),
+    )
 
 
 def main() -> None:
@@ -115,26 +139,51 @@ def main() -> None:
     parser.add_argument("--log-every-seconds", type=float, default=3.0)
     parser.add_argument("--batches-per-epoch", type=int, default=16)
     parser.add_argument("--cache-data", action="store_true", help="train.cache_data: the shard in worker memory")
-    parser.add_argument("--no-dashboard", dest="dashboard", action="store_false",
-                        help="local Ray without its dashboard (a minimal ray install has none)")
+    parser.add_argument(
+        "--no-dashboard",
+        dest="dashboard",
+        action="store_false",
+        help="local Ray without its dashboard (a minimal ray install has none)",
+    )
     options = parser.parse_args()
 
     device = torch.device(options.device)
-    spec = TaskSpec(stage=options.stage, models=options.models, caption_dropout=0.05, semantic_dropout=0.1,
-                    semantic_noise=0.0, text_from_tokens=False, resolution=RESOLUTION[options.models])
-    config = TrainConfig(steps=options.steps, global_batch_size=options.batch, workers=1, warmup_steps=0,
-                         gpus_per_worker=1.0 if device.type == "cuda" else 0.0, cpus_per_worker=options.cpus,
-                         checkpoint_every=options.steps, sample_every=0, log_every_seconds=options.log_every_seconds,
-                         ema_start=0, ema_every=1, cache_data=options.cache_data)
-    columns = synthetic_columns(spec, samples=options.batches_per_epoch * options.batch, resolution=RESOLUTION[options.models])
+    spec = TaskSpec(
+        stage=options.stage,
+        models=options.models,
+        caption_dropout=0.05,
+        semantic_dropout=0.1,
+        semantic_noise=0.0,
+        text_from_tokens=False,
+        resolution=RESOLUTION[options.models],
+    )
+    config = TrainConfig(
+        steps=options.steps,
+        global_batch_size=options.batch,
+        workers=1,
+        warmup_steps=0,
+        gpus_per_worker=1.0 if device.type == "cuda" else 0.0,
+        cpus_per_worker=options.cpus,
+        checkpoint_every=options.steps,
+        sample_every=0,
+        log_every_seconds=options.log_every_seconds,
+        ema_start=0,
+        ema_every=1,
+        cache_data=options.cache_data,
+    )
+    columns = synthetic_columns(
+        spec, samples=options.batches_per_epoch * options.batch, resolution=RESOLUTION[options.models]
+    )
     text_columns = {schema.TEXT_STAGE_C, schema.TEXT_STAGE_B} & columns.keys()
     spec = dataclasses.replace(spec, empty_caption={name: columns[name][0] for name in text_columns})
     if device.type == "cpu":
         torch.set_num_threads(options.cpus)
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
-    print(f"{options.stage} ({options.models}), batch {options.batch}, {options.steps} steps, "
-          f"{options.batches_per_epoch} batches per epoch, cache_data={options.cache_data}, {name}")
+    print(
+        f"{options.stage} ({options.models}), batch {options.batch}, {options.steps} steps, "
+        f"{options.batches_per_epoch} batches per epoch, cache_data={options.cache_data}, {name}"
+    )
     bare = bare_loop(spec, config, columns, device, warmup=options.steps // 10)
     # Printed now: a run cut short by a time limit still leaves it, beside the Ray run's progress lines.
     print(f"  bare PyTorch loop: {bare:9.1f} samples/s", flush=True)

@@ -83,8 +83,9 @@ class RunBudget:
     """The setting to raise to let the run go further."""
 
 
-def run_budget(*, run_budget: float | None, experiment_budget: float | None, experiment_used: float,
-               run_used: float, setting: str) -> RunBudget:
+def run_budget(
+    *, run_budget: float | None, experiment_budget: float | None, experiment_used: float, run_used: float, setting: str
+) -> RunBudget:
     """The budget an attempt of a run may go to, or a ValueError that says what is left and what to change.
 
     ``run_used``: GPU-hours of the run's earlier attempts, part of ``experiment_used``. ``setting`` names

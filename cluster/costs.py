@@ -98,12 +98,17 @@ def row_costs(row: PhasePlan, prices: Prices) -> Costs:
     for the assumed months, and what it reads."""
     hours = row.unit_hours or 0.0
     compute = hours * (prices.usd_per_gpu_hour if row.unit == "gpu" else prices.usd_per_cpu_hour)
-    return Costs(compute=compute,
-                 storage=row.stored_bytes / 1e9 * prices.usd_per_gb_month * prices.storage_months,
-                 transfer=row.read_bytes / 1e9 * prices.usd_per_gb_read)
+    return Costs(
+        compute=compute,
+        storage=row.stored_bytes / 1e9 * prices.usd_per_gb_month * prices.storage_months,
+        transfer=row.read_bytes / 1e9 * prices.usd_per_gb_read,
+    )
 
 
 def total_costs(rows: list[PhasePlan], prices: Prices) -> Costs:
     costs = [row_costs(row, prices) for row in rows]
-    return Costs(compute=sum(c.compute for c in costs), storage=sum(c.storage for c in costs),
-                 transfer=sum(c.transfer for c in costs))
+    return Costs(
+        compute=sum(c.compute for c in costs),
+        storage=sum(c.storage for c in costs),
+        transfer=sum(c.transfer for c in costs),
+    )

@@ -114,8 +114,10 @@ def free_port() -> int:
     local port of an outgoing connection (a Ray head's first 40 s used 126 such ports, measured), and
     then the server cannot start (its GCS or raylet fails to bind; ``ray start`` exits). Ports from
     ``bind(0)`` are always in that range; the kernel never picks one below it for a connection."""
-    assert len(_PORTS) > 100, (f"the ephemeral port range starts at {_EPHEMERAL_LOW}; the tests need "
-                               "it to start at 30100 or above (/proc/sys/net/ipv4/ip_local_port_range)")
+    assert len(_PORTS) > 100, (
+        f"the ephemeral port range starts at {_EPHEMERAL_LOW}; the tests need "
+        "it to start at 30100 or above (/proc/sys/net/ipv4/ip_local_port_range)"
+    )
     while True:
         port = random.choice(_PORTS)
         if port in _handed_out:
@@ -142,23 +144,44 @@ class SeaweedFS:
         self.endpoint = f"http://127.0.0.1:{self.ports['s3']}"
         self.options = []
         if credentials:
-            identities = {"identities": [{"name": "tests", "actions": ["Admin", "Read", "Write", "List", "Tagging"],
-                                          "credentials": [{"accessKey": credentials[0], "secretKey": credentials[1]}]}]}
+            identities = {
+                "identities": [
+                    {
+                        "name": "tests",
+                        "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+                        "credentials": [{"accessKey": credentials[0], "secretKey": credentials[1]}],
+                    }
+                ]
+            }
             (data / "s3.json").write_text(json.dumps(identities))
             self.options.append(f"-s3.config={data / 's3.json'}")
 
     def start(self) -> None:
         with open(self.log, "ab") as log:
             self.process = subprocess.Popen(
-                [self.weed, "server", f"-dir={self.data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-s3",
-                 f"-master.port={self.ports['master']}", f"-volume.port={self.ports['volume']}",
-                 f"-filer.port={self.ports['filer']}", f"-s3.port={self.ports['s3']}",
-                 # No Iceberg or Lance endpoints (fixed ports otherwise); a restarted master elects itself in 1 s, not 10.
-                 "-s3.port.iceberg=0", "-s3.port.lance=0", "-master.electionTimeout=1s",
-                 # Each bucket takes 7 volumes of its own at its first write (sparse files); the default of
-                 # 8 in all leaves a second bucket none ("No writable volumes and no free volumes left").
-                 "-volume.max=100", *self.options],
-                stdout=log, stderr=subprocess.STDOUT)
+                [
+                    self.weed,
+                    "server",
+                    f"-dir={self.data}",
+                    "-ip=127.0.0.1",
+                    "-ip.bind=127.0.0.1",
+                    "-s3",
+                    f"-master.port={self.ports['master']}",
+                    f"-volume.port={self.ports['volume']}",
+                    f"-filer.port={self.ports['filer']}",
+                    f"-s3.port={self.ports['s3']}",
+                    # No Iceberg or Lance endpoints (fixed ports otherwise); a restarted master elects itself in 1 s, not 10.
+                    "-s3.port.iceberg=0",
+                    "-s3.port.lance=0",
+                    "-master.electionTimeout=1s",
+                    # Each bucket takes 7 volumes of its own at its first write (sparse files); the default of
+                    # 8 in all leaves a second bucket none ("No writable volumes and no free volumes left").
+                    "-volume.max=100",
+                    *self.options,
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
         deadline = time.monotonic() + 60
         while True:
             try:
@@ -203,17 +226,30 @@ class SessionLogs:
         return Path(f"{self.root}{os.readlink(link)}/logs") if link.is_symlink() else None
 
 
-def wait_for(process: subprocess.Popen, log: Path, seconds: float, *, url: str = "", ready_line: str = "",
-             session_logs: SessionLogs | None = None) -> None:
+def wait_for(
+    process: subprocess.Popen,
+    log: Path,
+    seconds: float,
+    *,
+    url: str = "",
+    ready_line: str = "",
+    session_logs: SessionLogs | None = None,
+) -> None:
     """Waits for a server we started to answer at ``url`` and to print ``ready_line``; a failure shows
     its log and, for Ray, the error lines of its session logs (``ray start`` itself only says that
     the node timed out)."""
+
     def report() -> str:
         text = log.read_text()[-3000:]
         folder = session_logs.folder() if session_logs is not None else None
         if folder is not None and folder.is_dir():
-            errors = [f"{file.name}: {line}" for file in sorted(folder.iterdir()) if file.is_file()
-                      for line in file.read_text(errors="replace").splitlines() if "rror" in line]
+            errors = [
+                f"{file.name}: {line}"
+                for file in sorted(folder.iterdir())
+                if file.is_file()
+                for line in file.read_text(errors="replace").splitlines()
+                if "rror" in line
+            ]
             text += "\nerror lines of Ray's session logs:\n" + "\n".join(errors[-30:])
         return text
 
@@ -232,12 +268,26 @@ def mlflow_server(folder: Path) -> Iterator[str]:
     log = folder / "mlflow-server.log"
     with open(log, "wb") as out:
         server = subprocess.Popen(
-            [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-             "--backend-store-uri", f"sqlite:///{folder}/mlflow-server.db",
-             "--artifacts-destination", str(folder / "mlflow-artifacts")],
-            stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+            [
+                str(BIN / "mlflow"),
+                "server",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--workers",
+                "1",
+                "--backend-store-uri",
+                f"sqlite:///{folder}/mlflow-server.db",
+                "--artifacts-destination",
+                str(folder / "mlflow-artifacts"),
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
             # No job-runner processes: the pipeline logs runs and artifacts, it runs no MLflow jobs.
-            env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
+            env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+        )
     url = f"http://127.0.0.1:{port}"
     try:
         wait_for(server, log, seconds=90, url=f"{url}/health")
@@ -253,8 +303,14 @@ def ray_auth() -> dict[str, str]:
     return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
 
 
-_NODE_PORTS = ("node-manager-port", "object-manager-port", "metrics-export-port", "dashboard-agent-listen-port",
-               "dashboard-agent-grpc-port", "runtime-env-agent-port")
+_NODE_PORTS = (
+    "node-manager-port",
+    "object-manager-port",
+    "metrics-export-port",
+    "dashboard-agent-listen-port",
+    "dashboard-agent-grpc-port",
+    "runtime-env-agent-port",
+)
 _HEAD_PORTS = ("port", "dashboard-port", "ray-client-server-port")
 
 
@@ -270,9 +326,16 @@ class RayNode:
 
 
 @contextlib.contextmanager
-def ray_node(folder: Path, auth: dict[str, str], *, num_cpus: float, head_address: str = "",
-             private: bool = False, object_store_bytes: int | None = None,
-             autoscaling: dict | None = None) -> Iterator[RayNode]:
+def ray_node(
+    folder: Path,
+    auth: dict[str, str],
+    *,
+    num_cpus: float,
+    head_address: str = "",
+    private: bool = False,
+    object_store_bytes: int | None = None,
+    autoscaling: dict | None = None,
+) -> Iterator[RayNode]:
     """A Ray node from ``ray start --block`` on 127.0.0.1: the head, or with ``head_address`` a node
     that joins it. ``private``: in a mount namespace of its own, in which /tmp, ``~/.cache`` and this
     checkout are empty (``private_mounts``). ``autoscaling``: a head whose autoscaler runs this
@@ -285,14 +348,26 @@ def ray_node(folder: Path, auth: dict[str, str], *, num_cpus: float, head_addres
     # Short: Ray's unix sockets live under it and their paths are limited to 107 bytes. In a private
     # node a name of its own under its own /tmp; otherwise a fresh folder of this machine's /tmp.
     temp_dir = f"/tmp/ray-{folder.name}" if private else tempfile.mkdtemp(prefix="ray-", dir="/tmp")
-    command = [str(BIN / "ray"), "start", "--block", "--node-ip-address=127.0.0.1", f"--num-cpus={num_cpus}",
-               "--num-gpus=0", f"--temp-dir={temp_dir}", "--disable-usage-stats",
-               # Ports the kernel picks: several nodes of this machine share no default range.
-               "--min-worker-port=0", "--max-worker-port=0",
-               *([f"--object-store-memory={object_store_bytes}"] if object_store_bytes else []),
-               *(["--head", "--dashboard-host=127.0.0.1", "--include-dashboard=true"] if head
-                 else [f"--address={head_address}"]),
-               *[f"--{name}={port}" for name, port in ports.items()]]
+    command = [
+        str(BIN / "ray"),
+        "start",
+        "--block",
+        "--node-ip-address=127.0.0.1",
+        f"--num-cpus={num_cpus}",
+        "--num-gpus=0",
+        f"--temp-dir={temp_dir}",
+        "--disable-usage-stats",
+        # Ports the kernel picks: several nodes of this machine share no default range.
+        "--min-worker-port=0",
+        "--max-worker-port=0",
+        *([f"--object-store-memory={object_store_bytes}"] if object_store_bytes else []),
+        *(
+            ["--head", "--dashboard-host=127.0.0.1", "--include-dashboard=true"]
+            if head
+            else [f"--address={head_address}"]
+        ),
+        *[f"--{name}={port}" for name, port in ports.items()],
+    ]
     folder.mkdir(parents=True, exist_ok=True)
     fake_cluster = {}
     if autoscaling is not None:
@@ -306,22 +381,39 @@ def ray_node(folder: Path, auth: dict[str, str], *, num_cpus: float, head_addres
         # the head's node type (``RAY_NODE_TYPE_NAME``, as ``ray up`` sets it): the provider starts
         # its nodes in the autoscaler's process, which has the head's environment, and each would be
         # labelled with it.
-        fake_cluster = {"RAY_FAKE_CLUSTER": "1", "RAY_enable_autoscaler_v2": "1",
-                        "RAY_CLOUD_INSTANCE_ID": FAKE_HEAD_NODE_ID, "RAY_OVERRIDE_NODE_ID_FOR_TESTING": FAKE_HEAD_NODE_ID,
-                        "AUTOSCALER_UPDATE_INTERVAL_S": "1"}
+        fake_cluster = {
+            "RAY_FAKE_CLUSTER": "1",
+            "RAY_enable_autoscaler_v2": "1",
+            "RAY_CLOUD_INSTANCE_ID": FAKE_HEAD_NODE_ID,
+            "RAY_OVERRIDE_NODE_ID_FOR_TESTING": FAKE_HEAD_NODE_ID,
+            "AUTOSCALER_UPDATE_INTERVAL_S": "1",
+        }
     if private:
         # From / : a working directory in a hidden folder would still show what the mount covers. The
         # error lines of a failed node's session logs go to its log: its /tmp is gone when it exits.
         logs = shlex.quote(f"{temp_dir}/session_latest/logs")
-        script = "\n".join(["set -e", *private_mounts(), "cd /", f"{shlex.join(command)} || status=$?",
-                             f"grep -s rror {logs}/* | tail -n 40", "exit ${status:-0}"])
+        script = "\n".join(
+            [
+                "set -e",
+                *private_mounts(),
+                "cd /",
+                f"{shlex.join(command)} || status=$?",
+                f"grep -s rror {logs}/* | tail -n 40",
+                "exit ${status:-0}",
+            ]
+        )
         command = ["unshare", "--mount", "--propagation", "private", "--", "/bin/sh", "-c", script]
-    env = {**{k: v for k, v in os.environ.items() if k not in _NOT_FOR_NODES}, **auth,
-           # Unbuffered: the start waits for a line it prints.
-           "RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1",
-           # No memory monitor: each node's would count the whole machine's memory, the other nodes'
-           # included, and kill its own workers (the job's driver among them) for what others use.
-           "RAY_memory_monitor_refresh_ms": "0", **fake_cluster}
+    env = {
+        **{k: v for k, v in os.environ.items() if k not in _NOT_FOR_NODES},
+        **auth,
+        # Unbuffered: the start waits for a line it prints.
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "PYTHONUNBUFFERED": "1",
+        # No memory monitor: each node's would count the whole machine's memory, the other nodes'
+        # included, and kill its own workers (the job's driver among them) for what others use.
+        "RAY_memory_monitor_refresh_ms": "0",
+        **fake_cluster,
+    }
     log = folder / "ray-start.log"
     with open(log, "wb") as out:
         node = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=env)
@@ -333,8 +425,14 @@ def ray_node(folder: Path, auth: dict[str, str], *, num_cpus: float, head_addres
     dashboard = f"http://127.0.0.1:{ports['dashboard-port']}" if head else ""
     try:
         # The dashboard answers before the head is up; ray start prints its line once it is.
-        wait_for(node, log, seconds=180, url=f"{dashboard}/api/version" if head else "",
-                 ready_line="Ray runtime started.", session_logs=logs)
+        wait_for(
+            node,
+            log,
+            seconds=180,
+            url=f"{dashboard}/api/version" if head else "",
+            ready_line="Ray runtime started.",
+            session_logs=logs,
+        )
         yield RayNode(address=address, dashboard=dashboard, process=node)
     finally:
         # Ten seconds of grace: a graceful Ray shutdown can take half a minute.
@@ -370,25 +468,63 @@ def _emptied(folder: Path, keep: Path) -> list[str]:
     return commands
 
 
-def submit_job(dashboard: str, auth: dict[str, str], args: list[str], *, env_vars: dict[str, str],
-               cwd: Path = PROJECT, timeout: float = 900) -> subprocess.CompletedProcess:
+def submit_job(
+    dashboard: str,
+    auth: dict[str, str],
+    args: list[str],
+    *,
+    env_vars: dict[str, str],
+    cwd: Path = PROJECT,
+    timeout: float = 900,
+) -> subprocess.CompletedProcess:
     """``ray job submit --working-dir . -- python ARGS`` from ``cwd``, as a user submits the pipeline;
     ``env_vars`` reach the driver and every worker of the job."""
     return subprocess.run(
-        [str(BIN / "ray"), "job", "submit", "--address", dashboard, "--working-dir", ".",
-         "--runtime-env-json", json.dumps({"env_vars": env_vars}), "--", sys.executable, *args],
-        cwd=cwd, capture_output=True, text=True, timeout=timeout,
-        env={**{k: v for k, v in os.environ.items() if k not in _NOT_FOR_NODES}, **auth})
+        [
+            str(BIN / "ray"),
+            "job",
+            "submit",
+            "--address",
+            dashboard,
+            "--working-dir",
+            ".",
+            "--runtime-env-json",
+            json.dumps({"env_vars": env_vars}),
+            "--",
+            sys.executable,
+            *args,
+        ],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**{k: v for k, v in os.environ.items() if k not in _NOT_FOR_NODES}, **auth},
+    )
 
 
 def ray_state(dashboard: str, auth: dict[str, str], resource: str, *filters: str) -> list[dict]:
     """``ray list RESOURCE --detail`` as dicts (dead actors included), from a client process: a
     process's Ray reads its auth settings once, so this one's may not fit the cluster."""
     listed = subprocess.run(
-        [str(BIN / "ray"), "list", resource, "--address", dashboard, "--detail", "--format", "json", "--limit", "10000",
-         *[option for f in filters for option in ("--filter", f)]],
-        capture_output=True, text=True, timeout=120, check=True,
-        env={**{k: v for k, v in os.environ.items() if k not in _NOT_FOR_NODES}, **auth})
+        [
+            str(BIN / "ray"),
+            "list",
+            resource,
+            "--address",
+            dashboard,
+            "--detail",
+            "--format",
+            "json",
+            "--limit",
+            "10000",
+            *[option for f in filters for option in ("--filter", f)],
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+        env={**{k: v for k, v in os.environ.items() if k not in _NOT_FOR_NODES}, **auth},
+    )
     return json.loads(listed.stdout)
 
 
@@ -409,8 +545,11 @@ class LocalCluster:
 
     def storage_overrides(self) -> list[str]:
         """The pipeline's ``--set`` options that reach this cluster's S3 server."""
-        return [f"--set=storage.endpoint_url={self.s3_endpoint}", f"--set=storage.key={S3_KEY}",
-                f"--set=storage.secret={self.s3_secret}"]
+        return [
+            f"--set=storage.endpoint_url={self.s3_endpoint}",
+            f"--set=storage.key={S3_KEY}",
+            f"--set=storage.secret={self.s3_secret}",
+        ]
 
 
 def _shared_services(stack: contextlib.ExitStack, folder: Path) -> tuple[SeaweedFS, str, str]:
@@ -422,13 +561,15 @@ def _shared_services(stack: contextlib.ExitStack, folder: Path) -> tuple[Seaweed
     s3.start()
     stack.callback(s3.stop)
     import s3fs  # a dependency of the pipeline; imported here, where it is used
+
     s3fs.S3FileSystem(key=S3_KEY, secret=secret, endpoint_url=s3.endpoint).mkdir(BUCKET)
     return s3, secret, stack.enter_context(mlflow_server(folder))
 
 
 @contextlib.contextmanager
-def local_cluster(folder: Path, *, worker_nodes: int = 2, worker_cpus: float = 2,
-                  object_store_bytes: int = 300 * 2**20) -> Iterator[LocalCluster]:
+def local_cluster(
+    folder: Path, *, worker_nodes: int = 2, worker_cpus: float = 2, object_store_bytes: int = 300 * 2**20
+) -> Iterator[LocalCluster]:
     """Starts the S3 server (bucket ``BUCKET``), the MLflow server, a head without CPUs and
     ``worker_nodes`` nodes of ``worker_cpus`` CPUs, every node in a private mount namespace; stops
     them all on exit. ``folder`` holds the servers' data and every process's log."""
@@ -437,14 +578,30 @@ def local_cluster(folder: Path, *, worker_nodes: int = 2, worker_cpus: float = 2
     auth = ray_auth()
     with contextlib.ExitStack() as stack:
         s3, secret, mlflow = _shared_services(stack, folder)
-        head = stack.enter_context(ray_node(folder / "head", auth, num_cpus=0, private=True,
-                                            object_store_bytes=object_store_bytes))
-        workers = [stack.enter_context(ray_node(folder / f"worker{i}", auth, num_cpus=worker_cpus,
-                                                head_address=head.address, private=True,
-                                                object_store_bytes=object_store_bytes))
-                   for i in range(1, worker_nodes + 1)]
-        yield LocalCluster(dashboard=head.dashboard, auth=auth, s3_endpoint=s3.endpoint, s3_secret=secret,
-                           mlflow_uri=mlflow, nodes=(head, *workers))
+        head = stack.enter_context(
+            ray_node(folder / "head", auth, num_cpus=0, private=True, object_store_bytes=object_store_bytes)
+        )
+        workers = [
+            stack.enter_context(
+                ray_node(
+                    folder / f"worker{i}",
+                    auth,
+                    num_cpus=worker_cpus,
+                    head_address=head.address,
+                    private=True,
+                    object_store_bytes=object_store_bytes,
+                )
+            )
+            for i in range(1, worker_nodes + 1)
+        ]
+        yield LocalCluster(
+            dashboard=head.dashboard,
+            auth=auth,
+            s3_endpoint=s3.endpoint,
+            s3_secret=secret,
+            mlflow_uri=mlflow,
+            nodes=(head, *workers),
+        )
 
 
 # The custom resource the GPU-standing node type offers in place of ray_cluster.yaml's GPUs: a phase
@@ -455,43 +612,78 @@ GPU_STAND_IN = "fake_gpu"
 def gpu_stand_in_overrides() -> list[str]:
     """The pipeline's ``--set`` options that make every phase that can use GPUs ask for one
     ``GPU_STAND_IN`` per actor, worker or render task."""
-    return [*[f"--set={section}.resources.{setting}" for section in ("embed", "pre_encode")
-              for setting in ("num_gpus=1", f"gpu_resource={GPU_STAND_IN}")],
-            *[f"--set={section}.{setting}" for section in ("train_a", "train_semantic", "train_b", "train_c")
-              for setting in ("gpus_per_worker=1", f"gpu_resource={GPU_STAND_IN}")],
-            "--set=generate.num_gpus=1", f"--set=generate.gpu_resource={GPU_STAND_IN}"]
+    return [
+        *[
+            f"--set={section}.resources.{setting}"
+            for section in ("embed", "pre_encode")
+            for setting in ("num_gpus=1", f"gpu_resource={GPU_STAND_IN}")
+        ],
+        *[
+            f"--set={section}.{setting}"
+            for section in ("train_a", "train_semantic", "train_b", "train_c")
+            for setting in ("gpus_per_worker=1", f"gpu_resource={GPU_STAND_IN}")
+        ],
+        "--set=generate.num_gpus=1",
+        f"--set=generate.gpu_resource={GPU_STAND_IN}",
+    ]
 
 
 def autoscaling_config(*, idle_timeout_s: float, worker_cpus: float, object_store_bytes: int) -> dict:
     """A cluster config of Ray's fake multi-node provider with ``ray_cluster.yaml``'s node types: a
     head that takes no work and each worker type from zero to one node of ``worker_cpus`` CPUs, a
     GPU type with one ``GPU_STAND_IN`` per GPU it has there; idle nodes leave after ``idle_timeout_s``."""
-    types = {name: {"min_workers": 0, "max_workers": 1, "node_config": {},
-                    "resources": {"CPU": worker_cpus, "object_store_memory": object_store_bytes,
-                                  **({GPU_STAND_IN: resources["GPU"]} if resources.get("GPU") else {})}}
-             for name, resources in worker_node_types().items()}
+    types = {
+        name: {
+            "min_workers": 0,
+            "max_workers": 1,
+            "node_config": {},
+            "resources": {
+                "CPU": worker_cpus,
+                "object_store_memory": object_store_bytes,
+                **({GPU_STAND_IN: resources["GPU"]} if resources.get("GPU") else {}),
+            },
+        }
+        for name, resources in worker_node_types().items()
+    }
     # The provider names its head's node type itself.
     types[FAKE_HEAD_NODE_TYPE] = {"resources": {"CPU": 0}, "node_config": {}, "max_workers": 0}
     return {
-        "cluster_name": "local-autoscaling", "max_workers": len(types) - 1, "upscaling_speed": 1.0,
+        "cluster_name": "local-autoscaling",
+        "max_workers": len(types) - 1,
+        "upscaling_speed": 1.0,
         "idle_timeout_minutes": idle_timeout_s / 60,
         # The fake provider as an "external" one, loaded by its class: by its own type name Ray fills
         # the config's defaults in from a file its wheel does not ship. Its settings are the ones
         # ``AutoscalingCluster`` gives it for the autoscaler v2.
-        "provider": {"type": "external", "module": f"{FakeMultiNodeProvider.__module__}.{FakeMultiNodeProvider.__name__}",
-                     "launch_multiple": True, "head_node_id": FAKE_HEAD_NODE_ID},
-        "available_node_types": types, "head_node_type": FAKE_HEAD_NODE_TYPE,
+        "provider": {
+            "type": "external",
+            "module": f"{FakeMultiNodeProvider.__module__}.{FakeMultiNodeProvider.__name__}",
+            "launch_multiple": True,
+            "head_node_id": FAKE_HEAD_NODE_ID,
+        },
+        "available_node_types": types,
+        "head_node_type": FAKE_HEAD_NODE_TYPE,
         # Nothing to install or start on a node: the provider starts Ray itself.
-        "auth": {"ssh_user": "ray"}, "docker": {}, "file_mounts": {}, "cluster_synced_files": [],
-        "file_mounts_sync_continuously": False, "rsync_exclude": [], "rsync_filter": [],
-        "initialization_commands": [], "setup_commands": [], "head_setup_commands": [], "worker_setup_commands": [],
-        "head_start_ray_commands": [], "worker_start_ray_commands": [],
+        "auth": {"ssh_user": "ray"},
+        "docker": {},
+        "file_mounts": {},
+        "cluster_synced_files": [],
+        "file_mounts_sync_continuously": False,
+        "rsync_exclude": [],
+        "rsync_filter": [],
+        "initialization_commands": [],
+        "setup_commands": [],
+        "head_setup_commands": [],
+        "worker_setup_commands": [],
+        "head_start_ray_commands": [],
+        "worker_start_ray_commands": [],
     }
 
 
 @contextlib.contextmanager
-def autoscaling_cluster(folder: Path, *, idle_timeout_s: float = 30, worker_cpus: float = 2,
-                        object_store_bytes: int = 300 * 2**20) -> Iterator[LocalCluster]:
+def autoscaling_cluster(
+    folder: Path, *, idle_timeout_s: float = 30, worker_cpus: float = 2, object_store_bytes: int = 300 * 2**20
+) -> Iterator[LocalCluster]:
     """Starts the S3 server (bucket ``BUCKET``), the MLflow server and a head without CPUs whose
     autoscaler adds and removes the worker nodes of ``autoscaling_config`` as the cluster's demand
     asks; stops them all on exit (the autoscaler's nodes are processes of the head's session).
@@ -499,43 +691,64 @@ def autoscaling_cluster(folder: Path, *, idle_timeout_s: float = 30, worker_cpus
     auth = ray_auth()
     with contextlib.ExitStack() as stack:
         s3, secret, mlflow = _shared_services(stack, folder)
-        config = autoscaling_config(idle_timeout_s=idle_timeout_s, worker_cpus=worker_cpus,
-                                    object_store_bytes=object_store_bytes)
-        head = stack.enter_context(ray_node(folder / "head", auth, num_cpus=0, object_store_bytes=object_store_bytes,
-                                            autoscaling=config))
-        yield LocalCluster(dashboard=head.dashboard, auth=auth, s3_endpoint=s3.endpoint, s3_secret=secret,
-                           mlflow_uri=mlflow, nodes=(head,))
+        config = autoscaling_config(
+            idle_timeout_s=idle_timeout_s, worker_cpus=worker_cpus, object_store_bytes=object_store_bytes
+        )
+        head = stack.enter_context(
+            ray_node(folder / "head", auth, num_cpus=0, object_store_bytes=object_store_bytes, autoscaling=config)
+        )
+        yield LocalCluster(
+            dashboard=head.dashboard,
+            auth=auth,
+            s3_endpoint=s3.endpoint,
+            s3_secret=secret,
+            mlflow_uri=mlflow,
+            nodes=(head,),
+        )
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--worker-nodes", type=int, default=2)
     parser.add_argument("--worker-cpus", type=float, default=2)
-    parser.add_argument("--autoscaling", action="store_true",
-                        help="no fixed worker nodes: an autoscaler adds and removes ray_cluster.yaml's node types")
-    parser.add_argument("--idle-timeout-s", type=float, default=30,
-                        help="with --autoscaling: seconds an idle node stays")
-    parser.add_argument("--folder", type=Path, default=None,
-                        help="for the servers' data and the logs (default: a new folder under /tmp)")
+    parser.add_argument(
+        "--autoscaling",
+        action="store_true",
+        help="no fixed worker nodes: an autoscaler adds and removes ray_cluster.yaml's node types",
+    )
+    parser.add_argument(
+        "--idle-timeout-s", type=float, default=30, help="with --autoscaling: seconds an idle node stays"
+    )
+    parser.add_argument(
+        "--folder",
+        type=Path,
+        default=None,
+        help="for the servers' data and the logs (default: a new folder under /tmp)",
+    )
     args = parser.parse_args(argv)
     folder = args.folder or Path(tempfile.mkdtemp(prefix="local-cluster-"))
     if args.autoscaling:
-        started = autoscaling_cluster(folder.resolve(), idle_timeout_s=args.idle_timeout_s, worker_cpus=args.worker_cpus)
+        started = autoscaling_cluster(
+            folder.resolve(), idle_timeout_s=args.idle_timeout_s, worker_cpus=args.worker_cpus
+        )
     else:
         started = local_cluster(folder.resolve(), worker_nodes=args.worker_nodes, worker_cpus=args.worker_cpus)
     with started as cluster:
         token = folder / "ray-auth-token"
         token.write_text(cluster.auth["RAY_AUTH_TOKEN"])
         client = f"RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH={token}"
-        print(f"Ray jobs: {cluster.dashboard}  (clients need: {client})\n"
-              f"S3:       {cluster.s3_endpoint}  bucket {BUCKET}, key {S3_KEY}, secret {cluster.s3_secret}\n"
-              f"MLflow:   {cluster.mlflow_uri}\n"
-              f"logs:     {folder}\n\n"
-              f"{client} {BIN}/ray job submit --address {cluster.dashboard} --working-dir . "
-              f"--runtime-env-json '{json.dumps({'env_vars': {'MLFLOW_TRACKING_URI': cluster.mlflow_uri}})}' -- "
-              f"{sys.executable} pipelines/full.py --set work_dir=s3://{BUCKET}/run "
-              f"{' '.join(cluster.storage_overrides())}"
-              f"{' ' + ' '.join(gpu_stand_in_overrides()) if args.autoscaling else ''}\n\nCtrl-C stops it.", flush=True)
+        print(
+            f"Ray jobs: {cluster.dashboard}  (clients need: {client})\n"
+            f"S3:       {cluster.s3_endpoint}  bucket {BUCKET}, key {S3_KEY}, secret {cluster.s3_secret}\n"
+            f"MLflow:   {cluster.mlflow_uri}\n"
+            f"logs:     {folder}\n\n"
+            f"{client} {BIN}/ray job submit --address {cluster.dashboard} --working-dir . "
+            f"--runtime-env-json '{json.dumps({'env_vars': {'MLFLOW_TRACKING_URI': cluster.mlflow_uri}})}' -- "
+            f"{sys.executable} pipelines/full.py --set work_dir=s3://{BUCKET}/run "
+            f"{' '.join(cluster.storage_overrides())}"
+            f"{' ' + ' '.join(gpu_stand_in_overrides()) if args.autoscaling else ''}\n\nCtrl-C stops it.",
+            flush=True,
+        )
         # Ctrl-C, and SIGTERM, and SIGINT where a shell started it in the background (which ignores it).
         for number in (signal.SIGINT, signal.SIGTERM):
             signal.signal(number, signal.default_int_handler)

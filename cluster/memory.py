@@ -32,8 +32,11 @@ model's own error (within 3.5% of the measured and predicted peaks, docs/memory.
 SHARDED_BYTES_PER_PARAMETER = 12  # fp32 weights 4, AdamW's two fp32 moments 8: held at every peak
 TEXT_TOWER_BYTES_PER_PARAMETER = 4  # with pre_encode.text=tokens the frozen tower steps in fp32 beside the stage
 # GPU sizes a plan can point to when a step does not fit, with an AWS node type that has them.
-GPU_SIZES_GIB = ((40, "A100 40 GB: p4d.24xlarge"), (80, "A100 80 GB: p4de.24xlarge"),
-                 (140, "H200 141 GB: p5en.48xlarge"))
+GPU_SIZES_GIB = (
+    (40, "A100 40 GB: p4d.24xlarge"),
+    (80, "A100 80 GB: p4de.24xlarge"),
+    (140, "H200 141 GB: p5en.48xlarge"),
+)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -122,8 +125,15 @@ class StepMemory:
         return self.peak_gib <= HEADROOM * gpu_gib
 
 
-def step_memory(stage: str, models: str, train: StepSettings, latent: tuple[int, int], *, parameters: int,
-                text_tower_parameters: int = 0) -> StepMemory | None:
+def step_memory(
+    stage: str,
+    models: str,
+    train: StepSettings,
+    latent: tuple[int, int],
+    *,
+    parameters: int,
+    text_tower_parameters: int = 0,
+) -> StepMemory | None:
     """The peak of one step of ``train`` on a (height, width) latent, for a stage of ``parameters``
     trained beside a frozen text tower of ``text_tower_parameters`` (with pre_encode.text=tokens; 0
     without); None where nothing is calibrated."""
@@ -134,34 +144,67 @@ def step_memory(stage: str, models: str, train: StepSettings, latent: tuple[int,
     states = SHARDED_BYTES_PER_PARAMETER * parameters / GIB
     shards = train.workers if train.strategy == "fsdp" else 1
     samples = train.global_batch_size // train.workers
-    return StepMemory(samples_per_gpu=samples, latent=latent, variant=variant(train), sharded_gib=states / shards,
-                      rest_gib=fit.fixed_gib - states,
-                      samples_gib=samples * fit.gib_per_sample * math.prod(latent) / math.prod(fit.latent),
-                      text_tower_gib=TEXT_TOWER_BYTES_PER_PARAMETER * text_tower_parameters / GIB)
+    return StepMemory(
+        samples_per_gpu=samples,
+        latent=latent,
+        variant=variant(train),
+        sharded_gib=states / shards,
+        rest_gib=fit.fixed_gib - states,
+        samples_gib=samples * fit.gib_per_sample * math.prod(latent) / math.prod(fit.latent),
+        text_tower_gib=TEXT_TOWER_BYTES_PER_PARAMETER * text_tower_parameters / GIB,
+    )
 
 
-def what_fits(stage: str, models: str, section: str, train: StepSettings, latent: tuple[int, int],
-              gpu_gib: float, *, parameters: int, text_tower_parameters: int = 0) -> list[str]:
+def what_fits(
+    stage: str,
+    models: str,
+    section: str,
+    train: StepSettings,
+    latent: tuple[int, int],
+    gpu_gib: float,
+    *,
+    parameters: int,
+    text_tower_parameters: int = 0,
+) -> list[str]:
     """Changes that would make a step fit GPUs of ``gpu_gib``, each with its predicted peak: more
     workers (fewer samples each), activation checkpointing, FSDP, bigger GPUs. Empty when none does."""
     changes = []
     for workers in range(train.workers + 1, train.global_batch_size + 1):
         if train.global_batch_size % workers:
             continue
-        memory = step_memory(stage, models, dataclasses.replace(train, workers=workers), latent,
-                             parameters=parameters, text_tower_parameters=text_tower_parameters)
+        memory = step_memory(
+            stage,
+            models,
+            dataclasses.replace(train, workers=workers),
+            latent,
+            parameters=parameters,
+            text_tower_parameters=text_tower_parameters,
+        )
         if memory is not None and memory.fits(gpu_gib):
-            changes.append(f"{section}.workers={workers} ({memory.samples_per_gpu} samples per GPU, "
-                           f"{memory.peak_gib:.1f} GiB)")
+            changes.append(
+                f"{section}.workers={workers} ({memory.samples_per_gpu} samples per GPU, {memory.peak_gib:.1f} GiB)"
+            )
             break
-    for change, variant in ((f"{section}.activation_checkpointing=true",
-                             {"activation_checkpointing": True, "compile": False, "activation_memory_budget": (1.0,)}),
-                            (f"{section}.strategy=fsdp", {"strategy": "fsdp"})):
-        memory = step_memory(stage, models, dataclasses.replace(train, **variant), latent,
-                             parameters=parameters, text_tower_parameters=text_tower_parameters)
+    for change, variant in (
+        (
+            f"{section}.activation_checkpointing=true",
+            {"activation_checkpointing": True, "compile": False, "activation_memory_budget": (1.0,)},
+        ),
+        (f"{section}.strategy=fsdp", {"strategy": "fsdp"}),
+    ):
+        memory = step_memory(
+            stage,
+            models,
+            dataclasses.replace(train, **variant),
+            latent,
+            parameters=parameters,
+            text_tower_parameters=text_tower_parameters,
+        )
         if memory is not None and memory.fits(gpu_gib):
             changes.append(f"{change} ({memory.peak_gib:.1f} GiB)")
-    memory = step_memory(stage, models, train, latent, parameters=parameters, text_tower_parameters=text_tower_parameters)
+    memory = step_memory(
+        stage, models, train, latent, parameters=parameters, text_tower_parameters=text_tower_parameters
+    )
     assert memory is not None, "asked what fits for a step the model does not know"
     bigger = next((name for size, name in GPU_SIZES_GIB if size > gpu_gib and memory.fits(size)), None)
     if bigger is not None:

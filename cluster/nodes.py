@@ -22,19 +22,25 @@ GPU_MEMORY_LABEL = "gpu-memory-gib"
 def worker_node_types(path: Traversable = CLUSTER_FILE) -> dict[str, dict[str, float]]:
     """The resources of each worker node type of the cluster file (the head runs no tasks)."""
     cluster = yaml.safe_load(path.read_text())
-    return {name: node.get("resources", {}) for name, node in cluster["available_node_types"].items()
-            if name != cluster["head_node_type"]}
+    return {
+        name: node.get("resources", {})
+        for name, node in cluster["available_node_types"].items()
+        if name != cluster["head_node_type"]
+    }
 
 
 def gpu_memory_gib(path: Traversable = CLUSTER_FILE) -> dict[str, float]:
     """Memory per GPU of each worker node type that gives it (its GPU_MEMORY_LABEL), GiB."""
     cluster = yaml.safe_load(path.read_text())
-    return {name: float(node["labels"][GPU_MEMORY_LABEL]) for name, node in cluster["available_node_types"].items()
-            if GPU_MEMORY_LABEL in node.get("labels", {})}
+    return {
+        name: float(node["labels"][GPU_MEMORY_LABEL])
+        for name, node in cluster["available_node_types"].items()
+        if GPU_MEMORY_LABEL in node.get("labels", {})
+    }
 
 
 def node_type_for(cpus: float, gpus: float, types: dict[str, dict[str, float]]) -> str | None:
     """The node type one actor or worker asking for ``cpus`` and ``gpus`` lands on: a CPU-only
     request on a node without GPUs where one fits (GPU nodes are the expensive ones)."""
     fitting = [name for name, r in types.items() if cpus <= r.get("CPU", 0) and gpus <= r.get("GPU", 0)]
-    return min(fitting, key=lambda name: (gpus == 0 and types[name].get("GPU", 0) > 0), default=None)
+    return min(fitting, key=lambda name: gpus == 0 and types[name].get("GPU", 0) > 0, default=None)

@@ -20,8 +20,10 @@ def check_gpu_resource(name: str) -> None:
     """A ValueError unless ``name`` can be what GPU work asks Ray for: ``GPU``, or a custom resource
     that a node type offers in place of GPUs."""
     if name != GPU and (not name or name != name.strip() or name in _RAY_RESOURCES or name.startswith("node:")):
-        raise ValueError(f"gpu_resource must be {GPU} or the name of a custom resource that node types offer in place "
-                         f"of GPUs, got {name!r}")
+        raise ValueError(
+            f"gpu_resource must be {GPU} or the name of a custom resource that node types offer in place "
+            f"of GPUs, got {name!r}"
+        )
 
 
 def gpu_request(gpus: float, resource: str) -> dict[str, Any]:
@@ -73,9 +75,12 @@ class StepResources:
     def actor_args(self) -> dict[str, Any]:
         """Keyword arguments of ``map_batches``/``map_groups`` that place a callable-class step."""
         return {
-            "compute": ActorPoolStrategy(min_size=self.min_actors, max_size=self.max_actors,
-                                         max_concurrent_calls_per_actor=self.calls_per_actor,
-                                         enable_true_multi_threading=self.calls_per_actor > 1),
+            "compute": ActorPoolStrategy(
+                min_size=self.min_actors,
+                max_size=self.max_actors,
+                max_concurrent_calls_per_actor=self.calls_per_actor,
+                enable_true_multi_threading=self.calls_per_actor > 1,
+            ),
             "num_cpus": self.num_cpus,
             **gpu_request(self.num_gpus, self.gpu_resource),
         }

@@ -55,16 +55,21 @@ class ChainEvaluation:
     models: str
 
 
-def held_out_captions(latents_url: str, images_url: str, shards: list[str], count: int,
-                      storage: StorageConfig) -> HeldOutCaptions | None:
+def held_out_captions(
+    latents_url: str, images_url: str, shards: list[str], count: int, storage: StorageConfig
+) -> HeldOutCaptions | None:
     """The first ``count`` validation rows of the latent shards, in shard order; None if there are none."""
     fs, folder = filesystem(latents_url, storage)
     captions, keys = [], []
     for shard in shards:
         if len(captions) >= count:
             break
-        table = pq.read_table(f"{folder}/{schema.shard_parquet(shard)}", filesystem=fs,
-                              columns=[schema.KEY, schema.CAPTION], filters=pre_encode.VALIDATION_ROWS.to_pyarrow())
+        table = pq.read_table(
+            f"{folder}/{schema.shard_parquet(shard)}",
+            filesystem=fs,
+            columns=[schema.KEY, schema.CAPTION],
+            filters=pre_encode.VALIDATION_ROWS.to_pyarrow(),
+        )
         for row in table.slice(0, count - len(captions)).to_pylist():
             captions.append(row[schema.CAPTION])
             keys.append((shard, row[schema.KEY]))
@@ -79,8 +84,12 @@ def real_images(held_out: HeldOutCaptions, size: int) -> list[Image.Image]:
     by_key: dict[tuple[str, str], bytes] = {}
     for shard in dict.fromkeys(shard for shard, _ in held_out.keys):
         wanted = [key for s, key in held_out.keys if s == shard]
-        table = pq.read_table(f"{folder}/{schema.shard_parquet(shard)}", filesystem=fs,
-                              columns=[schema.KEY, schema.IMAGE], filters=pc.field(schema.KEY).isin(wanted))
+        table = pq.read_table(
+            f"{folder}/{schema.shard_parquet(shard)}",
+            filesystem=fs,
+            columns=[schema.KEY, schema.IMAGE],
+            filters=pc.field(schema.KEY).isin(wanted),
+        )
         by_key.update({(shard, row[schema.KEY]): row[schema.IMAGE] for row in table.to_pylist()})
     missing = [key for key in held_out.keys if key not in by_key]
     assert not missing, f"held-out rows without an image in {held_out.images_url}: {missing[:3]}"
@@ -111,7 +120,7 @@ class ChainScorer:
         statistics = None
         with torch.inference_mode():
             for start in range(0, len(pixels), _FEATURE_BATCH):
-                features = self._features(pixels[start:start + _FEATURE_BATCH].to(self.device))
+                features = self._features(pixels[start : start + _FEATURE_BATCH].to(self.device))
                 statistics = statistics or quality.FeatureStatistics(features.shape[1])
                 statistics.add(features)
         assert statistics is not None
@@ -125,13 +134,21 @@ class ChainScorer:
             self._clip = load_clip(evaluation.embed, self.device)
             self._features = quality.feature_extractor(sample.fid_features).to(self.device)
             self._real = self._statistics(real_images(evaluation.held_out, sample.size))
-        images = [Image.fromarray(image) for image in render_with(models, evaluation.models, captions, sample.size,
-                                                                  sample.prior_guidance, sample.seed)]
+        images = [
+            Image.fromarray(image)
+            for image in render_with(
+                models, evaluation.models, captions, sample.size, sample.prior_guidance, sample.seed
+            )
+        ]
         model, preprocess, tokenizer = self._clip
-        metrics = {"eval/clip_score": float(quality.clip_scores(model, preprocess, tokenizer, images, captions,
-                                                                self.device).mean()),
-                   "eval/fid": self._statistics(images).frechet_distance(self._real)}
+        metrics = {
+            "eval/clip_score": float(
+                quality.clip_scores(model, preprocess, tokenizer, images, captions, self.device).mean()
+            ),
+            "eval/fid": self._statistics(images).frechet_distance(self._real),
+        }
         if sample.score_colours:
-            metrics["eval/colour_accuracy"] = colour_scores([np.asarray(image) for image in images],
-                                                            captions)["colour_accuracy"]
+            metrics["eval/colour_accuracy"] = colour_scores([np.asarray(image) for image in images], captions)[
+                "colour_accuracy"
+            ]
         return metrics

@@ -55,8 +55,11 @@ class PhaseNodes:
     """Nodes that left while the phase ran."""
 
     def metrics(self) -> dict[str, int]:
-        return {f"nodes_{what}/{node_type}": count for what in ("start", "end", "peak", "launched", "removed")
-                for node_type, count in getattr(self, what).items()}
+        return {
+            f"nodes_{what}/{node_type}": count
+            for what in ("start", "end", "peak", "launched", "removed")
+            for node_type, count in getattr(self, what).items()
+        }
 
     def line(self) -> str:
         """``cpu_worker 0→1 +1; gpu_worker 1→0 (peak 1) -1``: per type, at start→end, the peak when
@@ -130,12 +133,20 @@ class NodeRecorder:
                 during = [s for s in self._snapshots if first.seconds <= s.seconds <= last.seconds]
             types = sorted({t for s in self._snapshots for t in (*s.alive.values(), *s.dead.values())})
             # Exact however short a node lived: the readings list the dead nodes too.
-            launched = collections.Counter(t for node, t in {**last.alive, **last.dead}.items()
-                                           if node not in first.alive and node not in first.dead)
+            launched = collections.Counter(
+                t
+                for node, t in {**last.alive, **last.dead}.items()
+                if node not in first.alive and node not in first.dead
+            )
             removed = collections.Counter(t for node, t in last.dead.items() if node not in first.dead)
-            nodes = PhaseNodes(name, start={t: first.counts()[t] for t in types}, end={t: last.counts()[t] for t in types},
-                               peak={t: max(s.counts()[t] for s in during) for t in types},
-                               launched={t: launched[t] for t in types}, removed={t: removed[t] for t in types})
+            nodes = PhaseNodes(
+                name,
+                start={t: first.counts()[t] for t in types},
+                end={t: last.counts()[t] for t in types},
+                peak={t: max(s.counts()[t] for s in during) for t in types},
+                launched={t: launched[t] for t in types},
+                removed={t: removed[t] for t in types},
+            )
             self.phases.append(nodes)
             run.log_metrics(nodes.metrics())
 

@@ -77,8 +77,8 @@ class DecodeConfig:
     def __post_init__(self):
         if self.resolution < 8:
             raise ValueError(f"resolution must be >= 8 pixels, got {self.resolution}")
-        if self.max_pixels < self.resolution ** 2:
-            raise ValueError(f"max_pixels ({self.max_pixels}) must be >= resolution² ({self.resolution ** 2})")
+        if self.max_pixels < self.resolution**2:
+            raise ValueError(f"max_pixels ({self.max_pixels}) must be >= resolution² ({self.resolution**2})")
         if self.resources.num_gpus:
             raise ValueError("decode runs on CPU workers: set decode.resources.num_gpus=0")
         if self.crop not in ("centre", "buckets"):
@@ -87,8 +87,9 @@ class DecodeConfig:
             if self.bucket_multiple < 1 or self.resolution % self.bucket_multiple:
                 raise ValueError(f"bucket_multiple ({self.bucket_multiple}) must divide resolution ({self.resolution})")
             if not self.bucket_aspect_ratios or min(self.bucket_aspect_ratios) < 1:
-                raise ValueError(f"bucket_aspect_ratios must be long side / short side, each >= 1, "
-                                 f"got {self.bucket_aspect_ratios}")
+                raise ValueError(
+                    f"bucket_aspect_ratios must be long side / short side, each >= 1, got {self.bucket_aspect_ratios}"
+                )
 
     def crop_sizes(self) -> tuple[tuple[int, int], ...]:
         """(width, height) of every crop this config produces, in a fixed order."""
@@ -96,7 +97,10 @@ class DecodeConfig:
             return ((self.resolution, self.resolution),)
         sizes = set()
         for ratio in self.bucket_aspect_ratios:
-            long, short = self._bucket_side(self.resolution * math.sqrt(ratio)), self._bucket_side(self.resolution / math.sqrt(ratio))
+            long, short = (
+                self._bucket_side(self.resolution * math.sqrt(ratio)),
+                self._bucket_side(self.resolution / math.sqrt(ratio)),
+            )
             sizes |= {(long, short), (short, long)}
         return tuple(sorted(sizes))
 
@@ -107,8 +111,7 @@ class DecodeConfig:
         return {k: v for k, v in dataclasses.asdict(self).items() if k != "resources"}
 
 
-def decode_image(data: bytes, expected_size: tuple[int, int] | None,
-                 config: DecodeConfig) -> Image.Image | DropReason:
+def decode_image(data: bytes, expected_size: tuple[int, int] | None, config: DecodeConfig) -> Image.Image | DropReason:
     """The RGB crop of an encoded image, or why it cannot be had.
 
     ``expected_size`` is the (width, height) the metadata claims for the upright image.
@@ -240,8 +243,16 @@ def _check_members(members: dict[str, bytes]) -> DropReason | None:
 class DecodeShard:
     """Ray Data step: decodes one shard's kept samples into ``decode/{shard}.parquet``."""
 
-    def __init__(self, *, shards_url: str, filtered_url: str, output_url: str, config: DecodeConfig,
-                 fingerprint: dict[str, Any], storage: StorageConfig):
+    def __init__(
+        self,
+        *,
+        shards_url: str,
+        filtered_url: str,
+        output_url: str,
+        config: DecodeConfig,
+        fingerprint: dict[str, Any],
+        storage: StorageConfig,
+    ):
         self.tars, self.tars_folder = filesystem(shards_url, storage)
         self.filtered, self.filtered_folder = filesystem(filtered_url, storage)
         self.output, self.output_folder = filesystem(output_url, storage)
@@ -256,7 +267,8 @@ class DecodeShard:
         wanted = {
             row[schema.KEY]: row
             for rows in shard_phase.iter_rows(self.filtered, f"{self.filtered_folder}/{schema.shard_parquet(shard)}")
-            for row in rows if row[schema.DROP_REASON] is None
+            for row in rows
+            if row[schema.DROP_REASON] is None
         }
         seen: set[str] = set()
         dropped: dict[str, int] = {}
@@ -273,8 +285,12 @@ class DecodeShard:
 
         def dropped_row(key: str, reason: DropReason) -> dict[str, Any]:
             row = wanted[key]
-            return {**{c: row.get(c) for c in schema.SAMPLE_METADATA}, schema.CAPTION: None,
-                    schema.IMAGE: None, schema.DROP_REASON: str(reason)}
+            return {
+                **{c: row.get(c) for c in schema.SAMPLE_METADATA},
+                schema.CAPTION: None,
+                schema.IMAGE: None,
+                schema.DROP_REASON: str(reason),
+            }
 
         with shard_phase.ShardOutput(self.output, path, OUTPUT_SCHEMA) as output:
             truncated = False
@@ -294,20 +310,34 @@ class DecodeShard:
             for key in sorted(set(wanted) - seen):
                 emit(dropped_row(key, absent))
             output.write(pending)
-            counts = ShardCounts(samples_in=len(wanted), kept=len(wanted) - sum(dropped.values()),
-                                 dropped=dict(sorted(dropped.items())))
+            counts = ShardCounts(
+                samples_in=len(wanted), kept=len(wanted) - sum(dropped.values()), dropped=dict(sorted(dropped.items()))
+            )
             output.commit(counts, self.fingerprint)
         return counts
 
 
-def phase(*, shards_url: str, filtered_url: str, output_url: str, filtered_fingerprint: dict[str, Any],
-          config: DecodeConfig, storage: StorageConfig) -> shard_phase.ShardPhase:
+def phase(
+    *,
+    shards_url: str,
+    filtered_url: str,
+    output_url: str,
+    filtered_fingerprint: dict[str, Any],
+    config: DecodeConfig,
+    storage: StorageConfig,
+) -> shard_phase.ShardPhase:
     fingerprint = fingerprints.of(input=filtered_fingerprint, settings=config.outcome())
     return shard_phase.ShardPhase(
         name=PHASE,
         step=DecodeShard,
-        step_kwargs={"shards_url": shards_url, "filtered_url": filtered_url, "output_url": output_url,
-                     "config": config, "fingerprint": fingerprint, "storage": storage},
+        step_kwargs={
+            "shards_url": shards_url,
+            "filtered_url": filtered_url,
+            "output_url": output_url,
+            "config": config,
+            "fingerprint": fingerprint,
+            "storage": storage,
+        },
         resources=config.resources,
         fingerprint=fingerprint,
     )

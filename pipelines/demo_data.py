@@ -357,24 +357,26 @@ def _metadata_row(sample: _Sample) -> dict:
     }
 
 
-_SHARD_PARQUET_SCHEMA = pa.schema([
-    (schema.URL, pa.string()),
-    (schema.CAPTION, pa.string()),
-    (schema.KEY, pa.string()),
-    (schema.STATUS, pa.string()),
-    (schema.ERROR_MESSAGE, pa.string()),
-    (schema.WIDTH, pa.int64()),
-    (schema.HEIGHT, pa.int64()),
-    (schema.ORIGINAL_WIDTH, pa.int64()),
-    (schema.ORIGINAL_HEIGHT, pa.int64()),
-    (schema.EXIF, pa.string()),
-    ("sha256", pa.string()),
-    ("similarity", pa.float64()),
-    ("punsafe", pa.float64()),
-    ("pwatermark", pa.float64()),
-    ("AESTHETIC_SCORE", pa.float64()),
-    ("hash", pa.int64()),
-])
+_SHARD_PARQUET_SCHEMA = pa.schema(
+    [
+        (schema.URL, pa.string()),
+        (schema.CAPTION, pa.string()),
+        (schema.KEY, pa.string()),
+        (schema.STATUS, pa.string()),
+        (schema.ERROR_MESSAGE, pa.string()),
+        (schema.WIDTH, pa.int64()),
+        (schema.HEIGHT, pa.int64()),
+        (schema.ORIGINAL_WIDTH, pa.int64()),
+        (schema.ORIGINAL_HEIGHT, pa.int64()),
+        (schema.EXIF, pa.string()),
+        ("sha256", pa.string()),
+        ("similarity", pa.float64()),
+        ("punsafe", pa.float64()),
+        ("pwatermark", pa.float64()),
+        ("AESTHETIC_SCORE", pa.float64()),
+        ("hash", pa.int64()),
+    ]
+)
 
 
 def _laion_hash(url: str, caption: str) -> int:
@@ -393,12 +395,16 @@ def _write_shard(fs, folder: str, shard: str, samples: list[_Sample]) -> None:
                     continue  # img2dataset writes nothing to the tar for a failed download
                 # A member named ../<key>.jpg or /tmp/<key>.jpg forms no key the metadata lists, as a
                 # path outside the tar would; the sample itself is then missing.
-                key = {"member_path_escapes": f"../{sample.key}",
-                       "member_path_absolute": f"/tmp/{sample.key}"}.get(sample.defect, sample.key)
+                key = {"member_path_escapes": f"../{sample.key}", "member_path_absolute": f"/tmp/{sample.key}"}.get(
+                    sample.defect, sample.key
+                )
                 member = {"__key__": key, "jpg": sample.image, "txt": sample.caption_bytes}
                 if sample.has_json:
-                    member["json"] = (b'{"key": "' + sample.key.encode() + b'", "caption": ' if sample.defect == "malformed_json"
-                                      else json.dumps(row).encode("utf-8"))
+                    member["json"] = (
+                        b'{"key": "' + sample.key.encode() + b'", "caption": '
+                        if sample.defect == "malformed_json"
+                        else json.dumps(row).encode("utf-8")
+                    )
                 tar.write(member)
                 if sample.defect == "duplicate_member":
                     tar.write({**member, "jpg": b""})  # a second copy of the key: the first one counts
@@ -441,11 +447,22 @@ def _write_laion_metadata(fs, path: str, samples: list[_Sample]) -> None:
         "hash": [_laion_hash(s.url, s.caption) for s in samples],
     }
     assert tuple(columns) == schema.LAION_METADATA_COLUMNS
-    table = pa.table(columns, schema=pa.schema([
-        ("URL", pa.string()), ("TEXT", pa.string()), ("WIDTH", pa.int64()), ("HEIGHT", pa.int64()),
-        ("similarity", pa.float64()), ("punsafe", pa.float64()), ("pwatermark", pa.float64()),
-        ("AESTHETIC_SCORE", pa.float64()), ("hash", pa.int64()),
-    ]))
+    table = pa.table(
+        columns,
+        schema=pa.schema(
+            [
+                ("URL", pa.string()),
+                ("TEXT", pa.string()),
+                ("WIDTH", pa.int64()),
+                ("HEIGHT", pa.int64()),
+                ("similarity", pa.float64()),
+                ("punsafe", pa.float64()),
+                ("pwatermark", pa.float64()),
+                ("AESTHETIC_SCORE", pa.float64()),
+                ("hash", pa.int64()),
+            ]
+        ),
+    )
     with fs.open(path, "wb") as stream:
         pq.write_table(table, stream)
 
@@ -468,16 +485,25 @@ def _ground_truth(config: DemoDataConfig, samples: list[_Sample]) -> dict:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("out", help="output folder or fsspec URL (s3://bucket/path)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
-                        help=f"override a DemoDataConfig field ({', '.join(f.name for f in dataclasses.fields(DemoDataConfig))})")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help=f"override a DemoDataConfig field ({', '.join(f.name for f in dataclasses.fields(DemoDataConfig))})",
+    )
     args = parser.parse_args(argv)
     config = apply_overrides(DemoDataConfig(), args.overrides)
     truth = generate(args.out, config)
     records = truth["samples"].values()
     kept = sum(r["expected"] == KEEP for r in records)
     planted = sum(r["defect"] != "none" for r in records)
-    print(f"wrote {len(records)} samples in {config.num_shards} shards to {args.out}: "
-          f"{planted} planted defects, {kept} samples to keep", file=sys.stderr)
+    print(
+        f"wrote {len(records)} samples in {config.num_shards} shards to {args.out}: "
+        f"{planted} planted defects, {kept} samples to keep",
+        file=sys.stderr,
+    )
 
 
 if __name__ == "__main__":

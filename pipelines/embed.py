@@ -59,7 +59,9 @@ class EmbedConfig:
         if self.budget_gpu_hours is not None and self.budget_gpu_hours <= 0:
             raise ValueError(f"budget_gpu_hours must be > 0 or none, got {self.budget_gpu_hours}")
         if self.min_clip_similarity is not None and not -1 <= self.min_clip_similarity <= 1:
-            raise ValueError(f"min_clip_similarity is a cosine: must be in [-1, 1] or none, got {self.min_clip_similarity}")
+            raise ValueError(
+                f"min_clip_similarity is a cosine: must be in [-1, 1] or none, got {self.min_clip_similarity}"
+            )
 
     def outcome(self) -> dict[str, Any]:
         """The settings that decide the output (how wide and how long it runs do not)."""
@@ -76,8 +78,9 @@ def embedding_width(config: EmbedConfig) -> int:
     _register_own_config(config)
     model_config = open_clip.get_model_config(config.clip_model)
     if model_config is None:
-        raise ValueError(f"embed.clip_model {config.clip_model!r} is not an open_clip model: choose one of "
-                         "open_clip.list_models()")
+        raise ValueError(
+            f"embed.clip_model {config.clip_model!r} is not an open_clip model: choose one of open_clip.list_models()"
+        )
     return model_config["embed_dim"]
 
 
@@ -86,11 +89,14 @@ def load_clip(config: EmbedConfig, device: torch.device):
     _register_own_config(config)
     torch.manual_seed(config.seed)
     model, _, preprocess = open_clip.create_model_and_transforms(
-        config.clip_model, pretrained=config.clip_pretrained or None, device=device)
+        config.clip_model, pretrained=config.clip_pretrained or None, device=device
+    )
     return model.eval(), preprocess, open_clip.get_tokenizer(config.clip_model)
 
 
-def load_aesthetic(config: EmbedConfig, embed_dim: int, storage: StorageConfig, device: torch.device) -> AestheticPredictor:
+def load_aesthetic(
+    config: EmbedConfig, embed_dim: int, storage: StorageConfig, device: torch.device
+) -> AestheticPredictor:
     torch.manual_seed(config.seed)
     predictor = AestheticPredictor(embed_dim)
     if config.aesthetic_weights:
@@ -112,8 +118,15 @@ def output_schema(embed_dim: int) -> pa.Schema:
 class EmbedShard:
     """Ray Data step: embeds one shard's decoded samples into ``embed/{shard}.parquet``."""
 
-    def __init__(self, *, decoded_url: str, output_url: str, config: EmbedConfig, fingerprint: dict[str, Any],
-                 storage: StorageConfig):
+    def __init__(
+        self,
+        *,
+        decoded_url: str,
+        output_url: str,
+        config: EmbedConfig,
+        fingerprint: dict[str, Any],
+        storage: StorageConfig,
+    ):
         self.decoded, self.decoded_folder = filesystem(decoded_url, storage)
         self.output, self.output_folder = filesystem(output_url, storage)
         self.config, self.fingerprint = config, fingerprint
@@ -158,37 +171,60 @@ class EmbedShard:
         table_schema = output_schema(self.embed_dim)
         path = f"{self.output_folder}/{schema.shard_parquet(shard)}"
         with shard_phase.ShardOutput(self.output, path, table_schema) as output:
-            for rows in shard_phase.iter_rows(self.decoded, f"{self.decoded_folder}/{schema.shard_parquet(shard)}",
-                                              batch_size=self.config.resources.batch_size):
+            for rows in shard_phase.iter_rows(
+                self.decoded,
+                f"{self.decoded_folder}/{schema.shard_parquet(shard)}",
+                batch_size=self.config.resources.batch_size,
+            ):
                 rows = [row for row in rows if row[schema.DROP_REASON] is None]
                 if not rows:
                     continue
                 samples_in += len(rows)
-                scores = self.scores([Image.open(io.BytesIO(row[schema.IMAGE])) for row in rows],
-                                     [row[schema.CAPTION] for row in rows])
+                scores = self.scores(
+                    [Image.open(io.BytesIO(row[schema.IMAGE])) for row in rows], [row[schema.CAPTION] for row in rows]
+                )
                 out = []
                 for index, row in enumerate(rows):
-                    reason = self.reason(float(scores[schema.CLIP_SIMILARITY][index]),
-                                         float(scores[schema.AESTHETIC_SCORE][index]))
+                    reason = self.reason(
+                        float(scores[schema.CLIP_SIMILARITY][index]), float(scores[schema.AESTHETIC_SCORE][index])
+                    )
                     if reason is not None:
                         dropped[reason] = dropped.get(reason, 0) + 1
-                    out.append({**{c: row[c] for c in schema.SAMPLE_METADATA}, schema.CAPTION: row[schema.CAPTION],
-                                **{name: values[index] for name, values in scores.items()}, schema.DROP_REASON: reason})
+                    out.append(
+                        {
+                            **{c: row[c] for c in schema.SAMPLE_METADATA},
+                            schema.CAPTION: row[schema.CAPTION],
+                            **{name: values[index] for name, values in scores.items()},
+                            schema.DROP_REASON: reason,
+                        }
+                    )
                 output.write(out)
-            counts = ShardCounts(samples_in=samples_in, kept=samples_in - sum(dropped.values()),
-                                 dropped=dict(sorted(dropped.items())))
+            counts = ShardCounts(
+                samples_in=samples_in, kept=samples_in - sum(dropped.values()), dropped=dict(sorted(dropped.items()))
+            )
             output.commit(counts, self.fingerprint)
         return counts
 
 
-def phase(*, decoded_url: str, output_url: str, decoded_fingerprint: dict[str, Any], config: EmbedConfig,
-          storage: StorageConfig) -> shard_phase.ShardPhase:
+def phase(
+    *,
+    decoded_url: str,
+    output_url: str,
+    decoded_fingerprint: dict[str, Any],
+    config: EmbedConfig,
+    storage: StorageConfig,
+) -> shard_phase.ShardPhase:
     fingerprint = fingerprints.of(input=decoded_fingerprint, settings=config.outcome())
     return shard_phase.ShardPhase(
         name=PHASE,
         step=EmbedShard,
-        step_kwargs={"decoded_url": decoded_url, "output_url": output_url, "config": config,
-                     "fingerprint": fingerprint, "storage": storage},
+        step_kwargs={
+            "decoded_url": decoded_url,
+            "output_url": output_url,
+            "config": config,
+            "fingerprint": fingerprint,
+            "storage": storage,
+        },
         resources=config.resources,
         fingerprint=fingerprint,
     )

@@ -41,30 +41,44 @@ _EMBED_SETTINGS = ("clip_model", "clip_pretrained", "seed")
 
 def settings_of_run(params: dict[str, str]) -> tuple[SampleConfig, EmbedConfig]:
     """The generate and CLIP settings a pipeline run scored its chain with."""
+
     def overrides(section: str, names: tuple[str, ...]) -> list[str]:
         return [f"{name}={params[f'{section}.{name}']}" for name in names if f"{section}.{name}" in params]
 
-    return (apply_overrides(SampleConfig(), overrides("generate", _SAMPLE_SETTINGS)),
-            apply_overrides(EmbedConfig(), overrides("embed", _EMBED_SETTINGS)))
+    return (
+        apply_overrides(SampleConfig(), overrides("generate", _SAMPLE_SETTINGS)),
+        apply_overrides(EmbedConfig(), overrides("embed", _EMBED_SETTINGS)),
+    )
 
 
-def evaluation_of_run(client: MlflowClient, chain: Chain, storage: StorageConfig, captions: int | None,
-                      fid_features: str | None) -> ChainEvaluation:
+def evaluation_of_run(
+    client: MlflowClient, chain: Chain, storage: StorageConfig, captions: int | None, fid_features: str | None
+) -> ChainEvaluation:
     """The held-out captions and settings of the pipeline run ``chain`` came from."""
     params = client.get_run(chain.pipeline_run_id).data.params
     sample, embed = settings_of_run(params)
-    sample = dataclasses.replace(sample, eval_captions=captions or sample.eval_captions,
-                                 fid_features=fid_features or sample.fid_features)
+    sample = dataclasses.replace(
+        sample, eval_captions=captions or sample.eval_captions, fid_features=fid_features or sample.fid_features
+    )
     work_dir = params["work_dir"].rstrip("/")
     manifest = read_manifest(f"{work_dir}/{pre_encode.PHASE}", storage)
     if manifest is None:
-        raise ValueError(f"run {chain.pipeline_run_id} has no finished pre_encode phase in {work_dir}: its "
-                         "validation split is drawn there")
-    held_out = held_out_captions(f"{work_dir}/{pre_encode.PHASE}", f"{work_dir}/{decode.PHASE}",
-                                 sorted(manifest.shards), sample.eval_captions, storage)
+        raise ValueError(
+            f"run {chain.pipeline_run_id} has no finished pre_encode phase in {work_dir}: its "
+            "validation split is drawn there"
+        )
+    held_out = held_out_captions(
+        f"{work_dir}/{pre_encode.PHASE}",
+        f"{work_dir}/{decode.PHASE}",
+        sorted(manifest.shards),
+        sample.eval_captions,
+        storage,
+    )
     if held_out is None:
-        raise ValueError(f"run {chain.pipeline_run_id} held out no samples (pre_encode.validation_fraction and "
-                         "validation_min were 0): there is nothing to evaluate on")
+        raise ValueError(
+            f"run {chain.pipeline_run_id} held out no samples (pre_encode.validation_fraction and "
+            "validation_min were 0): there is nothing to evaluate on"
+        )
     return ChainEvaluation(held_out=held_out, sample=sample, embed=embed, models=chain.models)
 
 
@@ -77,13 +91,21 @@ def evaluate(chain: Chain, evaluation: ChainEvaluation, storage: StorageConfig) 
 
 
 def log_to_mlflow(client: MlflowClient, chain: Chain, evaluation: ChainEvaluation, metrics: dict[str, float]) -> str:
-    run_id = client.create_run(chain.experiment_id, run_name=RUN_NAME,
-                               tags={MLFLOW_PARENT_RUN_ID: chain.pipeline_run_id}).info.run_id
-    params = {"models": chain.models, "captions": len(evaluation.held_out.captions),
-              "fid_features": evaluation.sample.fid_features, "size": evaluation.sample.size,
-              **{f"weights.{stage}": url for stage, url in chain.weights.items()}}
-    client.log_batch(run_id, params=[Param(key, str(value)) for key, value in params.items()],
-                     metrics=[Metric(key, value, 0, 0) for key, value in metrics.items()])
+    run_id = client.create_run(
+        chain.experiment_id, run_name=RUN_NAME, tags={MLFLOW_PARENT_RUN_ID: chain.pipeline_run_id}
+    ).info.run_id
+    params = {
+        "models": chain.models,
+        "captions": len(evaluation.held_out.captions),
+        "fid_features": evaluation.sample.fid_features,
+        "size": evaluation.sample.size,
+        **{f"weights.{stage}": url for stage, url in chain.weights.items()},
+    }
+    client.log_batch(
+        run_id,
+        params=[Param(key, str(value)) for key, value in params.items()],
+        metrics=[Metric(key, value, 0, 0) for key, value in metrics.items()],
+    )
     client.set_terminated(run_id)
     return run_id
 
@@ -91,20 +113,40 @@ def log_to_mlflow(client: MlflowClient, chain: Chain, evaluation: ChainEvaluatio
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--run", required=True, help="the pipeline run (or one of its phase runs) to evaluate")
-    parser.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI", ""),
-                        help="the MLflow store of --run, where the scores are logged (default: $MLFLOW_TRACKING_URI)")
-    parser.add_argument("--weights", action="append", default=[], metavar="STAGE=PATH_OR_URL",
-                        help="weights of one stage of the chain; repeatable; overrides --run's")
-    parser.add_argument("--captions", type=int, help="held-out captions to render (default: the run's "
-                                                      "generate.eval_captions)")
-    parser.add_argument("--fid-features", choices=sorted(FEATURE_EXTRACTORS),
-                        help="FID's feature extractor (default: the run's generate.fid_features)")
-    parser.add_argument("--set", dest="storage", action="append", default=[], metavar="KEY=VALUE",
-                        help="object storage setting (endpoint_url=..., key=..., secret=...), as storage.* of full.py")
+    parser.add_argument(
+        "--tracking-uri",
+        default=os.environ.get("MLFLOW_TRACKING_URI", ""),
+        help="the MLflow store of --run, where the scores are logged (default: $MLFLOW_TRACKING_URI)",
+    )
+    parser.add_argument(
+        "--weights",
+        action="append",
+        default=[],
+        metavar="STAGE=PATH_OR_URL",
+        help="weights of one stage of the chain; repeatable; overrides --run's",
+    )
+    parser.add_argument(
+        "--captions", type=int, help="held-out captions to render (default: the run's generate.eval_captions)"
+    )
+    parser.add_argument(
+        "--fid-features",
+        choices=sorted(FEATURE_EXTRACTORS),
+        help="FID's feature extractor (default: the run's generate.fid_features)",
+    )
+    parser.add_argument(
+        "--set",
+        dest="storage",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="object storage setting (endpoint_url=..., key=..., secret=...), as storage.* of full.py",
+    )
     args = parser.parse_args(argv)
     try:
         if not args.tracking_uri:
-            raise ValueError("--run needs the MLflow store that holds it: pass --tracking-uri or set $MLFLOW_TRACKING_URI")
+            raise ValueError(
+                "--run needs the MLflow store that holds it: pass --tracking-uri or set $MLFLOW_TRACKING_URI"
+            )
         if args.captions is not None and args.captions < 2:
             raise ValueError(f"--captions must be at least 2 (FID needs a covariance), got {args.captions}")
         storage = apply_overrides(StorageConfig(), args.storage)
@@ -118,8 +160,10 @@ def main(argv: list[str] | None = None) -> None:
     run_id = log_to_mlflow(client, chain, evaluation, metrics)
     for name, value in sorted(metrics.items()):
         print(f"{name} {value:.4g}")
-    print(f"{len(evaluation.held_out.captions)} held-out captions; MLflow: {client.tracking_uri} run {run_id}",
-          file=sys.stderr)
+    print(
+        f"{len(evaluation.held_out.captions)} held-out captions; MLflow: {client.tracking_uri} run {run_id}",
+        file=sys.stderr,
+    )
 
 
 if __name__ == "__main__":

@@ -28,8 +28,20 @@ from torch.utils.flop_counter import (
 aten = torch.ops.aten
 
 
-def convolution_backward_flops(grad_out_shape, input_shape, weight_shape, bias_sizes, stride, padding, dilation,
-                               transposed, output_padding, groups, output_mask, **kwargs) -> int:
+def convolution_backward_flops(
+    grad_out_shape,
+    input_shape,
+    weight_shape,
+    bias_sizes,
+    stride,
+    padding,
+    dilation,
+    transposed,
+    output_padding,
+    groups,
+    output_mask,
+    **kwargs,
+) -> int:
     """A convolution's input and weight gradients each cost its forward's multiplications. Torch's own
     formula counts the weight gradient as an ungrouped convolution: c times too much for a depthwise one."""
     forward = conv_flop_count(list(input_shape), list(weight_shape), list(grad_out_shape), transposed)
@@ -39,9 +51,11 @@ def convolution_backward_flops(grad_out_shape, input_shape, weight_shape, bias_s
 # On shapes, as FlopCounterMode's custom_mapping takes them.
 CORRECTIONS = {
     aten._scaled_dot_product_flash_attention_for_cpu: lambda query, key, value, *args, **kwargs: sdpa_flop(
-        query, key, value),
+        query, key, value
+    ),
     aten._scaled_dot_product_flash_attention_for_cpu_backward: lambda grad, query, key, value, *args, **kwargs: (
-        sdpa_backward_flop(grad, query, key, value)),
+        sdpa_backward_flop(grad, query, key, value)
+    ),
     aten.convolution_backward: convolution_backward_flops,
 }
 # The same formulas on an op's tensors and output (``out_val``), for a dispatch mode of one's own

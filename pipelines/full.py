@@ -28,12 +28,22 @@ from pipelines.train_phase import BudgetStop
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", default="tiny", choices=sorted(RUNS), help="named run (default: tiny)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config field by dotted key, e.g. filter.min_side=256 (repeatable)")
-    parser.add_argument("--phases", default=",".join(PHASES),
-                        help=f"comma-separated subset of: {', '.join(PHASES)} (default: all)")
-    parser.add_argument("--dry-run", action="store_true",
-                        help="print the plan (resources, data volumes, GPU-hours against the budgets) and stop")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config field by dotted key, e.g. filter.min_side=256 (repeatable)",
+    )
+    parser.add_argument(
+        "--phases", default=",".join(PHASES), help=f"comma-separated subset of: {', '.join(PHASES)} (default: all)"
+    )
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the plan (resources, data volumes, GPU-hours against the budgets) and stop",
+    )
     return parser.parse_args(argv)
 
 
@@ -91,10 +101,12 @@ def run(args: argparse.Namespace) -> None:
     print(f"\n{nodes.summary()}", file=sys.stderr)
     print(f"\nran: {', '.join(done)}", file=sys.stderr)
     if stopped:
-        print(f"stopped before: {', '.join(phases[len(done):])} ({stopped})", file=sys.stderr)
+        print(f"stopped before: {', '.join(phases[len(done) :])} ({stopped})", file=sys.stderr)
     print(f"outputs: {work_dir}", file=sys.stderr)
-    print(f"MLflow:  {tracker.uri} (experiment {config.tracking.experiment!r}, run {pipeline_run.run_id})",
-          file=sys.stderr)
+    print(
+        f"MLflow:  {tracker.uri} (experiment {config.tracking.experiment!r}, run {pipeline_run.run_id})",
+        file=sys.stderr,
+    )
     print(f"open it: {tracker.ui_command()}", file=sys.stderr)
 
 

@@ -58,11 +58,14 @@ class SampleConfig:
         if not self.prompts:
             raise ValueError("prompts must hold at least one prompt")
         if self.eval_captions < 0 or self.eval_captions == 1:
-            raise ValueError(f"generate.eval_captions must be 0 (none) or at least 2 (FID needs a covariance), "
-                             f"got {self.eval_captions}")
+            raise ValueError(
+                f"generate.eval_captions must be 0 (none) or at least 2 (FID needs a covariance), "
+                f"got {self.eval_captions}"
+            )
         if self.fid_features not in FEATURE_EXTRACTORS:
-            raise ValueError(f"generate.fid_features: unknown {self.fid_features!r}, choose one of "
-                             f"{', '.join(FEATURE_EXTRACTORS)}")
+            raise ValueError(
+                f"generate.fid_features: unknown {self.fid_features!r}, choose one of {', '.join(FEATURE_EXTRACTORS)}"
+            )
         check_gpu_resource(self.gpu_resource)
         if self.size < 8:
             raise ValueError(f"size must be >= 8 pixels, got {self.size}")
@@ -77,8 +80,11 @@ class SampleConfig:
 def colour_prompts(per_colour: int) -> tuple[str, ...]:
     """``per_colour`` prompts for each demo colour, cycling through shapes and backgrounds."""
     variants = [(shape, background) for background in BACKGROUNDS for shape in ("circle", "square", "triangle")]
-    return tuple(f"a {colour} {variants[i % len(variants)][0]} on a {variants[i % len(variants)][1]} background"
-                 for colour in COLOURS for i in range(per_colour))
+    return tuple(
+        f"a {colour} {variants[i % len(variants)][0]} on a {variants[i % len(variants)][1]} background"
+        for colour in COLOURS
+        for i in range(per_colour)
+    )
 
 
 def dominant_colour(image: np.ndarray) -> str | None:
@@ -110,8 +116,9 @@ def colour_scores(images: list[np.ndarray], prompts: list[str]) -> dict[str, flo
     return scores
 
 
-def load_chain(models_name: str, weights_urls: dict[str, str], storage: StorageConfig,
-               device: torch.device) -> Wuerstchen:
+def load_chain(
+    models_name: str, weights_urls: dict[str, str], storage: StorageConfig, device: torch.device
+) -> Wuerstchen:
     """The chain of size ``models_name`` with each named stage's weights, in eval mode on ``device``."""
     models = build_models(models_name)
     for stage, url in weights_urls.items():
@@ -121,32 +128,50 @@ def load_chain(models_name: str, weights_urls: dict[str, str], storage: StorageC
     return models
 
 
-def render(models_name: str, weights_urls: dict[str, str], storage: StorageConfig, prompts: list[str], size: int,
-           guidance: float, seed: int) -> np.ndarray:
+def render(
+    models_name: str,
+    weights_urls: dict[str, str],
+    storage: StorageConfig,
+    prompts: list[str],
+    size: int,
+    guidance: float,
+    seed: int,
+) -> np.ndarray:
     """Images (N, size, size, 3) uint8 for ``prompts``, on a GPU when the task holds one. The weights
     are read here, on the task's node: a copy the driver made would be on the driver's node only."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return render_with(load_chain(models_name, weights_urls, storage, device), models_name, prompts, size,
-                       guidance, seed)
+    return render_with(
+        load_chain(models_name, weights_urls, storage, device), models_name, prompts, size, guidance, seed
+    )
 
 
-def render_with(models: Wuerstchen, models_name: str, prompts: list[str], size: int, guidance: float,
-                seed: int) -> np.ndarray:
+def render_with(
+    models: Wuerstchen, models_name: str, prompts: list[str], size: int, guidance: float, seed: int
+) -> np.ndarray:
     """Images (N, size, size, 3) uint8 of the loaded chain ``models`` for ``prompts``, on its device."""
     device = next(models.stage_c.parameters()).device
     config = dataclasses.replace(GENERATE_CONFIGS[models_name](), prior_guidance=guidance)
-    generated = generate(prompts, models=models, config=config, height=size, width=size,
-                         generator=torch.Generator(device).manual_seed(seed))
+    generated = generate(
+        prompts,
+        models=models,
+        config=config,
+        height=size,
+        width=size,
+        generator=torch.Generator(device).manual_seed(seed),
+    )
     return to_uint8(generated.images)
 
 
-def render_args(config: SampleConfig, models_name: str, weights_urls: dict[str, str],
-                storage: StorageConfig) -> dict[str, tuple]:
+def render_args(
+    config: SampleConfig, models_name: str, weights_urls: dict[str, str], storage: StorageConfig
+) -> dict[str, tuple]:
     """The arguments of each ``render`` task: the prompts, and with ``score_colours`` as many empty ones."""
     prompts = list(config.prompts)
     sets = {"prompted": prompts, **({"empty": [""] * len(prompts)} if config.score_colours else {})}
-    return {name: (models_name, weights_urls, storage, texts, config.size, config.prior_guidance, config.seed)
-            for name, texts in sets.items()}
+    return {
+        name: (models_name, weights_urls, storage, texts, config.size, config.prior_guidance, config.seed)
+        for name, texts in sets.items()
+    }
 
 
 def fingerprint(config: SampleConfig, models_name: str, weights: dict[str, Any]) -> dict[str, Any]:
@@ -168,16 +193,24 @@ def read_summary(output_url: str, storage: StorageConfig) -> dict[str, Any] | No
         return json.load(file)
 
 
-def write_summary(output_url: str, fingerprint: dict[str, Any], metrics: dict[str, float],
-                  storage: StorageConfig) -> None:
+def write_summary(
+    output_url: str, fingerprint: dict[str, Any], metrics: dict[str, float], storage: StorageConfig
+) -> None:
     fs, folder = filesystem(output_url, storage)
     fs.makedirs(folder, exist_ok=True)
     summary = json.dumps({"fingerprint": fingerprint, "metrics": metrics}, indent=1, sort_keys=True).encode()
     write_atomically(fs, f"{folder}/{SUMMARY_FILE}", lambda stream: stream.write(summary))
 
 
-def run(*, config: SampleConfig, models_name: str, weights_urls: dict[str, str], output_url: str,
-        storage: StorageConfig, tracked_run) -> str:
+def run(
+    *,
+    config: SampleConfig,
+    models_name: str,
+    weights_urls: dict[str, str],
+    output_url: str,
+    storage: StorageConfig,
+    tracked_run,
+) -> str:
     current = fingerprint(config, models_name, weights_fingerprints(weights_urls, storage))
     previous = read_summary(output_url, storage)
     if previous is not None and fingerprints.is_complete(previous["fingerprint"], current):
@@ -194,16 +227,23 @@ def run(*, config: SampleConfig, models_name: str, weights_urls: dict[str, str],
     prompts = list(config.prompts)
     jobs = {name: task.remote(*args) for name, args in render_args(config, models_name, weights_urls, storage).items()}
     images = {name: ray.get(job) for name, job in jobs.items()}
-    tracked_run.log_image(image_grid([Image.fromarray(i) for i in images["prompted"]], prompts, columns=8), "samples.png")
+    tracked_run.log_image(
+        image_grid([Image.fromarray(i) for i in images["prompted"]], prompts, columns=8), "samples.png"
+    )
     metrics: dict[str, float] = {}
     if config.score_colours:
         metrics = colour_scores(list(images["prompted"]), prompts)
         metrics["empty_prompt_colour_accuracy"] = colour_scores(list(images["empty"]), prompts)["colour_accuracy"]
-        tracked_run.log_image(image_grid([Image.fromarray(i) for i in images["empty"]], ["(empty prompt)"] * len(prompts),
-                                         columns=8), "samples_empty_prompt.png")
+        tracked_run.log_image(
+            image_grid([Image.fromarray(i) for i in images["empty"]], ["(empty prompt)"] * len(prompts), columns=8),
+            "samples_empty_prompt.png",
+        )
         tracked_run.log_metrics(metrics)
     write_summary(output_url, current, metrics, storage)
     tracked_run.set_tags({"phase.outcome": "ran"})
-    scored = f"; colour accuracy {metrics['colour_accuracy']:.2f} (empty prompts {metrics['empty_prompt_colour_accuracy']:.2f})" \
-        if metrics else ""
+    scored = (
+        f"; colour accuracy {metrics['colour_accuracy']:.2f} (empty prompts {metrics['empty_prompt_colour_accuracy']:.2f})"
+        if metrics
+        else ""
+    )
     return f"ran; {len(prompts)} images{scored}"

@@ -75,5 +75,7 @@ def exists(url: str, setting: str, storage: StorageConfig) -> bool:
         return False
     except Exception as error:  # botocore's and aiohttp's errors share no base class with OSError
         where = f"storage.endpoint_url={storage.endpoint_url!r}" if storage.endpoint_url else "the AWS default endpoint"
-        raise ValueError(f"cannot reach {setting} {url!r} ({where}; credentials from storage.key/secret or the "
-                         f"standard AWS settings): {type(error).__name__}: {error}") from None
+        raise ValueError(
+            f"cannot reach {setting} {url!r} ({where}; credentials from storage.key/secret or the "
+            f"standard AWS settings): {type(error).__name__}: {error}"
+        ) from None

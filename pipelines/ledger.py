@@ -63,8 +63,12 @@ class Manifest:
         return {
             "phase": self.phase,
             "config": self.config,
-            "totals": {"samples_in": self.samples_in, "kept": self.kept, "validation": self.validation,
-                       "dropped": self.dropped()},
+            "totals": {
+                "samples_in": self.samples_in,
+                "kept": self.kept,
+                "validation": self.validation,
+                "dropped": self.dropped(),
+            },
             "shards": {name: dataclasses.asdict(counts) for name, counts in sorted(self.shards.items())},
         }
 

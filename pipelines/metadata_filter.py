@@ -92,8 +92,11 @@ class MetadataFilterConfig:
         columns = [schema.KEY, schema.STATUS, schema.CAPTION]
         if (self.min_side, self.max_side, self.max_aspect_ratio) != (None, None, None):
             columns += [schema.ORIGINAL_WIDTH, schema.ORIGINAL_HEIGHT]
-        for threshold, column in ((self.max_pwatermark, schema.PWATERMARK), (self.max_punsafe, schema.PUNSAFE),
-                                  (self.min_aesthetic, schema.AESTHETIC)):
+        for threshold, column in (
+            (self.max_pwatermark, schema.PWATERMARK),
+            (self.max_punsafe, schema.PUNSAFE),
+            (self.min_aesthetic, schema.AESTHETIC),
+        ):
             if threshold is not None:
                 columns.append(column)
         return columns
@@ -101,9 +104,12 @@ class MetadataFilterConfig:
 
 def canonical_names(names: list[str]) -> list[str]:
     """Column names with the sources' spellings replaced (see ``schema.COLUMN_ALIASES``)."""
-    return [schema.COLUMN_ALIASES[name]
-            if name in schema.COLUMN_ALIASES and schema.COLUMN_ALIASES[name] not in names else name
-            for name in names]
+    return [
+        schema.COLUMN_ALIASES[name]
+        if name in schema.COLUMN_ALIASES and schema.COLUMN_ALIASES[name] not in names
+        else name
+        for name in names
+    ]
 
 
 def normalise_columns(table: pa.Table) -> tuple[pa.Table, pa.Array]:
@@ -175,7 +181,10 @@ def _dedup_key(batch: pa.Table) -> pa.ChunkedArray:
 
 
 def _checks(batch: pa.Table, invalid: pa.Array, c: MetadataFilterConfig) -> Iterator[tuple[DropReason, pa.Array]]:
-    yield DropReason.DOWNLOAD_FAILED, pc.invert(pc.fill_null(pc.equal(batch[schema.STATUS], schema.STATUS_SUCCESS), False))
+    yield (
+        DropReason.DOWNLOAD_FAILED,
+        pc.invert(pc.fill_null(pc.equal(batch[schema.STATUS], schema.STATUS_SUCCESS), False)),
+    )
     yield DropReason.METADATA_INVALID, invalid
     missing = pa.array([False] * len(batch))
     for column in c.required_columns():
@@ -207,12 +216,15 @@ class MarkDuplicates:
     def __call__(self, group: pa.Table) -> pa.Table:
         kept = pc.is_null(group[schema.DROP_REASON]).to_pylist()
         if sum(kept) > 1:
-            order = sorted((row[schema.SHARD], row[schema.KEY], i) for i, row in enumerate(group.to_pylist()) if kept[i])
+            order = sorted(
+                (row[schema.SHARD], row[schema.KEY], i) for i, row in enumerate(group.to_pylist()) if kept[i]
+            )
             reasons = group[schema.DROP_REASON].to_pylist()
             for _, _, i in order[1:]:
                 reasons[i] = str(DropReason.DUPLICATE)
-            group = group.set_column(group.column_names.index(schema.DROP_REASON), schema.DROP_REASON,
-                                     pa.array(reasons, pa.string()))
+            group = group.set_column(
+                group.column_names.index(schema.DROP_REASON), schema.DROP_REASON, pa.array(reasons, pa.string())
+            )
         return group
 
 
@@ -225,16 +237,19 @@ class WriteFilteredShard:
     def __call__(self, rows: pa.Table) -> pa.Table:
         rows = rows.drop_columns([_DEDUP_KEY]).sort_by(schema.KEY)
         (shard,) = pc.unique(rows[schema.SHARD]).to_pylist()
-        write_atomically(self.fs, f"{self.folder}/{schema.shard_parquet(shard)}",
-                         lambda stream: pq.write_table(rows, stream))
+        write_atomically(
+            self.fs, f"{self.folder}/{schema.shard_parquet(shard)}", lambda stream: pq.write_table(rows, stream)
+        )
         reasons = [r for r in rows[schema.DROP_REASON].to_pylist() if r is not None]
         dropped = {r: reasons.count(r) for r in sorted(set(reasons))}
-        return pa.table({
-            schema.SHARD: [shard],
-            "samples_in": [len(rows)],
-            "kept": [len(rows) - len(reasons)],
-            "dropped": [json.dumps(dropped)],
-        })
+        return pa.table(
+            {
+                schema.SHARD: [shard],
+                "samples_in": [len(rows)],
+                "kept": [len(rows) - len(reasons)],
+                "dropped": [json.dumps(dropped)],
+            }
+        )
 
 
 def list_shards(shards_url: str, storage: StorageConfig) -> list[str]:
@@ -242,7 +257,7 @@ def list_shards(shards_url: str, storage: StorageConfig) -> list[str]:
     fs, folder = filesystem(shards_url, storage)
     if not fs.isdir(folder):
         raise FileNotFoundError(f"data.shards_url {shards_url!r} is not a folder: point it at img2dataset's output")
-    names = [path.rsplit("/", 1)[-1][:-len(".parquet")] for path in fs.glob(f"{folder}/*.parquet")]
+    names = [path.rsplit("/", 1)[-1][: -len(".parquet")] for path in fs.glob(f"{folder}/*.parquet")]
     shards = sorted(name for name in names if name.isdigit())
     if not shards:
         raise FileNotFoundError(f"data.shards_url {shards_url!r} holds no img2dataset shard (00000.parquet, ...)")
@@ -253,8 +268,13 @@ def check_columns(fs, first_shard: str, config: MetadataFilterConfig) -> None:
     """Fails before any work starts when an enabled check needs a column the shards lack."""
     with fs.open(first_shard, "rb") as stream:
         names = canonical_names(pq.read_schema(stream).names)
-    thresholds = {schema.PWATERMARK: "max_pwatermark", schema.PUNSAFE: "max_punsafe", schema.AESTHETIC: "min_aesthetic",
-                  schema.ORIGINAL_WIDTH: "min_side", schema.ORIGINAL_HEIGHT: "min_side"}
+    thresholds = {
+        schema.PWATERMARK: "max_pwatermark",
+        schema.PUNSAFE: "max_punsafe",
+        schema.AESTHETIC: "min_aesthetic",
+        schema.ORIGINAL_WIDTH: "min_side",
+        schema.ORIGINAL_HEIGHT: "min_side",
+    }
     for column in config.required_columns():
         if column not in names:
             setting = thresholds.get(column)
@@ -267,8 +287,9 @@ def fingerprint(shards: dict[str, str], config: MetadataFilterConfig) -> dict[st
     return fingerprints.of(input=shards, settings=config.outcome())
 
 
-def run(shards_url: str, output_url: str, config: MetadataFilterConfig,
-        storage: StorageConfig) -> tuple[Manifest, dict[str, float]]:
+def run(
+    shards_url: str, output_url: str, config: MetadataFilterConfig, storage: StorageConfig
+) -> tuple[Manifest, dict[str, float]]:
     """Runs the phase unless ``output_url`` already holds its result for this input and config.
 
     Returns the manifest and the run's metrics (empty when the phase was already complete).
@@ -289,21 +310,36 @@ def run(shards_url: str, output_url: str, config: MetadataFilterConfig,
     resources = config.resources
     dataset = ray.data.from_items([{schema.SHARD: shard} for shard in shards], override_num_blocks=len(shards))
     dataset = dataset.map_batches(
-        MetadataFilter, fn_constructor_kwargs={"config": config, "shards_url": shards_url, "storage": storage},
-        batch_size=1, **resources.actor_args())
+        MetadataFilter,
+        fn_constructor_kwargs={"config": config, "shards_url": shards_url, "storage": storage},
+        batch_size=1,
+        **resources.actor_args(),
+    )
     if config.drop_duplicates:
         dataset = dataset.groupby(_DEDUP_KEY, num_partitions=len(shards)).map_groups(
-            MarkDuplicates, batch_format="pyarrow", **resources.actor_args())
-    counts = dataset.groupby(schema.SHARD, num_partitions=len(shards)).map_groups(
-        WriteFilteredShard, fn_constructor_kwargs={"output_url": output_url, "storage": storage}, batch_format="pyarrow",
-        **resources.actor_args()).take_all()
+            MarkDuplicates, batch_format="pyarrow", **resources.actor_args()
+        )
+    counts = (
+        dataset.groupby(schema.SHARD, num_partitions=len(shards))
+        .map_groups(
+            WriteFilteredShard,
+            fn_constructor_kwargs={"output_url": output_url, "storage": storage},
+            batch_format="pyarrow",
+            **resources.actor_args(),
+        )
+        .take_all()
+    )
     seconds = time.monotonic() - started
 
     manifest = Manifest(
         phase=PHASE,
         config=current,
-        shards={row[schema.SHARD]: ShardCounts(samples_in=row["samples_in"], kept=row["kept"],
-                                               dropped=json.loads(row["dropped"])) for row in counts},
+        shards={
+            row[schema.SHARD]: ShardCounts(
+                samples_in=row["samples_in"], kept=row["kept"], dropped=json.loads(row["dropped"])
+            )
+            for row in counts
+        },
     )
     assert len(manifest.shards) == len(shards), "every input shard must produce one output shard"
     write_manifest(output_url, manifest, storage)

@@ -73,8 +73,10 @@ def _apply(section: Any, changes: dict[tuple[str, ...], str], prefix: str) -> An
             values[name] = _apply(current, rest, prefix=f"{key}.")
         else:
             if set(rest) != {()}:
-                raise ValueError(f"unknown config key {key + '.' + '.'.join(next(p for p in rest if p))!r}: "
-                                 f"{name!r} is a value, not a section")
+                raise ValueError(
+                    f"unknown config key {key + '.' + '.'.join(next(p for p in rest if p))!r}: "
+                    f"{name!r} is a value, not a section"
+                )
             values[name] = parse_value(typing.get_type_hints(type(section))[name], rest[()], key)
     try:
         return dataclasses.replace(section, **values)

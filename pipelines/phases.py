@@ -59,25 +59,40 @@ class PhaseContext:
 
 def run_metadata_filter(context: PhaseContext, run: TrackedRun) -> str:
     config = context.config.filter
-    manifest, metrics = metadata_filter.run(context.shards_url, context.output_url(metadata_filter.PHASE), config,
-                                            context.config.storage)
+    manifest, metrics = metadata_filter.run(
+        context.shards_url, context.output_url(metadata_filter.PHASE), config, context.config.storage
+    )
     return _report(run, "filter", config, manifest, metrics, metadata_filter.METADATA_REASONS)
 
 
 def run_decode(context: PhaseContext, run: TrackedRun) -> str:
     config = context.config.decode
     filtered = context.finished(metadata_filter.PHASE)
-    phase = decode.phase(shards_url=context.shards_url, filtered_url=context.output_url(metadata_filter.PHASE),
-                         output_url=context.output_url(decode.PHASE), filtered_fingerprint=filtered.config,
-                         config=config, storage=context.config.storage)
-    manifest, metrics = shard_phase.run(phase, sorted(filtered.shards), context.output_url(decode.PHASE),
-                                        context.config.storage)
+    phase = decode.phase(
+        shards_url=context.shards_url,
+        filtered_url=context.output_url(metadata_filter.PHASE),
+        output_url=context.output_url(decode.PHASE),
+        filtered_fingerprint=filtered.config,
+        config=config,
+        storage=context.config.storage,
+    )
+    manifest, metrics = shard_phase.run(
+        phase, sorted(filtered.shards), context.output_url(decode.PHASE), context.config.storage
+    )
     fs, folder = filesystem(context.output_url(decode.PHASE), context.config.storage)
-    kept = [row for rows in shard_phase.iter_rows(fs, f"{folder}/{schema.shard_parquet(min(manifest.shards))}")
-            for row in rows if row[schema.DROP_REASON] is None][:_GRID_SIZE]
+    kept = [
+        row
+        for rows in shard_phase.iter_rows(fs, f"{folder}/{schema.shard_parquet(min(manifest.shards))}")
+        for row in rows
+        if row[schema.DROP_REASON] is None
+    ][:_GRID_SIZE]
     if kept:
-        run.log_image(image_grid([Image.open(io.BytesIO(row[schema.IMAGE])) for row in kept],
-                                 [row[schema.CAPTION] for row in kept]), "kept_samples.png")
+        run.log_image(
+            image_grid(
+                [Image.open(io.BytesIO(row[schema.IMAGE])) for row in kept], [row[schema.CAPTION] for row in kept]
+            ),
+            "kept_samples.png",
+        )
     return _report(run, "decode", config, manifest, metrics, decode.DECODE_REASONS)
 
 
@@ -85,10 +100,16 @@ def run_embed(context: PhaseContext, run: TrackedRun) -> str:
     config = context.config.embed
     decoded = context.finished(decode.PHASE)
     output_url = context.output_url(embed.PHASE)
-    phase = embed.phase(decoded_url=context.output_url(decode.PHASE), output_url=output_url,
-                        decoded_fingerprint=decoded.config, config=config, storage=context.config.storage)
-    manifest, metrics = _run_within_budget(context, run, phase, "embed", config.budget_gpu_hours,
-                                           sorted(decoded.shards), output_url)
+    phase = embed.phase(
+        decoded_url=context.output_url(decode.PHASE),
+        output_url=output_url,
+        decoded_fingerprint=decoded.config,
+        config=config,
+        storage=context.config.storage,
+    )
+    manifest, metrics = _run_within_budget(
+        context, run, phase, "embed", config.budget_gpu_hours, sorted(decoded.shards), output_url
+    )
     fs, folder = filesystem(output_url, context.config.storage)
     scores = {schema.CLIP_SIMILARITY: [], schema.AESTHETIC_SCORE: []}
     for shard in sorted(manifest.shards):
@@ -96,8 +117,16 @@ def run_embed(context: PhaseContext, run: TrackedRun) -> str:
             for name, values in scores.items():
                 values.extend(row[name] for row in rows)
     if scores[schema.CLIP_SIMILARITY]:
-        run.log_figure(histograms(scores, {schema.CLIP_SIMILARITY: config.min_clip_similarity,
-                                           schema.AESTHETIC_SCORE: config.min_aesthetic_score}), "scores.png")
+        run.log_figure(
+            histograms(
+                scores,
+                {
+                    schema.CLIP_SIMILARITY: config.min_clip_similarity,
+                    schema.AESTHETIC_SCORE: config.min_aesthetic_score,
+                },
+            ),
+            "scores.png",
+        )
     return _report(run, "embed", config, manifest, metrics, embed.EMBED_REASONS)
 
 
@@ -111,49 +140,91 @@ def run_pre_encode(context: PhaseContext, run: TrackedRun) -> str:
     # Retrained encoders change every latent: their fingerprints are part of this phase's.
     trained = {stage: trained_weights.fingerprint_of(url, storage) for stage, url in encoders.items() if url}
     threshold = pre_encode.validation_threshold(config, embedded, context.output_url(embed.PHASE), storage)
-    phase = pre_encode.phase(decoded_url=context.output_url(decode.PHASE), embedded_url=context.output_url(embed.PHASE),
-                             output_url=output_url, embedded_fingerprint={**embedded.config, "encoders": trained},
-                             crops=context.config.decode.crop_sizes(), resolution=context.config.decode.resolution,
-                             config=config, validation_threshold=threshold, storage=storage)
-    manifest, metrics = _run_within_budget(context, run, phase, "pre_encode", config.budget_gpu_hours,
-                                           sorted(embedded.shards), output_url)
+    phase = pre_encode.phase(
+        decoded_url=context.output_url(decode.PHASE),
+        embedded_url=context.output_url(embed.PHASE),
+        output_url=output_url,
+        embedded_fingerprint={**embedded.config, "encoders": trained},
+        crops=context.config.decode.crop_sizes(),
+        resolution=context.config.decode.resolution,
+        config=config,
+        validation_threshold=threshold,
+        storage=storage,
+    )
+    manifest, metrics = _run_within_budget(
+        context, run, phase, "pre_encode", config.budget_gpu_hours, sorted(embedded.shards), output_url
+    )
     fs, folder = filesystem(output_url, context.config.storage)
     total_bytes = sum(fs.size(f"{folder}/{schema.shard_parquet(shard)}") for shard in manifest.shards)
-    run.log_metrics({"bytes_per_sample": total_bytes / max(manifest.kept, 1), "total_bytes": total_bytes,
-                     "train": manifest.kept - manifest.validation, "validation": manifest.validation})
+    run.log_metrics(
+        {
+            "bytes_per_sample": total_bytes / max(manifest.kept, 1),
+            "total_bytes": total_bytes,
+            "train": manifest.kept - manifest.validation,
+            "validation": manifest.validation,
+        }
+    )
     summary = _report(run, "pre_encode", config, manifest, metrics, pre_encode.PRE_ENCODE_REASONS)
     return f"{summary}; {manifest.validation} of the kept held out for validation"
 
 
-def _run_within_budget(context: PhaseContext, run: TrackedRun, phase: shard_phase.ShardPhase, section: str,
-                       budget_gpu_hours: float | None, shards: list[str], output_url: str) -> tuple[Manifest, dict]:
+def _run_within_budget(
+    context: PhaseContext,
+    run: TrackedRun,
+    phase: shard_phase.ShardPhase,
+    section: str,
+    budget_gpu_hours: float | None,
+    shards: list[str],
+    output_url: str,
+) -> tuple[Manifest, dict]:
     """``shard_phase.run`` under the phase's budget and the experiment's, counted over the phase's
     attempts at this output and these settings; a BudgetStop when it left shards for the next run."""
     attempts_of = f"{output_url}#{fingerprints.digest(phase.fingerprint)[:16]}"
     used = context.tracker.gpu_hours(output=attempts_of)
-    budget = run_budget(run_budget=budget_gpu_hours, experiment_budget=context.config.tracking.experiment_budget_gpu_hours,
-                        experiment_used=context.tracker.gpu_hours(), run_used=used, setting=f"{section}.budget_gpu_hours")
+    budget = run_budget(
+        run_budget=budget_gpu_hours,
+        experiment_budget=context.config.tracking.experiment_budget_gpu_hours,
+        experiment_used=context.tracker.gpu_hours(),
+        run_used=used,
+        setting=f"{section}.budget_gpu_hours",
+    )
     if budget.limit is not None and budget.limit <= used:
-        raise ValueError(f"{phase.name} has used {used:.4g} of its {budget.limit:.4g} GPU-hours: raise {budget.setting} "
-                         "to continue")
+        raise ValueError(
+            f"{phase.name} has used {used:.4g} of its {budget.limit:.4g} GPU-hours: raise {budget.setting} to continue"
+        )
     run.set_tags({OUTPUT_TAG: attempts_of})
-    manifest, metrics = shard_phase.run(phase, shards, output_url, context.config.storage,
-                                        budget_gpu_hours=None if budget.limit is None else budget.limit - used)
+    manifest, metrics = shard_phase.run(
+        phase,
+        shards,
+        output_url,
+        context.config.storage,
+        budget_gpu_hours=None if budget.limit is None else budget.limit - used,
+    )
     if manifest is None:
         left = metrics["shards_left"]
-        reason = (f"GPU-hour budget reached: used {used + metrics[ATTEMPT_GPU_HOURS]:.4g} of {budget.limit:.4g}; "
-                  "the next shard would exceed it")
+        reason = (
+            f"GPU-hour budget reached: used {used + metrics[ATTEMPT_GPU_HOURS]:.4g} of {budget.limit:.4g}; "
+            "the next shard would exceed it"
+        )
         run.log_metrics({**metrics, RUN_GPU_HOURS: used + metrics[ATTEMPT_GPU_HOURS]})
         run.set_tags({"phase.outcome": "stopped", "stop_reason": reason})
-        raise BudgetStop(f"{phase.name} stopped with {left} of {len(shards)} shards left: {reason}. The finished "
-                         f"shards are kept; raise {budget.setting} and run again to continue")
+        raise BudgetStop(
+            f"{phase.name} stopped with {left} of {len(shards)} shards left: {reason}. The finished "
+            f"shards are kept; raise {budget.setting} and run again to continue"
+        )
     if metrics:  # it ran: the total over its attempts, as training runs log theirs
         metrics[RUN_GPU_HOURS] = used + metrics[ATTEMPT_GPU_HOURS]
     return manifest, metrics
 
 
-def _report(run: TrackedRun, section: str, config, manifest: Manifest, metrics: dict[str, float],
-            reasons: tuple[DropReason, ...]) -> str:
+def _report(
+    run: TrackedRun,
+    section: str,
+    config,
+    manifest: Manifest,
+    metrics: dict[str, float],
+    reasons: tuple[DropReason, ...],
+) -> str:
     """Logs a phase's settings, ledger, speed and manifest; returns its console summary."""
     run.log_params(to_flat_dict(config, prefix=f"{section}."))
     run.log_metrics({**ledger_metrics(manifest, reasons), **metrics})
@@ -176,12 +247,20 @@ def ledger_metrics(manifest: Manifest, reasons: tuple[DropReason, ...]) -> dict[
 
 def run_generate(context: PhaseContext, run: TrackedRun) -> str:
     config = context.config.generate
-    weights = {"stage_c": weights_url(context, "stage_c"), "stage_b": weights_url(context, "stage_b"),
-               "stage_a": weights_url(context, "stage_a")}
+    weights = {
+        "stage_c": weights_url(context, "stage_c"),
+        "stage_b": weights_url(context, "stage_b"),
+        "stage_a": weights_url(context, "stage_a"),
+    }
     run.log_params(to_flat_dict(config, prefix="generate."))
-    return generate_phase.run(config=config, models_name=context.config.pre_encode.models, weights_urls=weights,
-                              output_url=context.output_url(generate_phase.PHASE), storage=context.config.storage,
-                              tracked_run=run)
+    return generate_phase.run(
+        config=config,
+        models_name=context.config.pre_encode.models,
+        weights_urls=weights,
+        output_url=context.output_url(generate_phase.PHASE),
+        storage=context.config.storage,
+        tracked_run=run,
+    )
 
 
 def _training(phase: str) -> Callable[[PhaseContext, TrackedRun], str]:

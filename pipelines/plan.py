@@ -121,10 +121,15 @@ def measured_table_for(config: RunConfig) -> str:
 def latent_bytes_per_sample(config: RunConfig) -> int:
     """Tensor payload of one latent-shard row (what the training phases read); with aspect-ratio
     buckets, that of the largest crop, since how the data splits over buckets is unknown before decode."""
+
     def payload(crop: tuple[int, int]) -> int:
         schema = pre_encode.output_schema(config.pre_encode, (crop,), config.decode.resolution)
-        return sum(int(np.prod(f.type.shape)) * f.type.value_type.bit_width // 8
-                   for f in schema if isinstance(f.type, pa.FixedShapeTensorType))
+        return sum(
+            int(np.prod(f.type.shape)) * f.type.value_type.bit_width // 8
+            for f in schema
+            if isinstance(f.type, pa.FixedShapeTensorType)
+        )
+
     return max(payload(crop) for crop in config.decode.crop_sizes())
 
 
@@ -149,17 +154,33 @@ def phase_requests(config: RunConfig, phases: list[str]) -> list[PhaseRequest]:
         if phase in DATA_PHASES:
             section = {"metadata_filter": "filter"}.get(phase, phase)
             r = getattr(config, section).resources
-            requests.append(PhaseRequest(phase, f"{section}.resources", r.num_cpus, r.num_gpus, r.max_actors,
-                                         f"{r.min_actors}-{r.max_actors} actors x ({r.num_cpus:g} CPU, {r.num_gpus:g} GPU), "
-                                         f"{r.batch_size} rows per call"))
+            requests.append(
+                PhaseRequest(
+                    phase,
+                    f"{section}.resources",
+                    r.num_cpus,
+                    r.num_gpus,
+                    r.max_actors,
+                    f"{r.min_actors}-{r.max_actors} actors x ({r.num_cpus:g} CPU, {r.num_gpus:g} GPU), "
+                    f"{r.batch_size} rows per call",
+                )
+            )
         elif phase in training_phases():
             if not training_needed(config, training_phases()[phase].name):
                 continue
             section = training_phases()[phase].config_section
             t = getattr(config, section)
-            requests.append(PhaseRequest(phase, section, t.cpus_per_worker, t.gpus_per_worker, t.workers,
-                                         f"{t.workers} Ray Train workers x ({t.cpus_per_worker:g} CPU, "
-                                         f"{t.gpus_per_worker:g} GPU), {t.steps:,} steps at global batch {t.global_batch_size}"))
+            requests.append(
+                PhaseRequest(
+                    phase,
+                    section,
+                    t.cpus_per_worker,
+                    t.gpus_per_worker,
+                    t.workers,
+                    f"{t.workers} Ray Train workers x ({t.cpus_per_worker:g} CPU, "
+                    f"{t.gpus_per_worker:g} GPU), {t.steps:,} steps at global batch {t.global_batch_size}",
+                )
+            )
         else:
             gpus = config.generate.num_gpus
             requests.append(PhaseRequest(phase, "generate", 1.0, gpus, 1, f"one task with {gpus:g} GPU"))
@@ -169,10 +190,12 @@ def phase_requests(config: RunConfig, phases: list[str]) -> list[PhaseRequest]:
 def output_bytes_per_sample(config: RunConfig) -> dict[str, int]:
     """Bytes one kept sample leaves in each data phase's output (pre-encode's from the shapes)."""
     side = config.decode.resolution
-    return {"metadata_filter": ROW_BYTES,
-            "decode": ROW_BYTES + round(side * side * JPEG_BITS_PER_PIXEL / 8),
-            "embed": ROW_BYTES + 2 * 2 * embedding_width(config.embed),  # two float16 embeddings
-            "pre_encode": ROW_BYTES + latent_bytes_per_sample(config)}
+    return {
+        "metadata_filter": ROW_BYTES,
+        "decode": ROW_BYTES + round(side * side * JPEG_BITS_PER_PIXEL / 8),
+        "embed": ROW_BYTES + 2 * 2 * embedding_width(config.embed),  # two float16 embeddings
+        "pre_encode": ROW_BYTES + latent_bytes_per_sample(config),
+    }
 
 
 def training_bytes_per_sample(config: RunConfig, stage: str) -> int:
@@ -181,10 +204,18 @@ def training_bytes_per_sample(config: RunConfig, stage: str) -> int:
         return output_bytes_per_sample(config)["decode"] - ROW_BYTES
     crop = max(config.decode.crop_sizes(), key=math.prod)
     fields = pre_encode.output_schema(config.pre_encode, (crop,), config.decode.resolution)
-    spec = TaskSpec(stage=stage, models=config.pre_encode.models, caption_dropout=0.0, semantic_dropout=0.0,
-                    semantic_noise=0.0, text_from_tokens=config.pre_encode.text == "tokens")
-    return sum(int(np.prod(fields.field(name).type.shape)) * fields.field(name).type.value_type.bit_width // 8
-               for name in REGISTRY[stage].columns(spec))
+    spec = TaskSpec(
+        stage=stage,
+        models=config.pre_encode.models,
+        caption_dropout=0.0,
+        semantic_dropout=0.0,
+        semantic_noise=0.0,
+        text_from_tokens=config.pre_encode.text == "tokens",
+    )
+    return sum(
+        int(np.prod(fields.field(name).type.shape)) * fields.field(name).type.value_type.bit_width // 8
+        for name in REGISTRY[stage].columns(spec)
+    )
 
 
 def checkpoint_bytes(config: RunConfig, stage: str) -> int:
@@ -198,8 +229,11 @@ def _text_tower_seconds(phase: str, towers: dict | None) -> float | None:
     """H200 seconds per sample of the text towers a phase runs when it encodes the text itself."""
     if towers is None:
         return None
-    return {"pre_encode": 1 / towers["stage_c"] + 1 / towers["stage_b"], "train_stage_c": 1 / towers["stage_c"],
-            "train_stage_b": 1 / towers["stage_b"]}.get(phase)
+    return {
+        "pre_encode": 1 / towers["stage_c"] + 1 / towers["stage_b"],
+        "train_stage_c": 1 / towers["stage_c"],
+        "train_stage_b": 1 / towers["stage_b"],
+    }.get(phase)
 
 
 def _text_setting_runs(phase: str, config: RunConfig) -> str | None:
@@ -250,14 +284,26 @@ def plan(config: RunConfig, phases: list[str], assumptions: Assumptions, measure
                 source += _setting_note(figure, request.setting, getattr(config, request.setting))
         training_on_gpu = request.phase in training_phases() and on_gpu
         step = phase_memory(config, training_phases()[request.phase].name) if training_on_gpu else None
-        rows.append(PhasePlan(phase=request.phase, unit="gpu" if on_gpu else "cpu", units=units, samples=samples,
-                              samples_per_second_per_unit=rate, budget=budget, source=source, memory=step,
-                              stored_bytes=stored, read_bytes=read))
+        rows.append(
+            PhasePlan(
+                phase=request.phase,
+                unit="gpu" if on_gpu else "cpu",
+                units=units,
+                samples=samples,
+                samples_per_second_per_unit=rate,
+                budget=budget,
+                source=source,
+                memory=step,
+                stored_bytes=stored,
+                read_bytes=read,
+            )
+        )
     return rows
 
 
-def _with_text_setting(rate: float, figure: dict, phase: str, config: RunConfig, towers: dict | None,
-                       speed: float) -> tuple[float, str]:
+def _with_text_setting(
+    rate: float, figure: dict, phase: str, config: RunConfig, towers: dict | None, speed: float
+) -> tuple[float, str]:
     """A phase's rate under the config's text setting, from a figure measured under the other one:
     the text towers' own measured time per sample added or taken away (a prediction, said so)."""
     runs, measured_with = _text_setting_runs(phase, config), figure.get("text")
@@ -288,8 +334,9 @@ def _setting_note(figure: dict, section: str, train) -> str:
 @functools.cache
 def parameter_count(stage: str, models: str) -> int:
     """Parameters of a stage, counted on the meta device (no memory, no initialisation)."""
-    spec = TaskSpec(stage=stage, models=models, caption_dropout=0.0, semantic_dropout=0.0, semantic_noise=0.0,
-                    text_from_tokens=True)
+    spec = TaskSpec(
+        stage=stage, models=models, caption_dropout=0.0, semantic_dropout=0.0, semantic_noise=0.0, text_from_tokens=True
+    )
     with torch.device("meta"):
         return sum(p.numel() for p in build_model(spec).parameters())
 
@@ -302,23 +349,28 @@ def text_tower_parameter_count(stage: str, models: str) -> int:
         return sum(p.numel() for p in TextEncoder(text.stage_c if stage == "stage_c" else text.stage_b).parameters())
 
 
-def step_memory(stage: str, models: str, train: TrainConfig, latent: tuple[int, int], *,
-                text_from_tokens: bool = False) -> memory.StepMemory | None:
+def step_memory(
+    stage: str, models: str, train: TrainConfig, latent: tuple[int, int], *, text_from_tokens: bool = False
+) -> memory.StepMemory | None:
     """cluster.memory's prediction for a stage of the registry, with its parameters counted and,
     where it trains from stored tokens, its text tower's."""
     return memory.step_memory(stage, models, train, latent, **_parameters(stage, models, text_from_tokens))
 
 
 def _parameters(stage: str, models: str, text_from_tokens: bool) -> dict[str, int]:
-    return {"parameters": parameter_count(stage, models),
-            "text_tower_parameters": text_tower_parameter_count(stage, models) if text_from_tokens else 0}
+    return {
+        "parameters": parameter_count(stage, models),
+        "text_tower_parameters": text_tower_parameter_count(stage, models) if text_from_tokens else 0,
+    }
 
 
 def training_latent(config: RunConfig, stage: str) -> tuple[int, int]:
     """The largest (height, width) latent a stage trains on: with aspect-ratio buckets, the largest
     bucket's (a step holds one bucket, and the largest one sets the peak)."""
-    shapes = [pre_encode.latent_shapes(config.pre_encode, crop, config.decode.resolution)[REGISTRY[stage].latent_column]
-              for crop in config.decode.crop_sizes()]
+    shapes = [
+        pre_encode.latent_shapes(config.pre_encode, crop, config.decode.resolution)[REGISTRY[stage].latent_column]
+        for crop in config.decode.crop_sizes()
+    ]
     return max((tuple(shape[1:]) for shape in shapes), key=math.prod)
 
 
@@ -328,8 +380,13 @@ def phase_memory(config: RunConfig, stage: str) -> memory.StepMemory | None:
     if not REGISTRY[stage].latent_column:
         return None
     section = REGISTRY[stage].config_section
-    return step_memory(stage, config.pre_encode.models, getattr(config, section), training_latent(config, stage),
-                       text_from_tokens=config.pre_encode.text == "tokens")
+    return step_memory(
+        stage,
+        config.pre_encode.models,
+        getattr(config, section),
+        training_latent(config, stage),
+        text_from_tokens=config.pre_encode.text == "tokens",
+    )
 
 
 def does_not_fit(config: RunConfig, phase: str, stage: str, gpu_gib: float) -> str | None:
@@ -340,19 +397,31 @@ def does_not_fit(config: RunConfig, phase: str, stage: str, gpu_gib: float) -> s
         return None
     section = REGISTRY[stage].config_section
     height, width = step.latent
-    changes = memory.what_fits(stage, config.pre_encode.models, section, getattr(config, section), step.latent, gpu_gib,
-                               **_parameters(stage, config.pre_encode.models, config.pre_encode.text == "tokens"))
-    return (f"{phase}: {step.peak_gib:.1f} GiB per GPU predicted ({step.samples_per_gpu} samples of "
-            f"{height}x{width} latents, {step.variant}) does not fit {memory.HEADROOM:.0%} of {gpu_gib:g} GiB GPUs; "
-            + ("would fit: " + "; ".join(changes) if changes else "nothing this planner knows would fit"))
+    changes = memory.what_fits(
+        stage,
+        config.pre_encode.models,
+        section,
+        getattr(config, section),
+        step.latent,
+        gpu_gib,
+        **_parameters(stage, config.pre_encode.models, config.pre_encode.text == "tokens"),
+    )
+    return (
+        f"{phase}: {step.peak_gib:.1f} GiB per GPU predicted ({step.samples_per_gpu} samples of "
+        f"{height}x{width} latents, {step.variant}) does not fit {memory.HEADROOM:.0%} of {gpu_gib:g} GiB GPUs; "
+        + ("would fit: " + "; ".join(changes) if changes else "nothing this planner knows would fit")
+    )
 
 
 def memory_problems(config: RunConfig, phases: list[str], gpu_gib: float) -> list[str]:
     """One line per training phase on GPUs whose step does not fit GPUs of ``gpu_gib``: its
     predicted peak and the settings that would fit."""
     stages = training_phases()
-    problems = [does_not_fit(config, phase, stages[phase].name, gpu_gib) for phase in phases
-                if phase in stages and getattr(config, stages[phase].config_section).gpus_per_worker > 0]
+    problems = [
+        does_not_fit(config, phase, stages[phase].name, gpu_gib)
+        for phase in phases
+        if phase in stages and getattr(config, stages[phase].config_section).gpus_per_worker > 0
+    ]
     return [f"DOES NOT FIT: {problem}" for problem in problems if problem is not None]
 
 
@@ -393,9 +462,11 @@ def evaluation_unit_hours(row: PhasePlan, train: TrainConfig) -> float | None:
 
 def format_plan(rows: list[PhasePlan], assumptions: Assumptions, config: RunConfig, measured_name: str) -> str:
     """The table, its totals and its inputs, as printed by the planner and by ``full.py --dry-run``."""
-    lines = ["| phase | runs on | samples | samples/s per unit | wall time | GPU-hours | CPU core-hours | compute (USD) "
-             "| stored | read | storage + transfer (USD) | budget | peak per GPU |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"]
+    lines = [
+        "| phase | runs on | samples | samples/s per unit | wall time | GPU-hours | CPU core-hours | compute (USD) "
+        "| stored | read | storage + transfer (USD) | budget | peak per GPU |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|",
+    ]
     gpu_hours = cpu_hours = 0.0
     for row in rows:
         hours = row.unit_hours
@@ -404,56 +475,85 @@ def format_plan(rows: list[PhasePlan], assumptions: Assumptions, config: RunConf
         costs = row_costs(row, assumptions)
         gpu_hours += gpu or 0.0
         cpu_hours += cpu or 0.0
-        budget = "-" if row.budget is None else (
-            f"{row.budget:,.1f}: " + ("OVER" if gpu is not None and gpu > row.budget else "fits"))
+        budget = (
+            "-"
+            if row.budget is None
+            else (f"{row.budget:,.1f}: " + ("OVER" if gpu is not None and gpu > row.budget else "fits"))
+        )
         rate = "no figure" if row.samples_per_second_per_unit is None else f"{row.samples_per_second_per_unit:,.1f}"
-        lines.append(f"| {row.phase} | {row.units:g} {row.unit.upper()} | {row.samples:,} | {rate} | "
-                     f"{_hours(row.seconds)} | {'-' if gpu is None else f'{gpu:,.1f}'} | "
-                     f"{'-' if cpu is None else f'{cpu:,.1f}'} | {'-' if hours is None else f'{costs.compute:,.0f}'} | "
-                     f"{_bytes(row.stored_bytes)} | {_bytes(row.read_bytes)} | {costs.storage + costs.transfer:,.0f} | "
-                     f"{budget} | {_peak(row, assumptions.gpu_memory_gib)} |")
+        lines.append(
+            f"| {row.phase} | {row.units:g} {row.unit.upper()} | {row.samples:,} | {rate} | "
+            f"{_hours(row.seconds)} | {'-' if gpu is None else f'{gpu:,.1f}'} | "
+            f"{'-' if cpu is None else f'{cpu:,.1f}'} | {'-' if hours is None else f'{costs.compute:,.0f}'} | "
+            f"{_bytes(row.stored_bytes)} | {_bytes(row.read_bytes)} | {costs.storage + costs.transfer:,.0f} | "
+            f"{budget} | {_peak(row, assumptions.gpu_memory_gib)} |"
+        )
     total = total_costs(rows, assumptions)
-    lines.append(f"| total | | | | | {gpu_hours:,.1f} | {cpu_hours:,.1f} | {total.compute:,.0f} | "
-                 f"{_bytes(sum(row.stored_bytes for row in rows))} | {_bytes(sum(row.read_bytes for row in rows))} | "
-                 f"{total.storage + total.transfer:,.0f} | {_experiment_budget(config, gpu_hours)} | |")
-    gpu_scaling = (f", scaled to {assumptions.gpu.upper()} (x{GPU_SPEED_VS_H200[assumptions.gpu]:g} of an H200)"
-                   if any(row.unit == "gpu" for row in rows) else "")
-    lines += ["", (f"Measured figures: cluster/{MEASURED_FILE.name} [{measured_name}]{gpu_scaling}, to {config.decode.resolution} px "
-                   f"by pixel count where the figure names a resolution; {assumptions.scaling_efficiency:.0%} scaling "
-                   "efficiency above one unit (assumed).")]
+    lines.append(
+        f"| total | | | | | {gpu_hours:,.1f} | {cpu_hours:,.1f} | {total.compute:,.0f} | "
+        f"{_bytes(sum(row.stored_bytes for row in rows))} | {_bytes(sum(row.read_bytes for row in rows))} | "
+        f"{total.storage + total.transfer:,.0f} | {_experiment_budget(config, gpu_hours)} | |"
+    )
+    gpu_scaling = (
+        f", scaled to {assumptions.gpu.upper()} (x{GPU_SPEED_VS_H200[assumptions.gpu]:g} of an H200)"
+        if any(row.unit == "gpu" for row in rows)
+        else ""
+    )
+    lines += [
+        "",
+        (
+            f"Measured figures: cluster/{MEASURED_FILE.name} [{measured_name}]{gpu_scaling}, to {config.decode.resolution} px "
+            f"by pixel count where the figure names a resolution; {assumptions.scaling_efficiency:.0%} scaling "
+            "efficiency above one unit (assumed)."
+        ),
+    ]
     lines += [f"  {row.phase}: {row.source}" for row in rows]
     if any(row.phase in training_phases() and row.unit == "gpu" for row in rows):
-        against = ("" if assumptions.gpu_memory_gib is None else
-                   f", against {memory.HEADROOM:.0%} of {assumptions.gpu_memory_gib:g} GiB per GPU")
+        against = (
+            ""
+            if assumptions.gpu_memory_gib is None
+            else f", against {memory.HEADROOM:.0%} of {assumptions.gpu_memory_gib:g} GiB per GPU"
+        )
         lines.append(f"Peak per GPU: one training step's, predicted by cluster.memory (docs/memory.md){against}.")
         if assumptions.gpu_memory_gib is not None:
             lines += memory_problems(config, [row.phase for row in rows], assumptions.gpu_memory_gib)
-    lines.append(f"Stored: each phase's output (a training run's kept checkpoints) for {assumptions.storage_months:g} "
-                 f"month(s) at ${assumptions.usd_per_gb_month:g} per GB-month; read: what each phase reads of earlier "
-                 f"outputs, at ${assumptions.usd_per_gb_read:g} per GB (assumed list prices; a metadata row "
-                 f"{ROW_BYTES:,} bytes and a JPEG crop {JPEG_BITS_PER_PIXEL:g} bits per pixel, assumed).")
+    lines.append(
+        f"Stored: each phase's output (a training run's kept checkpoints) for {assumptions.storage_months:g} "
+        f"month(s) at ${assumptions.usd_per_gb_month:g} per GB-month; read: what each phase reads of earlier "
+        f"outputs, at ${assumptions.usd_per_gb_read:g} per GB (assumed list prices; a metadata row "
+        f"{ROW_BYTES:,} bytes and a JPEG crop {JPEG_BITS_PER_PIXEL:g} bits per pixel, assumed)."
+    )
     kept = next((row.samples for row in rows if row.phase == "pre_encode"), None)
     if kept is not None:
         per_sample = latent_bytes_per_sample(config)
         largest = ", largest bucket" if config.decode.crop == "buckets" else ""
-        lines.append(f"Latent shards: {per_sample:,} bytes per sample (tensor payload{largest}, pre_encode.text="
-                     f"{config.pre_encode.text}) x {kept:,} samples = {_bytes(per_sample * kept)}.")
+        lines.append(
+            f"Latent shards: {per_sample:,} bytes per sample (tensor payload{largest}, pre_encode.text="
+            f"{config.pre_encode.text}) x {kept:,} samples = {_bytes(per_sample * kept)}."
+        )
     training = [row for row in rows if row.phase.startswith("train_") and row.unit == "gpu"]
-    evaluations = [(row, evaluation_unit_hours(row, getattr(config, training_phases()[row.phase].config_section)))
-                   for row in training]
+    evaluations = [
+        (row, evaluation_unit_hours(row, getattr(config, training_phases()[row.phase].config_section)))
+        for row in training
+    ]
     evaluations = [(row, hours) for row, hours in evaluations if hours is not None and row.unit_hours]
     if evaluations:
-        shares = ", ".join(f"{row.phase} {hours:,.1f} ({hours / row.unit_hours:.1%} of its training)"
-                           for row, hours in evaluations)
-        lines.append(f"Held-out loss ({assumptions.gpu.upper()}-hours, predicted: rank 0's forward passes while "
-                     f"every GPU of the run waits, each a third of a training sample's work, assumed): {shares}. "
-                     "Stage C's chain scoring (generate.eval_captions images each evaluation) is not predicted: "
-                     "the v2 chain's generation rate is not measured. Not in the totals above.")
+        shares = ", ".join(
+            f"{row.phase} {hours:,.1f} ({hours / row.unit_hours:.1%} of its training)" for row, hours in evaluations
+        )
+        lines.append(
+            f"Held-out loss ({assumptions.gpu.upper()}-hours, predicted: rank 0's forward passes while "
+            f"every GPU of the run waits, each a third of a training sample's work, assumed): {shares}. "
+            "Stage C's chain scoring (generate.eval_captions images each evaluation) is not predicted: "
+            "the v2 chain's generation rate is not measured. Not in the totals above."
+        )
     if training and all(row.unit_hours is not None for row in training):
         hours = sum(row.unit_hours for row in training)
-        lines.append(f"Training ({', '.join(row.phase for row in training)}): {hours:,.0f} "
-                     f"{assumptions.gpu.upper()}-hours predicted; the paper gives {PAPER_TRAINING_A100_HOURS:,} "
-                     f"A100-hours for its whole training, not split by stage ({hours / PAPER_TRAINING_A100_HOURS:.2f}x).")
+        lines.append(
+            f"Training ({', '.join(row.phase for row in training)}): {hours:,.0f} "
+            f"{assumptions.gpu.upper()}-hours predicted; the paper gives {PAPER_TRAINING_A100_HOURS:,} "
+            f"A100-hours for its whole training, not split by stage ({hours / PAPER_TRAINING_A100_HOURS:.2f}x)."
+        )
     return "\n".join(lines)
 
 
@@ -462,7 +562,9 @@ def format_text_choice(config: RunConfig, phases: list[str], assumptions: Assump
     pre-encode; the shards grow) or stored tokens (the towers run in every Stage B and Stage C step)."""
     if not {"pre_encode", "train_stage_b", "train_stage_c"} & set(phases):
         return ""
-    lines = [f"Text conditioning both ways (compute, and storage + transfer for {assumptions.storage_months:g} month(s)):"]
+    lines = [
+        f"Text conditioning both ways (compute, and storage + transfer for {assumptions.storage_months:g} month(s)):"
+    ]
     totals = {}
     for text in ("hidden_states", "tokens"):
         other = dataclasses.replace(config, pre_encode=dataclasses.replace(config.pre_encode, text=text))
@@ -473,11 +575,13 @@ def format_text_choice(config: RunConfig, phases: list[str], assumptions: Assump
         totals[text] = costs.total
         gpu_hours = sum(row.unit_hours or 0.0 for row in rows if row.unit == "gpu")
         current = "  (this config)" if text == config.pre_encode.text else ""
-        lines.append(f"  pre_encode.text={text}: {gpu_hours:,.0f} GPU-hours, "
-                     f"{_bytes(sum(row.stored_bytes for row in rows))} stored: ${costs.compute:,.0f} + "
-                     f"${costs.storage + costs.transfer:,.0f} = ${costs.total:,.0f}{current}")
+        lines.append(
+            f"  pre_encode.text={text}: {gpu_hours:,.0f} GPU-hours, "
+            f"{_bytes(sum(row.stored_bytes for row in rows))} stored: ${costs.compute:,.0f} + "
+            f"${costs.storage + costs.transfer:,.0f} = ${costs.total:,.0f}{current}"
+        )
     cheaper = min(totals, key=totals.get)
-    advice = ("" if cheaper == config.pre_encode.text else f": set pre_encode.text={cheaper}")
+    advice = "" if cheaper == config.pre_encode.text else f": set pre_encode.text={cheaper}"
     lines.append(f"  cheaper: text={cheaper}, by ${abs(totals['hidden_states'] - totals['tokens']):,.0f}{advice}")
     return "\n".join(lines)
 
@@ -486,9 +590,13 @@ def training_gpu_memory(config: RunConfig, phases: list[str], path: Traversable 
     """The GPU memory the training workers of ``phases`` get on the cluster file's node types (the
     smallest where they land on several); none when none of them runs on a GPU node that gives it."""
     types, memories = worker_node_types(path), gpu_memory_gib(path)
-    found = [memories[node] for request in phase_requests(config, phases)
-             if request.phase in training_phases() and request.gpus > 0
-             and (node := node_type_for(request.cpus, request.gpus, types)) in memories]
+    found = [
+        memories[node]
+        for request in phase_requests(config, phases)
+        if request.phase in training_phases()
+        and request.gpus > 0
+        and (node := node_type_for(request.cpus, request.gpus, types)) in memories
+    ]
     return min(found, default=None)
 
 
@@ -499,8 +607,10 @@ def check_training_memory(config: RunConfig, phases: list[str]) -> None:
     gpu_gib = training_gpu_memory(config, phases)
     problems = [] if gpu_gib is None else memory_problems(config, phases, gpu_gib)
     if problems:
-        raise ValueError(f"a training step does not fit the GPUs of {CLUSTER_FILE.name}: "
-                         + " | ".join(problem.removeprefix("DOES NOT FIT: ") for problem in problems))
+        raise ValueError(
+            f"a training step does not fit the GPUs of {CLUSTER_FILE.name}: "
+            + " | ".join(problem.removeprefix("DOES NOT FIT: ") for problem in problems)
+        )
 
 
 def check_local_gpus(config: RunConfig, phases: list[str], gpus_here: int) -> None:
@@ -512,22 +622,29 @@ def check_local_gpus(config: RunConfig, phases: list[str], gpus_here: int) -> No
             raise ValueError(
                 f"{request.phase} asks for {request.gpus:g} GPU(s) per {'worker' if field == 'gpus_per_worker' else 'actor'} "
                 f"({request.setting}.{field}) but this machine has {gpus_here} and Ray runs locally: set "
-                f"{request.setting}.{field}=0 to run it on CPU, or submit to a cluster with GPUs (ray.address)")
+                f"{request.setting}.{field}=0 to run it on CPU, or submit to a cluster with GPUs (ray.address)"
+            )
 
 
 def dry_run(config: RunConfig, phases: list[str], samples: int) -> str:
     """What ``full.py --dry-run`` prints: each phase's resources and where ray_cluster.yaml's
     autoscaler would place them, then the plan at the config's own scale."""
     types = worker_node_types()
-    lines = [f"Dry run of the {config.name!r} config: nothing is started or written.", "",
-             f"Resources per phase, and the {CLUSTER_FILE.name} node type each actor or worker fits:"]
+    lines = [
+        f"Dry run of the {config.name!r} config: nothing is started or written.",
+        "",
+        f"Resources per phase, and the {CLUSTER_FILE.name} node type each actor or worker fits:",
+    ]
     for request in phase_requests(config, phases):
         node = node_type_for(request.cpus, request.gpus, types)
-        lines.append(f"  {request.phase}: {request.description} -> "
-                     + (node or "FITS NO NODE TYPE: the autoscaler could never place it"))
+        lines.append(
+            f"  {request.phase}: {request.description} -> "
+            + (node or "FITS NO NODE TYPE: the autoscaler could never place it")
+        )
     # Every sample kept: the dry run has no measured keep rates, so its volumes are upper bounds.
-    assumptions = Assumptions(samples=samples, keep={}, gpu="a100", scaling_efficiency=0.9,
-                              gpu_memory_gib=training_gpu_memory(config, phases))
+    assumptions = Assumptions(
+        samples=samples, keep={}, gpu="a100", scaling_efficiency=0.9, gpu_memory_gib=training_gpu_memory(config, phases)
+    )
     name = measured_table_for(config)
     lines += ["", f"Plan ({samples:,} input rows, every one kept: an upper bound):", ""]
     measured = load_measured(name)
@@ -554,28 +671,60 @@ def _keep(text: str) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     epilog="Phases without a measured figure are listed without an estimate.")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], epilog="Phases without a measured figure are listed without an estimate."
+    )
     parser.add_argument("--config", default="v2", choices=sorted(RUNS), help="named run (default: v2)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config field by dotted key (repeatable)")
-    parser.add_argument("--samples", type=float, default=600e6,
-                        help="rows into the metadata filter (default 600e6: LAION-Aesthetics v2 5+)")
-    parser.add_argument("--keep", default="metadata_filter=0.5,decode=0.95,embed=0.9",
-                        help="fraction each filtering phase keeps (default: assumed, not measured)")
-    parser.add_argument("--gpus", type=int, default=64, help="GPUs for each GPU phase (default 64: ray_cluster.yaml's 8 p4de nodes)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config field by dotted key (repeatable)",
+    )
+    parser.add_argument(
+        "--samples",
+        type=float,
+        default=600e6,
+        help="rows into the metadata filter (default 600e6: LAION-Aesthetics v2 5+)",
+    )
+    parser.add_argument(
+        "--keep",
+        default="metadata_filter=0.5,decode=0.95,embed=0.9",
+        help="fraction each filtering phase keeps (default: assumed, not measured)",
+    )
+    parser.add_argument(
+        "--gpus", type=int, default=64, help="GPUs for each GPU phase (default 64: ray_cluster.yaml's 8 p4de nodes)"
+    )
     parser.add_argument("--cpus", type=int, default=2048, help="CPU cores for CPU phases (default: 32 c6i.16xlarge)")
     parser.add_argument("--gpu", default="a100", choices=sorted(GPU_SPEED_VS_H200))
     parser.add_argument("--usd-per-gpu-hour", type=float, default=A100_USD_PER_GPU_HOUR)
-    parser.add_argument("--usd-per-gb-month", type=float, default=USD_PER_GB_MONTH,
-                        help="object storage price (default: S3 Standard's, assumed)")
-    parser.add_argument("--storage-months", type=float, default=1.0,
-                        help="how long the phases' outputs stay stored (default 1, assumed)")
-    parser.add_argument("--usd-per-gb-read", type=float, default=0.0,
-                        help="transfer price of reads from object storage (default 0: same region)")
-    parser.add_argument("--gpu-memory-gib", type=float, default=None,
-                        help="memory of one GPU that each training step must fit (default: that of "
-                             f"{CLUSTER_FILE.name}'s node type for the training workers)")
+    parser.add_argument(
+        "--usd-per-gb-month",
+        type=float,
+        default=USD_PER_GB_MONTH,
+        help="object storage price (default: S3 Standard's, assumed)",
+    )
+    parser.add_argument(
+        "--storage-months",
+        type=float,
+        default=1.0,
+        help="how long the phases' outputs stay stored (default 1, assumed)",
+    )
+    parser.add_argument(
+        "--usd-per-gb-read",
+        type=float,
+        default=0.0,
+        help="transfer price of reads from object storage (default 0: same region)",
+    )
+    parser.add_argument(
+        "--gpu-memory-gib",
+        type=float,
+        default=None,
+        help="memory of one GPU that each training step must fit (default: that of "
+        f"{CLUSTER_FILE.name}'s node type for the training workers)",
+    )
     parser.add_argument("--phases", default=",".join(PHASES))
     args = parser.parse_args(argv)
     try:
@@ -585,10 +734,18 @@ def main(argv: list[str] | None = None) -> None:
         if unknown:
             raise ValueError(f"unknown phase(s) {', '.join(unknown)} in --phases; available: {', '.join(PHASES)}")
         gpu_gib = args.gpu_memory_gib if args.gpu_memory_gib is not None else training_gpu_memory(config, list(PHASES))
-        assumptions = Assumptions(samples=int(args.samples), keep=_keep(args.keep), gpus=args.gpus, cpus=args.cpus,
-                                  gpu=args.gpu, usd_per_gpu_hour=args.usd_per_gpu_hour, gpu_memory_gib=gpu_gib,
-                                  usd_per_gb_month=args.usd_per_gb_month, storage_months=args.storage_months,
-                                  usd_per_gb_read=args.usd_per_gb_read)
+        assumptions = Assumptions(
+            samples=int(args.samples),
+            keep=_keep(args.keep),
+            gpus=args.gpus,
+            cpus=args.cpus,
+            gpu=args.gpu,
+            usd_per_gpu_hour=args.usd_per_gpu_hour,
+            gpu_memory_gib=gpu_gib,
+            usd_per_gb_month=args.usd_per_gb_month,
+            storage_months=args.storage_months,
+            usd_per_gb_read=args.usd_per_gb_read,
+        )
         name = measured_table_for(config)
         measured = load_measured(name)
         rows = plan(config, phases, assumptions, measured)
@@ -596,9 +753,11 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError as error:
         parser.exit(2, f"error: {error}\n")
     memory_text = "" if gpu_gib is None else f" of {gpu_gib:g} GiB"
-    print(f"Plan for the {config.name!r} config: {assumptions.samples:,} rows in, keep {args.keep}, "
-          f"{args.gpus} {args.gpu.upper()} GPUs{memory_text}, {args.cpus} CPU cores, "
-          f"${assumptions.usd_per_gpu_hour:.2f} per GPU-hour.\n")
+    print(
+        f"Plan for the {config.name!r} config: {assumptions.samples:,} rows in, keep {args.keep}, "
+        f"{args.gpus} {args.gpu.upper()} GPUs{memory_text}, {args.cpus} CPU cores, "
+        f"${assumptions.usd_per_gpu_hour:.2f} per GPU-hour.\n"
+    )
     print(format_plan(rows, assumptions, config, name))
     if choice:
         print(choice)

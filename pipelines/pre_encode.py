@@ -99,16 +99,19 @@ class PreEncodeConfig:
         if self.budget_gpu_hours is not None and self.budget_gpu_hours <= 0:
             raise ValueError(f"budget_gpu_hours must be > 0 or none, got {self.budget_gpu_hours}")
         if not 0 <= self.validation_fraction < 1:
-            raise ValueError(f"validation_fraction is a share of the samples: must be in [0, 1), got "
-                             f"{self.validation_fraction}")
+            raise ValueError(
+                f"validation_fraction is a share of the samples: must be in [0, 1), got {self.validation_fraction}"
+            )
         if self.validation_min < 0:
             raise ValueError(f"validation_min is a number of samples: must be 0 or more, got {self.validation_min}")
         if self.models not in STAGE_A_CONFIGS:
             raise ValueError(f"models {self.models!r} is not a stage size; choose from {', '.join(STAGE_A_CONFIGS)}")
         if self.text_weights == "random" and self.text == "tokens":
             # Training would encode the tokens with the models' own towers, so the setting would be ignored.
-            raise ValueError("text_weights=random applies only to text=hidden_states (tokens are encoded at train "
-                             "time with the models' own towers): set text=hidden_states or text_weights=pretrained")
+            raise ValueError(
+                "text_weights=random applies only to text=hidden_states (tokens are encoded at train "
+                "time with the models' own towers): set text=hidden_states or text_weights=pretrained"
+            )
 
     def outcome(self) -> dict[str, Any]:
         """The settings that decide the output (how wide and how long it runs do not)."""
@@ -121,8 +124,7 @@ def key_hash(key: str) -> int:
     return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big")
 
 
-def validation_threshold(config: PreEncodeConfig, embedded: Manifest, embedded_url: str,
-                         storage: StorageConfig) -> int:
+def validation_threshold(config: PreEncodeConfig, embedded: Manifest, embedded_url: str, storage: StorageConfig) -> int:
     """The key hash below which a sample embed kept is held out for validation.
 
     The share alone is a fixed bound in hash space: whether a key is held out depends on nothing but
@@ -137,17 +139,23 @@ def validation_threshold(config: PreEncodeConfig, embedded: Manifest, embedded_u
     if config.validation_min == 0:
         return share
     if config.validation_min >= embedded.kept:
-        raise ValueError(f"pre_encode.validation_min ({config.validation_min}) would hold out all {embedded.kept} "
-                         "samples that embed kept, leaving none to train on: lower it")
+        raise ValueError(
+            f"pre_encode.validation_min ({config.validation_min}) would hold out all {embedded.kept} "
+            "samples that embed kept, leaving none to train on: lower it"
+        )
     expected = config.validation_fraction * embedded.kept
     if expected - _SURE_MARGIN * math.sqrt(expected) >= config.validation_min:
         return share
     fs, folder = filesystem(embedded_url, storage)
-    hashes = (key_hash(row[schema.KEY])
-              for shard in sorted(embedded.shards)
-              for rows in shard_phase.iter_rows(fs, f"{folder}/{schema.shard_parquet(shard)}",
-                                                columns=[schema.KEY, schema.DROP_REASON])
-              for row in rows if row[schema.DROP_REASON] is None)
+    hashes = (
+        key_hash(row[schema.KEY])
+        for shard in sorted(embedded.shards)
+        for rows in shard_phase.iter_rows(
+            fs, f"{folder}/{schema.shard_parquet(shard)}", columns=[schema.KEY, schema.DROP_REASON]
+        )
+        for row in rows
+        if row[schema.DROP_REASON] is None
+    )
     smallest = heapq.nsmallest(config.validation_min, hashes)
     return max(share, smallest[-1] + 1)
 
@@ -160,9 +168,11 @@ def semantic_input_size(config: PreEncodeConfig, crop: tuple[int, int], resoluti
     semantic = SEMANTIC_CONFIGS[config.models]()
     size = tuple(side * semantic.image_size / resolution for side in crop[::-1])
     if any(side != int(side) or side % semantic.downsampling for side in size):
-        raise ValueError(f"the {crop[0]}x{crop[1]} crop bucket scales to {size[1]:g}x{size[0]:g} px for the semantic "
-                         f"compressor, not a multiple of its downsampling ({semantic.downsampling}): choose a "
-                         f"decode.bucket_multiple that makes it one")
+        raise ValueError(
+            f"the {crop[0]}x{crop[1]} crop bucket scales to {size[1]:g}x{size[0]:g} px for the semantic "
+            f"compressor, not a multiple of its downsampling ({semantic.downsampling}): choose a "
+            f"decode.bucket_multiple that makes it one"
+        )
     return int(size[0]), int(size[1])
 
 
@@ -173,8 +183,10 @@ def latent_shapes(config: PreEncodeConfig, crop: tuple[int, int], resolution: in
     width, height = crop
     if width % stage_a.downsampling or height % stage_a.downsampling:
         setting = "decode.resolution" if width == height == resolution else "decode.bucket_multiple"
-        raise ValueError(f"the {width}x{height} crop is not a multiple of Stage A's downsampling ({stage_a.downsampling}) "
-                         f"to pre-encode with the {config.models!r} models: change {setting}")
+        raise ValueError(
+            f"the {width}x{height} crop is not a multiple of Stage A's downsampling ({stage_a.downsampling}) "
+            f"to pre-encode with the {config.models!r} models: change {setting}"
+        )
     semantic_size = semantic_input_size(config, crop, resolution) or (semantic.image_size, semantic.image_size)
     return {
         schema.STAGE_C_LATENT: (semantic.c_latent, *(side // semantic.downsampling for side in semantic_size)),
@@ -187,10 +199,15 @@ def output_schema(config: PreEncodeConfig, crops: tuple[tuple[int, int], ...], r
     text = TEXT_CONFIGS[config.models]()
     shapes = [latent_shapes(config, crop, resolution) for crop in crops]
     if len(crops) == 1:
-        latents = [pa.field(name, pa.fixed_shape_tensor(pa.float16(), list(shape))) for name, shape in shapes[0].items()]
+        latents = [
+            pa.field(name, pa.fixed_shape_tensor(pa.float16(), list(shape))) for name, shape in shapes[0].items()
+        ]
     else:
-        latents = [pa.field(schema.CROP_WIDTH, pa.int32()), pa.field(schema.CROP_HEIGHT, pa.int32()),
-                   *(pa.field(name, pa.list_(pa.float16())) for name in shapes[0])]
+        latents = [
+            pa.field(schema.CROP_WIDTH, pa.int32()),
+            pa.field(schema.CROP_HEIGHT, pa.int32()),
+            *(pa.field(name, pa.list_(pa.float16())) for name in shapes[0]),
+        ]
     fields = [
         pa.field(schema.SPLIT, pa.string()),
         pa.field(schema.CAPTION, pa.string()),
@@ -211,8 +228,11 @@ def _random_or_loaded(model: torch.nn.Module, weights: str, what: str, storage: 
     if weights:
         trained_weights.load(model, weights, storage)
     else:
-        warnings.warn(f"pre_encode: {what} has random weights (its *_weights setting is empty); "
-                      "latents are only meaningful for tests and tiny demo runs", stacklevel=2)
+        warnings.warn(
+            f"pre_encode: {what} has random weights (its *_weights setting is empty); "
+            "latents are only meaningful for tests and tiny demo runs",
+            stacklevel=2,
+        )
     return model
 
 
@@ -220,9 +240,19 @@ class PreEncodeShard:
     """Ray Data step: encodes one shard's kept samples into ``pre_encode/{shard}.parquet``; those whose
     key hash is below ``validation_threshold`` (``validation_threshold()``) are the validation split."""
 
-    def __init__(self, *, decoded_url: str, embedded_url: str, output_url: str, config: PreEncodeConfig,
-                 crops: tuple[tuple[int, int], ...], resolution: int, validation_threshold: int,
-                 fingerprint: dict[str, Any], storage: StorageConfig):
+    def __init__(
+        self,
+        *,
+        decoded_url: str,
+        embedded_url: str,
+        output_url: str,
+        config: PreEncodeConfig,
+        crops: tuple[tuple[int, int], ...],
+        resolution: int,
+        validation_threshold: int,
+        fingerprint: dict[str, Any],
+        storage: StorageConfig,
+    ):
         self.decoded, self.decoded_folder = filesystem(decoded_url, storage)
         self.embedded, self.embedded_folder = filesystem(embedded_url, storage)
         self.output, self.output_folder = filesystem(output_url, storage)
@@ -233,19 +263,36 @@ class PreEncodeShard:
         self.semantic_sizes = {crop: semantic_input_size(config, crop, resolution) for crop in crops}
         self.device = torch.device("cuda" if config.resources.on_gpu and torch.cuda.is_available() else "cpu")
         torch.manual_seed(config.seed)
-        self.stage_a = _random_or_loaded(StageA(STAGE_A_CONFIGS[config.models]()), config.stage_a_weights,
-                                         "Stage A", storage).to(self.device).eval()
-        self.semantic = _random_or_loaded(SemanticCompressor(SEMANTIC_CONFIGS[config.models]()),
-                                          config.semantic_weights, "the semantic compressor", storage).to(self.device).eval()
+        self.stage_a = (
+            _random_or_loaded(StageA(STAGE_A_CONFIGS[config.models]()), config.stage_a_weights, "Stage A", storage)
+            .to(self.device)
+            .eval()
+        )
+        self.semantic = (
+            _random_or_loaded(
+                SemanticCompressor(SEMANTIC_CONFIGS[config.models]()),
+                config.semantic_weights,
+                "the semantic compressor",
+                storage,
+            )
+            .to(self.device)
+            .eval()
+        )
         text = TEXT_CONFIGS[config.models]()
         if config.text_weights == "random":
-            warnings.warn("pre_encode: the text towers have random weights (text_weights=random); their hidden "
-                          "states are only meaningful for benchmarks", stacklevel=2)
+            warnings.warn(
+                "pre_encode: the text towers have random weights (text_weights=random); their hidden "
+                "states are only meaningful for benchmarks",
+                stacklevel=2,
+            )
             text = text.with_random_weights()
         self.text_encoders = (
-            {schema.TEXT_STAGE_C: TextEncoder(text.stage_c).to(self.device),
-             schema.TEXT_STAGE_B: TextEncoder(text.stage_b).to(self.device)}
-            if config.text == "hidden_states" else {}
+            {
+                schema.TEXT_STAGE_C: TextEncoder(text.stage_c).to(self.device),
+                schema.TEXT_STAGE_B: TextEncoder(text.stage_b).to(self.device),
+            }
+            if config.text == "hidden_states"
+            else {}
         )
         if self.text_encoders and not self.output.exists(f"{self.output_folder}/{EMPTY_CAPTION_FILE}"):
             self.write_empty_caption()
@@ -254,11 +301,14 @@ class PreEncodeShard:
     def write_empty_caption(self) -> None:
         """The empty caption's hidden states, which training swaps in for classifier-free guidance."""
         tokens, mask = tokenize([""])
-        states = {name: encoder(tokens.to(self.device), mask.to(self.device))[0].float().cpu().contiguous()
-                  for name, encoder in self.text_encoders.items()}
+        states = {
+            name: encoder(tokens.to(self.device), mask.to(self.device))[0].float().cpu().contiguous()
+            for name, encoder in self.text_encoders.items()
+        }
         self.output.makedirs(self.output_folder, exist_ok=True)
-        write_atomically(self.output, f"{self.output_folder}/{EMPTY_CAPTION_FILE}",
-                         lambda stream: stream.write(save(states)))
+        write_atomically(
+            self.output, f"{self.output_folder}/{EMPTY_CAPTION_FILE}", lambda stream: stream.write(save(states))
+        )
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         (shard,) = batch[schema.SHARD]
@@ -296,7 +346,9 @@ class PreEncodeShard:
 
     def prepare(self, rows: list[dict[str, Any]], decoders: ThreadPoolExecutor) -> PreparedBatch:
         """The CPU side of a batch: crops decoded (on the decoder threads) and stacked, captions tokenised."""
-        crops = list(decoders.map(lambda row: np.asarray(Image.open(io.BytesIO(row[schema.IMAGE])).convert("RGB")), rows))
+        crops = list(
+            decoders.map(lambda row: np.asarray(Image.open(io.BytesIO(row[schema.IMAGE])).convert("RGB")), rows)
+        )
         pixels = torch.from_numpy(np.stack(crops))
         tokens, mask = tokenize([row[schema.CAPTION] for row in rows])
         if self.device.type == "cuda":
@@ -310,16 +362,27 @@ class PreEncodeShard:
         next and write the previous, so a GPU actor is not left waiting on its CPU work."""
         embedded = {
             row[schema.KEY]: row
-            for rows in shard_phase.iter_rows(self.embedded, f"{self.embedded_folder}/{schema.shard_parquet(shard)}",
-                                              columns=[schema.KEY, schema.CLIP_SIMILARITY, schema.AESTHETIC_SCORE,
-                                                       schema.DROP_REASON])
-            for row in rows if row[schema.DROP_REASON] is None
+            for rows in shard_phase.iter_rows(
+                self.embedded,
+                f"{self.embedded_folder}/{schema.shard_parquet(shard)}",
+                columns=[schema.KEY, schema.CLIP_SIMILARITY, schema.AESTHETIC_SCORE, schema.DROP_REASON],
+            )
+            for row in rows
+            if row[schema.DROP_REASON] is None
         }
         batches = _batches_by_crop(
-            (row for rows in shard_phase.iter_rows(self.decoded, f"{self.decoded_folder}/{schema.shard_parquet(shard)}",
-                                                   batch_size=self.config.resources.batch_size)
-             for row in rows if row[schema.KEY] in embedded),
-            self.config.resources.batch_size)
+            (
+                row
+                for rows in shard_phase.iter_rows(
+                    self.decoded,
+                    f"{self.decoded_folder}/{schema.shard_parquet(shard)}",
+                    batch_size=self.config.resources.batch_size,
+                )
+                for row in rows
+                if row[schema.KEY] in embedded
+            ),
+            self.config.resources.batch_size,
+        )
         dropped: Counter[str] = Counter()
         # Validation rows of each crop, written as the shard's last row groups: a row group holds one
         # split (and one crop), so a reader's filter on either skips the others by their statistics.
@@ -341,13 +404,17 @@ class PreEncodeShard:
             output.write_columns(_rows_where(columns, ~validation))
             if validation.any():
                 held_out.setdefault(batch.crop, []).append(
-                    shard_phase.columns_to_table(_rows_where(columns, validation), self.schema))
+                    shard_phase.columns_to_table(_rows_where(columns, validation), self.schema)
+                )
 
         path = f"{self.output_folder}/{schema.shard_parquet(shard)}"
         decode_threads = max(1, int(self.config.resources.num_cpus))
-        with (shard_phase.ShardOutput(self.output, path, self.schema) as output,
-              ThreadPoolExecutor(decode_threads) as decoders,
-              ThreadPoolExecutor(1) as preparer, ThreadPoolExecutor(1) as writer):
+        with (
+            shard_phase.ShardOutput(self.output, path, self.schema) as output,
+            ThreadPoolExecutor(decode_threads) as decoders,
+            ThreadPoolExecutor(1) as preparer,
+            ThreadPoolExecutor(1) as writer,
+        ):
             written: Future | None = None
             for batch in _one_ahead(preparer, lambda rows: self.prepare(rows, decoders), batches):
                 encoded = self.encode(batch)
@@ -358,9 +425,12 @@ class PreEncodeShard:
                 written.result()
             for crop in sorted(held_out):
                 output.write_table(pa.concat_tables(held_out[crop]))
-            counts = ShardCounts(samples_in=len(embedded), kept=len(embedded) - sum(dropped.values()),
-                                 dropped={str(k): v for k, v in sorted(dropped.items())},
-                                 validation=sum(table.num_rows for tables in held_out.values() for table in tables))
+            counts = ShardCounts(
+                samples_in=len(embedded),
+                kept=len(embedded) - sum(dropped.values()),
+                dropped={str(k): v for k, v in sorted(dropped.items())},
+                validation=sum(table.num_rows for tables in held_out.values() for table in tables),
+            )
             output.commit(counts, self.fingerprint)
         return counts
 
@@ -396,9 +466,12 @@ class EncodedBatch:
 
 def _rows_where(columns: dict[str, Any], selected: np.ndarray) -> dict[str, Any]:
     """The rows of ``columns`` (lists or arrays, one entry per row) where ``selected`` is true."""
-    return {name: values[selected] if isinstance(values, np.ndarray)
-            else [value for value, keep in zip(values, selected, strict=True) if keep]
-            for name, values in columns.items()}
+    return {
+        name: values[selected]
+        if isinstance(values, np.ndarray)
+        else [value for value, keep in zip(values, selected, strict=True) if keep]
+        for name, values in columns.items()
+    }
 
 
 def _batches_by_crop(rows: Iterable[dict[str, Any]], batch_size: int) -> Iterator[list[dict[str, Any]]]:
@@ -426,17 +499,34 @@ def _one_ahead(pool: ThreadPoolExecutor, function: Callable[[Any], Any], items: 
         yield pending.result()
 
 
-def phase(*, decoded_url: str, embedded_url: str, output_url: str, embedded_fingerprint: dict[str, Any],
-          crops: tuple[tuple[int, int], ...], resolution: int, config: PreEncodeConfig, validation_threshold: int,
-          storage: StorageConfig) -> shard_phase.ShardPhase:
+def phase(
+    *,
+    decoded_url: str,
+    embedded_url: str,
+    output_url: str,
+    embedded_fingerprint: dict[str, Any],
+    crops: tuple[tuple[int, int], ...],
+    resolution: int,
+    config: PreEncodeConfig,
+    validation_threshold: int,
+    storage: StorageConfig,
+) -> shard_phase.ShardPhase:
     output_schema(config, crops, resolution)  # crops the encoders cannot take fail here, before any work
     fingerprint = fingerprints.of(input=embedded_fingerprint, settings=config.outcome())
     return shard_phase.ShardPhase(
         name=PHASE,
         step=PreEncodeShard,
-        step_kwargs={"decoded_url": decoded_url, "embedded_url": embedded_url, "output_url": output_url,
-                     "config": config, "crops": crops, "resolution": resolution,
-                     "validation_threshold": validation_threshold, "fingerprint": fingerprint, "storage": storage},
+        step_kwargs={
+            "decoded_url": decoded_url,
+            "embedded_url": embedded_url,
+            "output_url": output_url,
+            "config": config,
+            "crops": crops,
+            "resolution": resolution,
+            "validation_threshold": validation_threshold,
+            "fingerprint": fingerprint,
+            "storage": storage,
+        },
         resources=config.resources,
         fingerprint=fingerprint,
     )

@@ -85,8 +85,12 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     count as zero.
     """
     mu1, mu2, sigma1, sigma2 = (torch.as_tensor(x, dtype=torch.float64) for x in (mu1, mu2, sigma1, sigma2))
-    assert mu1.shape == mu2.shape and sigma1.shape == sigma2.shape == (mu1.numel(), mu1.numel()), \
-        (mu1.shape, mu2.shape, sigma1.shape, sigma2.shape)
+    assert mu1.shape == mu2.shape and sigma1.shape == sigma2.shape == (mu1.numel(), mu1.numel()), (
+        mu1.shape,
+        mu2.shape,
+        sigma1.shape,
+        sigma2.shape,
+    )
     values, vectors = torch.linalg.eigh(sigma1)
     root1 = (vectors * values.clamp(min=0).sqrt()) @ vectors.T
     product = root1 @ sigma2 @ root1
@@ -96,8 +100,14 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
 
 
 @torch.inference_mode()
-def clip_scores(model: nn.Module, preprocess: Callable[[Image.Image], torch.Tensor], tokenizer,
-                images: Sequence[Image.Image], captions: Sequence[str], device: torch.device) -> torch.Tensor:
+def clip_scores(
+    model: nn.Module,
+    preprocess: Callable[[Image.Image], torch.Tensor],
+    tokenizer,
+    images: Sequence[Image.Image],
+    captions: Sequence[str],
+    device: torch.device,
+) -> torch.Tensor:
     """(N,) CLIP score of each image against its caption, with an open_clip model and its image
     preprocessing and tokenizer (``pipelines.embed.load_clip``: the embed phase's model)."""
     assert len(images) == len(captions), (len(images), len(captions))
@@ -116,8 +126,13 @@ class TinyFeatures(nn.Module):
         super().__init__()
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            self.layers = nn.Sequential(nn.Conv2d(3, dim // 2, 3, stride=2), nn.ReLU(),
-                                        nn.Conv2d(dim // 2, dim, 3, stride=2), nn.ReLU(), nn.AdaptiveAvgPool2d(1))
+            self.layers = nn.Sequential(
+                nn.Conv2d(3, dim // 2, 3, stride=2),
+                nn.ReLU(),
+                nn.Conv2d(dim // 2, dim, 3, stride=2),
+                nn.ReLU(),
+                nn.AdaptiveAvgPool2d(1),
+            )
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.layers(images).flatten(1)
@@ -130,8 +145,7 @@ class FidInceptionFeatures(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.inception = InceptionV3([_POOL3_BLOCK], resize_input=True, normalize_input=True,
-                                     use_fid_inception=True)
+        self.inception = InceptionV3([_POOL3_BLOCK], resize_input=True, normalize_input=True, use_fid_inception=True)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         (pool3,) = self.inception(images)
@@ -151,4 +165,3 @@ def feature_extractor(name: str) -> nn.Module:
     if name not in FEATURE_EXTRACTORS:
         raise ValueError(f"unknown FID feature extractor {name!r}: choose one of {', '.join(FEATURE_EXTRACTORS)}")
     return FEATURE_EXTRACTORS[name]().eval().requires_grad_(False)
-

@@ -83,6 +83,7 @@ def sample_schema(*fields: pa.Field, drop_reason: bool = True) -> pa.Schema:
     """A phase's output schema: the sample metadata, the phase's own columns, then the drop reason."""
     return pa.schema([*SAMPLE_METADATA_FIELDS, *fields, *([pa.field(DROP_REASON, pa.string())] if drop_reason else [])])
 
+
 STATUS_SUCCESS = "success"
 
 # Spelling in the sources -> canonical name.
@@ -96,7 +97,15 @@ COLUMN_ALIASES = {
 
 # The LAION metadata parquet as LAION publishes it (the input of img2dataset).
 LAION_METADATA_COLUMNS = (
-    "URL", "TEXT", "WIDTH", "HEIGHT", "similarity", "punsafe", "pwatermark", "AESTHETIC_SCORE", "hash",
+    "URL",
+    "TEXT",
+    "WIDTH",
+    "HEIGHT",
+    "similarity",
+    "punsafe",
+    "pwatermark",
+    "AESTHETIC_SCORE",
+    "hash",
 )
 
 

@@ -49,8 +49,9 @@ class ShardOutput:
         # Dictionaries and min/max statistics of tensor columns cost most of the write time (about 2/3
         # for a v2 latent shard) and buy nothing: real latents take too many distinct values.
         scalar_columns = [f.name for f in table_schema if not isinstance(f.type, pa.FixedShapeTensorType)]
-        self.writer = pq.ParquetWriter(self.stream, table_schema, use_dictionary=scalar_columns,
-                                       write_statistics=scalar_columns)
+        self.writer = pq.ParquetWriter(
+            self.stream, table_schema, use_dictionary=scalar_columns, write_statistics=scalar_columns
+        )
         self.committed = False
 
     def write(self, rows: list[dict[str, Any]]) -> None:
@@ -67,8 +68,9 @@ class ShardOutput:
             self.writer.write_table(table, row_group_size=table.num_rows)
 
     def commit(self, counts: ShardCounts, fingerprint: dict[str, Any]) -> None:
-        self.writer.add_key_value_metadata({
-            _COUNTS: json.dumps(dataclasses.asdict(counts)), **fingerprints.metadata(fingerprint)})
+        self.writer.add_key_value_metadata(
+            {_COUNTS: json.dumps(dataclasses.asdict(counts)), **fingerprints.metadata(fingerprint)}
+        )
         self.writer.close()
         self.stream.close()
         self.fs.mv(self.temporary, self.path)
@@ -170,8 +172,9 @@ class WithinDeadline:
     end before ``deadline`` (seconds of ``clock``), judged by the actor's longest shard so far. A
     shard left out returns no output; the phase then has no manifest until a later run does it."""
 
-    def __init__(self, *, step: type, step_kwargs: dict[str, Any], deadline: float,
-                 clock: Callable[[], float] = time.time):
+    def __init__(
+        self, *, step: type, step_kwargs: dict[str, Any], deadline: float, clock: Callable[[], float] = time.time
+    ):
         self.step, self.deadline, self.clock = step(**step_kwargs), deadline, clock
         self.longest = 0.0
 
@@ -184,17 +187,26 @@ class WithinDeadline:
         return result
 
 
-def run(phase: ShardPhase, shards: list[str], output_url: str, storage: StorageConfig, *,
-        budget_gpu_hours: float | None = None,
-        clock: Callable[[], float] = time.time) -> tuple[Manifest | None, dict[str, float]]:
+def run(
+    phase: ShardPhase,
+    shards: list[str],
+    output_url: str,
+    storage: StorageConfig,
+    *,
+    budget_gpu_hours: float | None = None,
+    clock: Callable[[], float] = time.time,
+) -> tuple[Manifest | None, dict[str, float]]:
     """Runs ``phase`` over the shards whose output is missing or stale; returns the manifest and metrics.
 
     Metrics are empty when every shard was already finished. ``budget_gpu_hours``: what this run may
     hold (a phase without GPUs holds none); the manifest is None when it stopped shards short of it.
     """
     previous = read_manifest(output_url, storage)
-    if (previous is not None and fingerprints.is_complete(previous.config, phase.fingerprint)
-            and set(previous.shards) == set(shards)):
+    if (
+        previous is not None
+        and fingerprints.is_complete(previous.config, phase.fingerprint)
+        and set(previous.shards) == set(shards)
+    ):
         return previous, {}
     fs, folder = filesystem(output_url, storage)
     if previous is not None:
@@ -210,33 +222,54 @@ def run(phase: ShardPhase, shards: list[str], output_url: str, storage: StorageC
     gpus = actors * phase.resources.num_gpus
     step, step_kwargs = phase.step, phase.step_kwargs
     if budget_gpu_hours is not None and gpus:
-        step, step_kwargs = WithinDeadline, {"step": phase.step, "step_kwargs": phase.step_kwargs, "clock": clock,
-                                             "deadline": clock() + budget_gpu_hours * 3600 / gpus}
+        step, step_kwargs = (
+            WithinDeadline,
+            {
+                "step": phase.step,
+                "step_kwargs": phase.step_kwargs,
+                "clock": clock,
+                "deadline": clock() + budget_gpu_hours * 3600 / gpus,
+            },
+        )
     started = time.monotonic()
     if todo:
         ray.data.from_items([{schema.SHARD: shard} for shard in todo], override_num_blocks=len(todo)).map_batches(
-            step, fn_constructor_kwargs=step_kwargs, batch_size=1, **phase.resources.actor_args(),
+            step,
+            fn_constructor_kwargs=step_kwargs,
+            batch_size=1,
+            **phase.resources.actor_args(),
         ).materialize()
     seconds = time.monotonic() - started
 
     fs.invalidate_cache()  # object-store listings cached before the actors wrote
     remove_orphaned_temporaries(fs, folder)  # of actors that died mid-shard (Ray redid those shards)
     ledgers = {shard: read_shard_ledger(fs, f"{folder}/{schema.shard_parquet(shard)}") for shard in shards}
-    done = [shard for shard in todo
-            if ledgers[shard] is not None and fingerprints.is_complete(ledgers[shard][1], phase.fingerprint)]
+    done = [
+        shard
+        for shard in todo
+        if ledgers[shard] is not None and fingerprints.is_complete(ledgers[shard][1], phase.fingerprint)
+    ]
     metrics = throughput_metrics(
-        samples=sum(ledgers[s][0].samples_in for s in done), seconds=seconds, resources=phase.resources,
-        actors=actors, shards_done=len(done), shards_skipped=len(shards) - len(todo))
+        samples=sum(ledgers[s][0].samples_in for s in done),
+        seconds=seconds,
+        resources=phase.resources,
+        actors=actors,
+        shards_done=len(done),
+        shards_skipped=len(shards) - len(todo),
+    )
     if len(done) < len(todo):
         assert step is WithinDeadline, f"{phase.name}: a shard step returned without committing its output"
         return None, {**metrics, "shards_left": len(todo) - len(done)}
-    manifest = Manifest(phase=phase.name, config=phase.fingerprint, shards={s: ledger[0] for s, ledger in ledgers.items()})
+    manifest = Manifest(
+        phase=phase.name, config=phase.fingerprint, shards={s: ledger[0] for s, ledger in ledgers.items()}
+    )
     write_manifest(output_url, manifest, storage)
     return manifest, metrics
 
 
-def throughput_metrics(*, samples: int, seconds: float, resources: StepResources, actors: int,
-                       shards_done: int, shards_skipped: int) -> dict[str, float]:
+def throughput_metrics(
+    *, samples: int, seconds: float, resources: StepResources, actors: int, shards_done: int, shards_skipped: int
+) -> dict[str, float]:
     """Speed and cost of a run, per CPU and per GPU held (pool size × resources per actor)."""
     cpus, gpus = actors * resources.num_cpus, actors * resources.num_gpus
     per_second = samples / seconds if seconds > 0 else 0.0

@@ -95,7 +95,9 @@ def local_copy(url: str, storage: StorageConfig | None = None, cache_dir: str | 
         return url.removeprefix("file://")
     fs, path = filesystem(url, storage)
     info = fs.info(path)
-    version = next((str(info[k]) for k in ("ETag", "LastModified", "Last-Modified", "mtime", "updated") if info.get(k)), "")
+    version = next(
+        (str(info[k]) for k in ("ETag", "LastModified", "Last-Modified", "mtime", "updated") if info.get(k)), ""
+    )
     key = hashlib.sha256(f"{url}\n{info.get('size')}\n{version}".encode()).hexdigest()[:16]
     cache = Path(cache_dir or Path.home() / ".cache" / "wuerstchen-ray")
     target = cache / f"{key}-{url.rsplit('/', 1)[-1]}"

@@ -73,13 +73,13 @@ class TrackedRun:
     def log_params(self, params: dict[str, Any]) -> None:
         items = [Param(key, str(value)) for key, value in params.items()]
         for start in range(0, len(items), _BATCH):
-            self.client.log_batch(self.run_id, params=items[start:start + _BATCH])
+            self.client.log_batch(self.run_id, params=items[start : start + _BATCH])
 
     def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
         timestamp = int(time.time() * 1000)
         items = [Metric(key, float(value), timestamp, step) for key, value in metrics.items()]
         for start in range(0, len(items), _BATCH):
-            self.client.log_batch(self.run_id, metrics=items[start:start + _BATCH])
+            self.client.log_batch(self.run_id, metrics=items[start : start + _BATCH])
 
     def latest_metric(self, key: str) -> float | None:
         """The last value logged for ``key``; None if none was."""
@@ -120,8 +120,9 @@ class Tracker:
         self.client = MlflowClient(self.uri)
         experiment = self.client.get_experiment_by_name(config.experiment)
         if experiment is None:
-            self.experiment_id = self.client.create_experiment(config.experiment, artifact_location=artifact_location,
-                                                               tags={EXPERIMENT_KIND: MODEL_TRAINING})
+            self.experiment_id = self.client.create_experiment(
+                config.experiment, artifact_location=artifact_location, tags={EXPERIMENT_KIND: MODEL_TRAINING}
+            )
         else:
             self.experiment_id = experiment.experiment_id
             if EXPERIMENT_KIND not in experiment.tags:  # made before the tag was set; a user's own choice stays

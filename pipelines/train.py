@@ -87,9 +87,11 @@ def worker_torch_settings(config: TrainConfig, device: torch.device) -> Iterator
     may run more in the same process): its thread count, a warning filter, and what ``compile_blocks``
     sets (patched to their own values, so leaving restores them)."""
     threads = torch.get_num_threads()
-    with (warnings.catch_warnings(),
-          torch._dynamo.config.patch(recompile_limit=torch._dynamo.config.recompile_limit),
-          torch._functorch.config.patch(activation_memory_budget=torch._functorch.config.activation_memory_budget)):
+    with (
+        warnings.catch_warnings(),
+        torch._dynamo.config.patch(recompile_limit=torch._dynamo.config.recompile_limit),
+        torch._functorch.config.patch(activation_memory_budget=torch._functorch.config.activation_memory_budget),
+    ):
         # A 1x1 conv weight's gradient under channels_last activations has the same memory layout as
         # DDP's bucket view and differs only in the strides of its size-1 dims.
         warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
@@ -119,13 +121,22 @@ def _train(args: WorkerArgs, device: torch.device) -> None:
     run = connect(args.tracking_uri, args.run_id) if rank == 0 else None
     # After a restart of the workers by Ray Train, the attempt goes on counting from what it last logged
     # (rank 0 decides the budget for all, so the other ranks need not know).
-    meter = BudgetMeter(units_held=config.units_held, budget=args.budget, used_before=args.used_before,
-                        attempt_before=(run.latest_metric(ATTEMPT_GPU_HOURS) or 0.0) if run is not None else 0.0,
-                        clock=args.clock)
+    meter = BudgetMeter(
+        units_held=config.units_held,
+        budget=args.budget,
+        used_before=args.used_before,
+        attempt_before=(run.latest_metric(ATTEMPT_GPU_HOURS) or 0.0) if run is not None else 0.0,
+        clock=args.clock,
+    )
     peak = run_peak_flops(device, config) if run is not None else None
     if run is not None and resumed.candidates:  # the console line can scroll away; the run keeps it
-        run.set_tags({"resume.checkpoint": resumed.checkpoint, "resume.step": str(state.step),
-                      "resume.unreadable_checkpoints": json.dumps(resumed.unreadable)})
+        run.set_tags(
+            {
+                "resume.checkpoint": resumed.checkpoint,
+                "resume.step": str(state.step),
+                "resume.unreadable_checkpoints": json.dumps(resumed.unreadable),
+            }
+        )
 
     names = list(args.buckets) or [TRAIN_DATASET]
     shards = [ray.train.get_dataset_shard(name) for name in names]
@@ -138,19 +149,23 @@ def _train(args: WorkerArgs, device: torch.device) -> None:
     while state.step < config.steps and not state.stop_reason:
         waited_since = time.monotonic()
         index = -1
-        batches = epoch_batches(shards, caches, list(args.buckets.values()), config, per_worker, device, rank,
-                                state.epoch)
+        batches = epoch_batches(
+            shards, caches, list(args.buckets.values()), config, per_worker, device, rank, state.epoch
+        )
         for index, batch in enumerate(batches):
             if index < state.batches_in_epoch:
                 waited_since = time.monotonic()
                 continue  # consumed before the checkpoint this run resumed from
             data_wait = time.monotonic() - waited_since
             if not all_agree(meter.next_step_fits(step_seconds), device):
-                state.stop_reason = (f"GPU-hour budget reached: used {meter.used():.4g} of {args.budget:.4g}; "
-                                     "the next step would exceed it")
+                state.stop_reason = (
+                    f"GPU-hour budget reached: used {meter.used():.4g} of {args.budget:.4g}; "
+                    "the next step would exceed it"
+                )
                 break
-            loss, grad_norm = train_step(forward, optimizer, schedule, task, batch, config,
-                                         step_seed(config.seed, rank, state.step))
+            loss, grad_norm = train_step(
+                forward, optimizer, schedule, task, batch, config, step_seed(config.seed, rank, state.step)
+            )
             state.step += 1
             state.batches_in_epoch += 1
             state.samples_seen += config.global_batch_size
@@ -181,8 +196,10 @@ def _train(args: WorkerArgs, device: torch.device) -> None:
                 break
         else:
             if index < 0:
-                raise RuntimeError(f"rank {rank}: an epoch without a single batch of {per_worker} samples: the "
-                                   "training set is smaller than global_batch_size")
+                raise RuntimeError(
+                    f"rank {rank}: an epoch without a single batch of {per_worker} samples: the "
+                    "training set is smaller than global_batch_size"
+                )
             state.epoch += 1
             state.batches_in_epoch = 0
     log_samples(run, stage, task, model, ema, state.step)
@@ -193,8 +210,14 @@ def _train(args: WorkerArgs, device: torch.device) -> None:
     save_checkpoint(model, ema, optimizer, state, meter, final=True)
 
 
-def trainer(*, name: str, args: WorkerArgs, datasets: dict[str, ray.data.Dataset], storage_path: str,
-            storage_filesystem: pyarrow.fs.FileSystem | None) -> TorchTrainer:
+def trainer(
+    *,
+    name: str,
+    args: WorkerArgs,
+    datasets: dict[str, ray.data.Dataset],
+    storage_path: str,
+    storage_filesystem: pyarrow.fs.FileSystem | None,
+) -> TorchTrainer:
     """The TorchTrainer of one training run; same ``name`` and storage: a rerun resumes it."""
     config = args.train
     ingest = DataConfig.default_ingest_options()
@@ -206,8 +229,10 @@ def trainer(*, name: str, args: WorkerArgs, datasets: dict[str, ray.data.Dataset
         scaling_config=ScalingConfig(
             num_workers=config.workers,
             use_gpu=config.gpus_per_worker > 0 and config.gpu_resource == GPU,
-            resources_per_worker={"CPU": config.cpus_per_worker,
-                                  **({config.gpu_resource: config.gpus_per_worker} if config.gpus_per_worker else {})},
+            resources_per_worker={
+                "CPU": config.cpus_per_worker,
+                **({config.gpu_resource: config.gpus_per_worker} if config.gpus_per_worker else {}),
+            },
         ),
         run_config=RunConfig(
             logging_config=LoggingConfig(log_level=args.ray_log_level),
@@ -222,8 +247,9 @@ def trainer(*, name: str, args: WorkerArgs, datasets: dict[str, ray.data.Dataset
     )
 
 
-def exported_state(stage: TrainableStage, spec: TaskSpec,
-                   ema_weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def exported_state(
+    stage: TrainableStage, spec: TaskSpec, ema_weights: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
     """The weights later phases load: the EMA of the part of the model they use."""
     model = stage.build_model(spec)
     model.load_state_dict(ema_weights, strict=True)

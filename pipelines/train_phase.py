@@ -71,9 +71,11 @@ def run_training(context, run, phase: str) -> str:
     # Workers get equal rows and drop their last partial batch: a set smaller than one global
     # batch would give epochs without a step.
     if source.kept - source.validation < config.global_batch_size:
-        raise ValueError(f"{section}.global_batch_size ({config.global_batch_size}) is larger than the training "
-                         f"set ({source.kept - source.validation} samples kept by {source_phase}, the validation "
-                         "split left out): lower it or add data")
+        raise ValueError(
+            f"{section}.global_batch_size ({config.global_batch_size}) is larger than the training "
+            f"set ({source.kept - source.validation} samples kept by {source_phase}, the validation "
+            "split left out): lower it or add data"
+        )
     fingerprint = training_fingerprint(context.config, section, source.config)
     final_url = f"{context.output_url(phase)}/{trained_weights.FINAL_FILE}"
     run.log_params(to_flat_dict(config, prefix=f"{section}."))
@@ -84,49 +86,77 @@ def run_training(context, run, phase: str) -> str:
     ray_url, ray_name = f"{context.output_url(phase)}/ray", _ray_run_name(phase, fingerprint)
     checkpoints = f"{ray_url}/{ray_name}"
     run_used = context.tracker.gpu_hours(checkpoints)
-    budget = run_budget(run_budget=config.budget_gpu_hours,
-                        experiment_budget=context.config.tracking.experiment_budget_gpu_hours,
-                        experiment_used=context.tracker.gpu_hours(), run_used=run_used,
-                        setting=f"{section}.budget_gpu_hours")
+    budget = run_budget(
+        run_budget=config.budget_gpu_hours,
+        experiment_budget=context.config.tracking.experiment_budget_gpu_hours,
+        experiment_used=context.tracker.gpu_hours(),
+        run_used=run_used,
+        setting=f"{section}.budget_gpu_hours",
+    )
     datasets, buckets = _datasets(context, stage, sorted(source.shards), config, run)
     spec = dataclasses.replace(
         _task_spec(context, stage, config, datasets[max(buckets, key=buckets.get) if buckets else TRAIN_DATASET]),
         validation_batches=_validation_batches(context, stage, sorted(source.shards), config),
-        chain_evaluation=_chain_evaluation(context, stage, sorted(source.shards)))
-    args = WorkerArgs(train=config, stage=stage, task=spec, budget=budget.limit, used_before=run_used,
-                      tracking_uri=context.tracker.uri, run_id=run.run_id, buckets=buckets,
-                      ray_log_level=context.config.ray.log_level)
+        chain_evaluation=_chain_evaluation(context, stage, sorted(source.shards)),
+    )
+    args = WorkerArgs(
+        train=config,
+        stage=stage,
+        task=spec,
+        budget=budget.limit,
+        used_before=run_used,
+        tracking_uri=context.tracker.uri,
+        run_id=run.run_id,
+        buckets=buckets,
+        ray_log_level=context.config.ray.log_level,
+    )
     # The tag makes this phase run an attempt of the training run; the experiment counts it once.
     run.set_tags({CHECKPOINTS_TAG: checkpoints})
     run.log_params({"budget_gpu_hours": budget.limit, "units_held": config.units_held})
     storage_fs, storage_path = _ray_storage(ray_url, storage)
-    result = trainer(name=ray_name, args=args, datasets=datasets, storage_path=storage_path,
-                     storage_filesystem=storage_fs).fit()
+    result = trainer(
+        name=ray_name, args=args, datasets=datasets, storage_path=storage_path, storage_filesystem=storage_fs
+    ).fit()
     ema, state = read_checkpoint_weights(result.checkpoint)
     # At the final step, so the charts of the figures the workers logged end there.
-    run.log_metrics({RUN_GPU_HOURS: state.gpu_hours_used, ATTEMPT_GPU_HOURS: state.gpu_hours_attempt,
-                     "final_step": state.step, "final_loss": state.last_loss,
-                     **({"gpu_hours_remaining": max(budget.limit - state.gpu_hours_used, 0.0)}
-                        if budget.limit is not None else {})}, step=state.step)
+    run.log_metrics(
+        {
+            RUN_GPU_HOURS: state.gpu_hours_used,
+            ATTEMPT_GPU_HOURS: state.gpu_hours_attempt,
+            "final_step": state.step,
+            "final_loss": state.last_loss,
+            **(
+                {"gpu_hours_remaining": max(budget.limit - state.gpu_hours_used, 0.0)}
+                if budget.limit is not None
+                else {}
+            ),
+        },
+        step=state.step,
+    )
     if state.stop_reason:
         run.set_tags({"phase.outcome": "stopped", "stop_reason": state.stop_reason})
-        raise BudgetStop(f"{phase} stopped at step {state.step} of {config.steps}: {state.stop_reason}. The checkpoint "
-                         f"is kept; raise {budget.setting} and run again to continue")
+        raise BudgetStop(
+            f"{phase} stopped at step {state.step} of {config.steps}: {state.stop_reason}. The checkpoint "
+            f"is kept; raise {budget.setting} and run again to continue"
+        )
     data = trained_weights.write(final_url, exported_state(stage, spec, ema), fingerprint, storage)
     with tempfile.TemporaryDirectory() as folder:
         local = Path(folder) / f"{stage.name}.safetensors"
         local.write_bytes(data)
         run.log_artifact(str(local), "weights")
     run.set_tags({"phase.outcome": "ran"})
-    return (f"ran; {state.step} steps, loss {state.last_loss:.4f}, {state.gpu_hours_attempt:.4g} GPU-hours "
-            f"({state.gpu_hours_used:.4g} over all attempts)")
+    return (
+        f"ran; {state.step} steps, loss {state.last_loss:.4f}, {state.gpu_hours_attempt:.4g} GPU-hours "
+        f"({state.gpu_hours_used:.4g} over all attempts)"
+    )
 
 
 def training_fingerprint(config, section: str, source_fingerprint: dict) -> dict:
     """What decides a stage's trained weights: its training data (the source phase's fingerprint),
     the model sizes and the ``section``'s settings that decide the weights (``TrainConfig.outcome``)."""
-    return fingerprints.of(input=source_fingerprint,
-                           settings={"models": config.pre_encode.models, **getattr(config, section).outcome()})
+    return fingerprints.of(
+        input=source_fingerprint, settings={"models": config.pre_encode.models, **getattr(config, section).outcome()}
+    )
 
 
 def _ray_run_name(phase: str, fingerprint: dict) -> str:
@@ -139,8 +169,9 @@ def _ray_run_name(phase: str, fingerprint: dict) -> str:
     return f"{phase}-{hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]}"
 
 
-def _datasets(context, stage: TrainableStage, shards: list[str], config: TrainConfig,
-              run) -> tuple[dict[str, ray.data.Dataset], dict[str, int]]:
+def _datasets(
+    context, stage: TrainableStage, shards: list[str], config: TrainConfig, run
+) -> tuple[dict[str, ray.data.Dataset], dict[str, int]]:
     """The training data: one data set, or with aspect-ratio buckets one per bucket, with the batches
     each worker takes from it per epoch (a bucket too small for one global batch is left out)."""
     storage = context.config.storage
@@ -149,9 +180,11 @@ def _datasets(context, stage: TrainableStage, shards: list[str], config: TrainCo
     files = [f"{folder}/{schema.shard_parquet(shard)}" for shard in shards]
     if stage.source_phase == decode.PHASE:
         dataset = ray.data.read_parquet(files, filesystem=fs).select_columns(
-            [schema.IMAGE, schema.CAPTION, schema.DROP_REASON])
+            [schema.IMAGE, schema.CAPTION, schema.DROP_REASON]
+        )
         dataset = dataset.filter(expr=col(schema.DROP_REASON).is_null()).map_batches(
-            decode_images, fn_kwargs={"resolution": resolution})
+            decode_images, fn_kwargs={"resolution": resolution}
+        )
         return {TRAIN_DATASET: _in_fixed_order(dataset, config).randomize_block_order(seed=config.seed)}, {}
     assert stage.source_phase == pre_encode.PHASE, stage.source_phase
     columns = [*stage.columns(_spec_stub(context, stage)), schema.CAPTION]
@@ -159,14 +192,19 @@ def _datasets(context, stage: TrainableStage, shards: list[str], config: TrainCo
     if len(crops) == 1:
         if stage.check_crop is not None:
             stage.check_crop(context.config, crops[0])
-        dataset = ray.data.read_parquet(files, filesystem=fs).filter(expr=pre_encode.TRAINING_ROWS).select_columns(columns)
+        dataset = (
+            ray.data.read_parquet(files, filesystem=fs).filter(expr=pre_encode.TRAINING_ROWS).select_columns(columns)
+        )
         return {TRAIN_DATASET: _in_fixed_order(dataset, config).randomize_block_order(seed=config.seed)}, {}
 
     # Two int columns of every shard, read here: Ray Data's group-by would start a shuffle for them.
     counted = pyarrow.dataset.dataset(files, format="parquet", filesystem=fs).to_table(
-        columns=_CROP_COLUMNS, filter=pre_encode.TRAINING_ROWS.to_pyarrow())
-    rows = {(row[schema.CROP_WIDTH], row[schema.CROP_HEIGHT]): row["count_all"]
-            for row in counted.group_by(_CROP_COLUMNS).aggregate([([], "count_all")]).to_pylist()}
+        columns=_CROP_COLUMNS, filter=pre_encode.TRAINING_ROWS.to_pyarrow()
+    )
+    rows = {
+        (row[schema.CROP_WIDTH], row[schema.CROP_HEIGHT]): row["count_all"]
+        for row in counted.group_by(_CROP_COLUMNS).aggregate([([], "count_all")]).to_pylist()
+    }
     everything = bucketed_source(files, fs, columns)
     per_worker = config.global_batch_size // config.workers
     datasets, buckets = {}, {}
@@ -177,21 +215,31 @@ def _datasets(context, stage: TrainableStage, shards: list[str], config: TrainCo
                 stage.check_crop(context.config, (width, height))
             name = f"{TRAIN_DATASET}_{width}x{height}"
             shapes = pre_encode.latent_shapes(context.config.pre_encode, (width, height), resolution)
-            bucket = (in_bucket(everything, (width, height))
-                      .map_batches(shard_phase.unflatten_ragged, fn_kwargs={"shapes": shapes}).select_columns(columns))
+            bucket = (
+                in_bucket(everything, (width, height))
+                .map_batches(shard_phase.unflatten_ragged, fn_kwargs={"shapes": shapes})
+                .select_columns(columns)
+            )
             datasets[name] = _in_fixed_order(bucket, config).randomize_block_order(seed=config.seed)
             buckets[name] = batches
-    run.log_params({"bucket_samples": json.dumps({f"{w}x{h}": n for (w, h), n in sorted(rows.items())}),
-                    "bucket_batches_per_worker": json.dumps(buckets)})
+    run.log_params(
+        {
+            "bucket_samples": json.dumps({f"{w}x{h}": n for (w, h), n in sorted(rows.items())}),
+            "bucket_batches_per_worker": json.dumps(buckets),
+        }
+    )
     if not buckets:
-        raise ValueError(f"no aspect-ratio bucket holds {config.global_batch_size} samples (global_batch_size), "
-                         f"samples per bucket: {dict(sorted(rows.items()))}: lower the batch size or use fewer "
-                         "decode.bucket_aspect_ratios")
+        raise ValueError(
+            f"no aspect-ratio bucket holds {config.global_batch_size} samples (global_batch_size), "
+            f"samples per bucket: {dict(sorted(rows.items()))}: lower the batch size or use fewer "
+            "decode.bucket_aspect_ratios"
+        )
     return datasets, buckets
 
 
-def _validation_batches(context, stage: TrainableStage, shards: list[str],
-                        config: TrainConfig) -> tuple[dict[str, np.ndarray], ...]:
+def _validation_batches(
+    context, stage: TrainableStage, shards: list[str], config: TrainConfig
+) -> tuple[dict[str, np.ndarray], ...]:
     """The held-out rows each evaluation uses: the first ``eval_samples`` of the validation split in
     shard order (shared equally among the buckets), in the training columns, one group per bucket.
     Only the latent stages are evaluated: the image stages train before the split is drawn."""
@@ -206,11 +254,17 @@ def _validation_batches(context, stage: TrainableStage, shards: list[str],
     if len(crops) == 1:
         groups = [source.select_columns(columns)]
     else:
-        shapes = {crop: pre_encode.latent_shapes(context.config.pre_encode, crop, context.config.decode.resolution)
-                  for crop in crops}
+        shapes = {
+            crop: pre_encode.latent_shapes(context.config.pre_encode, crop, context.config.decode.resolution)
+            for crop in crops
+        }
         source = source.select_columns([*columns, *_CROP_COLUMNS])
-        groups = [in_bucket(source, crop).map_batches(shard_phase.unflatten_ragged, fn_kwargs={"shapes": shapes[crop]})
-                  .select_columns(columns) for crop in crops]
+        groups = [
+            in_bucket(source, crop)
+            .map_batches(shard_phase.unflatten_ragged, fn_kwargs={"shapes": shapes[crop]})
+            .select_columns(columns)
+            for crop in crops
+        ]
     each = max(1, config.eval_samples // len(groups))
     batches = []
     for group in groups:
@@ -226,19 +280,28 @@ def _chain_evaluation(context, stage: TrainableStage, shards: list[str]) -> Chai
     sample = context.config.generate
     if not stage.evaluates_chain or not sample.eval_captions:
         return None
-    held_out = held_out_captions(context.output_url(stage.source_phase), context.output_url(decode.PHASE), shards,
-                                 sample.eval_captions, context.config.storage)
+    held_out = held_out_captions(
+        context.output_url(stage.source_phase),
+        context.output_url(decode.PHASE),
+        shards,
+        sample.eval_captions,
+        context.config.storage,
+    )
     if held_out is None:
         return None
-    return ChainEvaluation(held_out=held_out, sample=sample, embed=context.config.embed,
-                           models=context.config.pre_encode.models)
+    return ChainEvaluation(
+        held_out=held_out, sample=sample, embed=context.config.embed, models=context.config.pre_encode.models
+    )
 
 
 def bucketed_source(files: list[str], fs, columns: list[str]) -> ray.data.Dataset:
     """Every bucket's training rows of the latent shards ``files``: ``columns`` and the crop columns that
     ``in_bucket`` cuts by. Each bucket's filter still reaches the Parquet read (bench/bucket_read.py)."""
-    return (ray.data.read_parquet(files, filesystem=fs).filter(expr=pre_encode.TRAINING_ROWS)
-            .select_columns([*columns, *_CROP_COLUMNS]))
+    return (
+        ray.data.read_parquet(files, filesystem=fs)
+        .filter(expr=pre_encode.TRAINING_ROWS)
+        .select_columns([*columns, *_CROP_COLUMNS])
+    )
 
 
 def in_bucket(dataset: ray.data.Dataset, crop: tuple[int, int]) -> ray.data.Dataset:
@@ -256,8 +319,14 @@ def _in_fixed_order(dataset: ray.data.Dataset, config: TrainConfig) -> ray.data.
 
 
 def _spec_stub(context, stage: TrainableStage) -> TaskSpec:
-    return TaskSpec(stage=stage.name, models=context.config.pre_encode.models, caption_dropout=0.0, semantic_dropout=0.0,
-                    semantic_noise=0.0, text_from_tokens=context.config.pre_encode.text == "tokens")
+    return TaskSpec(
+        stage=stage.name,
+        models=context.config.pre_encode.models,
+        caption_dropout=0.0,
+        semantic_dropout=0.0,
+        semantic_noise=0.0,
+        text_from_tokens=context.config.pre_encode.text == "tokens",
+    )
 
 
 def _task_spec(context, stage: TrainableStage, config: TrainConfig, dataset: ray.data.Dataset) -> TaskSpec:

@@ -34,8 +34,10 @@ def split_entry(url: str) -> tuple[str, str | None]:
     if not found:
         return url, None
     if not entry or "/" in entry:
-        raise ValueError(f"weights {url!r}: after '#' give the name of a state dict in the file, e.g. "
-                         "model_v2_stage_b.pt#effnet_state_dict")
+        raise ValueError(
+            f"weights {url!r}: after '#' give the name of a state dict in the file, e.g. "
+            "model_v2_stage_b.pt#effnet_state_dict"
+        )
     return path, entry
 
 

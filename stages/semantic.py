@@ -192,7 +192,9 @@ class SemanticCompressor(nn.Module):
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"SemanticCompressor expects images (B, 3, H, W), got {tuple(images.shape)}")
         if size is not None and (size[0] % self.config.downsampling or size[1] % self.config.downsampling):
-            raise ValueError(f"semantic input size {size} must be a multiple of {self.config.downsampling} on each side")
+            raise ValueError(
+                f"semantic input size {size} must be a multiple of {self.config.downsampling} on each side"
+            )
         return self.mapper(self.backbone(self.preprocess(images, size)))
 
     @torch.no_grad()

@@ -64,8 +64,9 @@ class StageALossConfig:
 
 
 def tiny() -> StageALossConfig:
-    return StageALossConfig(perceptual=PerceptualConfig(network="convs", widths=(8, 16)),
-                            critic=CriticConfig(channels=16, layers=2))
+    return StageALossConfig(
+        perceptual=PerceptualConfig(network="convs", widths=(8, 16)), critic=CriticConfig(channels=16, layers=2)
+    )
 
 
 def v2() -> StageALossConfig:
@@ -87,7 +88,12 @@ class PerceptualDistance(nn.Module):
         else:
             layers, taps, c_in = [], [], 3
             for width in config.widths:
-                layers += [nn.Conv2d(c_in, width, 3, padding=1), nn.ReLU(), nn.Conv2d(width, width, 3, padding=1), nn.ReLU()]
+                layers += [
+                    nn.Conv2d(c_in, width, 3, padding=1),
+                    nn.ReLU(),
+                    nn.Conv2d(width, width, 3, padding=1),
+                    nn.ReLU(),
+                ]
                 taps.append(len(layers) - 1)
                 layers.append(nn.AvgPool2d(2))
                 c_in = width
@@ -143,8 +149,11 @@ class PatchCritic(nn.Module):
         for i in range(1, config.layers + 1):
             c_out = c * min(2**i, 8)
             stride = 2 if i < config.layers else 1  # the last widening layer keeps the resolution
-            layers += [nn.Conv2d(c_in, c_out, 4, stride=stride, padding=1, bias=False),
-                       nn.GroupNorm(min(32, c_out // 4), c_out), nn.LeakyReLU(0.2)]
+            layers += [
+                nn.Conv2d(c_in, c_out, 4, stride=stride, padding=1, bias=False),
+                nn.GroupNorm(min(32, c_out // 4), c_out),
+                nn.LeakyReLU(0.2),
+            ]
             c_in = c_out
         layers.append(nn.Conv2d(c_in, 1, 4, stride=1, padding=1))
         self.layers = nn.Sequential(*layers)

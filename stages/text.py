@@ -77,8 +77,9 @@ class TextConfig:
     def with_random_weights(self) -> TextConfig:
         """The same towers built random (seeded by their ``init_seed``) instead of loaded by hub name: the
         architecture and cost of the real ones where their weights cannot be fetched (offline benchmarks)."""
-        return replace(self, stage_c=replace(self.stage_c, pretrained=None),
-                       stage_b=replace(self.stage_b, pretrained=None))
+        return replace(
+            self, stage_c=replace(self.stage_c, pretrained=None), stage_b=replace(self.stage_b, pretrained=None)
+        )
 
 
 def tiny() -> TextConfig:

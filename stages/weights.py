@@ -78,7 +78,9 @@ def research_to_diffusers_attention(state: Mapping[str, torch.Tensor]) -> dict[s
             converted[f"{prefix}.to_out.0.{leaf.removeprefix('out_proj.')}"] = tensor
         else:
             if tensor.shape[0] % 3:
-                raise ValueError(f"{name} has shape {tuple(tensor.shape)}: packed q/k/v needs a first dim divisible by 3")
+                raise ValueError(
+                    f"{name} has shape {tuple(tensor.shape)}: packed q/k/v needs a first dim divisible by 3"
+                )
             kind = leaf.removeprefix("in_proj_")  # weight or bias
             for projection, part in zip(("to_q", "to_k", "to_v"), tensor.chunk(3, dim=0), strict=True):
                 converted[f"{prefix}.{projection}.{kind}"] = part

@@ -32,8 +32,9 @@ def test_each_saved_storage_counts_once_for_the_module_that_saved_it_and_paramet
     saved = saved_for_backward(model, torch.randn(batch, 4), torch.rand(batch, 1), {}, contextlib.nullcontext())
     # Linear keeps its input (its weight is a parameter), GELU its input, the product its factor r.
     assert saved.by_class == collections.Counter({"Linear": batch * 4 * 4, "GELU": batch * 8 * 4, "Scaled": batch * 4})
-    assert saved.by_part == collections.Counter({"mlp.0": batch * 4 * 4, "mlp.1": batch * 8 * 4,
-                                                 "(top level)": batch * 4})
+    assert saved.by_part == collections.Counter(
+        {"mlp.0": batch * 4 * 4, "mlp.1": batch * 8 * 4, "(top level)": batch * 4}
+    )
     assert saved.activations == batch * 13 * 4
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())  # hooks removed
 
@@ -44,7 +45,11 @@ def test_each_saved_storage_counts_once_for_the_module_that_saved_it_and_paramet
 @torch._dynamo.config.patch(recompile_limit=torch._dynamo.config.recompile_limit)
 def test_a_lower_activation_memory_budget_saves_less_for_backward_and_changes_no_gradient():
     generator = torch.Generator().manual_seed(0)
-    x, r, c = torch.randn(4, 16, 8, 8, generator=generator), torch.rand(4, generator=generator), torch.randn(4, 77, 32, generator=generator)
+    x, r, c = (
+        torch.randn(4, 16, 8, 8, generator=generator),
+        torch.rand(4, generator=generator),
+        torch.randn(4, 77, 32, generator=generator),
+    )
 
     def saved_bytes_and_gradients(budget: float | None) -> tuple[int, list[torch.Tensor]]:
         torch._dynamo.reset()  # each model's blocks compile afresh, not from the last model's cache
@@ -72,8 +77,10 @@ def test_a_lower_activation_memory_budget_saves_less_for_backward_and_changes_no
 def test_stage_b_s_budgets_per_level_each_hold_their_level_and_change_no_gradient():
     generator = torch.Generator().manual_seed(0)
     x, r = torch.randn(4, 4, 16, 16, generator=generator), torch.rand(4, generator=generator)
-    cond = {"effnet": torch.randn(4, 16, 12, 12, generator=generator),
-            "clip": torch.randn(4, 8, 24, generator=generator)}
+    cond = {
+        "effnet": torch.randn(4, 16, 12, 12, generator=generator),
+        "clip": torch.randn(4, 8, 24, generator=generator),
+    }
 
     def saved_bytes_and_gradients(budgets: tuple[float, ...] | None) -> tuple[int, list[torch.Tensor]]:
         torch._dynamo.reset()

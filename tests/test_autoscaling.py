@@ -30,10 +30,16 @@ TRAINING = ("train_a", "train_semantic", "train_b", "train_c")
 # The phases that ask for GPUs, here for the stand-in (gpu_stand_in_overrides).
 GPU_PHASES = ("embed", "train_stage_a", "train_semantic", "pre_encode", "train_stage_b", "train_stage_c", "generate")
 # Small enough for minutes on 2 cores.
-FAST = ["--set=data.demo.num_shards=2", "--set=data.demo.samples_per_shard=40",
-        *[f"--set={section}.{setting}" for section in TRAINING
-          for setting in (f"steps={STEPS}", "global_batch_size=8", "checkpoint_every=5", "warmup_steps=2")],
-        "--set=generate.prompts=a red circle on a white background,a blue square on a black background"]
+FAST = [
+    "--set=data.demo.num_shards=2",
+    "--set=data.demo.samples_per_shard=40",
+    *[
+        f"--set={section}.{setting}"
+        for section in TRAINING
+        for setting in (f"steps={STEPS}", "global_batch_size=8", "checkpoint_every=5", "warmup_steps=2")
+    ],
+    "--set=generate.prompts=a red circle on a white background,a blue square on a black background",
+]
 
 
 def _pools() -> tuple[str, str]:
@@ -54,10 +60,19 @@ def test_the_autoscaler_launches_each_pool_when_a_phase_asks_and_removes_it_when
 
         storage = StorageConfig(endpoint_url=cluster.s3_endpoint, key=S3_KEY, secret=cluster.s3_secret)
         work = f"s3://{BUCKET}/run"
-        submitted = submit_job(cluster.dashboard, cluster.auth,
-                               ["pipelines/full.py", f"--set=work_dir={work}", *cluster.storage_overrides(), *FAST,
-                                *gpu_stand_in_overrides()],
-                               env_vars={"MLFLOW_TRACKING_URI": cluster.mlflow_uri}, timeout=1800)
+        submitted = submit_job(
+            cluster.dashboard,
+            cluster.auth,
+            [
+                "pipelines/full.py",
+                f"--set=work_dir={work}",
+                *cluster.storage_overrides(),
+                *FAST,
+                *gpu_stand_in_overrides(),
+            ],
+            env_vars={"MLFLOW_TRACKING_URI": cluster.mlflow_uri},
+            timeout=1800,
+        )
         output = submitted.stdout + submitted.stderr
         (tmp_path / "job.log").write_text(output)  # beside the cluster's logs
         assert submitted.returncode == 0, output[-6000:]
@@ -73,13 +88,15 @@ def test_the_autoscaler_launches_each_pool_when_a_phase_asks_and_removes_it_when
         first_gpu_phase = next(phase for phase in PHASES if phase in GPU_PHASES)
         assert nodes_of("metadata_filter", "start", cpu) == 0 and nodes_of("metadata_filter", "launched", cpu) >= 1
         assert nodes_of(first_gpu_phase, "start", gpu) == 0 and nodes_of(first_gpu_phase, "launched", gpu) >= 1
-        for phase in list(PHASES)[:list(PHASES).index(first_gpu_phase)]:
+        for phase in list(PHASES)[: list(PHASES).index(first_gpu_phase)]:
             assert nodes_of(phase, "peak", gpu) == 0, phase
         for phase in GPU_PHASES:
             assert nodes_of(phase, "peak", gpu) >= 1, phase
         assert "nodes per type in each phase" in output and f"{gpu} 0→" in output, output[-3000:]
-        series = {point.value for point in MlflowClient(cluster.mlflow_uri).get_metric_history(parent.info.run_id,
-                                                                                                f"nodes/{gpu}")}
+        series = {
+            point.value
+            for point in MlflowClient(cluster.mlflow_uri).get_metric_history(parent.info.run_id, f"nodes/{gpu}")
+        }
         assert series >= {0, 1}, series
 
         # Idle, both pools go: the autoscaler removes every worker node, which the GCS's node table
@@ -92,7 +109,8 @@ def test_the_autoscaler_launches_each_pool_when_a_phase_asks_and_removes_it_when
         workers = [node for node in nodes if not node["is_head_node"]]
         assert all(node["state"] == "DEAD" for node in workers), workers
         launched = {pool: sum(nodes_of(phase, "launched", pool) for phase in PHASES) for pool in (cpu, gpu)}
-        by_pool = {pool: [n for n in workers if (GPU_STAND_IN in n["resources_total"]) == (pool == gpu)]
-                   for pool in (cpu, gpu)}
+        by_pool = {
+            pool: [n for n in workers if (GPU_STAND_IN in n["resources_total"]) == (pool == gpu)] for pool in (cpu, gpu)
+        }
         assert {pool: len(found) for pool, found in by_pool.items()} == launched, (launched, workers)
         assert all("idle" in node["state_message"].lower() for node in workers), workers

@@ -45,13 +45,17 @@ def test_the_check_fails_on_a_wrong_weight_and_on_other_dropout_masks(monkeypatc
 
     failures = check("c", reference, outputs("c", "ours", nudge), bf16=True)
     assert [failure.split(" is ")[0] for failure in failures] == [
-        "stage C: ours fp32 eval output", "stage C: ours fp32 train output (dropout on)",
-        "stage C: ours fp32 train gradients"]
+        "stage C: ours fp32 eval output",
+        "stage C: ours fp32 train output (dropout on)",
+        "stage C: ours fp32 train gradients",
+    ]
 
     monkeypatch.setattr(train_step, "CHECK_SEED", train_step.CHECK_SEED + 1)
     failures = check("c", reference, outputs("c", "ours"), bf16=True)
     assert [failure.split(" is ")[0] for failure in failures] == [
-        "stage C: ours fp32 train output (dropout on)", "stage C: ours fp32 train gradients"]
+        "stage C: ours fp32 train output (dropout on)",
+        "stage C: ours fp32 train gradients",
+    ]
 
 
 def test_the_reference_with_fused_attention_computes_what_it_ships_with() -> None:
@@ -69,7 +73,9 @@ def test_the_reference_with_fused_attention_computes_what_it_ships_with() -> Non
 def test_variants_name_their_implementation_s_options() -> None:
     assert parse_variants("shipped,sdpa+compile", impl="reference") == [frozenset(), frozenset({"sdpa", "compile"})]
     assert parse_variants("eager,compile+budget=0.3/0.5+cudagraph") == [
-        frozenset(), frozenset({"compile", "budget=0.3/0.5", "cudagraph"})]
+        frozenset(),
+        frozenset({"compile", "budget=0.3/0.5", "cudagraph"}),
+    ]
     with pytest.raises(Exception, match="sdpa"):
         parse_variants("sdpa")  # a reference option, not one of ours
     with pytest.raises(Exception, match="budget"):

@@ -55,8 +55,9 @@ def test_a_budget_stops_before_the_step_that_would_exceed_it():
     assert resumed.attempt() == pytest.approx(0.005) and resumed.used() == pytest.approx(0.010)
     # An attempt knows no step's cost before its first: it makes one if the run is under its budget,
     # none once the run has used it all.
-    assert _steps_until_stop(BudgetMeter(units_held=2, budget=0.0105, used_before=resumed.used(),
-                                         clock=_Clock(1.8))) == 1
+    assert (
+        _steps_until_stop(BudgetMeter(units_held=2, budget=0.0105, used_before=resumed.used(), clock=_Clock(1.8))) == 1
+    )
     assert _steps_until_stop(BudgetMeter(units_held=2, budget=0.0105, used_before=0.0105, clock=_Clock(1.8))) == 0
 
 
@@ -79,8 +80,11 @@ def test_a_run_budget_counts_the_runs_earlier_attempts_against_what_the_experime
     # 6 for the run, 4 of them spent: 2 more fit in the 3 the experiment has left.
     budget = run_budget(run_budget=6, experiment_budget=10, experiment_used=7, run_used=4, setting="train_c.x")
     assert (budget.limit, budget.setting) == (6, "train_c.x")
-    with pytest.raises(ValueError, match=r"train_c.x \(9 GPU-hours, 4 of them used by the run's earlier attempts\) "
-                                         r"does not fit .* \(3 of 10 GPU-hours\): lower train_c.x to at most 7"):
+    with pytest.raises(
+        ValueError,
+        match=r"train_c.x \(9 GPU-hours, 4 of them used by the run's earlier attempts\) "
+        r"does not fit .* \(3 of 10 GPU-hours\): lower train_c.x to at most 7",
+    ):
         run_budget(run_budget=9, experiment_budget=10, experiment_used=7, run_used=4, setting="train_c.x")
     with pytest.raises(ValueError, match="used 10 of its 10 GPU-hours; nothing is left"):
         run_budget(run_budget=None, experiment_budget=10, experiment_used=10, run_used=4, setting="train_c.x")
@@ -126,8 +130,7 @@ class _Shards:
 def test_a_budgeted_pool_starts_a_shard_only_if_its_longest_shard_still_ends_in_time():
     # Each read of the clock advances it 1 s, so each shard takes 1 s and each start reads 1 s later.
     done: list[str] = []
-    step = shard_phase.WithinDeadline(step=_Shards, step_kwargs={"done": done}, deadline=4.5,
-                                      clock=_Clock(1.0))
+    step = shard_phase.WithinDeadline(step=_Shards, step_kwargs={"done": done}, deadline=4.5, clock=_Clock(1.0))
     results = [step({schema.SHARD: np.array([name])}) for name in ("a", "b", "c", "d")]
     # a: starts at 1 (ends at 2); b: starts at 3, its 1 s ends by 4.5; c: starts at 5, too late; d too.
     assert done == ["a", "b"]

@@ -47,8 +47,10 @@ def _checkpoint(endpoint: str, url: str) -> Checkpoint:
 
 def _snapshot(folder: Path) -> dict[str, tuple]:
     """What would change if a file were written again: its inode, modification time and content."""
-    return {name: ((folder / name).stat().st_ino, (folder / name).stat().st_mtime_ns, file_record(folder / name))
-            for name in FILES}
+    return {
+        name: ((folder / name).stat().st_ino, (folder / name).stat().st_mtime_ns, file_record(folder / name))
+        for name in FILES
+    }
 
 
 def _first_rank(checkpoint, inside, second_done, results):
@@ -124,7 +126,9 @@ def test_ranks_restoring_at_random_moments_always_read_whole_files(s3_server, ch
         fs.get(f"{path}/{name}", str(tmp_path / name))
         records[name] = file_record(tmp_path / name)
         (tmp_path / name).unlink()
-    targets = [(_rank_restoring_repeatedly, (_checkpoint(s3_server, checkpoint_url), records, seed)) for seed in range(3)]
+    targets = [
+        (_rank_restoring_repeatedly, (_checkpoint(s3_server, checkpoint_url), records, seed)) for seed in range(3)
+    ]
     failures = [failure for found in _run(targets, tmp_path) for failure in found]
     assert failures == []
     assert _copies_left(tmp_path) == [], "the last reader left its copy behind"

@@ -23,8 +23,12 @@ def test_a_local_ray_is_one_head_node_in_every_phase_and_in_the_series(local_ray
             with tracker.run(name, parent=parent) as run, nodes.phase(name, run):
                 assert ray.get(ray.remote(lambda: 1).remote()) == 1
             assert tracker.client.get_run(run.run_id).data.metrics == {
-                "nodes_start/head": 1, "nodes_end/head": 1, "nodes_peak/head": 1,
-                "nodes_launched/head": 0, "nodes_removed/head": 0}
+                "nodes_start/head": 1,
+                "nodes_end/head": 1,
+                "nodes_peak/head": 1,
+                "nodes_launched/head": 0,
+                "nodes_removed/head": 0,
+            }
     series = tracker.client.get_metric_history(parent.run_id, f"nodes/{HEAD}")
     assert series and {point.value for point in series} == {1}
     assert [p.phase for p in nodes.phases] == ["decode", "embed"]
@@ -32,10 +36,13 @@ def test_a_local_ray_is_one_head_node_in_every_phase_and_in_the_series(local_ray
 
 
 def test_a_phase_line_shows_launches_removals_and_a_peak_between_its_ends() -> None:
-    nodes = PhaseNodes("train_stage_b", start={"cpu_worker": 1, "gpu_worker": 0, "head": 1},
-                       end={"cpu_worker": 0, "gpu_worker": 0, "head": 1},
-                       peak={"cpu_worker": 1, "gpu_worker": 1, "head": 1},
-                       launched={"cpu_worker": 0, "gpu_worker": 1, "head": 0},
-                       removed={"cpu_worker": 1, "gpu_worker": 1, "head": 0})
+    nodes = PhaseNodes(
+        "train_stage_b",
+        start={"cpu_worker": 1, "gpu_worker": 0, "head": 1},
+        end={"cpu_worker": 0, "gpu_worker": 0, "head": 1},
+        peak={"cpu_worker": 1, "gpu_worker": 1, "head": 1},
+        launched={"cpu_worker": 0, "gpu_worker": 1, "head": 0},
+        removed={"cpu_worker": 1, "gpu_worker": 1, "head": 0},
+    )
     assert nodes.line() == "cpu_worker 1→0 -1; gpu_worker 0→0 (peak 1) +1 -1; head 1→1"
     assert nodes.metrics()["nodes_launched/gpu_worker"] == 1 and nodes.metrics()["nodes_removed/cpu_worker"] == 1

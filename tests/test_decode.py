@@ -37,7 +37,7 @@ def _halves(width: int = 80, height: int = 60) -> Image.Image:
     """Left half red, right half blue: any wrong rotation or flip shows."""
     array = np.zeros((height, width, 3), np.uint8)
     array[:, : width // 2] = (255, 0, 0)
-    array[:, width // 2:] = (0, 0, 255)
+    array[:, width // 2 :] = (0, 0, 255)
     return Image.fromarray(array)
 
 
@@ -54,11 +54,14 @@ def test_jpeg_png_webp_decode_to_rgb_crops():
         assert _left_is_red(crop), format_
 
 
-@pytest.mark.parametrize("orientation, stored", [
-    (3, lambda image: image.rotate(180)),
-    (6, lambda image: image.rotate(90, expand=True)),
-    (8, lambda image: image.rotate(-90, expand=True)),
-])
+@pytest.mark.parametrize(
+    "orientation, stored",
+    [
+        (3, lambda image: image.rotate(180)),
+        (6, lambda image: image.rotate(90, expand=True)),
+        (8, lambda image: image.rotate(-90, expand=True)),
+    ],
+)
 def test_exif_orientation_is_applied(orientation, stored):
     exif = Image.Exif()
     exif[0x0112] = orientation
@@ -73,8 +76,11 @@ def test_modes_become_rgb_with_their_content():
     cmyk = _halves(40, 40).convert("CMYK")
     alpha = Image.new("RGBA", (40, 40), (255, 0, 0, 0))  # fully transparent red: white after compositing
     palette = _halves(40, 40).convert("P")
-    for image, format_, expected in [(grey, "JPEG", (100, 100, 100)), (sixteen, "PNG", (100, 100, 100)),
-                                      (alpha, "PNG", (255, 255, 255))]:
+    for image, format_, expected in [
+        (grey, "JPEG", (100, 100, 100)),
+        (sixteen, "PNG", (100, 100, 100)),
+        (alpha, "PNG", (255, 255, 255)),
+    ]:
         crop = decode_image(_encoded(image, format_), (40, 40), CONFIG)
         assert np.abs(np.asarray(crop, np.float32).mean((0, 1)) - expected).max() < 3, (image.mode, format_)
     for image, format_ in [(cmyk, "JPEG"), (palette, "PNG")]:
@@ -86,7 +92,9 @@ def test_large_jpeg_decoded_at_reduced_scale_matches_full_decode():
     big = Image.fromarray(np.kron(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8), np.ones((64, 64, 1), np.uint8)))
     data = _encoded(big, "JPEG", quality=95)  # 2560x2560
     fast = np.asarray(decode_image(data, big.size, CONFIG), np.float32)
-    full = np.asarray(Image.open(io.BytesIO(data)).convert("RGB").resize((32, 32), Image.Resampling.BICUBIC), np.float32)
+    full = np.asarray(
+        Image.open(io.BytesIO(data)).convert("RGB").resize((32, 32), Image.Resampling.BICUBIC), np.float32
+    )
     assert np.abs(fast - full).mean() < 6  # resampling differences only
 
 
@@ -109,7 +117,9 @@ def test_buckets_give_each_image_the_crop_nearest_its_aspect_ratio():
     wide = Image.fromarray(np.kron(rng.integers(0, 255, (20, 40, 3), dtype=np.uint8), np.ones((64, 64, 1), np.uint8)))
     data = _encoded(wide, "JPEG", quality=95)  # 2560x1280
     fast = np.asarray(decode_image(data, wide.size, buckets), np.float32)
-    full = np.asarray(Image.open(io.BytesIO(data)).convert("RGB").resize((96, 48), Image.Resampling.BICUBIC), np.float32)
+    full = np.asarray(
+        Image.open(io.BytesIO(data)).convert("RGB").resize((96, 48), Image.Resampling.BICUBIC), np.float32
+    )
     assert fast.shape == full.shape and np.abs(fast - full).mean() < 6
     with pytest.raises(ValueError, match=r"bucket_multiple \(48\) must divide resolution \(64\)"):
         DecodeConfig(resolution=64, crop="buckets", bucket_multiple=48)
@@ -117,15 +127,18 @@ def test_buckets_give_each_image_the_crop_nearest_its_aspect_ratio():
         DecodeConfig(resolution=64, crop="buckets", bucket_multiple=16, bucket_aspect_ratios=(1.0, 0.5))
 
 
-@pytest.mark.parametrize("data, expected_size, reason", [
-    (b"", None, DropReason.IMAGE_EMPTY),
-    (b"not an image at all", None, DropReason.IMAGE_CORRUPT),
-    (_encoded(_halves(), "JPEG")[:400], (80, 60), DropReason.IMAGE_CORRUPT),
-    (_encoded(_halves(), "GIF"), (80, 60), DropReason.IMAGE_FORMAT),
-    (_encoded(_halves(), "BMP"), (80, 60), DropReason.IMAGE_FORMAT),
-    (_encoded(_halves(), "JPEG"), (60, 80), DropReason.SIZE_MISMATCH),
-    (_encoded(Image.new("1", (3000, 3000)), "PNG"), None, DropReason.DECOMPRESSION_BOMB),
-])
+@pytest.mark.parametrize(
+    "data, expected_size, reason",
+    [
+        (b"", None, DropReason.IMAGE_EMPTY),
+        (b"not an image at all", None, DropReason.IMAGE_CORRUPT),
+        (_encoded(_halves(), "JPEG")[:400], (80, 60), DropReason.IMAGE_CORRUPT),
+        (_encoded(_halves(), "GIF"), (80, 60), DropReason.IMAGE_FORMAT),
+        (_encoded(_halves(), "BMP"), (80, 60), DropReason.IMAGE_FORMAT),
+        (_encoded(_halves(), "JPEG"), (60, 80), DropReason.SIZE_MISMATCH),
+        (_encoded(Image.new("1", (3000, 3000)), "PNG"), None, DropReason.DECOMPRESSION_BOMB),
+    ],
+)
 def test_undecodable_images_get_their_reason(data, expected_size, reason):
     assert decode_image(data, expected_size, DecodeConfig(resolution=32, max_pixels=4_000_000)) == reason
 
@@ -160,15 +173,27 @@ def test_phase_keeps_exactly_the_ground_truth_and_reruns_do_nothing(demo_set, tm
     config = load_config("tiny")
     storage = StorageConfig()
     filtered, _ = metadata_filter.run(f"{root}/shards", str(tmp_path / "filtered"), config.filter, storage)
-    phase = decode.phase(shards_url=f"{root}/shards", filtered_url=str(tmp_path / "filtered"),
-                         output_url=str(tmp_path / "decode"), filtered_fingerprint=filtered.config,
-                         config=config.decode, storage=storage)
+    phase = decode.phase(
+        shards_url=f"{root}/shards",
+        filtered_url=str(tmp_path / "filtered"),
+        output_url=str(tmp_path / "decode"),
+        filtered_fingerprint=filtered.config,
+        config=config.decode,
+        storage=storage,
+    )
     manifest, metrics = shard_phase.run(phase, sorted(filtered.shards), str(tmp_path / "decode"), storage)
     assert metrics["shards_processed"] == len(filtered.shards) and metrics["samples_per_second_per_cpu"] > 0
 
-    rows = [r for shard in sorted(manifest.shards) for r in pq.read_table(tmp_path / "decode" / f"{shard}.parquet").to_pylist()]
-    expected = {key: (None if r["expected"] == demo_data.KEEP else r["expected"])
-                for key, r in truth["samples"].items() if r["phase"] != "metadata"}
+    rows = [
+        r
+        for shard in sorted(manifest.shards)
+        for r in pq.read_table(tmp_path / "decode" / f"{shard}.parquet").to_pylist()
+    ]
+    expected = {
+        key: (None if r["expected"] == demo_data.KEEP else r["expected"])
+        for key, r in truth["samples"].items()
+        if r["phase"] != "metadata"
+    }
     assert {r[schema.KEY]: r[schema.DROP_REASON] for r in rows} == expected
     for row in rows:
         if row[schema.DROP_REASON] is None:
@@ -192,12 +217,24 @@ def test_phase_keeps_exactly_the_ground_truth_and_reruns_do_nothing(demo_set, tm
 def test_driver_killed_mid_decode_then_rerun_keeps_each_sample_once(tmp_path):
     work_dir = tmp_path / "work"
     # Many small shards widen the window in which the driver dies with some shards done.
-    args = [sys.executable, "pipelines/full.py", "--phases", "metadata_filter,decode", "--set", f"work_dir={work_dir}",
-            "--set", "data.demo.num_shards=12", "--set", "data.demo.samples_per_shard=30",
-            "--set", "decode.resources.max_actors=1"]
+    args = [
+        sys.executable,
+        "pipelines/full.py",
+        "--phases",
+        "metadata_filter,decode",
+        "--set",
+        f"work_dir={work_dir}",
+        "--set",
+        "data.demo.num_shards=12",
+        "--set",
+        "data.demo.samples_per_shard=30",
+        "--set",
+        "decode.resources.max_actors=1",
+    ]
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")}
-    driver = subprocess.Popen(args, cwd=ROOT, env=env, start_new_session=True,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    driver = subprocess.Popen(
+        args, cwd=ROOT, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     outputs = work_dir / "decode"
     try:
         deadline = time.monotonic() + 300
@@ -216,8 +253,12 @@ def test_driver_killed_mid_decode_then_rerun_keeps_each_sample_once(tmp_path):
     result = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     truth = json.loads((work_dir / "demo_data" / demo_data.GROUND_TRUTH_FILE).read_text())["samples"]
-    keys = [r[schema.KEY] for p in sorted(outputs.glob("*.parquet")) for r in pq.read_table(p).to_pylist()
-            if r[schema.DROP_REASON] is None]
+    keys = [
+        r[schema.KEY]
+        for p in sorted(outputs.glob("*.parquet"))
+        for r in pq.read_table(p).to_pylist()
+        if r[schema.DROP_REASON] is None
+    ]
     assert len(keys) == len(set(keys))
     assert set(keys) == {k for k, r in truth.items() if r["expected"] == demo_data.KEEP}
     manifest = json.loads((outputs / "manifest.json").read_text())
@@ -232,8 +273,14 @@ def test_the_hard_corpus_ends_in_the_ledger_sample_by_sample(tmp_path, local_ray
     assert {r["defect"] for r in truth.values()} >= set(demo_data.HARD_DEFECTS)
     config, storage, shards = load_config("tiny"), StorageConfig(), str(tmp_path / "corpus" / "shards")
     filtered, _ = metadata_filter.run(shards, str(tmp_path / "filtered"), config.filter, storage)
-    phase = decode.phase(shards_url=shards, filtered_url=str(tmp_path / "filtered"), output_url=str(tmp_path / "decode"),
-                         filtered_fingerprint=filtered.config, config=config.decode, storage=storage)
+    phase = decode.phase(
+        shards_url=shards,
+        filtered_url=str(tmp_path / "filtered"),
+        output_url=str(tmp_path / "decode"),
+        filtered_fingerprint=filtered.config,
+        config=config.decode,
+        storage=storage,
+    )
     decoded, _ = shard_phase.run(phase, sorted(filtered.shards), str(tmp_path / "decode"), storage)
 
     for shard in sorted(decoded.shards):
@@ -247,8 +294,11 @@ def test_the_hard_corpus_ends_in_the_ledger_sample_by_sample(tmp_path, local_ray
         assert filtered.shards[shard].samples_in == len(planted)
         assert decoded.shards[shard].kept == sum(r["expected"] == demo_data.KEEP for r in planted)
         assert filtered.shards[shard].samples_in == decoded.shards[shard].kept + sum(ledger.values())
-    rows = {r[schema.KEY]: r for shard in sorted(decoded.shards)
-            for r in pq.read_table(tmp_path / "decode" / f"{shard}.parquet").to_pylist()}
+    rows = {
+        r[schema.KEY]: r
+        for shard in sorted(decoded.shards)
+        for r in pq.read_table(tmp_path / "decode" / f"{shard}.parquet").to_pylist()
+    }
     for key, record in truth.items():
         if record["defect"] in ("palette", "alpha", "long_caption", "duplicate_member"):
             row = rows[key]

@@ -23,8 +23,11 @@ def _tar_samples(root: str) -> dict[str, dict]:
 
 
 def _parquet_rows(root: str) -> dict[str, dict]:
-    return {row["key"]: row for index in range(DemoDataConfig().num_shards)
-            for row in pq.read_table(f"{root}/shards/{schema.shard_name(index)}.parquet").to_pylist()}
+    return {
+        row["key"]: row
+        for index in range(DemoDataConfig().num_shards)
+        for row in pq.read_table(f"{root}/shards/{schema.shard_name(index)}.parquet").to_pylist()
+    }
 
 
 def _truth_of(truth: dict, defect: str) -> tuple[str, dict]:
@@ -48,8 +51,23 @@ def test_shards_read_back_with_pyarrow_and_webdataset(demo_set):
     root, truth = demo_set
     rows = list(_parquet_rows(root).values())
     assert {row["key"] for row in rows} == set(truth["samples"])
-    assert {"url", "caption", "key", "status", "error_message", "width", "height", "original_width",
-            "original_height", "exif", "similarity", "punsafe", "pwatermark", "AESTHETIC_SCORE", "hash"} <= set(rows[0])
+    assert {
+        "url",
+        "caption",
+        "key",
+        "status",
+        "error_message",
+        "width",
+        "height",
+        "original_width",
+        "original_height",
+        "exif",
+        "similarity",
+        "punsafe",
+        "pwatermark",
+        "AESTHETIC_SCORE",
+        "hash",
+    } <= set(rows[0])
     samples = _tar_samples(root)
     successes = {row["key"] for row in rows if row["status"] == "success"}
     assert set(samples) == successes  # a failed download writes nothing to the tar
@@ -177,7 +195,9 @@ def test_same_seed_same_bytes_other_seed_other_bytes(tmp_path):
     small = DemoDataConfig(num_shards=2, samples_per_shard=20, large_fraction=0.0)
     demo_data.generate(str(tmp_path / "a"), small)
     demo_data.generate(str(tmp_path / "b"), small)
-    demo_data.generate(str(tmp_path / "c"), DemoDataConfig(num_shards=2, samples_per_shard=20, large_fraction=0.0, seed=1))
+    demo_data.generate(
+        str(tmp_path / "c"), DemoDataConfig(num_shards=2, samples_per_shard=20, large_fraction=0.0, seed=1)
+    )
     for name in ("shards/00000.tar", "shards/00001.parquet", demo_data.GROUND_TRUTH_FILE):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
     assert (tmp_path / "a" / "shards/00000.tar").read_bytes() != (tmp_path / "c" / "shards/00000.tar").read_bytes()
@@ -186,7 +206,13 @@ def test_same_seed_same_bytes_other_seed_other_bytes(tmp_path):
 def test_runs_as_a_module_with_overrides(tmp_path):
     demo_data.main([str(tmp_path / "set"), "--set", "num_shards=2", "--set", "samples_per_shard=20"])
     assert sorted(os.listdir(tmp_path / "set" / "shards")) == [
-        "00000.parquet", "00000.tar", "00000_stats.json", "00001.parquet", "00001.tar", "00001_stats.json"]
+        "00000.parquet",
+        "00000.tar",
+        "00000_stats.json",
+        "00001.parquet",
+        "00001.tar",
+        "00001_stats.json",
+    ]
     with pytest.raises(ValueError, match="samples_per_shar"):
         demo_data.main([str(tmp_path / "x"), "--set", "samples_per_shar=3"])
 

@@ -24,9 +24,16 @@ from stages.weights import load_weights
 
 # The layer names and shapes of the public sac+logos+ava1-l14-linearMSE.pth, for a 768-d embedding.
 OFFICIAL_SHAPES = {
-    "layers.0.weight": (1024, 768), "layers.0.bias": (1024,), "layers.2.weight": (128, 1024), "layers.2.bias": (128,),
-    "layers.4.weight": (64, 128), "layers.4.bias": (64,), "layers.6.weight": (16, 64), "layers.6.bias": (16,),
-    "layers.7.weight": (1, 16), "layers.7.bias": (1,),
+    "layers.0.weight": (1024, 768),
+    "layers.0.bias": (1024,),
+    "layers.2.weight": (128, 1024),
+    "layers.2.bias": (128,),
+    "layers.4.weight": (64, 128),
+    "layers.4.bias": (64,),
+    "layers.6.weight": (16, 64),
+    "layers.6.bias": (16,),
+    "layers.7.weight": (1, 16),
+    "layers.7.bias": (1,),
 }
 
 
@@ -92,16 +99,26 @@ def decoded(tmp_path_factory, local_ray):
     generate(str(root / "demo"), DemoDataConfig(num_shards=2, samples_per_shard=20, plant_defects=False))
     config, storage = load_config("tiny"), StorageConfig()
     filtered, _ = metadata_filter.run(str(root / "demo" / "shards"), str(root / "filtered"), config.filter, storage)
-    phase = decode.phase(shards_url=str(root / "demo" / "shards"), filtered_url=str(root / "filtered"),
-                         output_url=str(root / "decode"), filtered_fingerprint=filtered.config, config=config.decode,
-                         storage=storage)
+    phase = decode.phase(
+        shards_url=str(root / "demo" / "shards"),
+        filtered_url=str(root / "filtered"),
+        output_url=str(root / "decode"),
+        filtered_fingerprint=filtered.config,
+        config=config.decode,
+        storage=storage,
+    )
     manifest, _ = shard_phase.run(phase, sorted(filtered.shards), str(root / "decode"), storage)
     return root, manifest
 
 
 def _embed(root, decoded_manifest, config, output):
-    phase = embed.phase(decoded_url=str(root / "decode"), output_url=str(output), decoded_fingerprint=decoded_manifest.config,
-                        config=config, storage=StorageConfig())
+    phase = embed.phase(
+        decoded_url=str(root / "decode"),
+        output_url=str(output),
+        decoded_fingerprint=decoded_manifest.config,
+        config=config,
+        storage=StorageConfig(),
+    )
     manifest, metrics = shard_phase.run(phase, sorted(decoded_manifest.shards), str(output), StorageConfig())
     rows = [r for shard in sorted(manifest.shards) for r in pq.read_table(output / f"{shard}.parquet").to_pylist()]
     return manifest, metrics, rows
@@ -123,12 +140,20 @@ def test_embeddings_scores_and_thresholds(decoded, tmp_path):
     # Thresholds at the medians: exactly the samples below are dropped, similarity checked first.
     similarity = {r[schema.KEY]: r[schema.CLIP_SIMILARITY] for r in rows}
     aesthetic = {r[schema.KEY]: r[schema.AESTHETIC_SCORE] for r in rows}
-    cut_similarity, cut_aesthetic = float(np.median(list(similarity.values()))), float(np.median(list(aesthetic.values())))
+    cut_similarity, cut_aesthetic = (
+        float(np.median(list(similarity.values()))),
+        float(np.median(list(aesthetic.values()))),
+    )
     strict = dataclasses.replace(config, min_clip_similarity=cut_similarity, min_aesthetic_score=cut_aesthetic)
     manifest, _, rows = _embed(root, decoded_manifest, strict, tmp_path / "strict")
     expected = {
-        key: (DropReason.LOW_CLIP_SIMILARITY if similarity[key] < cut_similarity
-              else DropReason.LOW_AESTHETIC_SCORE if aesthetic[key] < cut_aesthetic else None)
+        key: (
+            DropReason.LOW_CLIP_SIMILARITY
+            if similarity[key] < cut_similarity
+            else DropReason.LOW_AESTHETIC_SCORE
+            if aesthetic[key] < cut_aesthetic
+            else None
+        )
         for key in similarity
     }
     assert {r[schema.KEY]: r[schema.DROP_REASON] for r in rows} == expected

@@ -17,15 +17,26 @@ def _task(stage_name: str, rows: int, seed: int = 0):
     """A tiny stage's model and task whose spec holds ``rows`` random validation rows in two groups."""
     rng = np.random.default_rng(seed)
     text = TEXT_CONFIGS["tiny"]()
-    spec = TaskSpec(stage=stage_name, models="tiny", caption_dropout=0.5, semantic_dropout=0.5, semantic_noise=0.3,
-                    text_from_tokens=False)
+    spec = TaskSpec(
+        stage=stage_name,
+        models="tiny",
+        caption_dropout=0.5,
+        semantic_dropout=0.5,
+        semantic_noise=0.3,
+        text_from_tokens=False,
+    )
     stage = REGISTRY[stage_name]
-    group = {schema.STAGE_C_LATENT: rng.standard_normal((rows, 16, 4, 4)).astype(np.float32),
-             schema.TEXT_STAGE_C: rng.standard_normal((rows, 77, text.stage_c.hidden_size)).astype(np.float32),
-             schema.STAGE_B_LATENT: rng.standard_normal((rows, 4, 16, 16)).astype(np.float32),
-             schema.TEXT_STAGE_B: rng.standard_normal((rows, 77, text.stage_b.hidden_size)).astype(np.float32)}
+    group = {
+        schema.STAGE_C_LATENT: rng.standard_normal((rows, 16, 4, 4)).astype(np.float32),
+        schema.TEXT_STAGE_C: rng.standard_normal((rows, 77, text.stage_c.hidden_size)).astype(np.float32),
+        schema.STAGE_B_LATENT: rng.standard_normal((rows, 4, 16, 16)).astype(np.float32),
+        schema.TEXT_STAGE_B: rng.standard_normal((rows, 77, text.stage_b.hidden_size)).astype(np.float32),
+    }
     columns = stage.columns(spec)
-    halves = ({name: group[name][: rows // 2] for name in columns}, {name: group[name][rows // 2:] for name in columns})
+    halves = (
+        {name: group[name][: rows // 2] for name in columns},
+        {name: group[name][rows // 2 :] for name in columns},
+    )
     empty = {stage.text_column: np.zeros((1, *group[stage.text_column].shape[1:]), np.float32)}
     spec = TaskSpec(**{**spec.__dict__, "validation_batches": halves, "empty_caption": empty})
     torch.manual_seed(0)
@@ -62,7 +73,7 @@ def test_a_validation_loss_is_the_training_objective_at_that_time_without_dropou
     with torch.no_grad():
         noised = task.diffusion.add_noise(batch[schema.STAGE_C_LATENT], noise, times)
         predicted = model(noised, times, batch[schema.TEXT_STAGE_C])
-        by_hand = ((predicted - noise).square().flatten(1).mean(1) * task.diffusion.p2_weight(times))
+        by_hand = (predicted - noise).square().flatten(1).mean(1) * task.diffusion.p2_weight(times)
         assert torch.allclose(task.validation_losses(model, batch, noise, r), by_hand)
 
 

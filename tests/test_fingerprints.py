@@ -29,33 +29,78 @@ from pipelines.train_phase import training_fingerprint
 
 STORAGE = StorageConfig()
 # Tuples (the config's lists), nested settings and floats: what JSON gives back differently if at all.
-FINGERPRINT = fingerprints.of(input={"input": {"url": "demo", "files": "ab12"}, "crops": ((64, 64),)},
-                              settings={"resolution": 64, "bucket_aspect_ratios": (1.0, 1.5), "lr": 3e-3})
+FINGERPRINT = fingerprints.of(
+    input={"input": {"url": "demo", "files": "ab12"}, "crops": ((64, 64),)},
+    settings={"resolution": 64, "bucket_aspect_ratios": (1.0, 1.5), "lr": 3e-3},
+)
 
 
 # Each phase's fingerprint as the phase forms it, from the run's config and its input's fingerprint;
 # then a setting that decides its output and one that does not.
 PHASE_FINGERPRINTS = {
-    metadata_filter.PHASE: (lambda config, input: metadata_filter.fingerprint(input, config.filter),
-                            "filter.min_side=32", "filter.resources.max_actors=4"),
-    decode.PHASE: (lambda config, input: decode.phase(
-        shards_url="in", filtered_url="filtered", output_url="out", filtered_fingerprint=input, config=config.decode,
-        storage=STORAGE).fingerprint, "decode.resolution=32", "decode.resources.max_actors=4"),
-    embed.PHASE: (lambda config, input: embed.phase(
-        decoded_url="decoded", output_url="out", decoded_fingerprint=input, config=config.embed,
-        storage=STORAGE).fingerprint, "embed.min_clip_similarity=0.2", "embed.budget_gpu_hours=2"),
-    pre_encode.PHASE: (lambda config, input: pre_encode.phase(
-        decoded_url="decoded", embedded_url="embedded", output_url="out", embedded_fingerprint=input,
-        crops=config.decode.crop_sizes(), resolution=config.decode.resolution, config=config.pre_encode,
-        validation_threshold=0, storage=STORAGE).fingerprint, "pre_encode.validation_fraction=0.1",
-                       "pre_encode.budget_gpu_hours=2"),
-    **{f"train_{name}": (lambda config, input, section=section: training_fingerprint(config, section, input),
-                         f"{section}.lr=0.01", f"{section}.workers=1")
-       for name, section in (("stage_a", "train_a"), ("semantic", "train_semantic"), ("stage_b", "train_b"),
-                             ("stage_c", "train_c"))},
-    generate_phase.PHASE: (lambda config, input: generate_phase.fingerprint(config.generate, config.pre_encode.models,
-                                                                            input),
-                           "generate.seed=1", "generate.num_gpus=1"),
+    metadata_filter.PHASE: (
+        lambda config, input: metadata_filter.fingerprint(input, config.filter),
+        "filter.min_side=32",
+        "filter.resources.max_actors=4",
+    ),
+    decode.PHASE: (
+        lambda config, input: (
+            decode.phase(
+                shards_url="in",
+                filtered_url="filtered",
+                output_url="out",
+                filtered_fingerprint=input,
+                config=config.decode,
+                storage=STORAGE,
+            ).fingerprint
+        ),
+        "decode.resolution=32",
+        "decode.resources.max_actors=4",
+    ),
+    embed.PHASE: (
+        lambda config, input: (
+            embed.phase(
+                decoded_url="decoded", output_url="out", decoded_fingerprint=input, config=config.embed, storage=STORAGE
+            ).fingerprint
+        ),
+        "embed.min_clip_similarity=0.2",
+        "embed.budget_gpu_hours=2",
+    ),
+    pre_encode.PHASE: (
+        lambda config, input: (
+            pre_encode.phase(
+                decoded_url="decoded",
+                embedded_url="embedded",
+                output_url="out",
+                embedded_fingerprint=input,
+                crops=config.decode.crop_sizes(),
+                resolution=config.decode.resolution,
+                config=config.pre_encode,
+                validation_threshold=0,
+                storage=STORAGE,
+            ).fingerprint
+        ),
+        "pre_encode.validation_fraction=0.1",
+        "pre_encode.budget_gpu_hours=2",
+    ),
+    **{
+        f"train_{name}": (
+            lambda config, input, section=section: training_fingerprint(config, section, input),
+            f"{section}.lr=0.01",
+            f"{section}.workers=1",
+        )
+        for name, section in (
+            ("stage_a", "train_a"),
+            ("semantic", "train_semantic"),
+            ("stage_b", "train_b"),
+            ("stage_c", "train_c"),
+        )
+    },
+    generate_phase.PHASE: (
+        lambda config, input: generate_phase.fingerprint(config.generate, config.pre_encode.models, input),
+        "generate.seed=1",
+        "generate.num_gpus=1",
+    ),
 }
 
 
@@ -108,8 +153,15 @@ def _generate_summary(url: str, fingerprint):
     return summary and summary["fingerprint"]
 
 
-@pytest.mark.parametrize("store, name", [(_parquet_footer, "00000.parquet"), (_safetensors_header, "final.safetensors"),
-                                         (_manifest, "phase"), (_generate_summary, "generate")])
+@pytest.mark.parametrize(
+    "store, name",
+    [
+        (_parquet_footer, "00000.parquet"),
+        (_safetensors_header, "final.safetensors"),
+        (_manifest, "phase"),
+        (_generate_summary, "generate"),
+    ],
+)
 def test_a_stored_fingerprint_reads_back_as_complete_and_only_for_itself(store, name, tmp_path):
     url = str(tmp_path / name)
     assert not fingerprints.is_complete(store(url, None), FINGERPRINT)  # nothing there yet

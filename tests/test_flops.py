@@ -26,8 +26,9 @@ from stages.stage_c import STAGE_C_CONFIGS
 
 def test_a_step_counts_the_forward_and_the_gradients_the_backward_takes() -> None:
     def build() -> nn.Module:
-        return nn.Sequential(nn.Conv2d(4, 4, 3, padding=1, groups=4), nn.Conv2d(4, 6, 1), nn.Flatten(),
-                             nn.Linear(6 * 8 * 8, 10))
+        return nn.Sequential(
+            nn.Conv2d(4, 4, 3, padding=1, groups=4), nn.Conv2d(4, 6, 1), nn.Flatten(), nn.Linear(6 * 8 * 8, 10)
+        )
 
     x = torch.randn(2, 4, 8, 8)
     # A multiply and an add per output element and input it reads.
@@ -42,12 +43,20 @@ def test_a_step_counts_the_forward_and_the_gradients_the_backward_takes() -> Non
 
 def test_the_loop_s_count_leaves_the_generators_alone_and_leaves_out_recomputation() -> None:
     config = STAGE_C_CONFIGS["tiny"]()
-    spec = TaskSpec(stage="stage_c", models="tiny", caption_dropout=0.5, semantic_dropout=0, semantic_noise=0,
-                    text_from_tokens=False,
-                    empty_caption={schema.TEXT_STAGE_C: np.zeros((1, 77, config.c_cond), np.float32)})
+    spec = TaskSpec(
+        stage="stage_c",
+        models="tiny",
+        caption_dropout=0.5,
+        semantic_dropout=0,
+        semantic_noise=0,
+        text_from_tokens=False,
+        empty_caption={schema.TEXT_STAGE_C: np.zeros((1, 77, config.c_cond), np.float32)},
+    )
     generator = torch.Generator().manual_seed(0)
-    batch = {schema.STAGE_C_LATENT: torch.randn(4, config.c_in, 4, 4, generator=generator),
-             schema.TEXT_STAGE_C: torch.randn(4, 77, config.c_cond, generator=generator)}
+    batch = {
+        schema.STAGE_C_LATENT: torch.randn(4, config.c_in, 4, 4, generator=generator),
+        schema.TEXT_STAGE_C: torch.randn(4, 77, config.c_cond, generator=generator),
+    }
     torch.manual_seed(1)
     state = torch.get_rng_state()
     flops = flops_per_sample(STAGE_C, build_task(spec, torch.device("cpu")), batch, per_worker=4, step=0)
@@ -57,15 +66,18 @@ def test_the_loop_s_count_leaves_the_generators_alone_and_leaves_out_recomputati
     assert flops > 0
 
 
-@pytest.mark.parametrize("name, flops", [
-    ("NVIDIA A100-SXM4-80GB", 312e12),
-    ("NVIDIA A100 80GB PCIe", 312e12),
-    ("NVIDIA H100 80GB HBM3", 989.5e12),
-    ("NVIDIA H100 PCIe", 756e12),
-    ("NVIDIA H200", 989.5e12),
-    ("NVIDIA GeForce RTX 4090", None),
-    ("NVIDIA A10", None),
-])
+@pytest.mark.parametrize(
+    "name, flops",
+    [
+        ("NVIDIA A100-SXM4-80GB", 312e12),
+        ("NVIDIA A100 80GB PCIe", 312e12),
+        ("NVIDIA H100 80GB HBM3", 989.5e12),
+        ("NVIDIA H100 PCIe", 756e12),
+        ("NVIDIA H200", 989.5e12),
+        ("NVIDIA GeForce RTX 4090", None),
+        ("NVIDIA A10", None),
+    ],
+)
 def test_peak_flops_by_device_name_and_none_for_an_unknown_device(name: str, flops: float | None) -> None:
     assert peak_flops(name) == flops
 
@@ -89,8 +101,16 @@ def test_progress_logs_mfu_only_against_a_known_peak(peak: float | None, caplog)
         window.add(loss=1.0, grad_norm=1.0, wait=0.0, total=0.5, flops_per_sample=flops)
     run = _Recorded()
     caplog.set_level(logging.INFO, logger="pipelines.train")
-    log_progress(run, TrainingState(step=2), window, BudgetMeter(units_held=1, budget=None), config, optimizer,
-                  torch.device("cpu"), peak)
+    log_progress(
+        run,
+        TrainingState(step=2),
+        window,
+        BudgetMeter(units_held=1, budget=None),
+        config,
+        optimizer,
+        torch.device("cpu"),
+        peak,
+    )
     assert run.metrics["flops_per_sample"] == 1e9
     if peak is None:
         assert "mfu" not in run.metrics
@@ -107,8 +127,16 @@ def test_progress_eta_goes_by_the_typical_step_not_the_run_s_slow_start(caplog) 
         window.add(loss=1.0, grad_norm=1.0, wait=0.0, total=total, flops_per_sample=None)
     run = _Recorded()
     caplog.set_level(logging.INFO, logger="pipelines.train")
-    log_progress(run, TrainingState(step=4), window, BudgetMeter(units_held=1, budget=None), config,
-                  torch.optim.AdamW([nn.Parameter(torch.zeros(1))]), torch.device("cpu"), None)
+    log_progress(
+        run,
+        TrainingState(step=4),
+        window,
+        BudgetMeter(units_held=1, budget=None),
+        config,
+        torch.optim.AdamW([nn.Parameter(torch.zeros(1))]),
+        torch.device("cpu"),
+        None,
+    )
     assert run.metrics["eta_seconds"] == 6 * 0.5
     assert run.metrics["step_seconds"] == pytest.approx(31.5 / 4)  # samples/s stay the window's own
     assert "median_step_seconds" not in run.metrics

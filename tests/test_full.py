@@ -31,8 +31,9 @@ ROOT = Path(__file__).resolve().parents[1]
 # machines of earlier sessions and 11.3 on a 2-core AMD EPYC with AVX2 (2026-12-02).
 def run_full(*args: str, timeout: int = 1500) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")}
-    return subprocess.run([sys.executable, "pipelines/full.py", *args], cwd=ROOT, env=env, text=True,
-                          capture_output=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "pipelines/full.py", *args], cwd=ROOT, env=env, text=True, capture_output=True, timeout=timeout
+    )
 
 
 @pytest.fixture(scope="module")
@@ -64,8 +65,13 @@ def test_no_arguments_runs_the_built_phases_on_the_demo_data(first_run):
     assert f"mlflow ui --backend-store-uri sqlite:///{work_dir}/mlflow.db" in result.stderr
     # Ray's own INFO lines stay off the console unless ray.log_level asks for them.
     console = result.stdout + result.stderr
-    for ray_detail in ("Execution plan of Dataset", "Started training worker group", "Reporting training result",
-                       "Checkpoint successfully created", "Moving model to device"):
+    for ray_detail in (
+        "Execution plan of Dataset",
+        "Started training worker group",
+        "Reporting training result",
+        "Checkpoint successfully created",
+        "Moving model to device",
+    ):
         assert ray_detail not in console, ray_detail
     steps = load_config("tiny", []).train_c.steps
     assert f"step {steps}/{steps} " in console  # the loop's own progress lines stay
@@ -117,15 +123,18 @@ def test_a_second_run_skips_the_finished_phase(first_run):
     assert latest_phase.data.metrics["samples_in"] == 320
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--set", "filter.min_sid=3"], "unknown config key 'filter.min_sid'"),
-    (["--set", "filter.min_side=big"], "filter.min_side: 'big' is not an integer"),
-    (["--phases", "train_stage_c"], "phase 'pre_encode' has no finished output"),
-    (["--set", "train_c.global_batch_size=33"], "global_batch_size (33) must be a multiple of workers (2)"),
-    (["--phases", "everything"], "unknown phase 'everything'"),
-    (["--set", "data.shards_url="], "data.shards_url is empty"),
-    (["--set", "data.shards_url=/no/such/folder"], "data.shards_url '/no/such/folder' does not exist"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--set", "filter.min_sid=3"], "unknown config key 'filter.min_sid'"),
+        (["--set", "filter.min_side=big"], "filter.min_side: 'big' is not an integer"),
+        (["--phases", "train_stage_c"], "phase 'pre_encode' has no finished output"),
+        (["--set", "train_c.global_batch_size=33"], "global_batch_size (33) must be a multiple of workers (2)"),
+        (["--phases", "everything"], "unknown phase 'everything'"),
+        (["--set", "data.shards_url="], "data.shards_url is empty"),
+        (["--set", "data.shards_url=/no/such/folder"], "data.shards_url '/no/such/folder' does not exist"),
+    ],
+)
 def test_user_errors_stop_before_work_with_a_message(args, message, tmp_path, local_ray):
     with pytest.raises(SystemExit, match=re.escape(message)):
         full.main([*args, "--set", f"work_dir={tmp_path}/work"])
@@ -139,9 +148,15 @@ def test_a_user_error_reaches_the_console_as_one_line_without_a_traceback(tmp_pa
     assert "Traceback" not in result.stderr
 
 
-@pytest.mark.parametrize("phase, model", [("train_stage_a", None), ("train_semantic", None),
-                                          ("train_stage_b", StageB(STAGE_B_CONFIGS["tiny"]())),
-                                          ("train_stage_c", StageC(STAGE_C_CONFIGS["tiny"]()))])
+@pytest.mark.parametrize(
+    "phase, model",
+    [
+        ("train_stage_a", None),
+        ("train_semantic", None),
+        ("train_stage_b", StageB(STAGE_B_CONFIGS["tiny"]())),
+        ("train_stage_c", StageC(STAGE_C_CONFIGS["tiny"]())),
+    ],
+)
 def test_each_stage_learns_checkpoints_and_logs_loadable_weights(first_run, phase, model):
     work_dir, _ = first_run
     client, runs = _runs(work_dir)
@@ -150,8 +165,15 @@ def test_each_stage_learns_checkpoints_and_logs_loadable_weights(first_run, phas
     assert history[0][0] == 1, history  # the curve starts at the first step, however fast the machine
     losses = [loss for _, loss in history]
     assert len(losses) >= 2 and losses[-1] < 0.5 * losses[0], losses
-    for name in ("lr", "grad_norm", "samples_per_second", "data_wait_fraction", "gpu_hours", "eta_seconds",
-                 "flops_per_sample"):
+    for name in (
+        "lr",
+        "grad_norm",
+        "samples_per_second",
+        "data_wait_fraction",
+        "gpu_hours",
+        "eta_seconds",
+        "flops_per_sample",
+    ):
         assert name in run.data.metrics, name
     assert "mfu" not in run.data.metrics  # a CPU has no peak FLOP/s to divide by
     assert 0 <= run.data.metrics["data_wait_fraction"] <= 1
@@ -165,12 +187,15 @@ def test_each_stage_learns_checkpoints_and_logs_loadable_weights(first_run, phas
         assert validation[-1][1] < 0.8 * validation[0][1], validation
         assert sum(name.startswith("val/loss_r") for name in run.data.metrics) == VALIDATION_TIMES
         stage = phase.removeprefix("train_")
-        trained_weights.load_from_mlflow(model, run.info.run_id, f"sqlite:///{work_dir}/mlflow.db",
-                                         f"weights/{stage}.safetensors")
+        trained_weights.load_from_mlflow(
+            model, run.info.run_id, f"sqlite:///{work_dir}/mlflow.db", f"weights/{stage}.safetensors"
+        )
         assert sum(p.abs().sum().item() for p in model.parameters()) > 0
     if phase == "train_stage_c":  # the chain on held-out captions at each evaluation: its colours improve
-        chain = {name: sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, f"eval/{name}"))
-                 for name in ("clip_score", "fid", "colour_accuracy")}
+        chain = {
+            name: sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, f"eval/{name}"))
+            for name in ("clip_score", "fid", "colour_accuracy")
+        }
         assert all(len(history) == len(validation) for history in chain.values()), chain
         accuracy = [value for _, value in chain["colour_accuracy"]]
         assert accuracy[-1] > accuracy[0], accuracy
@@ -201,8 +226,20 @@ def test_the_demo_runs_chain_can_be_sampled_later(first_run, tmp_path):
     _, runs = _runs(work_dir)
     parent = [r for r in runs if MLFLOW_PARENT_RUN_ID not in r.data.tags][0]  # the run that trained
     prompt = "a red circle on a white background"
-    sample.main(["--run", parent.info.run_id, "--tracking-uri", f"sqlite:///{work_dir}/mlflow.db", "--size", "64",
-                 "--prompt", prompt, "--out", str(tmp_path)])
+    sample.main(
+        [
+            "--run",
+            parent.info.run_id,
+            "--tracking-uri",
+            f"sqlite:///{work_dir}/mlflow.db",
+            "--size",
+            "64",
+            "--prompt",
+            prompt,
+            "--out",
+            str(tmp_path),
+        ]
+    )
     (image,) = [np.asarray(Image.open(path)) for path in tmp_path.glob("*.png")]
     assert image.shape == (64, 64, 3)
     _, runs = _runs(work_dir)
@@ -229,5 +266,13 @@ def test_the_demo_runs_chain_evaluated_later_scores_what_training_logged_last(fi
     with pytest.raises(SystemExit, match="no MLflow run 'nope'"):
         evaluate.main(["--run", "nope", "--tracking-uri", f"sqlite:///{work_dir}/mlflow.db"])
     with pytest.raises(SystemExit, match="is it a 'tiny' checkpoint of that stage"):
-        evaluate.main(["--run", parent.info.run_id, "--tracking-uri", f"sqlite:///{work_dir}/mlflow.db",
-                       "--weights", f"stage_c={work_dir}/train_stage_b/final.safetensors"])
+        evaluate.main(
+            [
+                "--run",
+                parent.info.run_id,
+                "--tracking-uri",
+                f"sqlite:///{work_dir}/mlflow.db",
+                "--weights",
+                f"stage_c={work_dir}/train_stage_b/final.safetensors",
+            ]
+        )

@@ -22,8 +22,7 @@ def installed(tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("install")
     source = tmp / "source"
     for package in PACKAGES:
-        shutil.copytree(ROOT / package, source / package, symlinks=True,
-                        ignore=shutil.ignore_patterns("__pycache__"))
+        shutil.copytree(ROOT / package, source / package, symlinks=True, ignore=shutil.ignore_patterns("__pycache__"))
     for name in ("pyproject.toml", "README.md", "ray_cluster.yaml"):
         shutil.copy2(ROOT / name, source / name)
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
@@ -43,9 +42,14 @@ def run_installed(site: Path, cwd: Path, *argv: str) -> str:
 
 
 def test_the_installed_planner_and_dry_run_read_their_data_from_the_package(installed, tmp_path):
-    where = run_installed(installed, tmp_path, "-c", "import importlib.util, cluster.costs, cluster.nodes; "
-                          f"print(*(importlib.util.find_spec(name).origin for name in {PACKAGES})); "
-                          "print(cluster.costs.MEASURED_FILE, cluster.nodes.CLUSTER_FILE)")
+    where = run_installed(
+        installed,
+        tmp_path,
+        "-c",
+        "import importlib.util, cluster.costs, cluster.nodes; "
+        f"print(*(importlib.util.find_spec(name).origin for name in {PACKAGES})); "
+        "print(cluster.costs.MEASURED_FILE, cluster.nodes.CLUSTER_FILE)",
+    )
     assert all(Path(line).is_relative_to(installed) for line in where.split()), where
     assert (installed / "pipelines" / "model_configs" / "tiny-clip.json").is_file()  # pipelines/embed.py's
 

@@ -30,8 +30,13 @@ def ray_head(tmp_path):
 def test_ray_job_submit_runs_the_pipeline_into_an_mlflow_server(ray_head, tracking_server, tmp_path):
     address, auth = ray_head
     work = tmp_path / "work"
-    submitted = submit_job(address, auth, ["pipelines/full.py", "--phases", "metadata_filter", "--set", f"work_dir={work}"],
-                           env_vars={"MLFLOW_TRACKING_URI": tracking_server}, timeout=600)
+    submitted = submit_job(
+        address,
+        auth,
+        ["pipelines/full.py", "--phases", "metadata_filter", "--set", f"work_dir={work}"],
+        env_vars={"MLFLOW_TRACKING_URI": tracking_server},
+        timeout=600,
+    )
     output = submitted.stdout + submitted.stderr
     assert submitted.returncode == 0, output[-4000:]
     assert "succeeded" in output and "ran: metadata_filter" in output, output[-4000:]

@@ -46,24 +46,35 @@ def modules(folder: str) -> list[Path]:
 @pytest.mark.parametrize("folder", sorted(MAY_IMPORT))
 def test_each_folder_imports_only_the_layers_below_it(folder):
     assert modules(folder), f"no modules in {folder}/"
-    wrong = {str(path.relative_to(ROOT)): sorted(project_imports(path) - MAY_IMPORT[folder])
-             for path in modules(folder)}
+    wrong = {
+        str(path.relative_to(ROOT)): sorted(project_imports(path) - MAY_IMPORT[folder]) for path in modules(folder)
+    }
     assert not {path: names for path, names in wrong.items() if names}, (
-        f"{folder}/ may import only {sorted(MAY_IMPORT[folder])}: move the code, or pass what it needs as arguments")
+        f"{folder}/ may import only {sorted(MAY_IMPORT[folder])}: move the code, or pass what it needs as arguments"
+    )
 
 
 def test_the_rule_sees_an_import_against_the_grain(tmp_path):
     module = tmp_path / "m.py"
-    module.write_text("import cluster.budget\n\ndef f():\n    from pipelines.plan import dry_run\n"
-                      "    from conftest import demo_set\n    from . import sibling\n")
+    module.write_text(
+        "import cluster.budget\n\ndef f():\n    from pipelines.plan import dry_run\n"
+        "    from conftest import demo_set\n    from . import sibling\n"
+    )
     assert project_imports(module) == {"cluster", "pipelines", "tests"}
 
 
 def test_tests_reach_bench_without_editing_sys_path():
     # pytest puts the repository root on the path (pyproject's pythonpath): a test that edits
     # sys.path itself hides which copy of a module it runs.
-    editing = [str(path.relative_to(ROOT)) for path in modules("tests")
-               if any(isinstance(node, ast.Attribute) and node.attr == "path"
-                      and isinstance(node.value, ast.Name) and node.value.id == "sys"
-                      for node in ast.walk(ast.parse(path.read_text())))]
+    editing = [
+        str(path.relative_to(ROOT))
+        for path in modules("tests")
+        if any(
+            isinstance(node, ast.Attribute)
+            and node.attr == "path"
+            and isinstance(node.value, ast.Name)
+            and node.value.id == "sys"
+            for node in ast.walk(ast.parse(path.read_text()))
+        )
+    ]
     assert not editing

@@ -28,18 +28,21 @@ def v2_step(stage: str, samples: int, side: int, **settings) -> memory.StepMemor
     return step
 
 
-@pytest.mark.parametrize("stage, samples, side, settings, peak_gib, what", [
-    ("stage_c", 32, 24, {}, 57.81, "measured, H200, 2026-12-04 (57.55 on 2026-11-26: the calibration)"),
-    ("stage_c", 16, 24, {}, 35.19, "bench/peak_memory.py"),
-    ("stage_c", 32, 24, {"activation_checkpointing": True}, 16.79, "measured, H200, 2026-12-04 (the calibration)"),
-    ("stage_c", 16, 24, {"activation_checkpointing": True}, 15.65, "bench/peak_memory.py"),
-    ("stage_b", 16, 128, {}, 33.22, "measured, H200, 2026-12-04 (33.02 on 2026-11-26: the calibration)"),
-    ("stage_b", 4, 256, {}, 32.32, "bench/peak_memory.py, 1024 px"),
-    ("stage_b", 8, 256, {}, 50.90, "bench/peak_memory.py, 1024 px (v2's batch per GPU)"),
-    ("stage_b", 16, 128, {"activation_checkpointing": True}, 17.67, "measured, H200, 2026-12-04 (the calibration)"),
-    ("stage_b", 4, 256, {"activation_checkpointing": True}, 17.14, "bench/peak_memory.py, 1024 px"),
-    ("stage_b", 8, 256, {"activation_checkpointing": True}, 18.56, "bench/peak_memory.py, 1024 px"),
-])
+@pytest.mark.parametrize(
+    "stage, samples, side, settings, peak_gib, what",
+    [
+        ("stage_c", 32, 24, {}, 57.81, "measured, H200, 2026-12-04 (57.55 on 2026-11-26: the calibration)"),
+        ("stage_c", 16, 24, {}, 35.19, "bench/peak_memory.py"),
+        ("stage_c", 32, 24, {"activation_checkpointing": True}, 16.79, "measured, H200, 2026-12-04 (the calibration)"),
+        ("stage_c", 16, 24, {"activation_checkpointing": True}, 15.65, "bench/peak_memory.py"),
+        ("stage_b", 16, 128, {}, 33.22, "measured, H200, 2026-12-04 (33.02 on 2026-11-26: the calibration)"),
+        ("stage_b", 4, 256, {}, 32.32, "bench/peak_memory.py, 1024 px"),
+        ("stage_b", 8, 256, {}, 50.90, "bench/peak_memory.py, 1024 px (v2's batch per GPU)"),
+        ("stage_b", 16, 128, {"activation_checkpointing": True}, 17.67, "measured, H200, 2026-12-04 (the calibration)"),
+        ("stage_b", 4, 256, {"activation_checkpointing": True}, 17.14, "bench/peak_memory.py, 1024 px"),
+        ("stage_b", 8, 256, {"activation_checkpointing": True}, 18.56, "bench/peak_memory.py, 1024 px"),
+    ],
+)
 def test_the_model_meets_the_measured_and_predicted_peaks(stage, samples, side, settings, peak_gib, what):
     assert v2_step(stage, samples, side, **settings).peak_gib == pytest.approx(peak_gib, rel=TOLERANCE), what
 
@@ -71,8 +74,10 @@ def test_text_from_tokens_adds_the_fp32_text_tower():
 def test_v2_on_40_gb_says_what_would_fit():
     config = load_config("v2", ["pre_encode.text=hidden_states"])
     problem = plan.does_not_fit(config, "train_stage_b", "stage_b", 40)
-    assert problem.startswith("train_stage_b: 51.6 GiB per GPU predicted (8 samples of 256x256 latents, eager) "
-                              "does not fit 90% of 40 GiB GPUs; would fit: ")
+    assert problem.startswith(
+        "train_stage_b: 51.6 GiB per GPU predicted (8 samples of 256x256 latents, eager) "
+        "does not fit 90% of 40 GiB GPUs; would fit: "
+    )
     assert "train_b.workers=128 (4 samples per GPU, 33.0 GiB)" in problem
     assert "train_b.activation_checkpointing=true" in problem
     assert "GPUs of 57 GiB or more (A100 80 GB: p4de.24xlarge)" in problem
@@ -88,8 +93,14 @@ def test_the_largest_bucket_sets_the_latent():
 def test_the_model_takes_plain_settings_and_a_parameter_count():
     # cluster/ knows nothing of the pipeline: any object with the settings' fields will do.
     train = dataclasses.replace(load_config("v2").train_c, workers=2, global_batch_size=32, strategy="fsdp")
-    fields = ("workers", "global_batch_size", "strategy", "compile", "activation_checkpointing",
-              "activation_memory_budget")
+    fields = (
+        "workers",
+        "global_batch_size",
+        "strategy",
+        "compile",
+        "activation_checkpointing",
+        "activation_memory_budget",
+    )
     plain = dataclasses.make_dataclass("Settings", fields, frozen=True)(*(getattr(train, name) for name in fields))
     step = memory.step_memory("stage_c", "v2", plain, (24, 24), parameters=plan.parameter_count("stage_c", "v2"))
     assert step == plan.step_memory("stage_c", "v2", train, (24, 24))

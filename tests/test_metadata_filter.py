@@ -15,10 +15,26 @@ from pipelines.metadata_filter import MarkDuplicates, MetadataFilterConfig
 from pipelines.schema import DropReason
 from pipelines.storage import StorageConfig
 
-CONFIG = MetadataFilterConfig(min_side=64, max_side=1000, max_aspect_ratio=3.0, min_caption_chars=1,
-                              max_pwatermark=0.5, max_punsafe=0.99, min_aesthetic=5.0)
-GOOD = {"key": "000000001", "status": "success", "caption": "a red circle", "WIDTH": 100, "HEIGHT": 80,
-        "pwatermark": 0.1, "punsafe": 0.1, "AESTHETIC_SCORE": 6.0, "hash": 1}
+CONFIG = MetadataFilterConfig(
+    min_side=64,
+    max_side=1000,
+    max_aspect_ratio=3.0,
+    min_caption_chars=1,
+    max_pwatermark=0.5,
+    max_punsafe=0.99,
+    min_aesthetic=5.0,
+)
+GOOD = {
+    "key": "000000001",
+    "status": "success",
+    "caption": "a red circle",
+    "WIDTH": 100,
+    "HEIGHT": 80,
+    "pwatermark": 0.1,
+    "punsafe": 0.1,
+    "AESTHETIC_SCORE": 6.0,
+    "hash": 1,
+}
 
 
 def _reasons(rows: list[dict], config: MetadataFilterConfig = CONFIG) -> list[str | None]:
@@ -26,29 +42,32 @@ def _reasons(rows: list[dict], config: MetadataFilterConfig = CONFIG) -> list[st
     return out[schema.DROP_REASON].to_pylist()
 
 
-@pytest.mark.parametrize("change, reason", [
-    ({}, None),
-    ({"status": "failed_to_download"}, DropReason.DOWNLOAD_FAILED),
-    ({"status": None}, DropReason.DOWNLOAD_FAILED),
-    ({"pwatermark": None}, DropReason.METADATA_MISSING),
-    ({"WIDTH": None}, DropReason.METADATA_MISSING),
-    ({"caption": None}, DropReason.METADATA_MISSING),
-    # A value of the wrong type: read when it converts, dropped when it does not.
-    ({"WIDTH": "100", "AESTHETIC_SCORE": "6.0", "caption": 42}, None),
-    ({"WIDTH": "wide"}, DropReason.METADATA_INVALID),
-    ({"WIDTH": 100.5}, DropReason.METADATA_INVALID),
-    ({"caption": b"a red \xff circle"}, DropReason.METADATA_INVALID),
-    ({"exif": {"Orientation": 6}}, DropReason.METADATA_INVALID),
-    ({"WIDTH": 63}, DropReason.TOO_SMALL),
-    ({"HEIGHT": 1001, "WIDTH": 900}, DropReason.TOO_LARGE),
-    ({"WIDTH": 301, "HEIGHT": 100}, DropReason.ASPECT_RATIO),
-    ({"WIDTH": 300, "HEIGHT": 100}, None),
-    ({"caption": "   "}, DropReason.CAPTION_TOO_SHORT),
-    ({"pwatermark": 0.51}, DropReason.WATERMARK),
-    ({"punsafe": 0.995}, DropReason.UNSAFE),
-    ({"AESTHETIC_SCORE": 4.99}, DropReason.AESTHETIC),
-    ({"AESTHETIC_SCORE": 5.0}, None),
-])
+@pytest.mark.parametrize(
+    "change, reason",
+    [
+        ({}, None),
+        ({"status": "failed_to_download"}, DropReason.DOWNLOAD_FAILED),
+        ({"status": None}, DropReason.DOWNLOAD_FAILED),
+        ({"pwatermark": None}, DropReason.METADATA_MISSING),
+        ({"WIDTH": None}, DropReason.METADATA_MISSING),
+        ({"caption": None}, DropReason.METADATA_MISSING),
+        # A value of the wrong type: read when it converts, dropped when it does not.
+        ({"WIDTH": "100", "AESTHETIC_SCORE": "6.0", "caption": 42}, None),
+        ({"WIDTH": "wide"}, DropReason.METADATA_INVALID),
+        ({"WIDTH": 100.5}, DropReason.METADATA_INVALID),
+        ({"caption": b"a red \xff circle"}, DropReason.METADATA_INVALID),
+        ({"exif": {"Orientation": 6}}, DropReason.METADATA_INVALID),
+        ({"WIDTH": 63}, DropReason.TOO_SMALL),
+        ({"HEIGHT": 1001, "WIDTH": 900}, DropReason.TOO_LARGE),
+        ({"WIDTH": 301, "HEIGHT": 100}, DropReason.ASPECT_RATIO),
+        ({"WIDTH": 300, "HEIGHT": 100}, None),
+        ({"caption": "   "}, DropReason.CAPTION_TOO_SHORT),
+        ({"pwatermark": 0.51}, DropReason.WATERMARK),
+        ({"punsafe": 0.995}, DropReason.UNSAFE),
+        ({"AESTHETIC_SCORE": 4.99}, DropReason.AESTHETIC),
+        ({"AESTHETIC_SCORE": 5.0}, None),
+    ],
+)
 def test_each_check(change, reason):
     assert _reasons([change]) == [reason]
 
@@ -58,8 +77,15 @@ def test_first_failed_check_wins():
 
 
 def test_disabled_thresholds_are_not_checked():
-    loose = dataclasses.replace(CONFIG, min_side=None, max_side=None, max_aspect_ratio=None, max_pwatermark=None,
-                                max_punsafe=None, min_aesthetic=None)
+    loose = dataclasses.replace(
+        CONFIG,
+        min_side=None,
+        max_side=None,
+        max_aspect_ratio=None,
+        max_pwatermark=None,
+        max_punsafe=None,
+        min_aesthetic=None,
+    )
     rows = [{"WIDTH": 1, "HEIGHT": 5000, "pwatermark": None, "punsafe": 1.0, "AESTHETIC_SCORE": 0.0}]
     assert _reasons(rows, loose) == [None]
 
@@ -73,12 +99,14 @@ def test_columns_are_canonical_whatever_the_source_has():
 
 
 def test_duplicates_keep_the_first_kept_sample():
-    group = pa.Table.from_pylist([
-        {schema.SHARD: "00001", schema.KEY: "000010000", schema.DROP_REASON: None},
-        {schema.SHARD: "00000", schema.KEY: "000000005", schema.DROP_REASON: "watermark"},
-        {schema.SHARD: "00000", schema.KEY: "000000009", schema.DROP_REASON: None},
-        {schema.SHARD: "00002", schema.KEY: "000020000", schema.DROP_REASON: None},
-    ])
+    group = pa.Table.from_pylist(
+        [
+            {schema.SHARD: "00001", schema.KEY: "000010000", schema.DROP_REASON: None},
+            {schema.SHARD: "00000", schema.KEY: "000000005", schema.DROP_REASON: "watermark"},
+            {schema.SHARD: "00000", schema.KEY: "000000009", schema.DROP_REASON: None},
+            {schema.SHARD: "00002", schema.KEY: "000020000", schema.DROP_REASON: None},
+        ]
+    )
     assert MarkDuplicates()(group)[schema.DROP_REASON].to_pylist() == ["duplicate", "watermark", None, "duplicate"]
 
 

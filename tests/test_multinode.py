@@ -34,11 +34,22 @@ WORKER_NODE_CPUS = 3
 # Small enough for minutes on 2 cores. 2 of a worker node's 3 CPUs per training worker: the two
 # workers of every training run cannot share a node, and each node keeps a CPU for Ray Data's tasks
 # that feed them.
-FAST = ["--set=data.demo.num_shards=2", "--set=data.demo.samples_per_shard=40",
-        *[f"--set={section}.{setting}" for section in TRAINING
-          for setting in (f"steps={STEPS}", "global_batch_size=8", "checkpoint_every=10", "warmup_steps=5",
-                          "cpus_per_worker=2")],
-        "--set=generate.prompts=a red circle on a white background,a blue square on a black background"]
+FAST = [
+    "--set=data.demo.num_shards=2",
+    "--set=data.demo.samples_per_shard=40",
+    *[
+        f"--set={section}.{setting}"
+        for section in TRAINING
+        for setting in (
+            f"steps={STEPS}",
+            "global_batch_size=8",
+            "checkpoint_every=10",
+            "warmup_steps=5",
+            "cpus_per_worker=2",
+        )
+    ],
+    "--set=generate.prompts=a red circle on a white background,a blue square on a black background",
+]
 
 
 def _local_paths(value) -> list[str]:
@@ -60,27 +71,49 @@ def test_training_workers_and_render_tasks_get_urls_not_the_drivers_local_copies
     work = f"s3://{BUCKET}/worker-args"
     fs, _ = filesystem(work, storage)
     fs.mkdir(BUCKET)
-    config = load_config("tiny", [f"work_dir={work}", f"train_c.init_weights={work}/init.safetensors",
-                                  "train_a.stage_a_losses.perceptual_weight=1",
-                                  f"train_a.stage_a_losses.perceptual_weights={work}/vgg16.pth"])
+    config = load_config(
+        "tiny",
+        [
+            f"work_dir={work}",
+            f"train_c.init_weights={work}/init.safetensors",
+            "train_a.stage_a_losses.perceptual_weight=1",
+            f"train_a.stage_a_losses.perceptual_weights={work}/vgg16.pth",
+        ],
+    )
     config = dataclasses.replace(config, storage=storage)
     context = PhaseContext(config=config, work_dir=work, shards_url=f"{work}/shards", tracker=None)
-    for url in (f"{work}/init.safetensors", f"{work}/vgg16.pth", train_phase.weights_url(context, "stage_a"),
-                train_phase.weights_url(context, "stage_b"), train_phase.weights_url(context, "stage_c")):
+    for url in (
+        f"{work}/init.safetensors",
+        f"{work}/vgg16.pth",
+        train_phase.weights_url(context, "stage_a"),
+        train_phase.weights_url(context, "stage_b"),
+        train_phase.weights_url(context, "stage_c"),
+    ):
         fs.pipe(filesystem(url, storage)[1], b"weights")
     text = torch.zeros(1, 77, 32)
-    fs.pipe(filesystem(f"{work}/{pre_encode.PHASE}/{pre_encode.EMPTY_CAPTION_FILE}", storage)[1],
-            save({schema.TEXT_STAGE_C: text, schema.TEXT_STAGE_B: text.clone()}))
+    fs.pipe(
+        filesystem(f"{work}/{pre_encode.PHASE}/{pre_encode.EMPTY_CAPTION_FILE}", storage)[1],
+        save({schema.TEXT_STAGE_C: text, schema.TEXT_STAGE_B: text.clone()}),
+    )
     sample = ray.data.from_items([{schema.CAPTION: "a red circle", schema.IMAGE: np.zeros((8, 8, 3), np.uint8)}] * 8)
 
     for stage in (REGISTRY["stage_a"], REGISTRY["stage_b"], REGISTRY["stage_c"]):
         section = getattr(config, stage.config_section)
         spec = train_phase._task_spec(context, stage, section, sample)
-        args = WorkerArgs(train=section, stage=stage, task=spec, budget=None, used_before=0.0,
-                          tracking_uri="http://mlflow", run_id="run")
+        args = WorkerArgs(
+            train=section,
+            stage=stage,
+            task=spec,
+            budget=None,
+            used_before=0.0,
+            tracking_uri="http://mlflow",
+            run_id="run",
+        )
         assert not _local_paths(args), f"{stage}: the driver hands its workers paths of its own node"
     assert train_phase._task_spec(context, REGISTRY["stage_c"], config.train_c, sample).partner_weights == {
-        "stage_b": f"{work}/train_stage_b/final.safetensors", "stage_a": f"{work}/train_stage_a/final.safetensors"}
+        "stage_b": f"{work}/train_stage_b/final.safetensors",
+        "stage_a": f"{work}/train_stage_a/final.safetensors",
+    }
 
     weights = {stage: train_phase.weights_url(context, stage) for stage in ("stage_c", "stage_b", "stage_a")}
     requests = generate_phase.render_args(config.generate, "tiny", weights, storage)
@@ -98,10 +131,19 @@ def test_the_pipeline_runs_across_nodes_that_share_only_ray_s3_and_mlflow(tmp_pa
         init = f"{work}/init/stage_c.safetensors"
         torch.manual_seed(1)
         fs.pipe(filesystem(init, storage)[1], save(StageC(STAGE_C_CONFIGS["tiny"]()).state_dict()))
-        submitted = submit_job(cluster.dashboard, cluster.auth,
-                               ["pipelines/full.py", f"--set=work_dir={work}", *cluster.storage_overrides(), *FAST,
-                                f"--set=train_c.init_weights={init}"],
-                               env_vars={"MLFLOW_TRACKING_URI": cluster.mlflow_uri}, timeout=1800)
+        submitted = submit_job(
+            cluster.dashboard,
+            cluster.auth,
+            [
+                "pipelines/full.py",
+                f"--set=work_dir={work}",
+                *cluster.storage_overrides(),
+                *FAST,
+                f"--set=train_c.init_weights={init}",
+            ],
+            env_vars={"MLFLOW_TRACKING_URI": cluster.mlflow_uri},
+            timeout=1800,
+        )
         output = submitted.stdout + submitted.stderr
         assert submitted.returncode == 0, output[-6000:]
         assert "succeeded" in output and f"ran: {', '.join(PHASES)}" in output, output[-6000:]

@@ -18,7 +18,9 @@ from pipelines.trainable import training_phases
 
 def _rows(overrides=(), **assumed) -> dict[str, costs.PhasePlan]:
     config = load_config("v2", list(overrides))
-    assumptions = plan.Assumptions(samples=10**6, keep={"metadata_filter": 0.5}, **{"gpus": 8, "gpu": "a100", **assumed})
+    assumptions = plan.Assumptions(
+        samples=10**6, keep={"metadata_filter": 0.5}, **{"gpus": 8, "gpu": "a100", **assumed}
+    )
     return {row.phase: row for row in plan.plan(config, list(PHASES), assumptions, costs.load_measured("v2_h200"))}
 
 
@@ -30,7 +32,8 @@ def test_hours_follow_the_work_the_gpu_count_and_the_gpu_kind():
     wider = _rows(gpus=16)["train_stage_c"]  # same efficiency above one GPU: same GPU-hours, half the wall time
     assert wider.unit_hours == pytest.approx(stage_c.unit_hours) and wider.seconds == pytest.approx(stage_c.seconds / 2)
     assert _rows(gpu="h200")["train_stage_c"].unit_hours == pytest.approx(
-        stage_c.unit_hours * costs.GPU_SPEED_VS_H200["a100"])
+        stage_c.unit_hours * costs.GPU_SPEED_VS_H200["a100"]
+    )
     # The data volumes chain through the keep fractions; v2 loads its encoders, so it trains neither.
     assert base["decode"].samples == 500_000 and base["pre_encode"].samples == 500_000
     assert "train_stage_a" not in base and "train_semantic" not in base
@@ -97,15 +100,28 @@ def test_the_planner_names_the_cheaper_text_setting(capsys):
 
 
 def test_planner_prints_the_table_the_paper_comparison_and_budgets(capsys):
-    plan.main(["--samples", "2e6", "--gpus", "16", "--set", "train_c.budget_gpu_hours=10",
-               "--set", "train_b.budget_gpu_hours=1e9"])
+    plan.main(
+        [
+            "--samples",
+            "2e6",
+            "--gpus",
+            "16",
+            "--set",
+            "train_c.budget_gpu_hours=10",
+            "--set",
+            "train_b.budget_gpu_hours=1e9",
+        ]
+    )
     out = capsys.readouterr().out
     for phase in ("metadata_filter", "decode", "embed", "pre_encode", "train_stage_b", "train_stage_c"):
         assert f"| {phase} |" in out
     assert re.search(r"\| train_stage_c \|.*\| 10\.0: OVER \|", out)
     assert re.search(r"\| train_stage_b \|.*: fits \|", out)
-    assert re.search(r"Training \(train_stage_b, train_stage_c\): [\d,]+ A100-hours predicted; the paper gives 24,602 "
-                     r"A100-hours for its whole training", out)
+    assert re.search(
+        r"Training \(train_stage_b, train_stage_c\): [\d,]+ A100-hours predicted; the paper gives 24,602 "
+        r"A100-hours for its whole training",
+        out,
+    )
     assert "cluster/measured.toml [v2_h200]" in out
 
 
@@ -119,13 +135,16 @@ def test_latent_bytes_per_sample_are_the_v2_shard_payload_and_the_largest_bucket
     assert plan.latent_bytes_per_sample(buckets) == 16 * 30 * 21 * 2 + 4 * 320 * 224 * 2 + tokens
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--keep", "decode=2"], "keep fraction for decode must be in [0, 1]"),
-    (["--keep", "pre_encode=0.5"], "only metadata_filter, decode, embed drop samples"),
-    (["--keep", "decode"], "--keep takes phase=fraction pairs"),
-    (["--phases", "train_stage_d"], "unknown phase(s) train_stage_d"),
-    (["--set", "train_c.steps=many"], "train_c.steps"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--keep", "decode=2"], "keep fraction for decode must be in [0, 1]"),
+        (["--keep", "pre_encode=0.5"], "only metadata_filter, decode, embed drop samples"),
+        (["--keep", "decode"], "--keep takes phase=fraction pairs"),
+        (["--phases", "train_stage_d"], "unknown phase(s) train_stage_d"),
+        (["--set", "train_c.steps=many"], "train_c.steps"),
+    ],
+)
 def test_planner_errors_name_the_setting(argv, message, capsys):
     with pytest.raises(SystemExit):
         plan.main(argv)
@@ -147,8 +166,17 @@ def test_dry_run_counts_rows_from_the_shard_footers(tmp_path, capsys):
     demo = DemoDataConfig(num_shards=2, samples_per_shard=20)
     demo_data.generate(str(tmp_path / "demo"), demo)
     shards = demo_data.shards_url(str(tmp_path / "demo"))
-    full.main(["--dry-run", "--phases", "metadata_filter,decode", "--set", f"data.shards_url={shards}",
-               "--set", f"work_dir={tmp_path}/work"])
+    full.main(
+        [
+            "--dry-run",
+            "--phases",
+            "metadata_filter,decode",
+            "--set",
+            f"data.shards_url={shards}",
+            "--set",
+            f"work_dir={tmp_path}/work",
+        ]
+    )
     assert "40 input rows" in capsys.readouterr().out
 
 
@@ -169,8 +197,21 @@ def test_every_v2_phase_fits_the_node_type_meant_for_it():
 
 
 def test_dry_run_flags_a_request_no_node_can_hold(tmp_path, capsys):
-    full.main(["--dry-run", "--config", "v2", "--phases", "train_stage_c", "--set", "data.shards_url=demo",
-               "--set", "train_c.gpus_per_worker=9", "--set", f"work_dir={tmp_path}/work"])
+    full.main(
+        [
+            "--dry-run",
+            "--config",
+            "v2",
+            "--phases",
+            "train_stage_c",
+            "--set",
+            "data.shards_url=demo",
+            "--set",
+            "train_c.gpus_per_worker=9",
+            "--set",
+            f"work_dir={tmp_path}/work",
+        ]
+    )
     assert "train_stage_c: 64 Ray Train workers x (10 CPU, 9 GPU)" in (out := capsys.readouterr().out)
     assert "FITS NO NODE TYPE" in out
 
@@ -189,10 +230,25 @@ def test_a_gpu_config_on_a_local_ray_without_gpus_stops_before_any_work(tmp_path
 
 def test_unreachable_object_storage_names_the_settings(tmp_path):
     closed = f"http://127.0.0.1:{free_port()}"  # nothing listens there
-    with pytest.raises(SystemExit, match=re.escape(f"cannot reach data.shards_url 's3://corpus/shards' "
-                                                   f"(storage.endpoint_url='{closed}'")):
-        full.main(["--dry-run", "--set", "data.shards_url=s3://corpus/shards", "--set", f"storage.endpoint_url={closed}",
-                   "--set", "storage.key=k", "--set", "storage.secret=s", "--set", f"work_dir={tmp_path}/w"])
+    with pytest.raises(
+        SystemExit,
+        match=re.escape(f"cannot reach data.shards_url 's3://corpus/shards' (storage.endpoint_url='{closed}'"),
+    ):
+        full.main(
+            [
+                "--dry-run",
+                "--set",
+                "data.shards_url=s3://corpus/shards",
+                "--set",
+                f"storage.endpoint_url={closed}",
+                "--set",
+                "storage.key=k",
+                "--set",
+                "storage.secret=s",
+                "--set",
+                f"work_dir={tmp_path}/w",
+            ]
+        )
 
 
 def test_v2_training_steps_fit_the_gpus_of_ray_cluster_yaml():
@@ -216,10 +272,26 @@ def test_v2_on_40_gb_gpus_is_flagged_with_what_would_fit(capsys):
 
 
 def test_dry_run_refuses_a_step_that_does_not_fit_and_says_what_would(tmp_path, capsys):
-    with pytest.raises(SystemExit, match=r"train_stage_c: \d+\.\d GiB per GPU predicted \(80 samples of 24x24 latents, "
-                                         r"eager\) does not fit 90% of 80 GiB GPUs; would fit: train_c\.workers="):
-        full.main(["--dry-run", "--config", "v2", "--phases", "train_stage_c", "--set", "data.shards_url=demo",
-                   "--set", "train_c.workers=16", "--set", f"work_dir={tmp_path}/work"])
+    with pytest.raises(
+        SystemExit,
+        match=r"train_stage_c: \d+\.\d GiB per GPU predicted \(80 samples of 24x24 latents, "
+        r"eager\) does not fit 90% of 80 GiB GPUs; would fit: train_c\.workers=",
+    ):
+        full.main(
+            [
+                "--dry-run",
+                "--config",
+                "v2",
+                "--phases",
+                "train_stage_c",
+                "--set",
+                "data.shards_url=demo",
+                "--set",
+                "train_c.workers=16",
+                "--set",
+                f"work_dir={tmp_path}/work",
+            ]
+        )
     assert "OVER |" in capsys.readouterr().out, "the plan is printed before the refusal"
 
 

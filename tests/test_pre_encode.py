@@ -38,21 +38,47 @@ def embedded(tmp_path_factory, local_ray):
     generate(str(root / "demo"), DemoDataConfig(num_shards=2, samples_per_shard=12, plant_defects=False))
     config = load_config("tiny")
     filtered, _ = metadata_filter.run(str(root / "demo" / "shards"), str(root / "filtered"), config.filter, STORAGE)
-    decoded, _ = shard_phase.run(decode.phase(
-        shards_url=str(root / "demo" / "shards"), filtered_url=str(root / "filtered"), output_url=str(root / "decode"),
-        filtered_fingerprint=filtered.config, config=config.decode, storage=STORAGE), sorted(filtered.shards),
-        str(root / "decode"), STORAGE)
-    embedded, _ = shard_phase.run(embed.phase(
-        decoded_url=str(root / "decode"), output_url=str(root / "embed"), decoded_fingerprint=decoded.config,
-        config=config.embed, storage=STORAGE), sorted(decoded.shards), str(root / "embed"), STORAGE)
+    decoded, _ = shard_phase.run(
+        decode.phase(
+            shards_url=str(root / "demo" / "shards"),
+            filtered_url=str(root / "filtered"),
+            output_url=str(root / "decode"),
+            filtered_fingerprint=filtered.config,
+            config=config.decode,
+            storage=STORAGE,
+        ),
+        sorted(filtered.shards),
+        str(root / "decode"),
+        STORAGE,
+    )
+    embedded, _ = shard_phase.run(
+        embed.phase(
+            decoded_url=str(root / "decode"),
+            output_url=str(root / "embed"),
+            decoded_fingerprint=decoded.config,
+            config=config.embed,
+            storage=STORAGE,
+        ),
+        sorted(decoded.shards),
+        str(root / "embed"),
+        STORAGE,
+    )
     return root, embedded
 
 
 def _pre_encode(root, embedded_manifest, config, output):
     threshold = pre_encode.validation_threshold(config, embedded_manifest, str(root / "embed"), STORAGE)
-    phase = pre_encode.phase(decoded_url=str(root / "decode"), embedded_url=str(root / "embed"), output_url=str(output),
-                             embedded_fingerprint=embedded_manifest.config, crops=((64, 64),), resolution=64, config=config,
-                             validation_threshold=threshold, storage=STORAGE)
+    phase = pre_encode.phase(
+        decoded_url=str(root / "decode"),
+        embedded_url=str(root / "embed"),
+        output_url=str(output),
+        embedded_fingerprint=embedded_manifest.config,
+        crops=((64, 64),),
+        resolution=64,
+        config=config,
+        validation_threshold=threshold,
+        storage=STORAGE,
+    )
     return shard_phase.run(phase, sorted(embedded_manifest.shards), str(output), STORAGE)
 
 
@@ -63,15 +89,26 @@ def test_latents_and_conditioning_are_what_the_encoders_compute(embedded, tmp_pa
     stage_a, semantic = StageA(STAGE_A_CONFIGS["tiny"]()).eval(), SemanticCompressor(SEMANTIC_CONFIGS["tiny"]()).eval()
     save_weights(stage_a, tmp_path / "stage_a.safetensors")
     save_weights(semantic, tmp_path / "semantic.safetensors")
-    config = dataclasses.replace(load_config("tiny").pre_encode, stage_a_weights=str(tmp_path / "stage_a.safetensors"),
-                                 semantic_weights=str(tmp_path / "semantic.safetensors"))
+    config = dataclasses.replace(
+        load_config("tiny").pre_encode,
+        stage_a_weights=str(tmp_path / "stage_a.safetensors"),
+        semantic_weights=str(tmp_path / "semantic.safetensors"),
+    )
     manifest, metrics = _pre_encode(root, embedded_manifest, config, tmp_path / "latents")
     assert manifest.kept == manifest.samples_in == embedded_manifest.kept == 24
     assert metrics["shards_processed"] == 2
 
     table = pq.read_table(tmp_path / "latents" / "00000.parquet")
-    arrays = {name: table[name].combine_chunks().to_numpy_ndarray() for name in
-              (schema.STAGE_C_LATENT, schema.STAGE_B_LATENT, schema.TEXT_TOKENS, schema.TEXT_STAGE_C, schema.TEXT_STAGE_B)}
+    arrays = {
+        name: table[name].combine_chunks().to_numpy_ndarray()
+        for name in (
+            schema.STAGE_C_LATENT,
+            schema.STAGE_B_LATENT,
+            schema.TEXT_TOKENS,
+            schema.TEXT_STAGE_C,
+            schema.TEXT_STAGE_B,
+        )
+    }
     n = table.num_rows
     assert arrays[schema.STAGE_C_LATENT].shape == (n, 16, 4, 4) and arrays[schema.STAGE_C_LATENT].dtype == np.float16
     assert arrays[schema.STAGE_B_LATENT].shape == (n, 4, 16, 16) and arrays[schema.STAGE_B_LATENT].dtype == np.float16
@@ -79,8 +116,15 @@ def test_latents_and_conditioning_are_what_the_encoders_compute(embedded, tmp_pa
     assert arrays[schema.TEXT_STAGE_C].shape == (n, 77, 32) and arrays[schema.TEXT_STAGE_B].shape == (n, 77, 24)
 
     decoded = {r[schema.KEY]: r for r in pq.read_table(root / "decode" / "00000.parquet").to_pylist()}
-    images = torch.stack([torch.from_numpy(np.asarray(Image.open(io.BytesIO(decoded[key][schema.IMAGE])))).permute(2, 0, 1)
-                          for key in table[schema.KEY].to_pylist()]).float() / 255
+    images = (
+        torch.stack(
+            [
+                torch.from_numpy(np.asarray(Image.open(io.BytesIO(decoded[key][schema.IMAGE])))).permute(2, 0, 1)
+                for key in table[schema.KEY].to_pylist()
+            ]
+        ).float()
+        / 255
+    )
     text = TEXT_CONFIGS["tiny"]()
     tokens = torch.from_numpy(arrays[schema.TEXT_TOKENS]).long()
     with torch.no_grad():
@@ -106,8 +150,12 @@ def test_the_validation_split_is_the_smallest_key_hashes_counted_and_in_row_grou
     # On 24 samples the share (0.5%) holds out none: the minimum decides.
     assert config.validation_fraction * embedded_manifest.kept < 1 and config.validation_min == 16
     manifest, _ = _pre_encode(root, embedded_manifest, config, tmp_path / "pre_encode")
-    kept = [row[schema.KEY] for shard in sorted(embedded_manifest.shards)
-            for row in pq.read_table(root / "embed" / f"{shard}.parquet").to_pylist() if row[schema.DROP_REASON] is None]
+    kept = [
+        row[schema.KEY]
+        for shard in sorted(embedded_manifest.shards)
+        for row in pq.read_table(root / "embed" / f"{shard}.parquet").to_pylist()
+        if row[schema.DROP_REASON] is None
+    ]
     smallest = sorted(kept, key=lambda key: hashlib.blake2b(key.encode(), digest_size=8).digest())[:16]
 
     split = {}
@@ -136,20 +184,30 @@ def test_the_validation_split_is_the_smallest_key_hashes_counted_and_in_row_grou
     for shard in sorted(manifest.shards):
         table = pq.read_table(tmp_path / "pre_encode" / f"{shard}.parquet")
         latents = table[schema.STAGE_C_LATENT].combine_chunks().to_numpy_ndarray()
-        key_of.update((latent.tobytes(), key) for latent, key in zip(latents, table[schema.KEY].to_pylist(), strict=True))
+        key_of.update(
+            (latent.tobytes(), key) for latent, key in zip(latents, table[schema.KEY].to_pylist(), strict=True)
+        )
     assert len(key_of) == len(kept)
     run_config = load_config("tiny", [f"work_dir={tmp_path}", "pre_encode.text=tokens"])
     context = PhaseContext(config=run_config, work_dir=str(tmp_path), shards_url="", tracker=None)
-    datasets, _ = train_phase._datasets(context, REGISTRY["stage_c"], sorted(manifest.shards), run_config.train_c,
-                                        run=None)
-    read = [key_of[np.ascontiguousarray(latent, np.float16).tobytes()] for dataset in datasets.values()
-            for batch in dataset.iter_batches(batch_format="numpy") for latent in batch[schema.STAGE_C_LATENT]]
+    datasets, _ = train_phase._datasets(
+        context, REGISTRY["stage_c"], sorted(manifest.shards), run_config.train_c, run=None
+    )
+    read = [
+        key_of[np.ascontiguousarray(latent, np.float16).tobytes()]
+        for dataset in datasets.values()
+        for batch in dataset.iter_batches(batch_format="numpy")
+        for latent in batch[schema.STAGE_C_LATENT]
+    ]
     assert sorted(read) == sorted(key for key, name in split.items() if name == "train")
 
     # Another run over the same samples holds out the same ones.
     again, _ = _pre_encode(root, embedded_manifest, dataclasses.replace(config, seed=1), tmp_path / "again")
-    assert {row[schema.KEY]: row[schema.SPLIT] for shard in sorted(again.shards)
-            for row in pq.read_table(tmp_path / "again" / f"{shard}.parquet").to_pylist()} == split
+    assert {
+        row[schema.KEY]: row[schema.SPLIT]
+        for shard in sorted(again.shards)
+        for row in pq.read_table(tmp_path / "again" / f"{shard}.parquet").to_pylist()
+    } == split
 
 
 def test_the_validation_threshold_takes_the_share_alone_where_it_is_sure_to_hold_the_minimum(tmp_path):
@@ -171,10 +229,13 @@ def test_the_validation_threshold_takes_the_share_alone_where_it_is_sure_to_hold
         pre_encode.validation_threshold(config, embedded(1000), never_read, STORAGE)
 
 
-@pytest.mark.parametrize("setting, message", [
-    ("pre_encode.validation_fraction=1", r"validation_fraction is a share of the samples: must be in \[0, 1\)"),
-    ("pre_encode.validation_min=-1", "validation_min is a number of samples: must be 0 or more"),
-])
+@pytest.mark.parametrize(
+    "setting, message",
+    [
+        ("pre_encode.validation_fraction=1", r"validation_fraction is a share of the samples: must be in \[0, 1\)"),
+        ("pre_encode.validation_min=-1", "validation_min is a number of samples: must be 0 or more"),
+    ],
+)
 def test_a_validation_setting_out_of_range_fails_naming_it(setting, message):
     with pytest.raises(ValueError, match=message):
         load_config("tiny", [setting])
@@ -197,15 +258,26 @@ def test_tokens_only_stores_no_hidden_states_and_costs_less(embedded, tmp_path):
 def test_a_resolution_stage_a_cannot_take_fails_before_work(embedded, tmp_path):
     root, embedded_manifest = embedded
     with pytest.raises(ValueError, match=r"66x66 crop is not a multiple of Stage A's .*change decode.resolution"):
-        pre_encode.phase(decoded_url=str(root / "decode"), embedded_url=str(root / "embed"), output_url=str(tmp_path),
-                         embedded_fingerprint=embedded_manifest.config, crops=((66, 66),), resolution=66,
-                         config=load_config("tiny").pre_encode, validation_threshold=0, storage=STORAGE)
+        pre_encode.phase(
+            decoded_url=str(root / "decode"),
+            embedded_url=str(root / "embed"),
+            output_url=str(tmp_path),
+            embedded_fingerprint=embedded_manifest.config,
+            crops=((66, 66),),
+            resolution=66,
+            config=load_config("tiny").pre_encode,
+            validation_threshold=0,
+            storage=STORAGE,
+        )
 
 
 def test_random_text_weights_with_tokens_only_fail_naming_both_settings():
     # Training encodes stored tokens with the models' own towers: random ones would be ignored.
-    with pytest.raises(ValueError, match=r"pre_encode\.text, pre_encode\.text_weights: text_weights=random applies "
-                                         r"only to text=hidden_states"):
+    with pytest.raises(
+        ValueError,
+        match=r"pre_encode\.text, pre_encode\.text_weights: text_weights=random applies "
+        r"only to text=hidden_states",
+    ):
         load_config("tiny", ["pre_encode.text=tokens", "pre_encode.text_weights=random"])
 
 
@@ -234,7 +306,11 @@ def test_an_actor_killed_mid_shard_is_replaced_and_each_sample_written_once(embe
     assert killed, "no encoder actor was seen with a shard open"
     assert not psutil.pid_exists(killed[0]) or psutil.Process(killed[0]).status() == psutil.STATUS_ZOMBIE
 
-    keys = [key for shard in sorted(manifest.shards) for key in pq.read_table(output / f"{shard}.parquet")[schema.KEY].to_pylist()]
+    keys = [
+        key
+        for shard in sorted(manifest.shards)
+        for key in pq.read_table(output / f"{shard}.parquet")[schema.KEY].to_pylist()
+    ]
     assert len(keys) == len(set(keys)) == manifest.kept == embedded_manifest.kept
     assert metrics["shards_processed"] == len(manifest.shards)
     assert not [path.name for path in output.iterdir() if ".tmp-" in path.name], "the killed actor's temporary is left"
@@ -251,8 +327,9 @@ def test_an_actor_with_two_calls_works_on_two_shards_at_once_and_writes_the_same
     root, embedded_manifest = embedded
     config = dataclasses.replace(load_config("tiny").pre_encode, stage_a_weights="", semantic_weights="")
     one_at_a_time, _ = _pre_encode(root, embedded_manifest, config, tmp_path / "one")
-    concurrent = dataclasses.replace(config, resources=dataclasses.replace(config.resources, min_actors=1, max_actors=1,
-                                                                           calls_per_actor=2))
+    concurrent = dataclasses.replace(
+        config, resources=dataclasses.replace(config.resources, min_actors=1, max_actors=1, calls_per_actor=2)
+    )
     seen, done = [], threading.Event()
     watcher = threading.Thread(target=_most_temporaries_seen_at_once, args=(tmp_path / "two", seen, done), daemon=True)
     watcher.start()
@@ -263,7 +340,8 @@ def test_an_actor_with_two_calls_works_on_two_shards_at_once_and_writes_the_same
     assert manifest.to_json() == one_at_a_time.to_json()
     for shard in manifest.shards:
         assert pq.read_table(tmp_path / "two" / f"{shard}.parquet").equals(
-            pq.read_table(tmp_path / "one" / f"{shard}.parquet")), shard
+            pq.read_table(tmp_path / "one" / f"{shard}.parquet")
+        ), shard
 
 
 def test_non_finite_latents_are_dropped_and_counted(embedded, tmp_path):
@@ -273,8 +351,9 @@ def test_non_finite_latents_are_dropped_and_counted(embedded, tmp_path):
     weights[next(name for name in weights if name.endswith("weight"))].fill_(float("inf"))
     semantic.load_state_dict(weights)
     save_weights(semantic, tmp_path / "semantic.safetensors")
-    config = dataclasses.replace(load_config("tiny").pre_encode, stage_a_weights="",
-                                 semantic_weights=str(tmp_path / "semantic.safetensors"))
+    config = dataclasses.replace(
+        load_config("tiny").pre_encode, stage_a_weights="", semantic_weights=str(tmp_path / "semantic.safetensors")
+    )
     manifest, _ = _pre_encode(root, embedded_manifest, config, tmp_path / "latents")
     assert manifest.kept == 0 and manifest.dropped() == {"non_finite_latent": embedded_manifest.kept}
     assert pq.read_table(tmp_path / "latents" / "00000.parquet").num_rows == 0
@@ -286,13 +365,26 @@ def test_a_batch_with_some_non_finite_samples_keeps_the_others_with_their_own_la
     config = dataclasses.replace(load_config("tiny").pre_encode, stage_a_weights="", semantic_weights="", text="tokens")
     with pytest.warns(UserWarning, match="random weights"):
         step = pre_encode.PreEncodeShard(
-            decoded_url=str(root / "decode"), embedded_url=str(root / "embed"), output_url=str(tmp_path),
-            config=config, crops=((64, 64),), resolution=64, validation_threshold=0, fingerprint={}, storage=STORAGE)
+            decoded_url=str(root / "decode"),
+            embedded_url=str(root / "embed"),
+            output_url=str(tmp_path),
+            config=config,
+            crops=((64, 64),),
+            resolution=64,
+            validation_threshold=0,
+            fingerprint={},
+            storage=STORAGE,
+        )
     kept_keys = set(pq.read_table(root / "embed" / "00000.parquet").to_pandas().query("drop_reason.isna()")[schema.KEY])
-    decoded = {row[schema.KEY]: row for row in pq.read_table(root / "decode" / "00000.parquet").to_pylist()
-               if row[schema.KEY] in kept_keys}
-    images = {key: torch.from_numpy(np.array(Image.open(io.BytesIO(row[schema.IMAGE])))).permute(2, 0, 1).float() / 255
-              for key, row in decoded.items()}
+    decoded = {
+        row[schema.KEY]: row
+        for row in pq.read_table(root / "decode" / "00000.parquet").to_pylist()
+        if row[schema.KEY] in kept_keys
+    }
+    images = {
+        key: torch.from_numpy(np.array(Image.open(io.BytesIO(row[schema.IMAGE])))).permute(2, 0, 1).float() / 255
+        for key, row in decoded.items()
+    }
     brightness = {key: image.mean().item() for key, image in images.items()}
     threshold = float(np.median(list(brightness.values())))
     compress = step.semantic.encode_stage_c_latents
@@ -318,6 +410,7 @@ def test_a_batch_with_some_non_finite_samples_keeps_the_others_with_their_own_la
             stage_c = table[schema.STAGE_C_LATENT].combine_chunks().to_numpy_ndarray()[index]
             expected_b = step.stage_a.encode_stage_b_latents(image)[0].numpy()
             np.testing.assert_allclose(stage_b.astype(np.float32), expected_b, atol=2e-2, rtol=1e-2, err_msg=key)
-            np.testing.assert_allclose(stage_c.astype(np.float32), compress(image)[0].numpy(), atol=2e-2, rtol=1e-2,
-                                       err_msg=key)
+            np.testing.assert_allclose(
+                stage_c.astype(np.float32), compress(image)[0].numpy(), atol=2e-2, rtol=1e-2, err_msg=key
+            )
             assert table[schema.CAPTION][index].as_py() == decoded[key][schema.CAPTION]

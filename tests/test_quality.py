@@ -91,8 +91,11 @@ def test_clip_score_is_100_times_the_positive_cosine_of_the_embed_phases_model()
     model, preprocess, tokenizer = load_clip(config, torch.device("cpu"))
     rng = np.random.default_rng(4)
     images = [Image.fromarray(rng.integers(0, 256, size=(40, 48, 3), dtype=np.uint8)) for _ in range(12)]
-    captions = [f"a {colour} {shape}" for colour in ("red", "green", "blue") for shape in ("square", "circle",
-                                                                                          "triangle", "star")]
+    captions = [
+        f"a {colour} {shape}"
+        for colour in ("red", "green", "blue")
+        for shape in ("square", "circle", "triangle", "star")
+    ]
     scores = quality.clip_scores(model, preprocess, tokenizer, images, captions, torch.device("cpu"))
 
     with torch.no_grad():
@@ -110,5 +113,7 @@ def test_feature_extractors_by_name():
     features = extractor(images)
     assert features.shape == (5, 16)
     torch.testing.assert_close(quality.feature_extractor("tiny")(images), features)  # seeded: the same every time
-    with pytest.raises(ValueError, match="unknown FID feature extractor 'inception': choose one of inception-v3-fid, tiny"):
+    with pytest.raises(
+        ValueError, match="unknown FID feature extractor 'inception': choose one of inception-v3-fid, tiny"
+    ):
         quality.feature_extractor("inception")

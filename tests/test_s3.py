@@ -39,25 +39,49 @@ def test_full_pipeline_on_s3(s3_server, tmp_path):
 
     store = f"sqlite:///{tmp_path}/mlflow.db"
     # Secrets in the environment, under the names credentials go by, must not leak either.
-    planted = {"MLFLOW_TRACKING_TOKEN": "planted-token-7731", "WUERSTCHEN_TEST_API_KEY": "planted-key-7732",
-               "SOME_SERVICE_SECRET": "planted-secret-7733"}
+    planted = {
+        "MLFLOW_TRACKING_TOKEN": "planted-token-7731",
+        "WUERSTCHEN_TEST_API_KEY": "planted-key-7732",
+        "SOME_SERVICE_SECRET": "planted-secret-7733",
+    }
     env = {**{k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")}, **planted}
     result = subprocess.run(
-        [sys.executable, str(ROOT / "pipelines/full.py"), "--set", "data.shards_url=s3://wuerstchen/input/shards",
-         "--set", "work_dir=s3://wuerstchen/runs/tiny", "--set", f"tracking.tracking_uri={store}",
-         "--set", f"storage.endpoint_url={s3_server}", "--set", "storage.key=test-key", "--set", f"storage.secret={SECRET}",
-         # Random encoders (no Stage A or semantic training): the trained ones are test_full's subject.
-         "--set=pre_encode.stage_a_weights=", "--set=pre_encode.semantic_weights=",
-         *[f"--set=train_{stage}.{key}" for stage in ("b", "c") for key in ("steps=10", "global_batch_size=8")],
-         "--set=train_c.checkpoint_every=5"],
+        [
+            sys.executable,
+            str(ROOT / "pipelines/full.py"),
+            "--set",
+            "data.shards_url=s3://wuerstchen/input/shards",
+            "--set",
+            "work_dir=s3://wuerstchen/runs/tiny",
+            "--set",
+            f"tracking.tracking_uri={store}",
+            "--set",
+            f"storage.endpoint_url={s3_server}",
+            "--set",
+            "storage.key=test-key",
+            "--set",
+            f"storage.secret={SECRET}",
+            # Random encoders (no Stage A or semantic training): the trained ones are test_full's subject.
+            "--set=pre_encode.stage_a_weights=",
+            "--set=pre_encode.semantic_weights=",
+            *[f"--set=train_{stage}.{key}" for stage in ("b", "c") for key in ("steps=10", "global_batch_size=8")],
+            "--set=train_c.checkpoint_every=5",
+        ],
         # In tmp_path: MLflow puts a SQLite store's artifacts under ./mlruns.
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert result.returncode == 0, result.stderr[-4000:]
 
     for phase in ("metadata_filter", "decode", "embed", "pre_encode"):
         assert fs.exists(f"wuerstchen/runs/tiny/{phase}/manifest.json"), phase
-        assert sorted(p.rsplit("/", 1)[-1] for p in fs.glob(f"wuerstchen/runs/tiny/{phase}/*.parquet")) == \
-            ["00000.parquet", "00001.parquet"], phase
+        assert sorted(p.rsplit("/", 1)[-1] for p in fs.glob(f"wuerstchen/runs/tiny/{phase}/*.parquet")) == [
+            "00000.parquet",
+            "00001.parquet",
+        ], phase
     keys = []
     for shard in ("00000", "00001"):
         with fs.open(f"wuerstchen/runs/tiny/pre_encode/{shard}.parquet", "rb") as stream:
@@ -77,7 +101,9 @@ def test_full_pipeline_on_s3(s3_server, tmp_path):
     assert parent.data.params["storage.secret"] == "***" and parent.data.params["storage.key"] == "***"
     with sqlite3.connect(f"{tmp_path}/mlflow.db") as db:
         dump = "\n".join(db.iterdump())
-    artifact_root = tmp_path / Path(client.get_experiment(parent.info.experiment_id).artifact_location.removeprefix("file://"))
+    artifact_root = tmp_path / Path(
+        client.get_experiment(parent.info.experiment_id).artifact_location.removeprefix("file://")
+    )
     artifacts = b"".join(path.read_bytes() for path in artifact_root.rglob("*") if path.is_file())
     assert artifacts, f"no artifacts found under {artifact_root}"
     for secret in (SECRET, *planted.values()):
@@ -106,10 +132,15 @@ def test_missing_or_wrong_credentials_stop_before_work_naming_the_settings(guard
     storage = StorageConfig(endpoint_url=guarded_s3.endpoint, key="test-key", secret=SECRET)
     filesystem("s3://wuerstchen", storage)[0].mkdir("wuerstchen")
     assert exists("s3://wuerstchen", "data.shards_url", storage)
-    for wrong, error in ((dataclasses.replace(storage, secret="not-the-secret"), "PermissionError"),
-                         (StorageConfig(endpoint_url=guarded_s3.endpoint), "NoCredentialsError")):
-        with pytest.raises(ValueError, match=rf"cannot reach data.shards_url 's3://wuerstchen' \(storage.endpoint_url="
-                                             rf"'{guarded_s3.endpoint}'; credentials from storage.key/secret.*{error}"):
+    for wrong, error in (
+        (dataclasses.replace(storage, secret="not-the-secret"), "PermissionError"),
+        (StorageConfig(endpoint_url=guarded_s3.endpoint), "NoCredentialsError"),
+    ):
+        with pytest.raises(
+            ValueError,
+            match=rf"cannot reach data.shards_url 's3://wuerstchen' \(storage.endpoint_url="
+            rf"'{guarded_s3.endpoint}'; credentials from storage.key/secret.*{error}",
+        ):
             exists("s3://wuerstchen", "data.shards_url", wrong)
 
 
@@ -117,15 +148,24 @@ def test_a_server_restarted_during_writes_loses_nothing(guarded_s3, tmp_path, lo
     storage = StorageConfig(endpoint_url=guarded_s3.endpoint, key="test-key", secret=SECRET)
     fs = filesystem("s3://wuerstchen", storage)[0]
     fs.mkdir("wuerstchen")
-    truth = demo_data.generate("s3://wuerstchen/input", demo_data.DemoDataConfig(num_shards=10, samples_per_shard=10),
-                               storage)["samples"]
+    truth = demo_data.generate(
+        "s3://wuerstchen/input", demo_data.DemoDataConfig(num_shards=10, samples_per_shard=10), storage
+    )["samples"]
     config, shards_url = load_config("tiny"), "s3://wuerstchen/input/shards"
     filtered, _ = metadata_filter.run(shards_url, "s3://wuerstchen/filtered", config.filter, storage)
     # The input's fingerprint, from the bucket's listing, is the same on a second look: the rerun skips.
     assert metadata_filter.run(shards_url, "s3://wuerstchen/filtered", config.filter, storage) == (filtered, {})
-    decode_config = dataclasses.replace(config.decode, resources=dataclasses.replace(config.decode.resources, max_actors=1))
-    phase = decode.phase(shards_url=shards_url, filtered_url="s3://wuerstchen/filtered", output_url="s3://wuerstchen/decode",
-                         filtered_fingerprint=filtered.config, config=decode_config, storage=storage)
+    decode_config = dataclasses.replace(
+        config.decode, resources=dataclasses.replace(config.decode.resources, max_actors=1)
+    )
+    phase = decode.phase(
+        shards_url=shards_url,
+        filtered_url="s3://wuerstchen/filtered",
+        output_url="s3://wuerstchen/decode",
+        filtered_fingerprint=filtered.config,
+        config=decode_config,
+        storage=storage,
+    )
 
     # The server dies (SIGKILL) once the first shard is written and comes back 2 s later; the
     # shards still to come are written through the outage by retrying.

@@ -19,8 +19,11 @@ from stages.stage_c import STAGE_C_CONFIGS, StageC
 
 STORAGE = StorageConfig()
 PROMPTS = ["a red circle on a white background", "a blue square on a black background"]
-MODELS = {"stage_c": lambda: StageC(STAGE_C_CONFIGS["tiny"]()), "stage_b": lambda: StageB(STAGE_B_CONFIGS["tiny"]()),
-          "stage_a": lambda: StageA(STAGE_A_CONFIGS["tiny"]())}
+MODELS = {
+    "stage_c": lambda: StageC(STAGE_C_CONFIGS["tiny"]()),
+    "stage_b": lambda: StageB(STAGE_B_CONFIGS["tiny"]()),
+    "stage_a": lambda: StageA(STAGE_A_CONFIGS["tiny"]()),
+}
 
 
 @pytest.fixture
@@ -30,12 +33,20 @@ def pipeline_run(tmp_path):
     work_dir = tmp_path / "work"
     torch.manual_seed(1)
     for stage, build in MODELS.items():
-        trained_weights.write(f"{work_dir}/train_{stage}/{trained_weights.FINAL_FILE}", build().state_dict(),
-                              {"models": "tiny"}, StorageConfig())
+        trained_weights.write(
+            f"{work_dir}/train_{stage}/{trained_weights.FINAL_FILE}",
+            build().state_dict(),
+            {"models": "tiny"},
+            StorageConfig(),
+        )
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     client = MlflowClient(uri)
     run_id = client.create_run(client.create_experiment("wuerstchen-ray"), run_name="full-tiny").info.run_id
-    for key, value in {"work_dir": str(work_dir), "pre_encode.models": "tiny", "pre_encode.stage_a_weights": "trained"}.items():
+    for key, value in {
+        "work_dir": str(work_dir),
+        "pre_encode.models": "tiny",
+        "pre_encode.stage_a_weights": "trained",
+    }.items():
         client.log_param(run_id, key, value)
     return uri, run_id, work_dir
 
@@ -50,8 +61,21 @@ def _pngs(folder) -> list[np.ndarray]:
 
 def test_a_pipeline_runs_chain_is_rendered_written_and_logged(pipeline_run, tmp_path):
     uri, run_id, work_dir = pipeline_run
-    sample.main(["--run", run_id, "--tracking-uri", uri, "--size", "64", "--seed", "3", "--out", str(tmp_path / "out"),
-                 *[arg for prompt in PROMPTS for arg in ("--prompt", prompt)]])
+    sample.main(
+        [
+            "--run",
+            run_id,
+            "--tracking-uri",
+            uri,
+            "--size",
+            "64",
+            "--seed",
+            "3",
+            "--out",
+            str(tmp_path / "out"),
+            *[arg for prompt in PROMPTS for arg in ("--prompt", prompt)],
+        ]
+    )
     expected = render("tiny", _weights(work_dir), STORAGE, PROMPTS, 64, 4.0, 3)
     written = _pngs(tmp_path / "out")
     assert len(written) == 2 and all(np.array_equal(w, e) for w, e in zip(written, expected))
@@ -64,12 +88,14 @@ def test_a_pipeline_runs_chain_is_rendered_written_and_logged(pipeline_run, tmp_
     assert not np.array_equal(render("tiny", other_decoder, STORAGE, PROMPTS[:1], 64, 4.0, 3)[0], expected[0])
 
     client = MlflowClient(uri)
-    (logged,) = [r for r in client.search_runs([client.get_run(run_id).info.experiment_id])
-                 if r.info.run_name == sample.RUN_NAME]
+    (logged,) = [
+        r for r in client.search_runs([client.get_run(run_id).info.experiment_id]) if r.info.run_name == sample.RUN_NAME
+    ]
     assert logged.data.tags[MLFLOW_PARENT_RUN_ID] == run_id and logged.info.status == "FINISHED"
     assert logged.data.params["weights.stage_c"] == _weights(work_dir)["stage_c"]
     artifacts = {a.path for a in client.list_artifacts(logged.info.run_id)} | {
-        a.path for a in client.list_artifacts(logged.info.run_id, "images")}
+        a.path for a in client.list_artifacts(logged.info.run_id, "images")
+    }
     assert {"samples.png", "images/000.png", "images/001.png"} <= artifacts
     image = np.asarray(Image.open(client.download_artifacts(logged.info.run_id, "images/001.png", str(tmp_path))))
     assert np.array_equal(image, expected[1])
@@ -77,28 +103,44 @@ def test_a_pipeline_runs_chain_is_rendered_written_and_logged(pipeline_run, tmp_
 
 def test_weights_given_per_stage_need_no_run(pipeline_run, tmp_path):
     _, _, work_dir = pipeline_run
-    sample.main(["--models", "tiny", "--size", "64", "--out", str(tmp_path / "out"), "--prompt", PROMPTS[0],
-                 *[arg for stage, path in _weights(work_dir).items() for arg in ("--weights", f"{stage}={path}")]])
+    sample.main(
+        [
+            "--models",
+            "tiny",
+            "--size",
+            "64",
+            "--out",
+            str(tmp_path / "out"),
+            "--prompt",
+            PROMPTS[0],
+            *[arg for stage, path in _weights(work_dir).items() for arg in ("--weights", f"{stage}={path}")],
+        ]
+    )
     expected = render("tiny", _weights(work_dir), STORAGE, PROMPTS[:1], 64, 4.0, 0)
     assert np.array_equal(_pngs(tmp_path / "out")[0], expected[0])
 
 
-@pytest.mark.parametrize("case, message", [
-    ("unknown run", "no MLflow run 'feedbeef'"),
-    ("a Stage B file as Stage C", "do not fit StageC"),
-    ("Stage B never trained", "stage_b weights not found at"),
-    ("no run, no sizes", "name the model sizes with --models"),
-    ("a bad --weights", "--weights takes STAGE=PATH_OR_URL"),
-])
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("unknown run", "no MLflow run 'feedbeef'"),
+        ("a Stage B file as Stage C", "do not fit StageC"),
+        ("Stage B never trained", "stage_b weights not found at"),
+        ("no run, no sizes", "name the model sizes with --models"),
+        ("a bad --weights", "--weights takes STAGE=PATH_OR_URL"),
+    ],
+)
 def test_bad_input_gets_one_message(pipeline_run, tmp_path, capsys, case, message):
     uri, run_id, work_dir = pipeline_run
     args = ["--tracking-uri", uri, "--size", "64", "--prompt", PROMPTS[0]]
     weights = _weights(work_dir)
-    args += {"unknown run": ["--run", "feedbeef"],
-             "a Stage B file as Stage C": ["--run", run_id, "--weights", f"stage_c={weights['stage_b']}"],
-             "Stage B never trained": ["--run", run_id],
-             "no run, no sizes": ["--weights", f"stage_c={weights['stage_c']}"],
-             "a bad --weights": ["--run", run_id, "--weights", "stage_d=x.safetensors"]}[case]
+    args += {
+        "unknown run": ["--run", "feedbeef"],
+        "a Stage B file as Stage C": ["--run", run_id, "--weights", f"stage_c={weights['stage_b']}"],
+        "Stage B never trained": ["--run", run_id],
+        "no run, no sizes": ["--weights", f"stage_c={weights['stage_c']}"],
+        "a bad --weights": ["--run", run_id, "--weights", "stage_d=x.safetensors"],
+    }[case]
     if case == "Stage B never trained":
         (work_dir / "train_stage_b" / trained_weights.FINAL_FILE).unlink()
     with pytest.raises(SystemExit) as stop:

@@ -86,8 +86,15 @@ def test_hinge_loss_is_zero_once_the_critic_separates_by_the_margin():
 
 def test_training_with_both_terms_counts_the_critic_from_its_start_step():
     losses = StageALosses(perceptual_weight=1.0, adversarial_weight=0.5, adversarial_start_step=2)
-    spec = TaskSpec(stage="stage_a", models="tiny", caption_dropout=0, semantic_dropout=0, semantic_noise=0,
-                    text_from_tokens=False, stage_a_losses=losses)
+    spec = TaskSpec(
+        stage="stage_a",
+        models="tiny",
+        caption_dropout=0,
+        semantic_dropout=0,
+        semantic_noise=0,
+        text_from_tokens=False,
+        stage_a_losses=losses,
+    )
     torch.manual_seed(0)
     model = build_model(spec)
     assert isinstance(model, StageAWithCritic)
@@ -108,6 +115,8 @@ def test_training_with_both_terms_counts_the_critic_from_its_start_step():
 
 
 def test_loss_terms_outside_train_a_are_refused():
-    with pytest.raises(ValueError, match="train_b.stage_a_losses sets Stage A's loss terms: they apply to train_a only"):
+    with pytest.raises(
+        ValueError, match="train_b.stage_a_losses sets Stage A's loss terms: they apply to train_a only"
+    ):
         load_config("tiny", ["train_b.stage_a_losses.adversarial_weight=0.5"])
     assert load_config("v2").train_a.stage_a_losses.perceptual_weights.endswith("vgg16-397923af.pth")

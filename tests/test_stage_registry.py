@@ -40,8 +40,9 @@ class ToyRegression(nn.Module):
 
 
 class ToyTask(Task):
-    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor], generator: torch.Generator,
-             step: int) -> torch.Tensor:
+    def loss(
+        self, model: nn.Module, batch: dict[str, torch.Tensor], generator: torch.Generator, step: int
+    ) -> torch.Tensor:
         return F.mse_loss(model(batch[TOY_X].float())[:, 0], batch[TOY_Y].float())
 
     def sample_grid(self, model: nn.Module, step: int) -> Image.Image:
@@ -70,8 +71,14 @@ def test_every_registered_stage_is_a_phase_with_settings_and_partners_that_exist
         assert isinstance(getattr(config, stage.config_section), TrainConfig), stage.config_section
         assert set(stage.sample_partners) <= set(REGISTRY), stage.sample_partners
         assert stage.source_phase in PHASES and list(PHASES).index(stage.source_phase) < list(PHASES).index(stage.phase)
-        spec = TaskSpec(stage=name, models="tiny", caption_dropout=0.0, semantic_dropout=0.0, semantic_noise=0.0,
-                        text_from_tokens=True)
+        spec = TaskSpec(
+            stage=name,
+            models="tiny",
+            caption_dropout=0.0,
+            semantic_dropout=0.0,
+            semantic_noise=0.0,
+            text_from_tokens=True,
+        )
         model = stage.build_model(spec)
         # The blocks the loop shards and compiles one by one are the ones the model has.
         compiled = {type(m) for m in model.modules() if isinstance(m, stage.parallelism.compiled_blocks)}
@@ -90,17 +97,47 @@ def test_a_registered_stage_trains_through_the_real_loop(tmp_path, local_ray, mo
         x = generator.normal(size=(64, 4)).astype(np.float32)
         y = (x @ np.array([1.0, -2.0, 0.5, 0.0], np.float32)).astype(np.float32)
         dataset = ray.data.from_items([{TOY_X: row, TOY_Y: target} for row, target in zip(x, y)])
-        config = TrainConfig(steps=12, global_batch_size=16, lr=0.03, warmup_steps=0, ema_beta=0.0, ema_every=1,
-                             ema_start=0, workers=2, gpus_per_worker=0, cpus_per_worker=0.5, checkpoint_every=5,
-                             sample_every=0, log_every_seconds=0)
-        spec = TaskSpec(stage=TOY.name, models="tiny", caption_dropout=0.0, semantic_dropout=0.0, semantic_noise=0.0,
-                        text_from_tokens=False)
+        config = TrainConfig(
+            steps=12,
+            global_batch_size=16,
+            lr=0.03,
+            warmup_steps=0,
+            ema_beta=0.0,
+            ema_every=1,
+            ema_start=0,
+            workers=2,
+            gpus_per_worker=0,
+            cpus_per_worker=0.5,
+            checkpoint_every=5,
+            sample_every=0,
+            log_every_seconds=0,
+        )
+        spec = TaskSpec(
+            stage=TOY.name,
+            models="tiny",
+            caption_dropout=0.0,
+            semantic_dropout=0.0,
+            semantic_noise=0.0,
+            text_from_tokens=False,
+        )
         tracker = Tracker(TrackingConfig(), str(tmp_path))
         with tracker.run(TOY.phase) as run:
-            args = WorkerArgs(train=config, stage=TOY, task=spec, budget=None, used_before=0.0,
-                              tracking_uri=tracker.uri, run_id=run.run_id)
-            result = trainer(name="toy", args=args, datasets={TRAIN_DATASET: dataset},
-                             storage_path=str(tmp_path / "ray"), storage_filesystem=None).fit()
+            args = WorkerArgs(
+                train=config,
+                stage=TOY,
+                task=spec,
+                budget=None,
+                used_before=0.0,
+                tracking_uri=tracker.uri,
+                run_id=run.run_id,
+            )
+            result = trainer(
+                name="toy",
+                args=args,
+                datasets={TRAIN_DATASET: dataset},
+                storage_path=str(tmp_path / "ray"),
+                storage_filesystem=None,
+            ).fit()
     finally:
         ray.cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
     ema, state = read_checkpoint_weights(result.checkpoint)
@@ -120,13 +157,24 @@ def test_a_registered_stage_trains_through_the_real_loop(tmp_path, local_ray, mo
 def test_the_torch_settings_of_a_worker_and_of_its_compiled_model_are_put_back():
     threads = torch.get_num_threads()
     limit, budget = torch._dynamo.config.recompile_limit, torch._functorch.config.activation_memory_budget
-    config = TrainConfig(steps=1, global_batch_size=1, cpus_per_worker=threads + 1, compile=True,
-                         activation_memory_budget=(0.5,))
+    config = TrainConfig(
+        steps=1, global_batch_size=1, cpus_per_worker=threads + 1, compile=True, activation_memory_budget=(0.5,)
+    )
     with worker_torch_settings(config, torch.device("cpu")):
         compile_blocks(ToyRegression(), TOY.parallelism, (0.5,))  # compiled whole: the toy has no compiled blocks
-        compile_blocks(REGISTRY["stage_c"].build_model(TaskSpec(
-            stage="stage_c", models="tiny", caption_dropout=0.0, semantic_dropout=0.0, semantic_noise=0.0,
-            text_from_tokens=True)), REGISTRY["stage_c"].parallelism)
+        compile_blocks(
+            REGISTRY["stage_c"].build_model(
+                TaskSpec(
+                    stage="stage_c",
+                    models="tiny",
+                    caption_dropout=0.0,
+                    semantic_dropout=0.0,
+                    semantic_noise=0.0,
+                    text_from_tokens=True,
+                )
+            ),
+            REGISTRY["stage_c"].parallelism,
+        )
         assert torch.get_num_threads() == threads + 1
         assert torch._functorch.config.activation_memory_budget == 0.5
         assert torch._dynamo.config.recompile_limit == max(limit, 256)

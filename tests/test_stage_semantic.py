@@ -98,12 +98,21 @@ def test_v2_weights_load_from_the_research_stage_b_checkpoint(tmp_path) -> None:
     torch.manual_seed(0)
     upstream = perturb_(UpstreamEncoder(affine=True), std=0.01).eval()
     # As the research Stage B script saves it: the encoder beside Stage B and the training state.
-    torch.save({"state_dict": {"clip_mapper.weight": torch.zeros(2, 2)}, "effnet_state_dict": upstream.state_dict(),
-                "optimizer_state_dict": {"state": {}, "param_groups": [{"lr": 1e-4, "betas": (0.9, 0.95)}]},
-                "scheduler_last_step": 3, "iter": 3, "grad_scaler_state_dict": {"scale": 65536.0},
-                "wandb_run_id": "run"}, tmp_path / "model_v2_stage_b.pt")
-    ours = load_weights(SemanticCompressor(SEMANTIC_CONFIGS["v2"]()), tmp_path / "model_v2_stage_b.pt",
-                        key="effnet_state_dict").eval()
+    torch.save(
+        {
+            "state_dict": {"clip_mapper.weight": torch.zeros(2, 2)},
+            "effnet_state_dict": upstream.state_dict(),
+            "optimizer_state_dict": {"state": {}, "param_groups": [{"lr": 1e-4, "betas": (0.9, 0.95)}]},
+            "scheduler_last_step": 3,
+            "iter": 3,
+            "grad_scaler_state_dict": {"scale": 65536.0},
+            "wandb_run_id": "run",
+        },
+        tmp_path / "model_v2_stage_b.pt",
+    )
+    ours = load_weights(
+        SemanticCompressor(SEMANTIC_CONFIGS["v2"]()), tmp_path / "model_v2_stage_b.pt", key="effnet_state_dict"
+    ).eval()
     images = torch.rand(1, 3, 80, 96)
     expected = upstream(ours.preprocess(images, (64, 96)))  # the research code's own preprocessing is ours
     torch.testing.assert_close(ours(images, (64, 96)), expected)
@@ -114,6 +123,8 @@ def test_v2_weights_load_from_the_research_stage_b_checkpoint(tmp_path) -> None:
 def test_stable_cascade_encoder_is_refused_by_name(tmp_path) -> None:
     with torch.device("meta"):
         names = UpstreamEncoder(affine=False).state_dict()
-    save_file({k: torch.zeros(v.shape, dtype=v.dtype) for k, v in names.items()}, tmp_path / "effnet_encoder.safetensors")
+    save_file(
+        {k: torch.zeros(v.shape, dtype=v.dtype) for k, v in names.items()}, tmp_path / "effnet_encoder.safetensors"
+    )
     with pytest.raises(ValueError, match=r"(?s)do not fit SemanticCompressor.*mapper\.1\.weight"):
         load_weights(SemanticCompressor(SEMANTIC_CONFIGS["v2"]()), tmp_path / "effnet_encoder.safetensors")

@@ -16,8 +16,15 @@ from stages.stage_c import StageC, StageCConfig
 from stages.weights import load_weights, read_state_dict, research_to_diffusers_attention, save_weights
 
 CONFIG = StageCConfig(c_in=16, c=32, c_cond=24, depth=1, nhead=4)
-STAGE_B = StageBConfig(c_cond=24, c_hidden=(8, 16), nhead=(-1, 2), blocks=(1, 1), level_config=("CT", "CTA"),
-                       inject_effnet=(False, True), clip_embd=20)
+STAGE_B = StageBConfig(
+    c_cond=24,
+    c_hidden=(8, 16),
+    nhead=(-1, 2),
+    blocks=(1, 1),
+    level_config=("CT", "CTA"),
+    inject_effnet=(False, True),
+    clip_embd=20,
+)
 
 
 class Payload:
@@ -101,9 +108,16 @@ def research_model(reference: nn.Module) -> nn.Module:
 
 def _research_checkpoint(path, model: nn.Module) -> None:
     """The research training scripts' checkpoint: several entries, the EMA weights among them."""
-    torch.save({"state_dict": model.state_dict(), "ema_state_dict": model.state_dict(), "iter": 5,
-                "optimizer_state_dict": {"state": {}, "param_groups": [{"lr": 1e-4, "betas": (0.9, 0.95)}]},
-                "wandb_run_id": "run"}, path)
+    torch.save(
+        {
+            "state_dict": model.state_dict(),
+            "ema_state_dict": model.state_dict(),
+            "iter": 5,
+            "optimizer_state_dict": {"state": {}, "param_groups": [{"lr": 1e-4, "betas": (0.9, 0.95)}]},
+            "wandb_run_id": "run",
+        },
+        path,
+    )
 
 
 @torch.no_grad()

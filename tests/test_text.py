@@ -94,17 +94,27 @@ def test_rejects_bad_configs_and_a_lone_string() -> None:
 def hub_text_names(hidden: int, layers: int, mlp: int) -> dict[str, tuple[int, ...]]:
     """The `text_model.*` tensors of the LAION CLIP checkpoints on the hub (transformers' CLIPModel layout,
     as the v2 towers are loaded): 49408 tokens, 77 positions, pre-norm layers, a final layer norm."""
-    names = {"text_model.embeddings.token_embedding.weight": (49408, hidden),
-             "text_model.embeddings.position_embedding.weight": (77, hidden),
-             "text_model.final_layer_norm.weight": (hidden,), "text_model.final_layer_norm.bias": (hidden,)}
+    names = {
+        "text_model.embeddings.token_embedding.weight": (49408, hidden),
+        "text_model.embeddings.position_embedding.weight": (77, hidden),
+        "text_model.final_layer_norm.weight": (hidden,),
+        "text_model.final_layer_norm.bias": (hidden,),
+    }
     for i in range(layers):
         layer = f"text_model.encoder.layers.{i}"
         for projection in ("q_proj", "k_proj", "v_proj", "out_proj"):
-            names |= {f"{layer}.self_attn.{projection}.weight": (hidden, hidden), f"{layer}.self_attn.{projection}.bias": (hidden,)}
+            names |= {
+                f"{layer}.self_attn.{projection}.weight": (hidden, hidden),
+                f"{layer}.self_attn.{projection}.bias": (hidden,),
+            }
         for norm in ("layer_norm1", "layer_norm2"):
             names |= {f"{layer}.{norm}.weight": (hidden,), f"{layer}.{norm}.bias": (hidden,)}
-        names |= {f"{layer}.mlp.fc1.weight": (mlp, hidden), f"{layer}.mlp.fc1.bias": (mlp,),
-                  f"{layer}.mlp.fc2.weight": (hidden, mlp), f"{layer}.mlp.fc2.bias": (hidden,)}
+        names |= {
+            f"{layer}.mlp.fc1.weight": (mlp, hidden),
+            f"{layer}.mlp.fc1.bias": (mlp,),
+            f"{layer}.mlp.fc2.weight": (hidden, mlp),
+            f"{layer}.mlp.fc2.bias": (hidden,),
+        }
     return names
 
 
@@ -125,14 +135,26 @@ def test_v2_towers_have_the_hub_checkpoints_names_and_shapes(which: str, layers:
 def test_a_full_clip_checkpoint_loads_as_the_text_tower_by_name(tmp_path) -> None:
     """The hub repos hold a whole CLIPModel (text and vision); `from_pretrained` takes its text tower."""
     torch.manual_seed(0)
-    text = dict(vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                max_position_embeddings=77, hidden_act="gelu", pad_token_id=0, bos_token_id=49406, eos_token_id=49407)
-    vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=16,
-                  patch_size=8)
+    text = dict(
+        vocab_size=49408,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=77,
+        hidden_act="gelu",
+        pad_token_id=0,
+        bos_token_id=49406,
+        eos_token_id=49407,
+    )
+    vision = dict(
+        hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=16, patch_size=8
+    )
     clip = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=8)).eval()
     clip.save_pretrained(tmp_path / "laion-clip")
-    config = TextEncoderConfig(pretrained=str(tmp_path / "laion-clip"), hidden_size=32, num_layers=2, num_heads=2,
-                               intermediate_size=64)
+    config = TextEncoderConfig(
+        pretrained=str(tmp_path / "laion-clip"), hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64
+    )
     encoder = TextEncoder(config)
     assert module_names(encoder.model) == hub_text_names(32, 2, 64)
     input_ids, mask = tokenize(CAPTIONS[:2])

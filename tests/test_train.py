@@ -50,8 +50,16 @@ from stages.stage_c import STAGE_C_CONFIGS, StageC
 
 ROOT = Path(__file__).resolve().parents[1]
 # Enough samples for a global batch (32) in the landscape and in the portrait bucket.
-SMALL_DATA = ["--set", "data.demo.num_shards=2", "--set", "data.demo.samples_per_shard=64",
-              "--set", "decode.crop=buckets", "--set", "decode.bucket_multiple=16"]
+SMALL_DATA = [
+    "--set",
+    "data.demo.num_shards=2",
+    "--set",
+    "data.demo.samples_per_shard=64",
+    "--set",
+    "decode.crop=buckets",
+    "--set",
+    "decode.bucket_multiple=16",
+]
 # Random encoders: trained ones are test_full's subject, and their training would double the set-up.
 RANDOM_ENCODERS = ["--set", "pre_encode.stage_a_weights=", "--set", "pre_encode.semantic_weights="]
 
@@ -66,8 +74,9 @@ def _client(work_dir: Path) -> MlflowClient:
 
 def _phase_runs(work_dir: Path, phase: str):
     client = _client(work_dir)
-    runs = client.search_runs(["1"], filter_string=f"attributes.run_name = '{phase}'",
-                              order_by=["attributes.start_time ASC"])
+    runs = client.search_runs(
+        ["1"], filter_string=f"attributes.run_name = '{phase}'", order_by=["attributes.start_time ASC"]
+    )
     return client, runs
 
 
@@ -104,13 +113,18 @@ def test_each_bucket_holds_the_latents_the_encoders_compute_for_its_crop(latents
         assert image.size == crop
         pixels = torch.from_numpy(np.asarray(image.convert("RGB"))).permute(2, 0, 1)[None].float() / 255
         with torch.no_grad():
-            expected = {schema.STAGE_B_LATENT: stage_a.encode_stage_b_latents(pixels),
-                        schema.STAGE_C_LATENT: semantic.encode_stage_c_latents(
-                            pixels, semantic_input_size(config.pre_encode, crop, config.decode.resolution))}
+            expected = {
+                schema.STAGE_B_LATENT: stage_a.encode_stage_b_latents(pixels),
+                schema.STAGE_C_LATENT: semantic.encode_stage_c_latents(
+                    pixels, semantic_input_size(config.pre_encode, crop, config.decode.resolution)
+                ),
+            }
         for name, shape in latent_shapes(config.pre_encode, crop, config.decode.resolution).items():
             assert expected[name].shape[1:] == shape
             stored = np.asarray(row[name], np.float32).reshape(shape)
-            np.testing.assert_allclose(stored, expected[name][0].numpy(), atol=2e-2, rtol=1e-2, err_msg=f"{name} {crop}")
+            np.testing.assert_allclose(
+                stored, expected[name][0].numpy(), atol=2e-2, rtol=1e-2, err_msg=f"{name} {crop}"
+            )
     assert {(64, 64), (80, 48), (48, 80)} <= crops, crops
     # Each row group holds one crop, with min/max statistics on the crop columns: the per-bucket filter
     # that Ray Data pushes into the Parquet read skips the other buckets' row groups.
@@ -138,21 +152,35 @@ def test_training_reads_every_train_sample_of_its_buckets_and_no_validation_samp
     with tracker.run("datasets") as run:
         datasets, buckets = train_phase._datasets(context, REGISTRY["stage_c"], shards, config.train_c, run)
     assert set(buckets) == {"train_48x80", "train_80x48"}, buckets  # the square bucket is too small
-    read = [key_of[np.asarray(latent, np.float16).tobytes()] for dataset in datasets.values()
-            for batch in dataset.iter_batches(batch_format="numpy") for latent in batch[schema.STAGE_C_LATENT]]
-    in_buckets = {row[schema.KEY] for row in rows
-                  if f"train_{row[schema.CROP_WIDTH]}x{row[schema.CROP_HEIGHT]}" in buckets}
+    read = [
+        key_of[np.asarray(latent, np.float16).tobytes()]
+        for dataset in datasets.values()
+        for batch in dataset.iter_batches(batch_format="numpy")
+        for latent in batch[schema.STAGE_C_LATENT]
+    ]
+    in_buckets = {
+        row[schema.KEY] for row in rows if f"train_{row[schema.CROP_WIDTH]}x{row[schema.CROP_HEIGHT]}" in buckets
+    }
     assert len(read) == len(set(read)) and set(read) == in_buckets - validation
     assert in_buckets & validation, "no validation sample in the buckets read: the test shows nothing"
     # The batches per epoch count the train rows alone (2 workers, 16 samples each a step).
     for name, batches in buckets.items():
-        assert batches == sum(f"train_{row[schema.CROP_WIDTH]}x{row[schema.CROP_HEIGHT]}" == name
-                              and row[schema.SPLIT] == "train" for row in rows) // 32, name
+        assert (
+            batches
+            == sum(
+                f"train_{row[schema.CROP_WIDTH]}x{row[schema.CROP_HEIGHT]}" == name and row[schema.SPLIT] == "train"
+                for row in rows
+            )
+            // 32
+        ), name
 
     # Evaluation's rows: validation rows only, shared among the buckets, the same on every call.
     held_out = train_phase._validation_batches(context, REGISTRY["stage_c"], shards, config.train_c)
-    evaluated = [key_of[np.asarray(latent, np.float16).tobytes()] for group in held_out
-                 for latent in group[schema.STAGE_C_LATENT]]
+    evaluated = [
+        key_of[np.asarray(latent, np.float16).tobytes()]
+        for group in held_out
+        for latent in group[schema.STAGE_C_LATENT]
+    ]
     assert set(evaluated) <= validation and len(evaluated) == len(set(evaluated)) <= config.train_c.eval_samples
     assert len(held_out) > 1, "the validation rows of one bucket only: sharing among buckets is not shown"
     again = train_phase._validation_batches(context, REGISTRY["stage_c"], shards, config.train_c)
@@ -168,12 +196,23 @@ def test_budgets_stop_a_run_with_a_checkpoint_and_refuse_one_that_cannot_fit(lat
     clock = functools.partial(next, itertools.count(1.8, 1.8))
     monkeypatch.setattr(train_phase, "WorkerArgs", functools.partial(WorkerArgs, clock=clock))
     budget = 0.0205
-    _main(work_dir, "--phases", "train_stage_c,generate", "--set", "train_c.steps=100000",
-          "--set", f"train_c.budget_gpu_hours={budget}", "--set", "train_c.log_every_seconds=0")
+    _main(
+        work_dir,
+        "--phases",
+        "train_stage_c,generate",
+        "--set",
+        "train_c.steps=100000",
+        "--set",
+        f"train_c.budget_gpu_hours={budget}",
+        "--set",
+        "train_c.log_every_seconds=0",
+    )
     assert "stopped before: generate" in capsys.readouterr().err
     client, (run,) = _phase_runs(work_dir, "train_stage_c")
     # The square bucket (1 in 7 demo images) holds less than a global batch and sits out.
-    assert json.loads(run.data.params["bucket_batches_per_worker"]) == {"train_48x80": 1, "train_80x48": 1}, run.data.params
+    assert json.loads(run.data.params["bucket_batches_per_worker"]) == {"train_48x80": 1, "train_80x48": 1}, (
+        run.data.params
+    )
     assert "GPU-hour budget reached" in run.data.tags["stop_reason"]
     assert run.data.params["budget_gpu_hours"] == str(budget)
     used = run.data.metrics["gpu_hours"]
@@ -186,8 +225,17 @@ def test_budgets_stop_a_run_with_a_checkpoint_and_refuse_one_that_cannot_fit(lat
 
     # Resubmitted with a larger budget and a reachable length: continues the step count and the
     # loss curve (the resumed losses are those of a trained model, not of a fresh one).
-    _main(work_dir, "--phases", "train_stage_c", "--set", f"train_c.steps={stopped_at + 20}",
-          "--set", "train_c.budget_gpu_hours=1", "--set", "train_c.log_every_seconds=0")
+    _main(
+        work_dir,
+        "--phases",
+        "train_stage_c",
+        "--set",
+        f"train_c.steps={stopped_at + 20}",
+        "--set",
+        "train_c.budget_gpu_hours=1",
+        "--set",
+        "train_c.log_every_seconds=0",
+    )
     client, (stopped, resumed) = _phase_runs(work_dir, "train_stage_c")
     before, after = _loss_history(client, stopped.info.run_id), _loss_history(client, resumed.info.run_id)
     assert after[0][0] == stopped_at + 1 and after[-1][0] == stopped_at + 20
@@ -200,22 +248,42 @@ def test_budgets_stop_a_run_with_a_checkpoint_and_refuse_one_that_cannot_fit(lat
     assert resumed.data.metrics["gpu_hours"] == pytest.approx(used)  # the data phases held no GPU
     with pytest.raises(SystemExit, match="nothing is left"):
         _main(work_dir, "--phases", "train_stage_b", "--set", f"tracking.experiment_budget_gpu_hours={used / 2}")
-    with pytest.raises(SystemExit, match=r"train_b.budget_gpu_hours \(5 GPU-hours, 0 of them used by the run's "
-                                         r"earlier attempts\) does not fit"):
-        _main(work_dir, "--phases", "train_stage_b", "--set", f"tracking.experiment_budget_gpu_hours={used + 1}",
-              "--set", "train_b.budget_gpu_hours=5")
+    with pytest.raises(
+        SystemExit,
+        match=r"train_b.budget_gpu_hours \(5 GPU-hours, 0 of them used by the run's "
+        r"earlier attempts\) does not fit",
+    ):
+        _main(
+            work_dir,
+            "--phases",
+            "train_stage_b",
+            "--set",
+            f"tracking.experiment_budget_gpu_hours={used + 1}",
+            "--set",
+            "train_b.budget_gpu_hours=5",
+        )
     assert not list((work_dir / "train_stage_b").glob("ray/*/checkpoint_*/model.safetensors"))
 
 
-def test_a_budget_stops_at_the_step_it_allows_and_a_resume_counts_each_attempt_once(latents, tmp_path, capsys,
-                                                                                       monkeypatch):
+def test_a_budget_stops_at_the_step_it_allows_and_a_resume_counts_each_attempt_once(
+    latents, tmp_path, capsys, monkeypatch
+):
     # Each worker's budget meter reads its clock once at the start and once after every step, 1.8 s a
     # read: a step of the 2 workers costs 0.001 worker-hours, whatever this machine's speed.
     clock = functools.partial(next, itertools.count(1.8, 1.8))
     monkeypatch.setattr(train_phase, "WorkerArgs", functools.partial(WorkerArgs, clock=clock))
     work_dir = _fresh_copy(latents, tmp_path)
-    _main(work_dir, "--phases", "train_stage_c", "--set", "train_c.steps=100000",
-          "--set", "train_c.budget_gpu_hours=0.0055", "--set", "train_c.log_every_seconds=0")
+    _main(
+        work_dir,
+        "--phases",
+        "train_stage_c",
+        "--set",
+        "train_c.steps=100000",
+        "--set",
+        "train_c.budget_gpu_hours=0.0055",
+        "--set",
+        "train_c.log_every_seconds=0",
+    )
     assert "stopped before:  (train_stage_c stopped at step 5 of 100000" in capsys.readouterr().err
     client, (stopped,) = _phase_runs(work_dir, "train_stage_c")
     # 5 steps, then the final samples (one more read): the tail after the last step counts too.
@@ -228,8 +296,17 @@ def test_a_budget_stops_at_the_step_it_allows_and_a_resume_counts_each_attempt_o
 
     # Resumed under an experiment budget of 0.0105 and no budget of its own: the run may go to 0.0105 in
     # all, its earlier attempt counted once, so 4 more steps, and the experiment counts 0.006 + 0.005.
-    _main(work_dir, "--phases", "train_stage_c", "--set", "train_c.steps=100000",
-          "--set", "tracking.experiment_budget_gpu_hours=0.0105", "--set", "train_c.log_every_seconds=0")
+    _main(
+        work_dir,
+        "--phases",
+        "train_stage_c",
+        "--set",
+        "train_c.steps=100000",
+        "--set",
+        "tracking.experiment_budget_gpu_hours=0.0105",
+        "--set",
+        "train_c.log_every_seconds=0",
+    )
     assert "raise tracking.experiment_budget_gpu_hours and run again" in capsys.readouterr().err
     client, (_, resumed) = _phase_runs(work_dir, "train_stage_c")
     assert resumed.data.tags["resume.step"] == "5" and resumed.data.metrics["final_step"] == 9
@@ -247,8 +324,11 @@ def test_a_run_whose_every_checkpoint_is_unreadable_fails_and_never_starts_over(
     for checkpoint in checkpoints:
         with open(checkpoint / "model.safetensors", "r+b") as stream:
             stream.truncate(100)
-    with pytest.raises(Exception, match=r"none of the 2 checkpoints beside .* can be read; delete them to train "
-                                        "from the start"):
+    with pytest.raises(
+        Exception,
+        match=r"none of the 2 checkpoints beside .* can be read; delete them to train "
+        "from the start",
+    ):
         _main(work_dir, "--phases", "train_stage_c", "--set", "train_c.steps=4", "--set", "train_c.max_failures=0")
     client, (_, failed) = _phase_runs(work_dir, "train_stage_c")
     assert failed.info.status == "FAILED"
@@ -277,11 +357,21 @@ def _stage_c_losses(latents: Path, folder: Path, *settings: str,
     folder.mkdir()
     work_dir = _fresh_copy(latents, folder)
     for steps in lengths:
-        _main(work_dir, "--phases", "train_stage_c", "--set", f"train_c.steps={steps}",
-              *[arg for setting in settings for arg in ("--set", setting)], "--set", "train_c.log_every_seconds=0")
+        _main(
+            work_dir,
+            "--phases",
+            "train_stage_c",
+            "--set",
+            f"train_c.steps={steps}",
+            *[arg for setting in settings for arg in ("--set", setting)],
+            "--set",
+            "train_c.log_every_seconds=0",
+        )
     client, runs = _phase_runs(work_dir, "train_stage_c")
     assert [run.data.tags.get("resume.step") for run in runs[1:]] == [str(steps) for steps in lengths[:-1]]
-    trained_weights.load(StageC(STAGE_C_CONFIGS["tiny"]()), str(work_dir / "train_stage_c" / trained_weights.FINAL_FILE))
+    trained_weights.load(
+        StageC(STAGE_C_CONFIGS["tiny"]()), str(work_dir / "train_stage_c" / trained_weights.FINAL_FILE)
+    )
     return [point for run in runs for point in _loss_history(client, run.info.run_id)]
 
 
@@ -300,8 +390,10 @@ def test_resumed_compiled_and_fsdp_runs_follow_the_uninterrupted_loss_curve(late
     # Inductor fuses and reorders float arithmetic: close to the eager curve, not bit-equal to it.
     # Checkpointed blocks recompute the same values (and draw the same dropout masks) in backward.
     # So do the ops that a memory budget has the partitioner recompute, here in blocks sharded by FSDP.
-    for name, settings in [("checkpointed", ["train_c.activation_checkpointing=true"]),
-                           ("budgeted-fsdp", ["train_c.activation_memory_budget=0.5", "train_c.strategy=fsdp"])]:
+    for name, settings in [
+        ("checkpointed", ["train_c.activation_checkpointing=true"]),
+        ("budgeted-fsdp", ["train_c.activation_memory_budget=0.5", "train_c.strategy=fsdp"]),
+    ]:
         compiled = _stage_c_losses(latents, tmp_path / name, "train_c.compile=true", *settings)
         assert [step for step, _ in compiled] == list(range(1, 13)), name
         np.testing.assert_allclose([loss for _, loss in compiled], [loss for _, loss in whole], rtol=1e-3, err_msg=name)
@@ -309,8 +401,19 @@ def test_resumed_compiled_and_fsdp_runs_follow_the_uninterrupted_loss_curve(late
     # Stage A draws a grid at every sample step without partner stages. Rank 0 alone samples, but under
     # FSDP it cannot run the sharded model alone: every rank takes part in gathering the weights.
     work_dir = tmp_path / "fsdp" / "work"
-    _main(work_dir, "--phases", "train_stage_a", "--set", "pre_encode.stage_a_weights=trained", "--set", "train_a.steps=4",
-          "--set", "train_a.strategy=fsdp", "--set", "train_a.sample_every=2")
+    _main(
+        work_dir,
+        "--phases",
+        "train_stage_a",
+        "--set",
+        "pre_encode.stage_a_weights=trained",
+        "--set",
+        "train_a.steps=4",
+        "--set",
+        "train_a.strategy=fsdp",
+        "--set",
+        "train_a.sample_every=2",
+    )
     client, (run,) = _phase_runs(work_dir, "train_stage_a")
     grids = [artifact.path for artifact in client.list_artifacts(run.info.run_id, "samples")]
     assert {"samples/step_0000002.png", "samples/step_0000004.png"} <= set(grids), grids
@@ -337,11 +440,29 @@ def _wait_for(condition, driver: subprocess.Popen, what: str, seconds: float = 3
 @pytest.mark.slow
 def test_a_killed_worker_and_a_killed_job_continue_from_the_last_checkpoint(latents, tmp_path):
     work_dir = _fresh_copy(latents, tmp_path)
-    args = [sys.executable, "pipelines/full.py", "--set", f"work_dir={work_dir}", *SMALL_DATA, *RANDOM_ENCODERS,
-            "--phases", "train_stage_c", "--set", "train_c.checkpoint_every=10", "--set", "train_c.log_every_seconds=0"]
+    args = [
+        sys.executable,
+        "pipelines/full.py",
+        "--set",
+        f"work_dir={work_dir}",
+        *SMALL_DATA,
+        *RANDOM_ENCODERS,
+        "--phases",
+        "train_stage_c",
+        "--set",
+        "train_c.checkpoint_every=10",
+        "--set",
+        "train_c.log_every_seconds=0",
+    ]
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")}
-    driver = subprocess.Popen([*args, "--set", "train_c.steps=100000"], cwd=ROOT, env=env, start_new_session=True,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    driver = subprocess.Popen(
+        [*args, "--set", "train_c.steps=100000"],
+        cwd=ROOT,
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
 
     clients: list[MlflowClient] = []
 
@@ -375,8 +496,11 @@ def test_a_killed_worker_and_a_killed_job_continue_from_the_last_checkpoint(late
         steps = logged_steps()
         restarted_at = next(step for previous, step in zip(steps, steps[1:]) if step <= previous)
         # Not from scratch: from the checkpoint registered before the failure, or a later one.
-        assert registered_before < restarted_at <= killed_at + 10 and (restarted_at - 1) % 10 == 0, \
-            (registered_before, restarted_at, killed_at)
+        assert registered_before < restarted_at <= killed_at + 10 and (restarted_at - 1) % 10 == 0, (
+            registered_before,
+            restarted_at,
+            killed_at,
+        )
         # The whole job dies: resubmitted, it continues from the last complete checkpoint.
         _wait_for(lambda: registered_step() >= 30, driver, "a third registered checkpoint")
     finally:
@@ -396,8 +520,14 @@ def test_a_killed_worker_and_a_killed_job_continue_from_the_last_checkpoint(late
     oldest_step = oldest["metrics"]["step"]
     assert oldest["checkpoint_dir_name"] < latest["checkpoint_dir_name"], registered["checkpoint_results"]
     # Newest first, the order the resubmission tries them in.
-    damaged = sorted((folder.name for folder in snapshot.parent.glob("checkpoint_*")
-                      if oldest["checkpoint_dir_name"] < folder.name <= latest["checkpoint_dir_name"]), reverse=True)
+    damaged = sorted(
+        (
+            folder.name
+            for folder in snapshot.parent.glob("checkpoint_*")
+            if oldest["checkpoint_dir_name"] < folder.name <= latest["checkpoint_dir_name"]
+        ),
+        reverse=True,
+    )
     for name in damaged[1:]:
         with open(snapshot.parent / name / "model.safetensors", "r+b") as stream:
             stream.truncate(stream.seek(0, os.SEEK_END) // 2)
@@ -407,8 +537,14 @@ def test_a_killed_worker_and_a_killed_job_continue_from_the_last_checkpoint(late
         stream.seek(-1, os.SEEK_END)
         stream.write(bytes([last[0] ^ 0x40]))
     load_file(snapshot.parent / latest["checkpoint_dir_name"] / "model.safetensors")  # the format would not notice
-    result = subprocess.run([*args, "--set", f"train_c.steps={logged_before_kill + 20}"], cwd=ROOT, env=env,
-                            capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [*args, "--set", f"train_c.steps={logged_before_kill + 20}"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     client, (_, resumed) = _phase_runs(work_dir, "train_stage_c")
     # Each damaged checkpoint was tried and refused, the latest first, then the oldest restored (the
@@ -443,14 +579,22 @@ def test_a_step_draws_its_dropout_masks_from_its_seed_alone():
     # v2's Stage B and C use dropout 0.1, which draws from the global generators: a resumed run must
     # draw the masks the uninterrupted one would have, whatever ran in the process before.
     stage_c = dataclasses.replace(STAGE_C_CONFIGS["tiny"](), dropout=0.5)
-    spec = TaskSpec(stage="stage_c", models="tiny", caption_dropout=0, semantic_dropout=0, semantic_noise=0,
-                    text_from_tokens=False,
-                    empty_caption={schema.TEXT_STAGE_C: np.zeros((1, 77, stage_c.c_cond), np.float32)})
+    spec = TaskSpec(
+        stage="stage_c",
+        models="tiny",
+        caption_dropout=0,
+        semantic_dropout=0,
+        semantic_noise=0,
+        text_from_tokens=False,
+        empty_caption={schema.TEXT_STAGE_C: np.zeros((1, 77, stage_c.c_cond), np.float32)},
+    )
     task = build_task(spec, torch.device("cpu"))
     config = TrainConfig(steps=1, global_batch_size=4, warmup_steps=0)
     generator = torch.Generator().manual_seed(0)
-    batch = {schema.STAGE_C_LATENT: torch.randn(4, stage_c.c_in, 4, 4, generator=generator),
-             schema.TEXT_STAGE_C: torch.randn(4, 77, stage_c.c_cond, generator=generator)}
+    batch = {
+        schema.STAGE_C_LATENT: torch.randn(4, stage_c.c_in, 4, 4, generator=generator),
+        schema.TEXT_STAGE_C: torch.randn(4, 77, stage_c.c_cond, generator=generator),
+    }
 
     def weights_after_one_step(global_seed: int, step_seed: int) -> torch.Tensor:
         torch.manual_seed(0)
@@ -467,13 +611,16 @@ def test_a_step_draws_its_dropout_masks_from_its_seed_alone():
     assert not torch.equal(weights_after_one_step(global_seed=1, step_seed=8), reference)
 
 
-
 def test_the_chain_is_scored_on_held_out_captions_and_their_real_images(latents):
     config = load_config("tiny", [*SMALL_DATA[1::2], *RANDOM_ENCODERS[1::2], f"work_dir={latents}"])
     shards = sorted(read_manifest(str(latents / "pre_encode")).shards)
     held_out = held_out_captions(str(latents / "pre_encode"), str(latents / "decode"), shards, 5, config.storage)
-    rows = [row for shard in shards for row in pq.read_table(latents / "pre_encode" / f"{shard}.parquet").to_pylist()
-            if row[schema.SPLIT] == "validation"]
+    rows = [
+        row
+        for shard in shards
+        for row in pq.read_table(latents / "pre_encode" / f"{shard}.parquet").to_pylist()
+        if row[schema.SPLIT] == "validation"
+    ]
     assert held_out.captions == tuple(row[schema.CAPTION] for row in rows[:5])
     real = real_images(held_out, config.generate.size)
     assert len(real) == 5 and all(image.size == (config.generate.size,) * 2 for image in real)

@@ -100,8 +100,9 @@ class Task:
         self.spec, self.device = spec, device
         self._partners: dict[str, nn.Module] = {}
 
-    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor], generator: torch.Generator,
-             step: int) -> torch.Tensor:
+    def loss(
+        self, model: nn.Module, batch: dict[str, torch.Tensor], generator: torch.Generator, step: int
+    ) -> torch.Tensor:
         """The training loss of one batch at optimizer step ``step`` (counted from 0)."""
         raise NotImplementedError
 

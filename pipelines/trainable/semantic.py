@@ -31,7 +31,9 @@ class SemanticWithProbe(nn.Module):
         c, side = compressor.config.c_latent, compressor.config.latent_size
         assert SEMANTIC_TARGET_SIZE % side == 0, "the probe upsamples the latent by an integer factor"
         self.probe = nn.Sequential(
-            nn.Conv2d(c, 64, kernel_size=1), nn.GELU(), nn.Upsample(scale_factor=SEMANTIC_TARGET_SIZE // side),
+            nn.Conv2d(c, 64, kernel_size=1),
+            nn.GELU(),
+            nn.Upsample(scale_factor=SEMANTIC_TARGET_SIZE // side),
             nn.Conv2d(64, 3, kernel_size=3, padding=1),
         )
 
@@ -55,8 +57,9 @@ def export(model: SemanticWithProbe) -> nn.Module:
 
 
 class SemanticTask(Task):
-    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor], generator: torch.Generator,
-             step: int) -> torch.Tensor:
+    def loss(
+        self, model: nn.Module, batch: dict[str, torch.Tensor], generator: torch.Generator, step: int
+    ) -> torch.Tensor:
         images = batch_images(batch)
         target = F.interpolate(images, size=SEMANTIC_TARGET_SIZE, mode="area")
         return F.mse_loss(model(images), target)

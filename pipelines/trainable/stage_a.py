@@ -83,12 +83,15 @@ class StageATask(Task):
             if spec.loss_weights:
                 self.perceptual.load_torchvision_vgg16(local_copy(spec.loss_weights, spec.storage))
             else:
-                warnings.warn("train_a.stage_a_losses.perceptual_weights is empty: the perceptual distance "
-                              "uses random features", stacklevel=2)
+                warnings.warn(
+                    "train_a.stage_a_losses.perceptual_weights is empty: the perceptual distance uses random features",
+                    stacklevel=2,
+                )
             self.perceptual.to(device)
 
-    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor], generator: torch.Generator,
-             step: int) -> torch.Tensor:
+    def loss(
+        self, model: nn.Module, batch: dict[str, torch.Tensor], generator: torch.Generator, step: int
+    ) -> torch.Tensor:
         images = batch_images(batch)
         losses = self.spec.stage_a_losses
         # Unquantised decoding, as at generation time; the quantiser still learns its codebook.

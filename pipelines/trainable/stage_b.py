@@ -21,8 +21,11 @@ from stages.text import TEXT_CONFIGS
 
 
 def columns(spec: TaskSpec) -> list[str]:
-    return [schema.STAGE_B_LATENT, schema.STAGE_C_LATENT,
-            schema.TEXT_TOKENS if spec.text_from_tokens else schema.TEXT_STAGE_B]
+    return [
+        schema.STAGE_B_LATENT,
+        schema.STAGE_C_LATENT,
+        schema.TEXT_TOKENS if spec.text_from_tokens else schema.TEXT_STAGE_B,
+    ]
 
 
 def build_model(spec: TaskSpec) -> nn.Module:
@@ -41,10 +44,12 @@ class StageBTask(TextConditionedTask):
             text = drop_conditioning(text, self.empty[schema.TEXT_STAGE_B], spec.caption_dropout, generator=generator)
             if spec.semantic_noise:
                 semantic = semantic + spec.semantic_noise * torch.randn(
-                    semantic.shape, generator=generator, device=generator.device).to(semantic.device)
+                    semantic.shape, generator=generator, device=generator.device
+                ).to(semantic.device)
             # As the unconditional pass of the official decoder pipeline: no semantics at all.
-            semantic = drop_conditioning(semantic, torch.zeros_like(semantic[:1]), spec.semantic_dropout,
-                                         generator=generator)
+            semantic = drop_conditioning(
+                semantic, torch.zeros_like(semantic[:1]), spec.semantic_dropout, generator=generator
+            )
         return batch[schema.STAGE_B_LATENT], lambda noised, r: model(noised, r, semantic, text)
 
     def sample_grid(self, model: nn.Module, step: int) -> Image.Image | None:
@@ -52,14 +57,21 @@ class StageBTask(TextConditionedTask):
         stage_a = self.partner("stage_a")
         if stage_a is None:
             return None
-        batch = {name: torch.tensor(value).to(self.device) for name, value in self.spec.sample_batch.items()
-                 if name != schema.CAPTION}
+        batch = {
+            name: torch.tensor(value).to(self.device)
+            for name, value in self.spec.sample_batch.items()
+            if name != schema.CAPTION
+        }
         semantic = from_stage_c_latents(batch[schema.STAGE_C_LATENT].float())
         text = self.text(batch, schema.TEXT_STAGE_B)
         generator = torch.Generator(self.device).manual_seed(step)
-        latents = self.diffusion.sample(lambda x, r: model(x, r, semantic, text), batch[schema.STAGE_B_LATENT].shape,
-                                        timesteps=linear_timesteps(GENERATE_CONFIGS[self.spec.models]().decoder_steps),
-                                        generator=generator, device=self.device)
+        latents = self.diffusion.sample(
+            lambda x, r: model(x, r, semantic, text),
+            batch[schema.STAGE_B_LATENT].shape,
+            timesteps=linear_timesteps(GENERATE_CONFIGS[self.spec.models]().decoder_steps),
+            generator=generator,
+            device=self.device,
+        )
         shown = stage_a.decode_stage_b_latents(latents)
         return image_grid(pil_images(shown), list(self.spec.sample_batch.get(schema.CAPTION, [])))
 
@@ -69,12 +81,16 @@ def check_crop(config, crop: tuple[int, int]) -> None:
     would fail on its first batch of it, and again on every restart."""
     models = config.pre_encode.models
     multiple = STAGE_B_CONFIGS[models]().size_multiple
-    _, height, width = pre_encode.latent_shapes(config.pre_encode, crop, config.decode.resolution)[schema.STAGE_B_LATENT]
+    _, height, width = pre_encode.latent_shapes(config.pre_encode, crop, config.decode.resolution)[
+        schema.STAGE_B_LATENT
+    ]
     if height % multiple or width % multiple:
         pixels = multiple * crop[0] // width
-        raise ValueError(f"train_stage_b: the {crop[0]}x{crop[1]} crops have {width}x{height} Stage A latents, and the "
-                         f"{models!r} Stage B takes sides that are multiples of {multiple}: set decode.bucket_multiple "
-                         f"(or decode.resolution) to a multiple of {pixels}")
+        raise ValueError(
+            f"train_stage_b: the {crop[0]}x{crop[1]} crops have {width}x{height} Stage A latents, and the "
+            f"{models!r} Stage B takes sides that are multiples of {multiple}: set decode.bucket_multiple "
+            f"(or decode.resolution) to a multiple of {pixels}"
+        )
 
 
 STAGE_B = TrainableStage(
@@ -85,8 +101,11 @@ STAGE_B = TrainableStage(
     columns=columns,
     build_model=build_model,
     task=StageBTask,
-    parallelism=Parallelism(sharded_blocks=(ResBlock, AttnBlock), compiled_blocks=(ResBlock, AttnBlock, TimestepBlock),
-                            levels=StageB.blocks_by_level),
+    parallelism=Parallelism(
+        sharded_blocks=(ResBlock, AttnBlock),
+        compiled_blocks=(ResBlock, AttnBlock, TimestepBlock),
+        levels=StageB.blocks_by_level,
+    ),
     text_column=schema.TEXT_STAGE_B,
     latent_column=schema.STAGE_B_LATENT,
     sample_partners=("stage_a",),

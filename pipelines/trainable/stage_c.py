@@ -36,8 +36,9 @@ class StageCTask(TextConditionedTask):
     def conditioned(self, model: nn.Module, batch: dict[str, torch.Tensor], generator: torch.Generator | None):
         text = self.text(batch, schema.TEXT_STAGE_C)
         if generator is not None:
-            text = drop_conditioning(text, self.empty[schema.TEXT_STAGE_C], self.spec.caption_dropout,
-                                     generator=generator)
+            text = drop_conditioning(
+                text, self.empty[schema.TEXT_STAGE_C], self.spec.caption_dropout, generator=generator
+            )
         return batch[schema.STAGE_C_LATENT], lambda noised, r: model(noised, r, text)
 
     def chain(self, model: nn.Module) -> Wuerstchen | None:
@@ -47,8 +48,10 @@ class StageCTask(TextConditionedTask):
             return None
         if self._text_encoders is None:
             text = TEXT_CONFIGS[self.spec.models]()
-            self._text_encoders = (TextEncoder(text.stage_c).to(self.device).eval(),
-                                   TextEncoder(text.stage_b).to(self.device).eval())
+            self._text_encoders = (
+                TextEncoder(text.stage_c).to(self.device).eval(),
+                TextEncoder(text.stage_b).to(self.device).eval(),
+            )
         text_c, text_b = self._text_encoders
         return Wuerstchen(text_c=text_c, stage_c=model, text_b=text_b, stage_b=stage_b, stage_a=stage_a)
 
@@ -75,8 +78,14 @@ class StageCTask(TextConditionedTask):
         if models is None:
             return None
         side = self.spec.resolution
-        generated = generate(list(self.spec.sample_prompts), models=models, config=GENERATE_CONFIGS[self.spec.models](),
-                             height=side, width=side, generator=torch.Generator(self.device).manual_seed(step))
+        generated = generate(
+            list(self.spec.sample_prompts),
+            models=models,
+            config=GENERATE_CONFIGS[self.spec.models](),
+            height=side,
+            width=side,
+            generator=torch.Generator(self.device).manual_seed(step),
+        )
         return image_grid(pil_images(generated.images), list(self.spec.sample_prompts))
 
 

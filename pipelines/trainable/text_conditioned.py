@@ -31,22 +31,25 @@ class TextConditionedTask(Task):
         with torch.no_grad():
             return self.text_encoder(tokens, attention_mask(tokens))
 
-    def conditioned(self, model: nn.Module, batch: dict[str, torch.Tensor], generator: torch.Generator | None
-                    ) -> tuple[torch.Tensor, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]:
+    def conditioned(
+        self, model: nn.Module, batch: dict[str, torch.Tensor], generator: torch.Generator | None
+    ) -> tuple[torch.Tensor, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]:
         """A batch's clean latents and the model's noise prediction ``(noised, r) -> noise`` under the
         batch's conditioning; with ``generator``, the conditioning is dropped (and noised) as in training,
         drawing from it; without, it is used as it is."""
         raise NotImplementedError
 
-    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor], generator: torch.Generator,
-             step: int) -> torch.Tensor:
+    def loss(
+        self, model: nn.Module, batch: dict[str, torch.Tensor], generator: torch.Generator, step: int
+    ) -> torch.Tensor:
         latents, predict = self.conditioned(model, batch, generator)
         noised, noise, r = self.diffusion.noise_batch(latents.float(), generator=generator)
         return self.diffusion.loss(predict(noised, r), noise, r)
 
     @torch.no_grad()
-    def validation_losses(self, model: nn.Module, batch: dict[str, torch.Tensor], noise: torch.Tensor,
-                          r: float) -> torch.Tensor:
+    def validation_losses(
+        self, model: nn.Module, batch: dict[str, torch.Tensor], noise: torch.Tensor, r: float
+    ) -> torch.Tensor:
         """Each sample's loss (B,) at time ``r`` with the given ``noise``, its conditioning as it is."""
         latents, predict = self.conditioned(model, batch, None)
         times = torch.full((latents.shape[0],), r, device=latents.device)

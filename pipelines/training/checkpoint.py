@@ -83,15 +83,22 @@ def restore_latest(model: nn.Module, optimizer, schedule, ema: list[torch.Tensor
     for checkpoint in candidates:
         try:
             state, ema = _restore(checkpoint, model, optimizer, schedule, ema)
-            return Resumed(state=state, ema=ema, candidates=len(candidates), checkpoint=Path(checkpoint.path).name,
-                           unreadable=unreadable)
+            return Resumed(
+                state=state,
+                ema=ema,
+                candidates=len(candidates),
+                checkpoint=Path(checkpoint.path).name,
+                unreadable=unreadable,
+            )
         except (OSError, ValueError, RuntimeError, KeyError, TypeError) as error:
             # The next candidate sets model, optimizer, schedule and EMA again, whole.
             logger.warning("checkpoint %s cannot be read (%s): trying the previous one", checkpoint.path, error)
             unreadable.append(Path(checkpoint.path).name)
     if candidates:
-        raise RuntimeError(f"none of the {len(candidates)} checkpoints beside {candidates[0].path} can be read; "
-                           "delete them to train from the start")
+        raise RuntimeError(
+            f"none of the {len(candidates)} checkpoints beside {candidates[0].path} can be read; "
+            "delete them to train from the start"
+        )
     return Resumed(state=TrainingState(), ema=ema, candidates=0)
 
 
@@ -103,8 +110,16 @@ def _resume_candidates(latest: Checkpoint | None) -> Iterator[Checkpoint]:
     parent = latest.path.rstrip("/").rsplit("/", 1)[0]
     siblings = latest.filesystem.get_file_info(pyarrow.fs.FileSelector(parent))
     # Ray names them checkpoint_<date>_<time>: the name order is the time order.
-    older = sorted((info.path for info in siblings if info.type == pyarrow.fs.FileType.Directory
-                    and info.base_name.startswith("checkpoint_") and info.path < latest.path.rstrip("/")), reverse=True)
+    older = sorted(
+        (
+            info.path
+            for info in siblings
+            if info.type == pyarrow.fs.FileType.Directory
+            and info.base_name.startswith("checkpoint_")
+            and info.path < latest.path.rstrip("/")
+        ),
+        reverse=True,
+    )
     for path in older:
         yield Checkpoint(path, filesystem=latest.filesystem)
 
@@ -167,10 +182,17 @@ def save_checkpoint(model, ema, optimizer, state: TrainingState, meter: BudgetMe
     model_state = full_state(model)
     with swapped_in(model, ema):
         ema_state = full_state(model)
-    optimizer_state = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True,
-                                                                                          cpu_offload=True))
-    metrics = {"step": state.step, "loss": state.last_loss, RUN_GPU_HOURS: state.gpu_hours_used,
-               ATTEMPT_GPU_HOURS: state.gpu_hours_attempt, "final": final, "stop_reason": state.stop_reason}
+    optimizer_state = get_optimizer_state_dict(
+        model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+    )
+    metrics = {
+        "step": state.step,
+        "loss": state.last_loss,
+        RUN_GPU_HOURS: state.gpu_hours_used,
+        ATTEMPT_GPU_HOURS: state.gpu_hours_attempt,
+        "final": final,
+        "stop_reason": state.stop_reason,
+    }
     if ray.train.get_context().get_world_rank() != 0:
         ray.train.report(metrics, checkpoint=None)
         return

@@ -107,8 +107,10 @@ class TrainConfig:
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.global_batch_size % self.workers:
-            raise ValueError(f"global_batch_size ({self.global_batch_size}) must be a multiple of workers "
-                             f"({self.workers}): each worker takes an equal share of every batch")
+            raise ValueError(
+                f"global_batch_size ({self.global_batch_size}) must be a multiple of workers "
+                f"({self.workers}): each worker takes an equal share of every batch"
+            )
         check_gpu_resource(self.gpu_resource)
         if not 0 <= self.ema_beta < 1:
             raise ValueError(f"ema_beta must be in [0, 1), got {self.ema_beta}")
@@ -127,8 +129,9 @@ class TrainConfig:
         if min(budgets) < 1 and not self.compile:
             raise ValueError("activation_memory_budget below 1 needs compile=true (it steers inductor's partitioner)")
         if min(budgets) < 1 and self.activation_checkpointing:
-            raise ValueError("activation_memory_budget and activation_checkpointing both trade recompute for memory; "
-                             "set one of them")
+            raise ValueError(
+                "activation_memory_budget and activation_checkpointing both trade recompute for memory; set one of them"
+            )
 
     @property
     def units_held(self) -> float:
@@ -137,8 +140,23 @@ class TrainConfig:
 
     def outcome(self) -> dict[str, Any]:
         """Settings that decide the trained weights (scale, logging and budget do not)."""
-        ignored = {"workers", "gpus_per_worker", "gpu_resource", "cpus_per_worker", "checkpoint_every", "keep_checkpoints",
-                   "sample_every", "eval_every", "eval_samples", "log_every_seconds", "max_failures",
-                   "budget_gpu_hours", "cache_data", "compile", "strategy", "activation_checkpointing",
-                   "activation_memory_budget"}
+        ignored = {
+            "workers",
+            "gpus_per_worker",
+            "gpu_resource",
+            "cpus_per_worker",
+            "checkpoint_every",
+            "keep_checkpoints",
+            "sample_every",
+            "eval_every",
+            "eval_samples",
+            "log_every_seconds",
+            "max_failures",
+            "budget_gpu_hours",
+            "cache_data",
+            "compile",
+            "strategy",
+            "activation_checkpointing",
+            "activation_memory_budget",
+        }
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in ignored}

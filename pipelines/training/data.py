@@ -32,8 +32,16 @@ class ShardCache:
         self.batches = []
 
 
-def epoch_batches(shards: list, caches: list[ShardCache | None], batches_per_bucket: list[int], config: TrainConfig,
-                  per_worker: int, device: torch.device, rank: int, epoch: int) -> Iterator[dict[str, torch.Tensor]]:
+def epoch_batches(
+    shards: list,
+    caches: list[ShardCache | None],
+    batches_per_bucket: list[int],
+    config: TrainConfig,
+    per_worker: int,
+    device: torch.device,
+    rank: int,
+    epoch: int,
+) -> Iterator[dict[str, torch.Tensor]]:
     """One epoch of this worker's batches. Buckets take turns in an order shuffled by (seed, epoch) alone:
     every rank holds as many batches of each bucket, so all ranks step through the same order."""
     if not batches_per_bucket:
@@ -41,16 +49,18 @@ def epoch_batches(shards: list, caches: list[ShardCache | None], batches_per_buc
         return
     order = [bucket for bucket, batches in enumerate(batches_per_bucket) for _ in range(batches)]
     random.Random(step_seed(config.seed, 0, epoch)).shuffle(order)
-    iterators = [_shard_batches(shard, cache, config, per_worker, device, rank, epoch)
-                 for shard, cache in zip(shards, caches)]
+    iterators = [
+        _shard_batches(shard, cache, config, per_worker, device, rank, epoch) for shard, cache in zip(shards, caches)
+    ]
     for bucket in order:
         yield next(iterators[bucket])
     for bucket, iterator in enumerate(iterators):  # read to the end: a cache seals, Ray Data's pass finishes
         assert next(iterator, None) is None, f"bucket {bucket} holds more than its {batches_per_bucket[bucket]} batches"
 
 
-def _shard_batches(shard, cache: ShardCache | None, config: TrainConfig, per_worker: int, device: torch.device,
-                   rank: int, epoch: int) -> Iterator[dict[str, torch.Tensor]]:
+def _shard_batches(
+    shard, cache: ShardCache | None, config: TrainConfig, per_worker: int, device: torch.device, rank: int, epoch: int
+) -> Iterator[dict[str, torch.Tensor]]:
     """One epoch of a data set's batches: from Ray Data, or from the cache once it holds the shard."""
     if cache is not None and cache.columns is None and epoch > 0:
         # A run resumed after its first epoch fills the cache first, in the order the first epoch streams
@@ -63,7 +73,7 @@ def _shard_batches(shard, cache: ShardCache | None, config: TrainConfig, per_wor
         rows = next(iter(cache.columns.values())).shape[0]
         order = torch.randperm(rows, generator=torch.Generator().manual_seed(step_seed(config.seed, rank, epoch)))
         for start in range(0, rows - per_worker + 1, per_worker):
-            chosen = order[start:start + per_worker].to(device)
+            chosen = order[start : start + per_worker].to(device)
             yield {name: values[chosen] for name, values in cache.columns.items()}
         return
     for batch in _streamed_batches(shard, config, per_worker, device, epoch):
@@ -74,8 +84,13 @@ def _shard_batches(shard, cache: ShardCache | None, config: TrainConfig, per_wor
         cache.seal()
 
 
-def _streamed_batches(shard, config: TrainConfig, per_worker: int, device: torch.device,
-                      epoch: int) -> Iterator[dict[str, torch.Tensor]]:
-    return shard.iter_torch_batches(batch_size=per_worker, drop_last=True, device=device,
-                                    local_shuffle_buffer_size=4 * per_worker,
-                                    local_shuffle_seed=config.seed * 1000 + epoch)
+def _streamed_batches(
+    shard, config: TrainConfig, per_worker: int, device: torch.device, epoch: int
+) -> Iterator[dict[str, torch.Tensor]]:
+    return shard.iter_torch_batches(
+        batch_size=per_worker,
+        drop_last=True,
+        device=device,
+        local_shuffle_buffer_size=4 * per_worker,
+        local_shuffle_seed=config.seed * 1000 + epoch,
+    )

@@ -39,8 +39,9 @@ def validation_noise(shape: torch.Size, row: int, time_index: int) -> torch.Tens
     return torch.randn(shape, generator=generator)
 
 
-def validation_metrics(stage: TrainableStage, task: TextConditionedTask, model: nn.Module,
-                       batch_size: int) -> dict[str, float]:
+def validation_metrics(
+    stage: TrainableStage, task: TextConditionedTask, model: nn.Module, batch_size: int
+) -> dict[str, float]:
     """``val/loss`` and one ``val/loss_r<time>`` per time, of ``model`` as it is (eval mode) on the
     task's validation rows; empty where the task has none."""
     groups = task.spec.validation_batches
@@ -54,23 +55,36 @@ def validation_metrics(stage: TrainableStage, task: TextConditionedTask, model: 
         for group in groups:
             rows = len(next(iter(group.values())))
             for start in range(0, rows, batch_size):
-                batch = {name: torch.as_tensor(values[start:start + batch_size]).to(task.device)
-                         for name, values in group.items()}
+                batch = {
+                    name: torch.as_tensor(values[start : start + batch_size]).to(task.device)
+                    for name, values in group.items()
+                }
                 shape = batch[stage.latent_column].shape[1:]
                 for k, r in enumerate(times):
-                    noise = torch.stack([validation_noise(shape, row + i, k)
-                                         for i in range(batch[stage.latent_column].shape[0])]).to(task.device)
+                    noise = torch.stack(
+                        [validation_noise(shape, row + i, k) for i in range(batch[stage.latent_column].shape[0])]
+                    ).to(task.device)
                     with torch.autocast(task.device.type, dtype=torch.bfloat16, enabled=task.device.type == "cuda"):
                         sums[k] += task.validation_losses(model, batch, noise, r).double().sum().cpu()
                 row += batch[stage.latent_column].shape[0]
     finally:
         model.train()
     per_time = (sums / row).tolist()
-    return {"val/loss": sum(per_time) / len(per_time), **{f"val/loss_r{r:.3f}": loss for r, loss in zip(times, per_time)}}
+    return {
+        "val/loss": sum(per_time) / len(per_time),
+        **{f"val/loss_r{r:.3f}": loss for r, loss in zip(times, per_time)},
+    }
 
 
-def log_validation(run: TrackedRun | None, stage: TrainableStage, task: TextConditionedTask, model: nn.Module,
-                   ema: list[torch.Tensor], step: int, batch_size: int) -> None:
+def log_validation(
+    run: TrackedRun | None,
+    stage: TrainableStage,
+    task: TextConditionedTask,
+    model: nn.Module,
+    ema: list[torch.Tensor],
+    step: int,
+    batch_size: int,
+) -> None:
     """Evaluates the EMA weights and logs the figures and their seconds at ``step`` from rank 0 (``run``):
     the held-out loss, and for a stage that ``evaluates_chain`` the chain's scores
     (pipelines/chain_evaluation.py). Every rank calls it. Under FSDP each rank runs the sharded

@@ -38,8 +38,9 @@ def fully_sharded(model: nn.Module, parallelism: Parallelism, device: torch.devi
     return model
 
 
-def compile_blocks(model: nn.Module, parallelism: Parallelism, memory_budget: tuple[float, ...] = (1.0,),
-                   backend: str = "inductor") -> nn.Module:
+def compile_blocks(
+    model: nn.Module, parallelism: Parallelism, memory_budget: tuple[float, ...] = (1.0,), backend: str = "inductor"
+) -> nn.Module:
     """``model`` with each of the stage's compiled blocks compiled in place, or compiled whole if the
     stage has none, each graph keeping at most its budget's share of its default saved activations:
     one budget for every block, or one per level of the stage's levels (TrainConfig.activation_memory_budget).
@@ -72,8 +73,9 @@ def compile_blocks(model: nn.Module, parallelism: Parallelism, memory_budget: tu
     return model
 
 
-def _blocks_with_budgets(model: nn.Module, parallelism: Parallelism,
-                         memory_budget: tuple[float, ...]) -> list[tuple[nn.Module, float]]:
+def _blocks_with_budgets(
+    model: nn.Module, parallelism: Parallelism, memory_budget: tuple[float, ...]
+) -> list[tuple[nn.Module, float]]:
     """The blocks ``compile_blocks`` compiles, each with its budget."""
     levels = parallelism.levels(model) if parallelism.levels is not None else [[model]]
     if len(memory_budget) == 1:
@@ -81,13 +83,22 @@ def _blocks_with_budgets(model: nn.Module, parallelism: Parallelism,
     elif parallelism.levels is not None and len(memory_budget) == len(levels):
         groups = levels
     else:
-        raise ValueError(f"activation_memory_budget has {len(memory_budget)} shares: give one for every block, or for "
-                         f"Stage B one per level ({len(levels)} here)")
-    return [(block, budget) for group, budget in zip(groups, memory_budget)
-            for module in group for block in module.modules() if isinstance(block, parallelism.compiled_blocks)]
+        raise ValueError(
+            f"activation_memory_budget has {len(memory_budget)} shares: give one for every block, or for "
+            f"Stage B one per level ({len(levels)} here)"
+        )
+    return [
+        (block, budget)
+        for group, budget in zip(groups, memory_budget)
+        for module in group
+        for block in module.modules()
+        if isinstance(block, parallelism.compiled_blocks)
+    ]
 
 
-def _call_within_budget(compiled: Callable[..., Any], block: nn.Module, budget: float, *args: Any, **kwargs: Any) -> Any:
+def _call_within_budget(
+    compiled: Callable[..., Any], block: nn.Module, budget: float, *args: Any, **kwargs: Any
+) -> Any:
     """``block``'s compiled forward, partitioned under ``budget`` when it compiles, which happens
     inside this call (at the first one and at every recompile). The process-wide setting, patched
     per call, not torch's ``region_activation_memory_budget``: that came after torch 2.11, which the

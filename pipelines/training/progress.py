@@ -60,8 +60,16 @@ class ProgressWindow:
         return figures
 
 
-def log_progress(run: TrackedRun, state: TrainingState, window: ProgressWindow, meter: BudgetMeter,
-                 config: TrainConfig, optimizer, device: torch.device, peak: float | None) -> None:
+def log_progress(
+    run: TrackedRun,
+    state: TrainingState,
+    window: ProgressWindow,
+    meter: BudgetMeter,
+    config: TrainConfig,
+    optimizer,
+    device: torch.device,
+    peak: float | None,
+) -> None:
     """Logs the window's figures; ``peak``: the FLOP/s of all GPUs held, None for no MFU."""
     figures = window.drain()
     if not figures:
@@ -84,17 +92,23 @@ def log_progress(run: TrackedRun, state: TrainingState, window: ProgressWindow, 
     if peak is not None and "flops_per_sample" in figures:
         metrics["mfu"] = figures["flops_per_sample"] * samples_per_second / peak
     run.log_metrics(metrics, step=state.step)
-    budget = ("no budget" if meter.budget is None
-              else f"{metrics['gpu_hours_remaining']:.3g} of {meter.budget:.3g} GPU-h left")
+    budget = (
+        "no budget"
+        if meter.budget is None
+        else f"{metrics['gpu_hours_remaining']:.3g} of {meter.budget:.3g} GPU-h left"
+    )
     mfu = f"MFU {metrics['mfu']:.0%}  " if "mfu" in metrics else ""
     # Ray Train sends the root logger to the driver's console once (its patched print shows twice).
-    logger.info(f"step {state.step}/{config.steps}  loss {figures['loss']:.4f}  {samples_per_second:.1f} samples/s  "
-                f"{mfu}data wait {figures['data_wait_fraction']:.0%}  ETA {metrics['eta_seconds'] / 60:.1f} min  "
-                f"{budget}")
+    logger.info(
+        f"step {state.step}/{config.steps}  loss {figures['loss']:.4f}  {samples_per_second:.1f} samples/s  "
+        f"{mfu}data wait {figures['data_wait_fraction']:.0%}  ETA {metrics['eta_seconds'] / 60:.1f} min  "
+        f"{budget}"
+    )
 
 
-def log_samples(run: TrackedRun | None, stage: TrainableStage, task: Task, model: nn.Module, ema: list[torch.Tensor],
-                step: int) -> None:
+def log_samples(
+    run: TrackedRun | None, stage: TrainableStage, task: Task, model: nn.Module, ema: list[torch.Tensor], step: int
+) -> None:
     """The EMA model's sample grid, logged by rank 0 (``run``). Every rank calls it: under FSDP rank 0
     alone cannot run the sharded model, so all ranks gather the EMA weights into rank 0's unsharded
     copy, which samples."""
@@ -117,8 +131,9 @@ def log_samples(run: TrackedRun | None, stage: TrainableStage, task: Task, model
         run.log_image(grid, f"samples/step_{step:07d}.png")
 
 
-def flops_per_sample(stage: TrainableStage, task: Task, batch: dict[str, torch.Tensor], per_worker: int,
-                     step: int) -> float:
+def flops_per_sample(
+    stage: TrainableStage, task: Task, batch: dict[str, torch.Tensor], per_worker: int, step: int
+) -> float:
     """FLOPs of one sample's forward and backward through ``task.loss`` at ``step``, counted on fake
     tensors. The model is built without activation checkpointing: MFU counts the model's FLOPs, and
     what a checkpoint recomputes is the run's cost, not the model's work. The loss draws from a
@@ -129,8 +144,9 @@ def flops_per_sample(stage: TrainableStage, task: Task, batch: dict[str, torch.T
         with task.device:  # built there: fake parameters cannot be moved (``to`` cannot swap them)
             return stage.build_model(spec)
 
-    flops = train_step_flops(build, lambda model: task.loss(model, batch, torch.Generator(task.device).manual_seed(0),
-                                                            step=step))
+    flops = train_step_flops(
+        build, lambda model: task.loss(model, batch, torch.Generator(task.device).manual_seed(0), step=step)
+    )
     return flops / per_worker
 
 
