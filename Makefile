@@ -22,8 +22,10 @@ $(VENV)/.installed-test: pyproject.toml $(VENV)/.installed-run
 demo: $(VENV)/.installed-run
 	$(PY) pipelines/full.py
 
-# `make test` leaves out the tests marked slow (stop or kill and rerun, compiled, FSDP, the pipeline on S3) to stay near 20 minutes on
-# 2 cores; `make test-slow` runs just those, and CI runs both.
+# `make test` leaves out the tests marked slow (the demo's whole run; stop or kill and rerun; compiled,
+# FSDP; the pipeline on S3, through `ray job submit`, across nodes, under the autoscaler) to stay near
+# 8 minutes on 2 cores, and tests/test_tiers.py checks that it still reaches every module;
+# `make test-slow` runs just the slow ones, and CI runs both.
 # PYTEST_RC_FILE lets .ci/run report pytest's own exit code (make would turn every failure into 2).
 MARKS := not slow
 test-slow: MARKS := slow

@@ -74,6 +74,7 @@ def test_a_lower_activation_memory_budget_saves_less_for_backward_and_changes_no
 
 
 @torch._dynamo.config.patch(recompile_limit=torch._dynamo.config.recompile_limit)
+@pytest.mark.slow
 def test_stage_b_s_budgets_per_level_each_hold_their_level_and_change_no_gradient():
     generator = torch.Generator().manual_seed(0)
     x, r = torch.randn(4, 4, 16, 16, generator=generator), torch.rand(4, generator=generator)

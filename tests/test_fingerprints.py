@@ -191,6 +191,7 @@ def test_an_input_folder_rewritten_in_place_gets_another_fingerprint(tmp_path):
     assert len({str(first), str(rewritten), str(fingerprints.folder_fingerprint(str(folder), STORAGE))}) == 3
 
 
+@pytest.mark.slow
 def test_the_metadata_filter_reruns_for_new_shards_at_the_same_url(tmp_path, local_ray):
     """A phase run end to end by the rule: skipped with the same input and settings (whatever its
     resources), rerun for another threshold or for demo data regenerated in place."""

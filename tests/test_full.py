@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +13,7 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from PIL import Image
 
-from pipelines import demo_data, evaluate, full, sample, trained_weights
+from pipelines import demo_data, evaluate, sample, trained_weights
 from pipelines.config import load_config
 from pipelines.decode import DECODE_REASONS
 from pipelines.metadata_filter import METADATA_REASONS
@@ -25,6 +24,9 @@ from stages.stage_b import STAGE_B_CONFIGS, StageB
 from stages.stage_c import STAGE_C_CONFIGS, StageC
 
 ROOT = Path(__file__).resolve().parents[1]
+# Every test here reads the demo's whole run (several minutes on 2 cores): `make test-slow` runs
+# them; a user's mistakes, which stop before any work, are checked fast in test_user_errors.py.
+pytestmark = pytest.mark.slow
 
 
 # A guard against a hung run, not a speed check: the demo took about 6.5 minutes on the 2-core
@@ -121,31 +123,6 @@ def test_a_second_run_skips_the_finished_phase(first_run):
     latest_phase = [r for r in runs if r.info.run_name == "metadata_filter"][-1]
     assert latest_phase.data.tags["phase.outcome"] == "skipped: output already complete"
     assert latest_phase.data.metrics["samples_in"] == 320
-
-
-@pytest.mark.parametrize(
-    "args, message",
-    [
-        (["--set", "filter.min_sid=3"], "unknown config key 'filter.min_sid'"),
-        (["--set", "filter.min_side=big"], "filter.min_side: 'big' is not an integer"),
-        (["--phases", "train_stage_c"], "phase 'pre_encode' has no finished output"),
-        (["--set", "train_c.global_batch_size=33"], "global_batch_size (33) must be a multiple of workers (2)"),
-        (["--phases", "everything"], "unknown phase 'everything'"),
-        (["--set", "data.shards_url="], "data.shards_url is empty"),
-        (["--set", "data.shards_url=/no/such/folder"], "data.shards_url '/no/such/folder' does not exist"),
-    ],
-)
-def test_user_errors_stop_before_work_with_a_message(args, message, tmp_path, local_ray):
-    with pytest.raises(SystemExit, match=re.escape(message)):
-        full.main([*args, "--set", f"work_dir={tmp_path}/work"])
-    assert not (tmp_path / "work" / "metadata_filter").exists()
-
-
-def test_a_user_error_reaches_the_console_as_one_line_without_a_traceback(tmp_path):
-    result = run_full("--set", "filter.min_sid=3", "--set", f"work_dir={tmp_path}/work", timeout=120)
-    assert result.returncode != 0
-    assert result.stderr.strip().splitlines()[-1].startswith("error: unknown config key 'filter.min_sid'")
-    assert "Traceback" not in result.stderr
 
 
 @pytest.mark.parametrize(

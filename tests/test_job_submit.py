@@ -27,6 +27,7 @@ def ray_head(tmp_path):
         yield head.dashboard, auth
 
 
+@pytest.mark.slow
 def test_ray_job_submit_runs_the_pipeline_into_an_mlflow_server(ray_head, tracking_server, tmp_path):
     address, auth = ray_head
     work = tmp_path / "work"

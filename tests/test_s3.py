@@ -144,6 +144,7 @@ def test_missing_or_wrong_credentials_stop_before_work_naming_the_settings(guard
             exists("s3://wuerstchen", "data.shards_url", wrong)
 
 
+@pytest.mark.slow
 def test_a_server_restarted_during_writes_loses_nothing(guarded_s3, tmp_path, local_ray):
     storage = StorageConfig(endpoint_url=guarded_s3.endpoint, key="test-key", secret=SECRET)
     fs = filesystem("s3://wuerstchen", storage)[0]

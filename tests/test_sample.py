@@ -1,5 +1,6 @@
 """``python -m pipelines.sample``: a pipeline run's chain (or weights given per stage) rendered later,
-written as PNGs and logged to MLflow; each kind of bad input refused with one message."""
+written as PNGs and logged to MLflow; each kind of bad input to it and to ``python -m
+pipelines.evaluate`` refused with one message (the demo's run evaluated later is in test_full.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from PIL import Image
 
-from pipelines import sample, trained_weights
+from pipelines import evaluate, sample, trained_weights
 from pipelines.generate_phase import render
 from pipelines.storage import StorageConfig
 from stages.stage_a import STAGE_A_CONFIGS, StageA
@@ -148,3 +149,26 @@ def test_bad_input_gets_one_message(pipeline_run, tmp_path, capsys, case, messag
     assert message in str(stop.value) and "\n" not in str(stop.value), stop.value
     if case == "Stage B never trained":
         assert "--weights stage_b=PATH" in str(stop.value)
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("unknown run", "no MLflow run 'feedbeef'"),
+        ("no store", "--run needs the MLflow store that holds it"),
+        ("too few captions", "--captions must be at least 2"),
+        ("no held-out split", "has no finished pre_encode phase"),
+    ],
+)
+def test_bad_input_to_evaluate_gets_one_message(pipeline_run, monkeypatch, case, message):
+    uri, run_id, _ = pipeline_run
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    args = {
+        "unknown run": ["--run", "feedbeef", "--tracking-uri", uri],
+        "no store": ["--run", run_id],
+        "too few captions": ["--run", run_id, "--tracking-uri", uri, "--captions", "1"],
+        "no held-out split": ["--run", run_id, "--tracking-uri", uri],
+    }[case]
+    with pytest.raises(SystemExit) as stop:
+        evaluate.main(args)
+    assert message in str(stop.value) and "\n" not in str(stop.value), stop.value

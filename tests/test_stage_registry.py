@@ -87,6 +87,7 @@ def test_every_registered_stage_is_a_phase_with_settings_and_partners_that_exist
     assert not hasattr(RunConfig, TOY.config_section)
 
 
+@pytest.mark.slow
 def test_a_registered_stage_trains_through_the_real_loop(tmp_path, local_ray, monkeypatch):
     monkeypatch.setitem(REGISTRY, TOY.name, TOY)
     assert training_phases()[TOY.phase] is TOY

@@ -316,6 +316,7 @@ def test_a_budget_stops_at_the_step_it_allows_and_a_resume_counts_each_attempt_o
         _main(work_dir, "--phases", "train_stage_c", "--set", "tracking.experiment_budget_gpu_hours=0.0105")
 
 
+@pytest.mark.slow
 def test_a_run_whose_every_checkpoint_is_unreadable_fails_and_never_starts_over(latents, tmp_path):
     work_dir = _fresh_copy(latents, tmp_path)
     _main(work_dir, "--phases", "train_stage_c", "--set", "train_c.steps=2", "--set", "train_c.checkpoint_every=1")
