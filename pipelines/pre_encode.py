@@ -141,9 +141,10 @@ def validation_threshold(config: PreEncodeConfig, embedded: Manifest, embedded_u
     needs the keys: the bound is raised to just above the ``validation_min``-th smallest key hash when
     that lies beyond the share. The driver computes it once embed has finished, before anything
     trains (``PhaseContext.validation_threshold``): every actor of this phase applies one bound, the
-    split needs no second pass, and the encoders' training leaves the same keys out (``held_out``). Reading the keys is skipped
-    when the share is sure to hold the minimum (it is more than ``_SURE_MARGIN`` standard deviations
-    beyond it): large data sets, whose keys cost minutes to read, never read them.
+    split needs no second pass, and the encoders' training leaves the same keys out (``held_out``).
+    Reading the keys is skipped when the share is sure to hold the minimum (it is more than
+    ``_SURE_MARGIN`` standard deviations beyond it): large data sets, whose keys cost minutes to
+    read, never read them.
     """
     share = math.floor(config.validation_fraction * _KEY_HASHES)
     if config.validation_min == 0:
@@ -396,7 +397,7 @@ class PreEncodeShard:
         dropped: Counter[str] = Counter()
         # Validation rows of each crop, written as the shard's last row groups: a row group holds one
         # split (and one crop), so a reader's filter on either skips the others by their statistics.
-        held_out: dict[tuple[int, int], list[pa.Table]] = {}
+        validation_rows: dict[tuple[int, int], list[pa.Table]] = {}
 
         def write(output: shard_phase.ShardOutput, batch: PreparedBatch, encoded: EncodedBatch) -> None:
             encoded.wait()
@@ -413,7 +414,7 @@ class PreEncodeShard:
             columns[schema.SPLIT] = [str(Split.VALIDATION if v else Split.TRAIN) for v in validation]
             output.write_columns(_rows_where(columns, ~validation))
             if validation.any():
-                held_out.setdefault(batch.crop, []).append(
+                validation_rows.setdefault(batch.crop, []).append(
                     shard_phase.columns_to_table(_rows_where(columns, validation), self.schema)
                 )
 
@@ -433,13 +434,13 @@ class PreEncodeShard:
                 written = writer.submit(write, output, batch, encoded)
             if written is not None:
                 written.result()
-            for crop in sorted(held_out):
-                output.write_table(pa.concat_tables(held_out[crop]))
+            for crop in sorted(validation_rows):
+                output.write_table(pa.concat_tables(validation_rows[crop]))
             counts = ShardCounts(
                 samples_in=len(embedded),
                 kept=len(embedded) - sum(dropped.values()),
                 dropped={str(k): v for k, v in sorted(dropped.items())},
-                validation=sum(table.num_rows for tables in held_out.values() for table in tables),
+                validation=sum(table.num_rows for tables in validation_rows.values() for table in tables),
             )
             output.commit(counts, self.fingerprint)
         return counts

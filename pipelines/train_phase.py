@@ -103,10 +103,12 @@ def run_training(context, run, phase: str) -> str:
         run_used=run_used,
         setting=f"{section}.budget_gpu_hours",
     )
-    datasets, buckets = _datasets(context, stage, sorted(source.shards), config, run, held_out_below)
+    datasets, buckets = _datasets(context, stage, sorted(source.shards), config, run, held_out_below=held_out_below)
     spec = dataclasses.replace(
         _task_spec(context, stage, config, datasets[max(buckets, key=buckets.get) if buckets else TRAIN_DATASET]),
-        validation_batches=_validation_batches(context, stage, sorted(source.shards), config, held_out_below),
+        validation_batches=_validation_batches(
+            context, stage, sorted(source.shards), config, held_out_below=held_out_below
+        ),
         chain_evaluation=_chain_evaluation(context, stage, sorted(source.shards)),
     )
     args = WorkerArgs(
@@ -180,12 +182,12 @@ def _ray_run_name(phase: str, fingerprint: dict) -> str:
 
 
 def _datasets(
-    context, stage: TrainableStage, shards: list[str], config: TrainConfig, run, held_out_below: int | None
+    context, stage: TrainableStage, shards: list[str], config: TrainConfig, run, *, held_out_below: int | None = None
 ) -> tuple[dict[str, ray.data.Dataset], dict[str, int]]:
     """The training data: one data set, or with aspect-ratio buckets one per bucket, with the batches
     each worker takes from it per epoch (a bucket too small for one global batch is left out). The
-    decoded crops leave out the keys hashed below ``held_out_below``; the latent shards' own split
-    leaves out their validation rows."""
+    decoded crops leave out the keys hashed below ``held_out_below`` (which they need); the latent
+    shards' own split leaves out their validation rows."""
     storage = context.config.storage
     resolution = context.config.decode.resolution
     fs, folder = filesystem(context.output_url(stage.source_phase), storage)
@@ -258,7 +260,7 @@ def training_crops(batch: dict[str, np.ndarray], resolution: int, held_out_below
 
 
 def _validation_batches(
-    context, stage: TrainableStage, shards: list[str], config: TrainConfig, held_out_below: int | None
+    context, stage: TrainableStage, shards: list[str], config: TrainConfig, *, held_out_below: int | None = None
 ) -> tuple[dict[str, np.ndarray], ...]:
     """The held-out rows each evaluation uses: the first ``eval_samples`` of the validation split in
     shard order (shared equally among the buckets), in the training columns, one group per bucket."""

@@ -215,7 +215,7 @@ def test_the_image_stages_train_on_no_held_out_crop_and_evaluate_on_the_validati
     stage = REGISTRY[stage_name]
     section = getattr(config, stage.config_section)
     with tracker.run("datasets") as run:
-        datasets, buckets = train_phase._datasets(context, stage, shards, section, run, threshold)
+        datasets, buckets = train_phase._datasets(context, stage, shards, section, run, held_out_below=threshold)
     assert not buckets  # the image stages learn from every crop's centre square
     read = [key for batch in datasets["train"].iter_batches(batch_format="numpy") for key in batch[schema.KEY]]
     assert len(read) == len(set(read))
@@ -223,7 +223,7 @@ def test_the_image_stages_train_on_no_held_out_crop_and_evaluate_on_the_validati
     # Every other decoded crop is read: those held out are the split's keys (embed dropped none here).
     assert set(read) == set(decoded) - validation
 
-    held_out = train_phase._validation_batches(context, stage, shards, section, threshold)
+    held_out = train_phase._validation_batches(context, stage, shards, section, held_out_below=threshold)
     (group,) = held_out
     assert set(group) == set(
         stage.columns(
@@ -246,7 +246,7 @@ def test_the_image_stages_train_on_no_held_out_crop_and_evaluate_on_the_validati
         next(key for key, crop in crops.items() if np.array_equal(crop, image)) for image in group[schema.IMAGE]
     ]
     assert len(evaluated) == len(set(evaluated)) == min(section.eval_samples, len(validation))
-    again = train_phase._validation_batches(context, stage, shards, section, threshold)
+    again = train_phase._validation_batches(context, stage, shards, section, held_out_below=threshold)
     assert np.array_equal(again[0][schema.IMAGE], group[schema.IMAGE])
 
 
