@@ -65,7 +65,7 @@ def evaluation_of_run(
     if manifest is None:
         raise ValueError(
             f"run {chain.pipeline_run_id} has no finished pre_encode phase in {work_dir}: its "
-            "validation split is drawn there"
+            "validation rows, the held-out captions, are marked there"
         )
     held_out = held_out_captions(
         f"{work_dir}/{pre_encode.PHASE}",

@@ -56,6 +56,15 @@ class PhaseContext:
             )
         return manifest
 
+    def validation_threshold(self) -> int:
+        """The key hash below which a sample is held out of every training phase
+        (``pre_encode.validation_threshold`` over the samples embed kept): known once embed has
+        finished, so the encoders, which train on the decoded crops before pre-encode runs, leave out
+        the keys that pre-encode marks as the validation split."""
+        return pre_encode.validation_threshold(
+            self.config.pre_encode, self.finished(embed.PHASE), self.output_url(embed.PHASE), self.config.storage
+        )
+
 
 def run_metadata_filter(context: PhaseContext, run: TrackedRun) -> str:
     config = context.config.filter
@@ -139,7 +148,7 @@ def run_pre_encode(context: PhaseContext, run: TrackedRun) -> str:
     config = dataclasses.replace(config, stage_a_weights=encoders["stage_a"], semantic_weights=encoders["semantic"])
     # Retrained encoders change every latent: their fingerprints are part of this phase's.
     trained = {stage: trained_weights.fingerprint_of(url, storage) for stage, url in encoders.items() if url}
-    threshold = pre_encode.validation_threshold(config, embedded, context.output_url(embed.PHASE), storage)
+    threshold = context.validation_threshold()
     phase = pre_encode.phase(
         decoded_url=context.output_url(decode.PHASE),
         embedded_url=context.output_url(embed.PHASE),

@@ -56,8 +56,8 @@ from pipelines.phases import PHASES
 from pipelines.train_phase import training_needed
 from pipelines.trainable import REGISTRY, build_model, training_phases
 from pipelines.trainable.base import TaskSpec
+from pipelines.trainable.text_conditioned import VALIDATION_TIMES
 from pipelines.training.config import TrainConfig
-from pipelines.training.evaluation import VALIDATION_TIMES
 from stages.text import TEXT_CONFIGS, TextEncoder
 
 # Output bytes of the phases before pre-encode that their shapes do not give (assumed, not
@@ -449,14 +449,15 @@ def _hours(seconds: float | None) -> str:
     return f"{seconds / 3600:,.1f} h" if seconds >= 360 else f"{seconds:,.0f} s"
 
 
-def evaluation_unit_hours(row: PhasePlan, train: TrainConfig) -> float | None:
+def evaluation_unit_hours(row: PhasePlan, train: TrainConfig, passes_per_row: int) -> float | None:
     """GPU-hours a training run spends on its held-out loss (pipelines/training/evaluation.py): at each
-    evaluation (every ``eval_every`` steps and at the end) rank 0 runs ``eval_samples`` rows at 8
-    times forward, about a third of a training sample's work each, while the run holds all its GPUs."""
+    evaluation (every ``eval_every`` steps and at the end) rank 0 runs ``eval_samples`` rows forward
+    ``passes_per_row`` times (a diffusion stage once per fixed time, an image stage once), about a
+    third of a training sample's work each, while the run holds all its GPUs."""
     if row.samples_per_second_per_unit is None or not train.eval_samples:
         return None
     evaluations = (train.steps // train.eval_every if train.eval_every else 0) + 1
-    seconds = evaluations * train.eval_samples * VALIDATION_TIMES / (3 * row.samples_per_second_per_unit)
+    seconds = evaluations * train.eval_samples * passes_per_row / (3 * row.samples_per_second_per_unit)
     return seconds * row.units / 3600
 
 
@@ -532,8 +533,16 @@ def format_plan(rows: list[PhasePlan], assumptions: Assumptions, config: RunConf
             f"{config.pre_encode.text}) x {kept:,} samples = {_bytes(per_sample * kept)}."
         )
     training = [row for row in rows if row.phase.startswith("train_") and row.unit == "gpu"]
+    stages = training_phases()
     evaluations = [
-        (row, evaluation_unit_hours(row, getattr(config, training_phases()[row.phase].config_section)))
+        (
+            row,
+            evaluation_unit_hours(
+                row,
+                getattr(config, stages[row.phase].config_section),
+                VALIDATION_TIMES if stages[row.phase].source_phase == pre_encode.PHASE else 1,
+            ),
+        )
         for row in training
     ]
     evaluations = [(row, hours) for row, hours in evaluations if hours is not None and row.unit_hours]

@@ -17,7 +17,9 @@ reshape it by (``latent_shapes``). See docs/data_format.md for the bytes per sam
 A deterministic share of the samples is held out for evaluation (``split`` = ``validation``,
 chosen by a hash of the sample key: ``validation_threshold``); those rows sit in row groups of
 their own at the end of each shard, so training's filter on ``split`` (``TRAINING_ROWS``) skips
-them by their statistics, and an evaluation reads them alone. See docs/evaluation.md.
+them by their statistics, and an evaluation reads them alone. The split is decided before Stage A
+and the semantic compressor train, and they leave the same keys out (``held_out``). See
+docs/evaluation.md.
 """
 
 from __future__ import annotations
@@ -124,16 +126,25 @@ def key_hash(key: str) -> int:
     return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big")
 
 
+def held_out(keys: Iterable[str], threshold: int) -> np.ndarray:
+    """Which of ``keys`` are held out of every training phase: those whose hash is below ``threshold``
+    (``validation_threshold``). Pre-encode marks the ones it keeps ``validation``; Stage A and the
+    semantic compressor, which learn from the decoded crops before pre-encode runs, leave them out."""
+    return np.array([key_hash(key) < threshold for key in keys], dtype=bool)
+
+
 def validation_threshold(config: PreEncodeConfig, embedded: Manifest, embedded_url: str, storage: StorageConfig) -> int:
     """The key hash below which a sample embed kept is held out for validation.
 
     The share alone is a fixed bound in hash space: whether a key is held out depends on nothing but
     the key, so a data set that grows keeps its validation samples validation samples. The minimum
     needs the keys: the bound is raised to just above the ``validation_min``-th smallest key hash when
-    that lies beyond the share. The driver computes it once, before the shards are spread over actors,
-    so every actor applies one bound and the split needs no second pass. Reading the keys is skipped
-    when the share is sure to hold the minimum (it is more than ``_SURE_MARGIN`` standard deviations
-    beyond it): large data sets, whose keys cost minutes to read, never read them.
+    that lies beyond the share. The driver computes it once embed has finished, before anything
+    trains (``PhaseContext.validation_threshold``): every actor of this phase applies one bound, the
+    split needs no second pass, and the encoders' training leaves the same keys out (``held_out``).
+    Reading the keys is skipped when the share is sure to hold the minimum (it is more than
+    ``_SURE_MARGIN`` standard deviations beyond it): large data sets, whose keys cost minutes to
+    read, never read them.
     """
     share = math.floor(config.validation_fraction * _KEY_HASHES)
     if config.validation_min == 0:
@@ -386,7 +397,7 @@ class PreEncodeShard:
         dropped: Counter[str] = Counter()
         # Validation rows of each crop, written as the shard's last row groups: a row group holds one
         # split (and one crop), so a reader's filter on either skips the others by their statistics.
-        held_out: dict[tuple[int, int], list[pa.Table]] = {}
+        validation_rows: dict[tuple[int, int], list[pa.Table]] = {}
 
         def write(output: shard_phase.ShardOutput, batch: PreparedBatch, encoded: EncodedBatch) -> None:
             encoded.wait()
@@ -399,11 +410,11 @@ class PreEncodeShard:
             width, height = batch.crop
             columns[schema.CROP_WIDTH], columns[schema.CROP_HEIGHT] = [width] * len(rows), [height] * len(rows)
             columns.update({name: value.numpy()[finite] for name, value in encoded.arrays.items()})
-            validation = np.array([key_hash(row[schema.KEY]) < self.validation_threshold for row in rows], bool)
+            validation = held_out([row[schema.KEY] for row in rows], self.validation_threshold)
             columns[schema.SPLIT] = [str(Split.VALIDATION if v else Split.TRAIN) for v in validation]
             output.write_columns(_rows_where(columns, ~validation))
             if validation.any():
-                held_out.setdefault(batch.crop, []).append(
+                validation_rows.setdefault(batch.crop, []).append(
                     shard_phase.columns_to_table(_rows_where(columns, validation), self.schema)
                 )
 
@@ -423,13 +434,13 @@ class PreEncodeShard:
                 written = writer.submit(write, output, batch, encoded)
             if written is not None:
                 written.result()
-            for crop in sorted(held_out):
-                output.write_table(pa.concat_tables(held_out[crop]))
+            for crop in sorted(validation_rows):
+                output.write_table(pa.concat_tables(validation_rows[crop]))
             counts = ShardCounts(
                 samples_in=len(embedded),
                 kept=len(embedded) - sum(dropped.values()),
                 dropped={str(k): v for k, v in sorted(dropped.items())},
-                validation=sum(table.num_rows for tables in held_out.values() for table in tables),
+                validation=sum(table.num_rows for tables in validation_rows.values() for table in tables),
             )
             output.commit(counts, self.fingerprint)
         return counts

@@ -15,14 +15,16 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+import pyarrow.compute as pc
 import pyarrow.dataset
 import pyarrow.fs
+import pyarrow.parquet as pq
 import ray.data
 from ray.data.expressions import col
 from safetensors.torch import load as load_safetensors
 
 from cluster.budget import run_budget
-from pipelines import decode, fingerprints, pre_encode, schema, shard_phase, trained_weights
+from pipelines import decode, embed, fingerprints, pre_encode, schema, shard_phase, trained_weights
 from pipelines.chain_evaluation import ChainEvaluation, held_out_captions
 from pipelines.overrides import to_flat_dict
 from pipelines.storage import StorageConfig, filesystem
@@ -68,15 +70,23 @@ def run_training(context, run, phase: str) -> str:
         return f"not needed: pre_encode.{stage.encoder_weights} names the weights to use"
     source_phase = stage.source_phase
     source = context.finished(source_phase)
+    # The decoded crops carry no split: the stages that learn from them leave its keys out themselves.
+    held_out_below = context.validation_threshold() if source_phase == decode.PHASE else None
     # Workers get equal rows and drop their last partial batch: a set smaller than one global
-    # batch would give epochs without a step.
+    # batch would give epochs without a step. (The decoded crops' manifest does not count the keys
+    # held out of them; a set that they leave too small stops at the loop's first epoch.)
     if source.kept - source.validation < config.global_batch_size:
         raise ValueError(
             f"{section}.global_batch_size ({config.global_batch_size}) is larger than the training "
-            f"set ({source.kept - source.validation} samples kept by {source_phase}, the validation "
-            "split left out): lower it or add data"
+            f"set ({source.kept - source.validation} samples kept by {source_phase}"
+            f"{', the validation split left out' if source.validation else ''}): lower it or add data"
         )
-    fingerprint = training_fingerprint(context.config, section, source.config)
+    training_data = (
+        source.config
+        if held_out_below is None
+        else fingerprints.of(input=source.config, settings={"held_out_below": held_out_below})
+    )
+    fingerprint = training_fingerprint(context.config, section, training_data)
     final_url = f"{context.output_url(phase)}/{trained_weights.FINAL_FILE}"
     run.log_params(to_flat_dict(config, prefix=f"{section}."))
     if fingerprints.is_complete(trained_weights.fingerprint_of(final_url, storage), fingerprint):
@@ -93,10 +103,12 @@ def run_training(context, run, phase: str) -> str:
         run_used=run_used,
         setting=f"{section}.budget_gpu_hours",
     )
-    datasets, buckets = _datasets(context, stage, sorted(source.shards), config, run)
+    datasets, buckets = _datasets(context, stage, sorted(source.shards), config, run, held_out_below=held_out_below)
     spec = dataclasses.replace(
         _task_spec(context, stage, config, datasets[max(buckets, key=buckets.get) if buckets else TRAIN_DATASET]),
-        validation_batches=_validation_batches(context, stage, sorted(source.shards), config),
+        validation_batches=_validation_batches(
+            context, stage, sorted(source.shards), config, held_out_below=held_out_below
+        ),
         chain_evaluation=_chain_evaluation(context, stage, sorted(source.shards)),
     )
     args = WorkerArgs(
@@ -170,20 +182,23 @@ def _ray_run_name(phase: str, fingerprint: dict) -> str:
 
 
 def _datasets(
-    context, stage: TrainableStage, shards: list[str], config: TrainConfig, run
+    context, stage: TrainableStage, shards: list[str], config: TrainConfig, run, *, held_out_below: int | None = None
 ) -> tuple[dict[str, ray.data.Dataset], dict[str, int]]:
     """The training data: one data set, or with aspect-ratio buckets one per bucket, with the batches
-    each worker takes from it per epoch (a bucket too small for one global batch is left out)."""
+    each worker takes from it per epoch (a bucket too small for one global batch is left out). The
+    decoded crops leave out the keys hashed below ``held_out_below`` (which they need); the latent
+    shards' own split leaves out their validation rows."""
     storage = context.config.storage
     resolution = context.config.decode.resolution
     fs, folder = filesystem(context.output_url(stage.source_phase), storage)
     files = [f"{folder}/{schema.shard_parquet(shard)}" for shard in shards]
     if stage.source_phase == decode.PHASE:
+        assert held_out_below is not None, "the crops carry no split: training must be told what to leave out"
         dataset = ray.data.read_parquet(files, filesystem=fs).select_columns(
-            [schema.IMAGE, schema.CAPTION, schema.DROP_REASON]
+            [schema.KEY, schema.IMAGE, schema.CAPTION, schema.DROP_REASON]
         )
         dataset = dataset.filter(expr=col(schema.DROP_REASON).is_null()).map_batches(
-            decode_images, fn_kwargs={"resolution": resolution}
+            training_crops, fn_kwargs={"resolution": resolution, "held_out_below": held_out_below}
         )
         return {TRAIN_DATASET: _in_fixed_order(dataset, config).randomize_block_order(seed=config.seed)}, {}
     assert stage.source_phase == pre_encode.PHASE, stage.source_phase
@@ -237,14 +252,24 @@ def _datasets(
     return datasets, buckets
 
 
+def training_crops(batch: dict[str, np.ndarray], resolution: int, held_out_below: int) -> dict[str, np.ndarray]:
+    """Ray Data step for the image-trained stages: the rows of a batch of decoded crops that are not held
+    out (``pre_encode.held_out``), their images decoded (``decode_images``)."""
+    kept = ~pre_encode.held_out(batch[schema.KEY], held_out_below)
+    return decode_images({name: values[kept] for name, values in batch.items()}, resolution)
+
+
 def _validation_batches(
-    context, stage: TrainableStage, shards: list[str], config: TrainConfig
+    context, stage: TrainableStage, shards: list[str], config: TrainConfig, *, held_out_below: int | None = None
 ) -> tuple[dict[str, np.ndarray], ...]:
     """The held-out rows each evaluation uses: the first ``eval_samples`` of the validation split in
-    shard order (shared equally among the buckets), in the training columns, one group per bucket.
-    Only the latent stages are evaluated: the image stages train before the split is drawn."""
-    if stage.source_phase != pre_encode.PHASE or not config.eval_samples:
+    shard order (shared equally among the buckets), in the training columns, one group per bucket."""
+    if not config.eval_samples:
         return ()
+    if stage.source_phase == decode.PHASE:
+        assert held_out_below is not None
+        crops = _held_out_crops(context, shards, config.eval_samples, held_out_below)
+        return (crops,) if crops is not None else ()
     fs, folder = filesystem(context.output_url(stage.source_phase), context.config.storage)
     files = [f"{folder}/{schema.shard_parquet(shard)}" for shard in shards]
     columns = stage.columns(_spec_stub(context, stage))
@@ -272,6 +297,38 @@ def _validation_batches(
         if batch is not None:
             batches.append({name: np.asarray(values) for name, values in batch.items()})
     return tuple(batches)
+
+
+def _held_out_crops(context, shards: list[str], count: int, held_out_below: int) -> dict[str, np.ndarray] | None:
+    """The images of the first ``count`` validation rows in shard order, decoded as the image-trained
+    stages' batches are: the held-out keys that embed kept, which pre-encode marks ``validation``
+    (it encodes the samples embed kept); None if there are none."""
+    storage = context.config.storage
+    embedded, embedded_folder = filesystem(context.output_url(embed.PHASE), storage)
+    decoded, decoded_folder = filesystem(context.output_url(decode.PHASE), storage)
+    images: list[bytes] = []
+    for shard in shards:
+        if len(images) >= count:
+            break
+        kept = pq.read_table(
+            f"{embedded_folder}/{schema.shard_parquet(shard)}",
+            filesystem=embedded,
+            columns=[schema.KEY],
+            filters=pc.field(schema.DROP_REASON).is_null(),
+        )[schema.KEY].to_pylist()
+        wanted = [key for key, out in zip(kept, pre_encode.held_out(kept, held_out_below)) if out]
+        table = pq.read_table(
+            f"{decoded_folder}/{schema.shard_parquet(shard)}",
+            filesystem=decoded,
+            columns=[schema.KEY, schema.IMAGE],
+            filters=pc.field(schema.KEY).isin(wanted),
+        )
+        image_of = dict(zip(table[schema.KEY].to_pylist(), table[schema.IMAGE].to_pylist()))
+        images += [image_of[key] for key in wanted[: count - len(images)]]
+    if not images:
+        return None
+    crops = decode_images({schema.IMAGE: images}, context.config.decode.resolution)
+    return {schema.IMAGE: crops[schema.IMAGE]}
 
 
 def _chain_evaluation(context, stage: TrainableStage, shards: list[str]) -> ChainEvaluation | None:

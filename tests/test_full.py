@@ -19,7 +19,7 @@ from pipelines.decode import DECODE_REASONS
 from pipelines.metadata_filter import METADATA_REASONS
 from pipelines.phases import PHASES
 from pipelines.trainable import REGISTRY
-from pipelines.training.evaluation import VALIDATION_TIMES
+from pipelines.trainable.text_conditioned import VALIDATION_TIMES
 from stages.stage_b import STAGE_B_CONFIGS, StageB
 from stages.stage_c import STAGE_C_CONFIGS, StageC
 
@@ -157,10 +157,14 @@ def test_each_stage_learns_checkpoints_and_logs_loadable_weights(first_run, phas
     assert run.data.params["units_held"] == "2.0"
     checkpoints = list((work_dir / phase / "ray").glob("*/checkpoint_*/model.safetensors"))
     assert 1 <= len(checkpoints) <= 3, checkpoints  # keep_checkpoints bounds what stays
-    if model is not None:  # the latent stages: their held-out loss every eval_every steps, falling
-        config = getattr(load_config("tiny", []), REGISTRY[phase.removeprefix("train_")].config_section)
-        validation = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, "val/loss"))
-        assert [step for step, _ in validation] == list(range(config.eval_every, config.steps + 1, config.eval_every))
+    # Every stage's held-out loss, every eval_every steps and at the end, falling.
+    config = getattr(load_config("tiny", []), REGISTRY[phase.removeprefix("train_")].config_section)
+    validation = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, "val/loss"))
+    assert [step for step, _ in validation] == list(range(config.eval_every, config.steps + 1, config.eval_every))
+    assert validation[-1][1] < validation[0][1], validation
+    if phase == "train_stage_a":
+        assert {"val/reconstruction", "val/quantisation"} <= set(run.data.metrics)
+    if model is not None:  # the latent stages: the loss at each fixed time beside it
         assert validation[-1][1] < 0.8 * validation[0][1], validation
         assert sum(name.startswith("val/loss_r") for name in run.data.metrics) == VALIDATION_TIMES
         stage = phase.removeprefix("train_")

@@ -14,6 +14,7 @@ from pipelines.config import load_config
 from pipelines.demo_data import DemoDataConfig
 from pipelines.phases import PHASES
 from pipelines.trainable import training_phases
+from pipelines.trainable.text_conditioned import VALIDATION_TIMES
 
 
 def _rows(overrides=(), **assumed) -> dict[str, costs.PhasePlan]:
@@ -46,17 +47,21 @@ def test_hours_follow_the_work_the_gpu_count_and_the_gpu_kind():
 def test_evaluation_hours_follow_the_evaluations_their_rows_and_the_gpus_held():
     config = load_config("v2", [])
     stage_c = _rows()["train_stage_c"]
-    hours = plan.evaluation_unit_hours(stage_c, config.train_c)
+    hours = plan.evaluation_unit_hours(stage_c, config.train_c, VALIDATION_TIMES)
     assert hours > 0
     fewer_rows = load_config("v2", ["train_c.eval_samples=128"]).train_c
-    assert plan.evaluation_unit_hours(stage_c, fewer_rows) == pytest.approx(hours / 2)
+    assert plan.evaluation_unit_hours(stage_c, fewer_rows, VALIDATION_TIMES) == pytest.approx(hours / 2)
+    # An image stage's row is one forward pass, a diffusion stage's one per fixed time.
+    assert plan.evaluation_unit_hours(stage_c, config.train_c, 1) == pytest.approx(hours / VALIDATION_TIMES)
     # One evaluation every eval_every steps and one at the end.
     evaluations = config.train_c.steps // config.train_c.eval_every + 1
     only_at_the_end = load_config("v2", ["train_c.eval_every=0"]).train_c
-    assert plan.evaluation_unit_hours(stage_c, only_at_the_end) == pytest.approx(hours / evaluations)
+    assert plan.evaluation_unit_hours(stage_c, only_at_the_end, VALIDATION_TIMES) == pytest.approx(hours / evaluations)
     # Rank 0 evaluates while the others wait: twice the GPUs held, twice the GPU-hours.
-    assert plan.evaluation_unit_hours(_rows(gpus=16)["train_stage_c"], config.train_c) == pytest.approx(2 * hours)
-    assert plan.evaluation_unit_hours(stage_c, load_config("v2", ["train_c.eval_samples=0"]).train_c) is None
+    sixteen = _rows(gpus=16)["train_stage_c"]
+    assert plan.evaluation_unit_hours(sixteen, config.train_c, VALIDATION_TIMES) == pytest.approx(2 * hours)
+    no_rows = load_config("v2", ["train_c.eval_samples=0"]).train_c
+    assert plan.evaluation_unit_hours(stage_c, no_rows, VALIDATION_TIMES) is None
 
 
 def test_the_text_setting_moves_the_towers_time_between_pre_encode_and_training():

@@ -38,7 +38,7 @@ from pipelines.pre_encode import latent_shapes, semantic_input_size
 from pipelines.tracking import Tracker
 from pipelines.train import WorkerArgs
 from pipelines.trainable import REGISTRY, build_task
-from pipelines.trainable.base import TaskSpec
+from pipelines.trainable.base import TaskSpec, decode_images
 from pipelines.training.checkpoint import file_record, verify_files
 from pipelines.training.config import TrainConfig
 from pipelines.training.parallel import full_state
@@ -185,6 +185,69 @@ def test_training_reads_every_train_sample_of_its_buckets_and_no_validation_samp
     assert len(held_out) > 1, "the validation rows of one bucket only: sharing among buckets is not shown"
     again = train_phase._validation_batches(context, REGISTRY["stage_c"], shards, config.train_c)
     assert all(np.array_equal(a[name], b[name]) for a, b in zip(held_out, again, strict=True) for name in a)
+
+
+@pytest.mark.parametrize("stage_name", ["stage_a", "semantic"])
+def test_the_image_stages_train_on_no_held_out_crop_and_evaluate_on_the_validation_split(latents, tmp_path, stage_name):
+    """Stage A and the semantic compressor learn from the decoded crops before pre-encode marks the split:
+    they leave out the keys it marks ``validation``, and their held-out loss is taken on those rows."""
+    config = load_config("tiny", [*SMALL_DATA[1::2], *RANDOM_ENCODERS[1::2], f"work_dir={latents}"])
+    shards = sorted(read_manifest(str(latents / "decode")).shards)
+    latent_rows = [
+        row
+        for shard in shards
+        for row in pq.read_table(
+            latents / "pre_encode" / f"{shard}.parquet", columns=[schema.KEY, schema.SPLIT]
+        ).to_pylist()
+    ]
+    validation = {row[schema.KEY] for row in latent_rows if row[schema.SPLIT] == "validation"}
+    assert len(validation) == config.pre_encode.validation_min
+    decoded = {
+        row[schema.KEY]: row[schema.IMAGE]
+        for shard in shards
+        for row in pq.read_table(latents / "decode" / f"{shard}.parquet").to_pylist()
+        if row[schema.DROP_REASON] is None
+    }
+
+    tracker = Tracker(config.tracking, str(tmp_path))
+    context = PhaseContext(config=config, work_dir=str(latents), shards_url="", tracker=tracker)
+    threshold = context.validation_threshold()
+    stage = REGISTRY[stage_name]
+    section = getattr(config, stage.config_section)
+    with tracker.run("datasets") as run:
+        datasets, buckets = train_phase._datasets(context, stage, shards, section, run, held_out_below=threshold)
+    assert not buckets  # the image stages learn from every crop's centre square
+    read = [key for batch in datasets["train"].iter_batches(batch_format="numpy") for key in batch[schema.KEY]]
+    assert len(read) == len(set(read))
+    assert not set(read) & validation
+    # Every other decoded crop is read: those held out are the split's keys (embed dropped none here).
+    assert set(read) == set(decoded) - validation
+
+    held_out = train_phase._validation_batches(context, stage, shards, section, held_out_below=threshold)
+    (group,) = held_out
+    assert set(group) == set(
+        stage.columns(
+            TaskSpec(
+                stage=stage_name,
+                models="tiny",
+                caption_dropout=0,
+                semantic_dropout=0,
+                semantic_noise=0,
+                text_from_tokens=False,
+            )
+        )
+    )
+    crops = {
+        key: decode_images({schema.IMAGE: [image]}, config.decode.resolution)[schema.IMAGE][0]
+        for key, image in decoded.items()
+        if key in validation
+    }
+    evaluated = [
+        next(key for key, crop in crops.items() if np.array_equal(crop, image)) for image in group[schema.IMAGE]
+    ]
+    assert len(evaluated) == len(set(evaluated)) == min(section.eval_samples, len(validation))
+    again = train_phase._validation_batches(context, stage, shards, section, held_out_below=threshold)
+    assert np.array_equal(again[0][schema.IMAGE], group[schema.IMAGE])
 
 
 @pytest.mark.slow

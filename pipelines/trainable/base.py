@@ -74,8 +74,9 @@ class TaskSpec:
     sample_batch: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
     """Fixed held-in samples for the grids of Stage B, Stage A and the semantic compressor."""
     validation_batches: tuple[dict[str, np.ndarray], ...] = ()
-    """Held-out rows of the validation split (the training columns), one group per latent shape, on
-    which the loop evaluates the loss (pipelines/training/evaluation.py); empty: no evaluation."""
+    """Held-out rows of the validation split (the training columns: latents, or the image stages'
+    decoded crops), one group per latent shape, on which the loop evaluates the loss
+    (pipelines/training/evaluation.py); empty: no evaluation."""
     chain_evaluation: ChainEvaluation | None = None
     """Held-out captions and settings for scoring the chain at each evaluation (a stage with
     ``evaluates_chain``); None: not scored."""
@@ -108,6 +109,15 @@ class Task:
 
     def sample_grid(self, model: nn.Module, step: int) -> Image.Image | None:
         """What the model (in eval mode) makes of fixed inputs at this step; None where it cannot show one."""
+        raise NotImplementedError
+
+    def validation_losses(
+        self, model: nn.Module, batch: dict[str, torch.Tensor], first_row: int
+    ) -> dict[str, torch.Tensor]:
+        """The held-out loss of a batch of validation rows (``first_row`` on, in the fixed order every
+        evaluation reads them): each sample's terms (B,) by name, ``loss`` the one read beside the
+        training loss, of ``model`` as it is (eval mode, no gradients). Anything it draws follows from
+        the rows' indices, so the same weights give the same terms (pipelines/training/evaluation.py)."""
         raise NotImplementedError
 
     @torch.no_grad()
@@ -200,8 +210,11 @@ class TrainableStage:
 def decode_images(batch: dict[str, Any], resolution: int) -> dict[str, Any]:
     """Ray Data step for the image-trained stages: encoded crops -> uint8 arrays (B, R, R, 3). The
     encoders learn from squares: a crop of an aspect-ratio bucket gives its centre square."""
-    images = [Image.open(io.BytesIO(data)).convert("RGB") for data in batch[schema.IMAGE]]
-    batch[schema.IMAGE] = np.stack([np.asarray(fit_square(image, resolution)) for image in images])
+    squares = [
+        np.asarray(fit_square(Image.open(io.BytesIO(data)).convert("RGB"), resolution)) for data in batch[schema.IMAGE]
+    ]
+    # A batch may come empty: training leaves the held-out rows out before decoding.
+    batch[schema.IMAGE] = np.stack(squares) if squares else np.empty((0, resolution, resolution, 3), np.uint8)
     return batch
 
 

@@ -56,13 +56,23 @@ def export(model: SemanticWithProbe) -> nn.Module:
     return model.compressor
 
 
+def probe_errors(model: SemanticWithProbe, images: torch.Tensor) -> torch.Tensor:
+    """Each image's squared error (B,) of the probe's reconstruction at ``SEMANTIC_TARGET_SIZE``."""
+    target = F.interpolate(images, size=SEMANTIC_TARGET_SIZE, mode="area")
+    return (model(images).float() - target).square().flatten(1).mean(1)
+
+
 class SemanticTask(Task):
     def loss(
         self, model: nn.Module, batch: dict[str, torch.Tensor], generator: torch.Generator, step: int
     ) -> torch.Tensor:
-        images = batch_images(batch)
-        target = F.interpolate(images, size=SEMANTIC_TARGET_SIZE, mode="area")
-        return F.mse_loss(model(images), target)
+        return probe_errors(model, batch_images(batch)).mean()
+
+    def validation_losses(
+        self, model: nn.Module, batch: dict[str, torch.Tensor], first_row: int
+    ) -> dict[str, torch.Tensor]:
+        """The training objective on held-out crops: the probe's error, ``loss``."""
+        return {"loss": probe_errors(model, batch_images(batch))}
 
     def sample_grid(self, model: nn.Module, step: int) -> Image.Image:
         """The probe's low-resolution reconstructions of the held-in crops."""

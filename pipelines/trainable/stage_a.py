@@ -109,6 +109,28 @@ class StageATask(Task):
             loss = loss + losses.perceptual_weight * self.perceptual(reconstruction, images).mean()
         return loss
 
+    def validation_losses(
+        self, model: nn.Module, batch: dict[str, torch.Tensor], first_row: int
+    ) -> dict[str, torch.Tensor]:
+        """The training objective's terms on held-out crops, the adversarial one left out (it measures
+        the critic as much as the autoencoder): ``reconstruction`` (the pixels' squared error),
+        ``quantisation``, ``perceptual`` where it is trained with, and ``loss``, their weighted sum."""
+        images = batch_images(batch)
+        if isinstance(model, StageAWithCritic):
+            reconstruction, vq_loss, _, _ = model(images)
+        else:
+            reconstruction, vq_loss = model(images, quantize=False)
+        terms = {
+            "reconstruction": (reconstruction.float() - images).square().flatten(1).mean(1),
+            # The batch's mean over equal-sized samples: as a per-sample term it sums to the batch's share.
+            "quantisation": vq_loss.float().expand(len(images)),
+        }
+        terms["loss"] = terms["reconstruction"] + terms["quantisation"]
+        if self.perceptual is not None:
+            terms["perceptual"] = self.perceptual(reconstruction, images).float()
+            terms["loss"] = terms["loss"] + self.spec.stage_a_losses.perceptual_weight * terms["perceptual"]
+        return terms
+
     def sample_grid(self, model: nn.Module, step: int) -> Image.Image:
         """The held-in crops, encoded and decoded."""
         images = sample_images(self.spec, self.device)

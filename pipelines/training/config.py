@@ -80,7 +80,8 @@ class TrainConfig:
     """Steps between evaluations of the held-out loss (``val/loss``); 0: only at the end."""
     eval_samples: int = 256
     """Held-out rows each evaluation uses: the first of the validation split in shard order, shared
-    equally among the aspect-ratio buckets; 0: no evaluation. Each costs forward passes at 8 times."""
+    equally among the aspect-ratio buckets; 0: no evaluation. Each costs a forward pass (Stage B and
+    Stage C: one at each of 8 times)."""
     log_every_seconds: float = 30.0
     """Interval of the progress line and the MLflow metrics."""
     max_failures: int = 3

@@ -1,12 +1,13 @@
-"""Held-out loss during training: the EMA weights on fixed validation rows, at fixed times, with fixed noise.
+"""Held-out loss during training: the EMA weights on fixed validation rows, a number of the weights alone.
 
-The number depends on the weights alone: the rows are the first ``eval_samples`` of the validation
-split in shard order (the driver reads them), the times are evenly spaced over the training range,
-and each row's noise at each time follows from its index and the time's index, not from the run's
-seed, its worker count or its batch size. Two evaluations of the same weights give the same number,
-and runs with other seeds or scales are compared on the same draws. Each time's loss is the stage's
-training objective (P2-weighted noise MSE) at that time; ``val/loss`` is their mean, which estimates
-the training loss's expectation over times as a fixed quadrature (training draws times uniformly).
+The rows are the first ``eval_samples`` of the validation split in shard order (the driver reads
+them once and hands them to the workers with the task); whatever else the loss draws follows from
+the rows' indices (``Task.validation_losses``), not from the run's seed, its worker count or its
+batch size. So two evaluations of the same weights give the same number, and runs with other seeds
+or scales are compared on the same draws. Each stage says what its held-out loss is: for the
+diffusion stages the training objective at fixed times with fixed noise (``text_conditioned.py``),
+for Stage A its reconstruction terms, for the semantic compressor its probe's error. Every term is
+logged as ``val/<term>``, ``val/loss`` the one to read beside the training ``loss``.
 """
 
 from __future__ import annotations
@@ -18,68 +19,42 @@ from torch import nn
 from torch.distributed.fsdp import FSDPModule
 
 from pipelines.tracking import TrackedRun
-from pipelines.trainable.base import TrainableStage
-from pipelines.trainable.text_conditioned import TextConditionedTask
+from pipelines.trainable.base import Task, TrainableStage
 from pipelines.training.parallel import full_state, unwrapped
 from pipelines.training.step import swapped_in
 
-VALIDATION_TIMES = 8
-"""Times at which each held-out row is noised and denoised."""
-_NOISE_SEED = 20_240_125
 
-
-def validation_times(t_min: float, count: int = VALIDATION_TIMES) -> list[float]:
-    """``count`` times at the midpoints of equal parts of the training range [t_min, 1]."""
-    return [t_min + (1 - t_min) * (k + 0.5) / count for k in range(count)]
-
-
-def validation_noise(shape: torch.Size, row: int, time_index: int) -> torch.Tensor:
-    """The noise of held-out row ``row`` at time ``time_index``: the same on any device and batch."""
-    generator = torch.Generator().manual_seed(_NOISE_SEED + row * VALIDATION_TIMES + time_index)
-    return torch.randn(shape, generator=generator)
-
-
-def validation_metrics(
-    stage: TrainableStage, task: TextConditionedTask, model: nn.Module, batch_size: int
-) -> dict[str, float]:
-    """``val/loss`` and one ``val/loss_r<time>`` per time, of ``model`` as it is (eval mode) on the
-    task's validation rows; empty where the task has none."""
-    groups = task.spec.validation_batches
-    if not groups:
-        return {}
-    times = validation_times(task.diffusion.config.t_min)
-    sums = torch.zeros(len(times), dtype=torch.float64)
+def validation_metrics(task: Task, model: nn.Module, batch_size: int) -> dict[str, float]:
+    """``val/<term>`` for each term of the task's held-out loss, its mean over the task's validation
+    rows, of ``model`` as it is (eval mode); empty where the task has none."""
+    sums: dict[str, torch.Tensor] = {}
     row = 0
     model.eval()
     try:
-        for group in groups:
+        for group in task.spec.validation_batches:
             rows = len(next(iter(group.values())))
             for start in range(0, rows, batch_size):
                 batch = {
                     name: torch.as_tensor(values[start : start + batch_size]).to(task.device)
                     for name, values in group.items()
                 }
-                shape = batch[stage.latent_column].shape[1:]
-                for k, r in enumerate(times):
-                    noise = torch.stack(
-                        [validation_noise(shape, row + i, k) for i in range(batch[stage.latent_column].shape[0])]
-                    ).to(task.device)
-                    with torch.autocast(task.device.type, dtype=torch.bfloat16, enabled=task.device.type == "cuda"):
-                        sums[k] += task.validation_losses(model, batch, noise, r).double().sum().cpu()
-                row += batch[stage.latent_column].shape[0]
+                with (
+                    torch.no_grad(),
+                    torch.autocast(task.device.type, dtype=torch.bfloat16, enabled=task.device.type == "cuda"),
+                ):
+                    losses = task.validation_losses(model, batch, row)
+                for name, values in losses.items():
+                    sums[name] = sums.get(name, 0) + values.double().sum().cpu()
+                row += len(next(iter(batch.values())))
     finally:
         model.train()
-    per_time = (sums / row).tolist()
-    return {
-        "val/loss": sum(per_time) / len(per_time),
-        **{f"val/loss_r{r:.3f}": loss for r, loss in zip(times, per_time)},
-    }
+    return {f"val/{name}": float(total / row) for name, total in sums.items()}
 
 
 def log_validation(
     run: TrackedRun | None,
     stage: TrainableStage,
-    task: TextConditionedTask,
+    task: Task,
     model: nn.Module,
     ema: list[torch.Tensor],
     step: int,
@@ -100,7 +75,7 @@ def log_validation(
     with swapped_in(model, ema), torch.compiler.set_stance("force_eager"):
         started = time.monotonic()
         if task.spec.validation_batches:
-            metrics.update(validation_metrics(stage, task, model if sharded else unwrapped(model), batch_size))
+            metrics.update(validation_metrics(task, model if sharded else unwrapped(model), batch_size))
             metrics["val/seconds"] = time.monotonic() - started
         if scores_chain:
             started = time.monotonic()
