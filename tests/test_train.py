@@ -14,6 +14,7 @@ import io
 import itertools
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -23,6 +24,7 @@ import numpy as np
 import psutil
 import pyarrow.parquet as pq
 import pytest
+import ray.train
 import torch
 from mlflow.tracking import MlflowClient
 from PIL import Image
@@ -417,6 +419,42 @@ def test_resumed_compiled_and_fsdp_runs_follow_the_uninterrupted_loss_curve(late
     client, (run,) = _phase_runs(work_dir, "train_stage_a")
     grids = [artifact.path for artifact in client.list_artifacts(run.info.run_id, "samples")]
     assert {"samples/step_0000002.png", "samples/step_0000004.png"} <= set(grids), grids
+
+
+@pytest.mark.slow
+def test_a_sigterm_to_a_worker_checkpoints_at_the_next_step_and_the_restart_resumes_there(
+    latents, tmp_path, monkeypatch
+):
+    whole = _stage_c_losses(latents, tmp_path / "whole")
+
+    marker = tmp_path / "sigterm-sent"
+
+    def clock() -> float:
+        """The budget meter's clock, read once at the start and once after each step: on rank 1, after
+        its third step, it sends its own process SIGTERM, as an instance's shutdown would; once, so
+        the restarted workers train on. (From the test's process the step would be a race.)"""
+        nonlocal reads
+        reads += 1
+        if reads == 4 and ray.train.get_context().get_world_rank() == 1 and not marker.exists():
+            marker.touch()
+            os.kill(os.getpid(), signal.SIGTERM)
+        return time.monotonic()
+
+    reads = 0
+    monkeypatch.setattr(train_phase, "WorkerArgs", functools.partial(WorkerArgs, clock=clock))
+    # No periodic checkpoint before the end (checkpoint_every is 200): a restart could only resume
+    # from the checkpoint the notice wrote, or start over.
+    preempted = _stage_c_losses(latents, tmp_path / "preempted")
+    assert marker.exists()
+    client, (run,) = _phase_runs(tmp_path / "preempted" / "work", "train_stage_c")
+    noticed_at = int(run.data.tags["resume.step"])
+    # The step the notice arrived in (rank 1 sees it only when its main thread runs the handler).
+    assert 3 <= noticed_at < 12, noticed_at
+    (snapshot,) = (tmp_path / "preempted" / "work" / "train_stage_c").glob("ray/*/checkpoint_manager_snapshot.json")
+    registered = json.loads(snapshot.read_text())["checkpoint_results"]
+    assert [result["metrics"]["step"] for result in registered] == [noticed_at, 12], registered
+    # Every step once, none repeated, and the same losses as the run that was never stopped.
+    assert preempted == whole
 
 
 def _train_workers(driver_pid: int) -> list[psutil.Process]:
