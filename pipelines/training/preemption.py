@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import signal
 import threading
+import time
 
 import ray.train
 import torch
@@ -29,6 +30,9 @@ from ray.train.v2._internal.execution.callback import WorkerCallback
 
 # Set by the SIGTERM handler, read by the training thread of the same worker process.
 _TERMINATION_REQUESTED = threading.Event()
+# Ray Train's watcher polls the drain state every 5 s (RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S): asking
+# it more often finds nothing new.
+RAY_NOTICE_SECONDS = 5.0
 
 
 class Preempted(RuntimeError):
@@ -70,26 +74,37 @@ class Notice:
 class PreemptionWatch:
     """What the loop asks after each step: has a notice come, so that the run checkpoints now?
 
-    Every rank asks at every step (the question is a collective): a SIGTERM reaches one process and
-    counts for all, and Ray's notice is the same for all."""
+    Every rank asks at every step (the question is a collective, one all-reduce): a SIGTERM reaches
+    one process and counts for all. Ray's notice is the same for all, but asking for it is a barrier
+    through a Ray actor (milliseconds), so it is asked only when rank 0's clock says it may have
+    changed."""
 
     def __init__(self, device: torch.device):
         self.device = device
-        self.drain_checkpointed = False
+        self._asked_ray = time.monotonic()
+        self._drain_checkpointed = False
 
     def notice(self) -> Notice | None:
-        if _any_rank(_TERMINATION_REQUESTED.is_set(), self.device):
+        due = not self._drain_checkpointed and time.monotonic() - self._asked_ray >= RAY_NOTICE_SECONDS
+        terminating, ask_ray = _any_rank([_TERMINATION_REQUESTED.is_set(), due and _rank() == 0], self.device)
+        if terminating:
             return Notice(reason="a worker's process received SIGTERM", ends_run=True)
-        if not self.drain_checkpointed and ray.train.get_preemption_info() is not None:
-            self.drain_checkpointed = True
-            return Notice(reason="Ray drains a node of the run for preemption", ends_run=False)
+        if ask_ray:
+            self._asked_ray = time.monotonic()
+            if ray.train.get_preemption_info() is not None:
+                self._drain_checkpointed = True
+                return Notice(reason="Ray drains a node of the run for preemption", ends_run=False)
         return None
 
 
-def _any_rank(flag: bool, device: torch.device) -> bool:
-    """True on every rank if ``flag`` is true on any."""
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _any_rank(flags: list[bool], device: torch.device) -> list[bool]:
+    """Each flag true on every rank if it is true on any."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
-        return flag
-    value = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item())
+        return flags
+    values = torch.tensor([1.0 if flag else 0.0 for flag in flags], device=device)
+    dist.all_reduce(values, op=dist.ReduceOp.MAX)
+    return [bool(value) for value in values.tolist()]
