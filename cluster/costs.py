@@ -8,6 +8,7 @@ device), one figure per phase from the bench scripts).
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 from importlib import resources
 from typing import Protocol
@@ -30,6 +31,17 @@ USD_PER_CPU_HOUR = 2.72 / 64
 # transfer charge (override --usd-per-gb-read for another region). Requests are left out: shards
 # are tens of MB and more, so a LAION run makes millions of requests, a few dollars.
 USD_PER_GB_MONTH = 0.023
+# Spot capacity, assumed as well: a spot GPU-hour at this fraction of the on-demand price (AWS
+# advertises up to 90% off; the price moves with demand: take yours from the region's spot price
+# history, --spot-usd-per-gpu-hour). Interruptions per node and month: AWS's Spot Instance Advisor
+# gives each instance type's share of instances interrupted in the past month in bands (<5%, 5-10%,
+# 10-15%, 15-20%, >20%); this is the lower edge of its top band, where large GPU instances are often
+# found (--spot-interruptions-per-node-month). A restart: a new node launched, the image pulled, the
+# checkpoint loaded, the data pipeline started again, while the run's other nodes wait.
+SPOT_PRICE_VS_ON_DEMAND = 0.35
+SPOT_INTERRUPTIONS_PER_NODE_MONTH = 0.2
+RESTART_MINUTES = 15.0
+HOURS_PER_MONTH = 730.0
 
 
 def load_measured(name: str) -> dict:
@@ -112,3 +124,42 @@ def total_costs(rows: list[PhasePlan], prices: Prices) -> Costs:
         storage=sum(c.storage for c in costs),
         transfer=sum(c.transfer for c in costs),
     )
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SpotRun:
+    """A GPU phase on spot capacity: what its preemptions add to its GPU-hours."""
+
+    preemptions: float
+    """Expected preemptions over the run (its restarts)."""
+    lost_hours_per_preemption: float
+    """Wall-clock hours each one costs every GPU of the run: the restart and the work lost."""
+    gpu_hours: float
+    """The phase's GPU-hours on spot, its restarts and lost work included."""
+
+
+def spot_run(
+    *,
+    gpu_hours: float,
+    gpus: float,
+    gpus_per_node: float,
+    lost_work_hours: float,
+    interruptions_per_node_month: float,
+    restart_minutes: float,
+) -> SpotRun:
+    """Expected cost of running a phase of ``gpu_hours`` (on-demand, uninterrupted) on spot nodes.
+
+    Each of the run's nodes is interrupted at a constant rate, and every interruption stops the
+    whole run for the restart plus ``lost_work_hours`` (the work done since the last checkpoint).
+    The run so takes ``T = T0 + rate * T * lost``, i.e. ``T0 / (1 - rate * lost)``, every GPU held
+    all along; raises ValueError where it would never finish (a node lost faster than it recovers)."""
+    nodes = math.ceil(gpus / gpus_per_node)
+    rate = nodes * interruptions_per_node_month / HOURS_PER_MONTH  # preemptions per hour of the run
+    lost = restart_minutes / 60 + lost_work_hours
+    if rate * lost >= 1:
+        raise ValueError(
+            f"on spot, {nodes} node(s) interrupted {interruptions_per_node_month:g} times a month each lose "
+            f"{lost:.2f} h per interruption: the run would not finish; checkpoint more often or use on-demand"
+        )
+    hours = gpu_hours / gpus / (1 - rate * lost)
+    return SpotRun(preemptions=rate * hours, lost_hours_per_preemption=lost, gpu_hours=hours * gpus)

@@ -20,12 +20,14 @@ GPU_MEMORY_LABEL = "gpu-memory-gib"
 
 
 def worker_node_types(path: Traversable = CLUSTER_FILE) -> dict[str, dict[str, float]]:
-    """The resources of each worker node type of the cluster file (the head runs no tasks)."""
+    """The resources of each worker node type of the cluster file that the autoscaler may launch (the
+    head runs no tasks; a type whose max_workers is 0, such as the spot GPU pool until it is opened,
+    gets no node)."""
     cluster = yaml.safe_load(path.read_text())
     return {
         name: node.get("resources", {})
         for name, node in cluster["available_node_types"].items()
-        if name != cluster["head_node_type"]
+        if name != cluster["head_node_type"] and node.get("max_workers", cluster["max_workers"]) > 0
     }
 
 

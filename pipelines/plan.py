@@ -40,11 +40,15 @@ from cluster.costs import (
     A100_USD_PER_GPU_HOUR,
     GPU_SPEED_VS_H200,
     MEASURED_FILE,
+    RESTART_MINUTES,
+    SPOT_INTERRUPTIONS_PER_NODE_MONTH,
+    SPOT_PRICE_VS_ON_DEMAND,
     USD_PER_CPU_HOUR,
     USD_PER_GB_MONTH,
     PhasePlan,
     load_measured,
     row_costs,
+    spot_run,
     total_costs,
 )
 from cluster.memory import SHARDED_BYTES_PER_PARAMETER
@@ -95,6 +99,10 @@ class Assumptions:
     """Transfer price of what the phases read from object storage (none within the bucket's region)."""
     gpu_memory_gib: float | None = None
     """Memory of one GPU, which each training step must fit (cluster.memory); none: not checked."""
+    usd_per_spot_gpu_hour: float = A100_USD_PER_GPU_HOUR * SPOT_PRICE_VS_ON_DEMAND
+    spot_interruptions_per_node_month: float = SPOT_INTERRUPTIONS_PER_NODE_MONTH
+    restart_minutes: float = RESTART_MINUTES
+    """Wall-clock minutes a training run stands still for each restart after a preemption."""
 
     def __post_init__(self):
         if self.samples < 0:
@@ -108,7 +116,14 @@ class Assumptions:
                 raise ValueError(f"keep fraction for {phase} must be in [0, 1], got {fraction}")
         if not 0 < self.scaling_efficiency <= 1:
             raise ValueError(f"scaling_efficiency must be in (0, 1], got {self.scaling_efficiency}")
-        for name in ("usd_per_gb_month", "storage_months", "usd_per_gb_read"):
+        for name in (
+            "usd_per_gb_month",
+            "storage_months",
+            "usd_per_gb_read",
+            "usd_per_spot_gpu_hour",
+            "spot_interruptions_per_node_month",
+            "restart_minutes",
+        ):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
 
@@ -566,6 +581,59 @@ def format_plan(rows: list[PhasePlan], assumptions: Assumptions, config: RunConf
     return "\n".join(lines)
 
 
+def format_spot(rows: list[PhasePlan], assumptions: Assumptions, config: RunConfig) -> str:
+    """Each GPU training phase on on-demand and on spot nodes: spot's price with the restarts expected
+    and the work each loses (pipelines/training/preemption.py, ray_cluster.yaml's spot pool)."""
+    types = worker_node_types(CLUSTER_FILE)
+    lines = []
+    for row in rows:
+        if row.phase not in training_phases() or row.unit != "gpu" or not row.unit_hours:
+            continue
+        train: TrainConfig = getattr(config, training_phases()[row.phase].config_section)
+        node = node_type_for(train.cpus_per_worker, train.gpus_per_worker, types)
+        if node is None:
+            lines.append(f"| {row.phase} | no node type of {CLUSTER_FILE.name} fits a worker | | | | | |")
+            continue
+        # A preemption that finds no checkpoint at its notice loses half a checkpoint interval on average.
+        lost_work = row.seconds / train.steps * min(train.checkpoint_every, train.steps) / 2 / 3600
+        try:
+            spot = spot_run(
+                gpu_hours=row.unit_hours,
+                gpus=row.units,
+                gpus_per_node=types[node]["GPU"],
+                lost_work_hours=lost_work,
+                interruptions_per_node_month=assumptions.spot_interruptions_per_node_month,
+                restart_minutes=assumptions.restart_minutes,
+            )
+        except ValueError as error:
+            lines.append(f"| {row.phase} | {row.unit_hours:,.1f} | {error} | | | | |")
+            continue
+        lines.append(
+            f"| {row.phase} | {row.unit_hours:,.1f} | {row.unit_hours * assumptions.usd_per_gpu_hour:,.0f} | "
+            f"{spot.preemptions:,.1f} | {spot.lost_hours_per_preemption * 60:,.0f} min | {spot.gpu_hours:,.1f} | "
+            f"{spot.gpu_hours * assumptions.usd_per_spot_gpu_hour:,.0f} |"
+        )
+    if not lines:
+        return ""
+    return "\n".join(
+        [
+            "",
+            f"Training on spot nodes (${assumptions.usd_per_spot_gpu_hour:.2f} per GPU-hour against "
+            f"${assumptions.usd_per_gpu_hour:.2f} on demand; {assumptions.spot_interruptions_per_node_month:g} "
+            f"interruptions per node and month; {assumptions.restart_minutes:g} minutes per restart; all assumed, "
+            "cluster/costs.py says from what):",
+            "| phase | on-demand GPU-hours | on-demand (USD) | preemptions expected | lost per preemption "
+            "| spot GPU-hours | spot (USD) |",
+            "|---|---:|---:|---:|---:|---:|---:|",
+            *lines,
+            "Lost per preemption: the restart, while every GPU of the run waits, and half a checkpoint interval "
+            "(train_*.checkpoint_every) of steps, the average where no notice comes in time; a notice caught "
+            "(a SIGTERM or Ray's drain) checkpoints at the next step and loses about one. Without a drain each "
+            "preemption counts against train_*.max_failures: allow more than the preemptions expected.",
+        ]
+    )
+
+
 def format_text_choice(config: RunConfig, phases: list[str], assumptions: Assumptions, measured: dict) -> str:
     """The run planned with each text setting: stored hidden states (the towers run once, at
     pre-encode; the shards grow) or stored tokens (the towers run in every Stage B and Stage C step)."""
@@ -734,6 +802,24 @@ def main(argv: list[str] | None = None) -> None:
         help="memory of one GPU that each training step must fit (default: that of "
         f"{CLUSTER_FILE.name}'s node type for the training workers)",
     )
+    parser.add_argument(
+        "--spot-usd-per-gpu-hour",
+        type=float,
+        default=None,
+        help=f"spot price of a GPU-hour (default: {SPOT_PRICE_VS_ON_DEMAND:g} of --usd-per-gpu-hour, assumed)",
+    )
+    parser.add_argument(
+        "--spot-interruptions-per-node-month",
+        type=float,
+        default=SPOT_INTERRUPTIONS_PER_NODE_MONTH,
+        help="spot interruptions of each GPU node per month (default: assumed, cluster/costs.py)",
+    )
+    parser.add_argument(
+        "--restart-minutes",
+        type=float,
+        default=RESTART_MINUTES,
+        help="minutes a training run stands still after each preemption (default: assumed)",
+    )
     parser.add_argument("--phases", default=",".join(PHASES))
     args = parser.parse_args(argv)
     try:
@@ -754,11 +840,19 @@ def main(argv: list[str] | None = None) -> None:
             usd_per_gb_month=args.usd_per_gb_month,
             storage_months=args.storage_months,
             usd_per_gb_read=args.usd_per_gb_read,
+            usd_per_spot_gpu_hour=(
+                args.spot_usd_per_gpu_hour
+                if args.spot_usd_per_gpu_hour is not None
+                else args.usd_per_gpu_hour * SPOT_PRICE_VS_ON_DEMAND
+            ),
+            spot_interruptions_per_node_month=args.spot_interruptions_per_node_month,
+            restart_minutes=args.restart_minutes,
         )
         name = measured_table_for(config)
         measured = load_measured(name)
         rows = plan(config, phases, assumptions, measured)
         choice = format_text_choice(config, phases, assumptions, measured)
+        spot = format_spot(rows, assumptions, config)
     except ValueError as error:
         parser.exit(2, f"error: {error}\n")
     memory_text = "" if gpu_gib is None else f" of {gpu_gib:g} GiB"
@@ -770,6 +864,8 @@ def main(argv: list[str] | None = None) -> None:
     print(format_plan(rows, assumptions, config, name))
     if choice:
         print(choice)
+    if spot:
+        print(spot)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,8 @@ What survives a failure: each checkpoint (pipelines/training/checkpoint.py) hold
 run needs to continue. The random draws of step ``s`` on rank ``k`` (noise, time, conditioning
 dropout, and the models' own dropout) all follow from (seed, k, s), and the batches of each epoch
 from the seed (pipelines/training/data.py), so a resumed run draws what the uninterrupted one would
-have.
+have. A preemption notice (pipelines/training/preemption.py: a SIGTERM to a worker, or Ray draining a
+node) has every rank checkpoint after the step it arrived in.
 
 Rank 0 logs into the MLflow run the driver opened and prints a progress line at a steady interval
 (pipelines/training/progress.py), and the held-out loss of the EMA weights every ``eval_every``
@@ -47,6 +48,7 @@ from pipelines.training.config import TrainConfig
 from pipelines.training.data import TRAIN_DATASET, ShardCache, epoch_batches
 from pipelines.training.evaluation import log_validation
 from pipelines.training.parallel import all_agree, compile_blocks, data_parallel
+from pipelines.training.preemption import Preempted, PreemptionWatch, TerminationNotice
 from pipelines.training.progress import ProgressWindow, flops_per_sample, log_progress, log_samples, run_peak_flops
 from pipelines.training.step import build_optimizer, build_schedule, step_seed, train_step, update_ema
 
@@ -146,6 +148,7 @@ def _train(args: WorkerArgs, device: torch.device) -> None:
     step_seconds = 0.0
     last_log = -math.inf  # the first step is logged: a loss curve starts at the initial loss, however short
     caches = [ShardCache() if config.cache_data else None for _ in names]
+    preemption = PreemptionWatch(device)
     while state.step < config.steps and not state.stop_reason:
         waited_since = time.monotonic()
         index = -1
@@ -189,8 +192,13 @@ def _train(args: WorkerArgs, device: torch.device) -> None:
                 log_samples(run, stage, task, model, ema, state.step)
             if config.eval_every and state.step % config.eval_every == 0 and state.step < config.steps:
                 log_validation(run, stage, task, model, ema, state.step, per_worker)
-            if state.step % config.checkpoint_every == 0 and state.step < config.steps:
+            notice = preemption.notice()
+            if notice is not None or (state.step % config.checkpoint_every == 0 and state.step < config.steps):
                 save_checkpoint(model, ema, optimizer, state, meter)
+            if notice is not None and notice.ends_run:
+                raise Preempted(
+                    f"rank {rank}: {notice.reason}; checkpointed at step {state.step}, which the restart resumes from"
+                )
             waited_since = time.monotonic()
             if state.step >= config.steps:
                 break
@@ -241,6 +249,7 @@ def trainer(
             storage_filesystem=storage_filesystem,
             failure_config=FailureConfig(max_failures=config.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=config.keep_checkpoints),
+            callbacks=[TerminationNotice()],
         ),
         datasets={name: dataset.select_columns(columns) for name, dataset in datasets.items()},
         dataset_config=DataConfig(execution_options=ingest),

@@ -41,6 +41,27 @@ def test_head_cpu_and_gpu_pools(cluster):
         assert 0 == types[pool]["min_workers"] < types[pool]["max_workers"]
 
 
+def test_the_spot_gpu_pool_is_the_on_demand_node_on_spot_capacity_and_opens_with_one_edit(cluster, tmp_path):
+    types = cluster["available_node_types"]
+    on_demand, spot = types["gpu_worker"], types["gpu_worker_spot"]
+    assert spot["node_config"]["InstanceMarketOptions"] == {"MarketType": "spot"}
+    assert "InstanceMarketOptions" not in on_demand["node_config"]
+    without_market = {k: v for k, v in spot["node_config"].items() if k != "InstanceMarketOptions"}
+    assert without_market == on_demand["node_config"]
+    assert (spot["resources"], spot["labels"]) == (on_demand["resources"], on_demand["labels"])
+    # Closed until opened: GPU requests land on the on-demand pool, as the planner assumes.
+    assert spot["max_workers"] == 0 and set(nodes.worker_node_types()) == {"cpu_worker", "gpu_worker"}
+
+    spot["max_workers"], on_demand["max_workers"] = on_demand["max_workers"], 0
+    validate_config(prepare_config(copy.deepcopy(cluster)))
+    opened = tmp_path / "ray_cluster.yaml"
+    opened.write_text(yaml.safe_dump(cluster))
+    types = nodes.worker_node_types(opened)
+    assert set(types) == {"cpu_worker", "gpu_worker_spot"}
+    assert nodes.node_type_for(8, 1, types) == "gpu_worker_spot"
+    assert nodes.gpu_memory_gib(opened)["gpu_worker_spot"] == 80
+
+
 def test_image_matches_the_pinned_ray(cluster):
     assert cluster["docker"]["image"].startswith(f"rayproject/ray:{version('ray')}-")
     assert any("pip install" in command and "wuerstchen-ray" in command for command in cluster["setup_commands"])

@@ -94,6 +94,65 @@ def test_storage_is_priced_by_the_month_and_reads_by_the_gigabyte():
     assert stage_c.stored_bytes == 3 * 16 * plan.parameter_count("stage_c", "v2")
 
 
+def test_spot_adds_each_expected_preemptions_restart_and_lost_work_to_the_gpu_hours():
+    # 16 GPUs on 2 nodes, 100 hours of wall time on demand; each node interrupted 3.65 times a month
+    # (0.01 per hour of the run for the two), each interruption 20 minutes of restart and 40 of lost
+    # work: T = 100 / (1 - 0.01 * 1) hours.
+    run = costs.spot_run(
+        gpu_hours=1600,
+        gpus=16,
+        gpus_per_node=8,
+        lost_work_hours=40 / 60,
+        interruptions_per_node_month=costs.HOURS_PER_MONTH * 0.005,
+        restart_minutes=20,
+    )
+    assert run.lost_hours_per_preemption == pytest.approx(1.0)
+    assert run.gpu_hours == pytest.approx(1600 / 0.99)
+    assert run.preemptions == pytest.approx(0.01 * 100 / 0.99)
+
+    # A partly filled node is a node to lose: 9 GPUs on 2 nodes are preempted twice as often as 8 on one.
+    def per_hour(gpus: int) -> float:
+        run = costs.spot_run(**{**_SPOT, "gpus": gpus})
+        return run.preemptions / (run.gpu_hours / gpus)
+
+    assert per_hour(9) == pytest.approx(2 * per_hour(8))
+    assert costs.spot_run(**{**_SPOT, "interruptions_per_node_month": 0}).gpu_hours == _SPOT["gpu_hours"]
+    with pytest.raises(ValueError, match="would not finish; checkpoint more often or use on-demand"):
+        costs.spot_run(**{**_SPOT, "interruptions_per_node_month": costs.HOURS_PER_MONTH, "restart_minutes": 60})
+
+
+_SPOT = dict(
+    gpu_hours=800.0,
+    gpus=8,
+    gpus_per_node=8,
+    lost_work_hours=0.5,
+    interruptions_per_node_month=1.0,
+    restart_minutes=15.0,
+)
+
+
+def _spot_rows(out: str) -> dict[str, list[float]]:
+    """The planner's spot table: phase -> on-demand GPU-hours, USD, preemptions, spot GPU-hours, USD."""
+    row = r"\| (train_stage_[bc]) \| ([\d,.]+) \| ([\d,]+) \| ([\d,.]+) \| [\d,]+ min \| ([\d,.]+) \| ([\d,]+) \|"
+    return {match[0]: [float(value.replace(",", "")) for value in match[1:]] for match in re.findall(row, out)}
+
+
+def test_the_planner_prices_training_on_spot_against_on_demand(capsys):
+    plan.main(["--samples", "2e6", "--spot-usd-per-gpu-hour", "2", "--spot-interruptions-per-node-month", "30"])
+    out = capsys.readouterr().out
+    assert "Training on spot nodes ($2.00 per GPU-hour against $5.12 on demand; 30 interruptions" in out
+    rows = _spot_rows(out)
+    assert set(rows) == {"train_stage_b", "train_stage_c"}, out
+    for on_demand_hours, on_demand_usd, preemptions, spot_hours, spot_usd in rows.values():
+        assert preemptions > 1 and spot_hours > on_demand_hours
+        assert spot_usd == pytest.approx(2 * spot_hours, abs=1) and on_demand_usd > spot_usd
+    # Fewer checkpoints, more work lost to each preemption.
+    plan.main(
+        ["--samples", "2e6", "--spot-interruptions-per-node-month", "30", "--set", "train_c.checkpoint_every=20000"]
+    )
+    assert _spot_rows(capsys.readouterr().out)["train_stage_c"][3] > rows["train_stage_c"][3]
+
+
 def test_the_planner_names_the_cheaper_text_setting(capsys):
     plan.main(["--storage-months", "0"])
     out = capsys.readouterr().out

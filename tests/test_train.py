@@ -14,6 +14,7 @@ import io
 import itertools
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -23,12 +24,13 @@ import numpy as np
 import psutil
 import pyarrow.parquet as pq
 import pytest
+import ray.train
 import torch
 from mlflow.tracking import MlflowClient
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from cluster.local_cluster import kill_session
+from cluster.local_cluster import BIN, kill_session, ray_auth, ray_node, ray_state
 from pipelines import full, schema, train_phase, trained_weights
 from pipelines.chain_evaluation import ChainEvaluation, ChainScorer, held_out_captions, real_images
 from pipelines.config import load_config
@@ -481,6 +483,126 @@ def test_resumed_compiled_and_fsdp_runs_follow_the_uninterrupted_loss_curve(late
     client, (run,) = _phase_runs(work_dir, "train_stage_a")
     grids = [artifact.path for artifact in client.list_artifacts(run.info.run_id, "samples")]
     assert {"samples/step_0000002.png", "samples/step_0000004.png"} <= set(grids), grids
+
+
+@pytest.mark.slow
+def test_a_sigterm_to_a_worker_checkpoints_at_the_next_step_and_the_restart_resumes_there(
+    latents, tmp_path, monkeypatch
+):
+    whole = _stage_c_losses(latents, tmp_path / "whole")
+
+    marker = tmp_path / "sigterm-sent"
+
+    def clock() -> float:
+        """The budget meter's clock, read once at the start and once after each step: on rank 1, after
+        its third step, it sends its own process SIGTERM, as an instance's shutdown would; once, so
+        the restarted workers train on. (From the test's process the step would be a race.)"""
+        nonlocal reads
+        reads += 1
+        if reads == 4 and ray.train.get_context().get_world_rank() == 1 and not marker.exists():
+            marker.touch()
+            os.kill(os.getpid(), signal.SIGTERM)
+        return time.monotonic()
+
+    reads = 0
+    monkeypatch.setattr(train_phase, "WorkerArgs", functools.partial(WorkerArgs, clock=clock))
+    # No periodic checkpoint before the end (checkpoint_every is 200): a restart could only resume
+    # from the checkpoint the notice wrote, or start over.
+    preempted = _stage_c_losses(latents, tmp_path / "preempted")
+    assert marker.exists()
+    client, (run,) = _phase_runs(tmp_path / "preempted" / "work", "train_stage_c")
+    noticed_at = int(run.data.tags["resume.step"])
+    # The step the notice arrived in (rank 1 sees it only when its main thread runs the handler).
+    assert 3 <= noticed_at < 12, noticed_at
+    assert _registered_steps(tmp_path / "preempted" / "work") == [noticed_at, 12]
+    # Every step once, none repeated, and the same losses as the run that was never stopped.
+    assert preempted == whole
+
+
+@pytest.mark.slow
+def test_a_node_drained_for_preemption_has_the_run_checkpoint_at_the_next_step_and_train_on(latents, tmp_path):
+    work_dir = _fresh_copy(latents, tmp_path)
+    auth = ray_auth()
+    # The head takes no work: the run's workers and its data tasks are the drained node's.
+    with (
+        ray_node(tmp_path / "head", auth, num_cpus=0) as head,
+        ray_node(tmp_path / "node", auth, num_cpus=2, head_address=head.address),
+    ):
+        env = {
+            **{k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")},
+            **auth,
+            "RAY_ADDRESS": head.address,
+        }
+        driver = subprocess.Popen(
+            [
+                sys.executable,
+                "pipelines/full.py",
+                "--set",
+                f"work_dir={work_dir}",
+                *SMALL_DATA,
+                *RANDOM_ENCODERS,
+                "--phases",
+                "train_stage_c",
+                "--set",
+                "train_c.steps=100000",
+                "--set",
+                "train_c.log_every_seconds=0",
+            ],
+            cwd=ROOT,
+            env=env,
+            start_new_session=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        client: list[MlflowClient] = []
+
+        def last_step() -> int:
+            if not client:
+                if not (work_dir / "train_stage_c").exists():
+                    return 0
+                client.append(_client(work_dir))
+            runs = client[0].search_runs(["1"], filter_string="attributes.run_name = 'train_stage_c'")
+            return max((step for step, _ in _loss_history(client[0], runs[0].info.run_id)), default=0) if runs else 0
+
+        try:
+            # Past the first epoch: from then on the workers train from their own copy of the data
+            # (cache_data), and need no Ray Data task, which a draining node no longer takes.
+            _wait_for(lambda: last_step() >= 4, driver, "the second epoch")
+            (node,) = [node for node in ray_state(head.dashboard, auth, "nodes") if not node["is_head_node"]]
+            drained_at = last_step()
+            subprocess.run(
+                [
+                    str(BIN / "ray"),
+                    "drain-node",
+                    f"--address={head.address}",
+                    f"--node-id={node['node_id']}",
+                    "--reason=DRAIN_NODE_REASON_PREEMPTION",
+                    "--reason-message=a spot interruption notice",
+                    "--deadline-remaining-seconds=600",
+                ],
+                env=env,
+                check=True,
+                timeout=120,
+            )
+            # No periodic checkpoint before step 200: the first one registered is the notice's.
+            _wait_for(lambda: _registered_steps(work_dir), driver, "the notice's checkpoint")
+            (noticed_at,) = _registered_steps(work_dir)
+            # And the run trains on after it, until the node goes (here: until it is stopped).
+            _wait_for(lambda: last_step() >= noticed_at + 3, driver, "training to go on after the checkpoint")
+        finally:
+            kill_session(driver.pid)
+            driver.wait()
+    assert drained_at <= noticed_at < 200, (drained_at, noticed_at)
+    checkpoints = list((work_dir / "train_stage_c" / "ray").glob("*/checkpoint_*/state.json"))
+    assert [json.loads(path.read_text())["step"] for path in checkpoints] == [noticed_at]
+
+
+def _registered_steps(work_dir: Path) -> list[int]:
+    """Steps of the checkpoints Ray Train has registered for the tiny Stage C run, oldest first."""
+    for snapshot in (work_dir / "train_stage_c").glob("ray/*/checkpoint_manager_snapshot.json"):
+        with contextlib.suppress(ValueError):  # being rewritten
+            return [result["metrics"]["step"] for result in json.loads(snapshot.read_text())["checkpoint_results"]]
+    return []
 
 
 def _train_workers(driver_pid: int) -> list[psutil.Process]:

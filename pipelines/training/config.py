@@ -85,7 +85,10 @@ class TrainConfig:
     log_every_seconds: float = 30.0
     """Interval of the progress line and the MLflow metrics."""
     max_failures: int = 3
-    """Worker failures Ray Train recovers from (restarting from the latest checkpoint)."""
+    """Worker failures Ray Train recovers from (restarting from the latest checkpoint). A SIGTERM to a
+    worker (a spot instance's shutdown) is one; a node Ray drains for preemption is not
+    (pipelines/training/preemption.py): on spot capacity without draining, allow the preemptions the
+    planner expects."""
     cache_data: bool = False
     """For data sets that fit in memory: hold the training set in Ray's object store after one read,
     and each worker's shard in its own memory after its first epoch, reshuffled every epoch, so short
