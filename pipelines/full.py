@@ -16,11 +16,12 @@ import torch
 
 from pipelines.cluster_nodes import NodeRecorder
 from pipelines.config import RUNS, load_config
-from pipelines.inputs import count_input_rows, exists, prepare_input
+from pipelines.inputs import count_input_rows, prepare_input
 from pipelines.overrides import to_flat_dict
 from pipelines.phases import PHASES, PhaseContext
 from pipelines.plan import check_local_gpus, check_training_memory, dry_run
 from pipelines.runtime import init_ray
+from pipelines.storage import exists
 from pipelines.tracking import Tracker
 from pipelines.train_phase import BudgetStop
 
