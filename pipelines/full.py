@@ -67,12 +67,13 @@ def main(argv: list[str] | None = None) -> None:
 def run(args: argparse.Namespace) -> None:
     config = load_config(args.config, args.overrides)
     phases = select_phases(args.phases)
+    local_gpus = None if config.ray.address or os.environ.get("RAY_ADDRESS") else torch.cuda.device_count()
     if args.dry_run:
-        print(dry_run(config, phases, count_input_rows(config.data, config.storage)))
+        print(dry_run(config, phases, count_input_rows(config.data, config.storage), local_gpus))
         check_training_memory(config, phases)  # after the plan, which shows the step beside the others
         return
-    if not (config.ray.address or os.environ.get("RAY_ADDRESS")):
-        check_local_gpus(config, phases, torch.cuda.device_count())
+    if local_gpus is not None:
+        check_local_gpus(config, phases, local_gpus)
     work_dir = config.resolved_work_dir()
     if "://" in work_dir:
         exists(work_dir, "work_dir", config.storage)  # unreachable storage fails here, before any work
