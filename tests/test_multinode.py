@@ -1,7 +1,8 @@
 """The pipeline across nodes that share nothing but Ray, S3 and an MLflow server
 (``cluster/local_cluster.py``: a head that takes no work and two worker nodes, each with its own
-/tmp and ~/.cache and no checkout), and the rule that keeps it so: what the driver hands a
-training worker or a task names a URL, never a file the driver made on its own node."""
+/tmp and ~/.cache and no checkout), the rule that keeps it so (what the driver hands a training
+worker or a task names a URL, never a file the driver made on its own node), and a phase that
+loses a node."""
 
 from __future__ import annotations
 
