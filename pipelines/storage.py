@@ -87,7 +87,11 @@ def exists(url: str, setting: str, storage: StorageConfig) -> bool:
     except FileNotFoundError:
         return False
     except Exception as error:  # botocore's and aiohttp's errors share no base class with OSError
-        where = f"storage.endpoint_url={storage.endpoint_url!r}" if storage.endpoint_url else "the AWS default endpoint"
+        where = (
+            f"storage.endpoint_url={storage.endpoint_url!r}"
+            if storage.endpoint_url
+            else "storage.endpoint_url unset: $AWS_ENDPOINT_URL where it is set, else AWS itself"
+        )
         raise StorageUnreachable(
             f"cannot reach {setting} {url!r} ({where}; credentials from storage.key/secret or the "
             f"standard AWS settings) from {socket.gethostname()}: {type(error).__name__}: {error}"
