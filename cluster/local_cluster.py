@@ -324,6 +324,15 @@ class RayNode:
     """The head's job (dashboard) address, for ``ray job submit --address``; empty for a worker node."""
     process: subprocess.Popen
 
+    def processes(self) -> list[psutil.Process]:
+        """Every process of this node: its raylet, agents, Ray workers and actors (its session's)."""
+        return _session_members(self.process.pid)
+
+    def raylet(self) -> psutil.Process:
+        """This node's raylet: kill it to lose the node as a crashed machine is lost."""
+        (raylet,) = [process for process in self.processes() if process.name() == "raylet"]
+        return raylet
+
 
 @contextlib.contextmanager
 def ray_node(

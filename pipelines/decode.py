@@ -29,7 +29,7 @@ from cluster.resources import StepResources
 from pipelines import fingerprints, schema, shard_phase
 from pipelines.ledger import ShardCounts
 from pipelines.schema import DropReason
-from pipelines.storage import StorageConfig, filesystem
+from pipelines.storage import StorageConfig, exists, filesystem
 
 PHASE = "decode"
 DECODE_REASONS = (
@@ -253,6 +253,10 @@ class DecodeShard:
         fingerprint: dict[str, Any],
         storage: StorageConfig,
     ):
+        # A node that cannot reach the storage fails here, in seconds and naming the setting, not in its
+        # first shard after minutes of retries.
+        exists(shards_url, "data.shards_url", storage)
+        exists(output_url, "work_dir", storage)
         self.tars, self.tars_folder = filesystem(shards_url, storage)
         self.filtered, self.filtered_folder = filesystem(filtered_url, storage)
         self.output, self.output_folder = filesystem(output_url, storage)

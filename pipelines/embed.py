@@ -23,7 +23,7 @@ from cluster.resources import StepResources
 from pipelines import fingerprints, schema, shard_phase
 from pipelines.ledger import ShardCounts
 from pipelines.schema import DropReason
-from pipelines.storage import StorageConfig, filesystem, local_copy
+from pipelines.storage import StorageConfig, exists, filesystem, local_copy
 from stages.aesthetic import IMPROVED_AESTHETIC_PREDICTOR_URL, AestheticPredictor
 from stages.weights import load_weights
 
@@ -127,6 +127,7 @@ class EmbedShard:
         fingerprint: dict[str, Any],
         storage: StorageConfig,
     ):
+        exists(output_url, "work_dir", storage)  # as in decode: a node without the storage fails at once
         self.decoded, self.decoded_folder = filesystem(decoded_url, storage)
         self.output, self.output_folder = filesystem(output_url, storage)
         self.config, self.fingerprint = config, fingerprint

@@ -16,11 +16,12 @@ import torch
 
 from pipelines.cluster_nodes import NodeRecorder
 from pipelines.config import RUNS, load_config
-from pipelines.inputs import count_input_rows, exists, prepare_input
+from pipelines.inputs import count_input_rows, prepare_input
 from pipelines.overrides import to_flat_dict
 from pipelines.phases import PHASES, PhaseContext
 from pipelines.plan import check_local_gpus, check_training_memory, dry_run
 from pipelines.runtime import init_ray
+from pipelines.storage import exists
 from pipelines.tracking import Tracker
 from pipelines.train_phase import BudgetStop
 
@@ -66,12 +67,13 @@ def main(argv: list[str] | None = None) -> None:
 def run(args: argparse.Namespace) -> None:
     config = load_config(args.config, args.overrides)
     phases = select_phases(args.phases)
+    local_gpus = None if config.ray.address or os.environ.get("RAY_ADDRESS") else torch.cuda.device_count()
     if args.dry_run:
-        print(dry_run(config, phases, count_input_rows(config.data, config.storage)))
+        print(dry_run(config, phases, count_input_rows(config.data, config.storage), local_gpus))
         check_training_memory(config, phases)  # after the plan, which shows the step beside the others
         return
-    if not (config.ray.address or os.environ.get("RAY_ADDRESS")):
-        check_local_gpus(config, phases, torch.cuda.device_count())
+    if local_gpus is not None:
+        check_local_gpus(config, phases, local_gpus)
     work_dir = config.resolved_work_dir()
     if "://" in work_dir:
         exists(work_dir, "work_dir", config.storage)  # unreachable storage fails here, before any work

@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 
 from pipelines import demo_data
 from pipelines.demo_data import DemoDataConfig
-from pipelines.storage import StorageConfig, filesystem
+from pipelines.storage import StorageConfig, exists, filesystem
 
 DEMO = "demo"
 
@@ -62,20 +62,3 @@ def _check_shards_url(config: DataConfig, storage: StorageConfig):
         raise FileNotFoundError(f"data.shards_url {config.shards_url!r} does not exist")
     return filesystem(config.shards_url, storage)
 
-
-def exists(url: str, setting: str, storage: StorageConfig) -> bool:
-    """Whether ``url`` exists, with a failure to reach its storage at all (endpoint down, no or
-    wrong credentials) turned into one message naming the settings to check."""
-    try:
-        # Two tries, not storage.max_attempts: a wrong endpoint is reported in seconds, not after a minute.
-        fs, path = filesystem(url, dataclasses.replace(storage, max_attempts=min(storage.max_attempts, 2)))
-        fs.info(path)  # unlike fs.exists, raises on a refused bucket rather than answering False
-        return True
-    except FileNotFoundError:
-        return False
-    except Exception as error:  # botocore's and aiohttp's errors share no base class with OSError
-        where = f"storage.endpoint_url={storage.endpoint_url!r}" if storage.endpoint_url else "the AWS default endpoint"
-        raise ValueError(
-            f"cannot reach {setting} {url!r} ({where}; credentials from storage.key/secret or the "
-            f"standard AWS settings): {type(error).__name__}: {error}"
-        ) from None

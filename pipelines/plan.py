@@ -53,6 +53,7 @@ from cluster.costs import (
 )
 from cluster.memory import SHARDED_BYTES_PER_PARAMETER
 from cluster.nodes import CLUSTER_FILE, gpu_memory_gib, node_type_for, worker_node_types
+from cluster.resources import GPU
 from pipelines import pre_encode
 from pipelines.config import RUNS, RunConfig, load_config
 from pipelines.embed import embedding_width
@@ -160,6 +161,16 @@ class PhaseRequest:
     count: int
     """Actors at most, or Ray Train workers."""
     description: str
+    gpu_resource: str = GPU
+    """The Ray resource ``gpus`` asks for: GPU, or a custom resource that stands in for GPUs."""
+
+
+def _gpus(count: float, resource: str) -> str:
+    """A GPU request as Ray reads it: real GPUs, or a resource that stands in for them (the work that
+    holds it runs on CPU)."""
+    if resource == GPU or not count:
+        return f"{count:g} GPU"
+    return f"{count:g} {resource}: a GPU stand-in, runs on CPU"
 
 
 def phase_requests(config: RunConfig, phases: list[str]) -> list[PhaseRequest]:
@@ -176,8 +187,9 @@ def phase_requests(config: RunConfig, phases: list[str]) -> list[PhaseRequest]:
                     r.num_cpus,
                     r.num_gpus,
                     r.max_actors,
-                    f"{r.min_actors}-{r.max_actors} actors x ({r.num_cpus:g} CPU, {r.num_gpus:g} GPU), "
+                    f"{r.min_actors}-{r.max_actors} actors x ({r.num_cpus:g} CPU, {_gpus(r.num_gpus, r.gpu_resource)}), "
                     f"{r.batch_size} rows per call",
+                    r.gpu_resource,
                 )
             )
         elif phase in training_phases():
@@ -193,12 +205,15 @@ def phase_requests(config: RunConfig, phases: list[str]) -> list[PhaseRequest]:
                     t.gpus_per_worker,
                     t.workers,
                     f"{t.workers} Ray Train workers x ({t.cpus_per_worker:g} CPU, "
-                    f"{t.gpus_per_worker:g} GPU), {t.steps:,} steps at global batch {t.global_batch_size}",
+                    f"{_gpus(t.gpus_per_worker, t.gpu_resource)}), {t.steps:,} steps at global batch {t.global_batch_size}",
+                    t.gpu_resource,
                 )
             )
         else:
-            gpus = config.generate.num_gpus
-            requests.append(PhaseRequest(phase, "generate", 1.0, gpus, 1, f"one task with {gpus:g} GPU"))
+            gpus, resource = config.generate.num_gpus, config.generate.gpu_resource
+            requests.append(
+                PhaseRequest(phase, "generate", 1.0, gpus, 1, f"one task with {_gpus(gpus, resource)}", resource)
+            )
     return requests
 
 
@@ -692,26 +707,33 @@ def check_training_memory(config: RunConfig, phases: list[str]) -> None:
 
 def check_local_gpus(config: RunConfig, phases: list[str], gpus_here: int) -> None:
     """A local Ray has no autoscaler: a phase asking for more GPUs than this machine has would wait
-    forever, so it is refused before anything starts, naming the setting to change."""
+    forever, so it is refused before anything starts, naming the setting to change. A local Ray has
+    none of a resource that stands in for GPUs either."""
     for request in phase_requests(config, phases):
-        if request.gpus > gpus_here:
+        here = gpus_here if request.gpu_resource == GPU else 0
+        if request.gpus > here:
             field = "gpus_per_worker" if request.phase in training_phases() else "num_gpus"
+            unit = "GPU(s)" if request.gpu_resource == GPU else request.gpu_resource
             raise ValueError(
-                f"{request.phase} asks for {request.gpus:g} GPU(s) per {'worker' if field == 'gpus_per_worker' else 'actor'} "
-                f"({request.setting}.{field}) but this machine has {gpus_here} and Ray runs locally: set "
+                f"{request.phase} asks for {request.gpus:g} {unit} per {'worker' if field == 'gpus_per_worker' else 'actor'} "
+                f"({request.setting}.{field}) but this machine has {here} and Ray runs locally: set "
                 f"{request.setting}.{field}=0 to run it on CPU, or submit to a cluster with GPUs (ray.address)"
             )
 
 
-def dry_run(config: RunConfig, phases: list[str], samples: int) -> str:
+def dry_run(config: RunConfig, phases: list[str], samples: int, local_gpus: int | None = None) -> str:
     """What ``full.py --dry-run`` prints: each phase's resources and where ray_cluster.yaml's
-    autoscaler would place them, then the plan at the config's own scale."""
+    autoscaler would place them, then the plan at the config's own scale. ``local_gpus``: the GPUs of
+    this machine, where Ray would start when no cluster is given; None when one is."""
     types = worker_node_types()
-    lines = [
-        f"Dry run of the {config.name!r} config: nothing is started or written.",
-        "",
-        f"Resources per phase, and the {CLUSTER_FILE.name} node type each actor or worker fits:",
-    ]
+    lines = [f"Dry run of the {config.name!r} config: nothing is started or written."]
+    if local_gpus is not None:
+        lines.append(f"Ray would start on this machine (no ray.address or RAY_ADDRESS): {local_gpus} GPU(s) here.")
+        try:
+            check_local_gpus(config, phases, local_gpus)
+        except ValueError as refused:
+            lines.append(f"REFUSED HERE: {refused}")
+    lines += ["", f"Resources per phase, and the {CLUSTER_FILE.name} node type each actor or worker fits:"]
     for request in phase_requests(config, phases):
         node = node_type_for(request.cpus, request.gpus, types)
         lines.append(

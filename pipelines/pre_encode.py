@@ -46,7 +46,7 @@ from cluster.resources import StepResources
 from pipelines import fingerprints, schema, shard_phase, trained_weights
 from pipelines.ledger import Manifest, ShardCounts
 from pipelines.schema import DropReason, Split
-from pipelines.storage import StorageConfig, filesystem, write_atomically
+from pipelines.storage import StorageConfig, exists, filesystem, write_atomically
 from stages.semantic import SEMANTIC_CONFIGS, SemanticCompressor
 from stages.stage_a import STAGE_A_CONFIGS, StageA
 from stages.text import MAX_LENGTH, TEXT_CONFIGS, TextEncoder, tokenize
@@ -264,6 +264,7 @@ class PreEncodeShard:
         fingerprint: dict[str, Any],
         storage: StorageConfig,
     ):
+        exists(output_url, "work_dir", storage)  # as in decode: a node without the storage fails at once
         self.decoded, self.decoded_folder = filesystem(decoded_url, storage)
         self.embedded, self.embedded_folder = filesystem(embedded_url, storage)
         self.output, self.output_folder = filesystem(output_url, storage)

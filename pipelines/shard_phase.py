@@ -33,7 +33,13 @@ from cluster.budget import gpu_hours
 from cluster.resources import StepResources
 from pipelines import fingerprints, schema
 from pipelines.ledger import Manifest, ShardCounts, read_manifest, remove_manifest, write_manifest
-from pipelines.storage import StorageConfig, filesystem, remove_orphaned_temporaries, temporary_name
+from pipelines.storage import (
+    StorageConfig,
+    StorageUnreachable,
+    filesystem,
+    remove_orphaned_temporaries,
+    temporary_name,
+)
 from pipelines.tracking import ATTEMPT_GPU_HOURS
 
 _COUNTS = b"wuerstchen.counts"
@@ -233,12 +239,20 @@ def run(
         )
     started = time.monotonic()
     if todo:
-        ray.data.from_items([{schema.SHARD: shard} for shard in todo], override_num_blocks=len(todo)).map_batches(
-            step,
-            fn_constructor_kwargs=step_kwargs,
-            batch_size=1,
-            **phase.resources.actor_args(),
-        ).materialize()
+        try:
+            ray.data.from_items([{schema.SHARD: shard} for shard in todo], override_num_blocks=len(todo)).map_batches(
+                step,
+                fn_constructor_kwargs=step_kwargs,
+                batch_size=1,
+                **phase.resources.actor_args(),
+            ).materialize()
+        except ray.exceptions.RayActorError as died:
+            # An actor whose node cannot reach the storage stops in its __init__ (each step asks
+            # first); Ray hands that on as text within the node's traceback: one message here.
+            unreachable = StorageUnreachable.named_in(str(died))
+            if unreachable is None:
+                raise
+            raise unreachable from None
     seconds = time.monotonic() - started
 
     fs.invalidate_cache()  # object-store listings cached before the actors wrote

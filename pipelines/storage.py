@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import re
+import socket
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -52,6 +54,48 @@ def filesystem(url: str, storage: StorageConfig | None = None) -> tuple[fsspec.A
     """The fsspec file system of ``url`` and the path inside it (``s3://b/k`` -> s3fs, ``b/k``)."""
     protocol = url.split("://", 1)[0] if "://" in url else "file"
     return fsspec.core.url_to_fs(url, **(storage or StorageConfig()).options(protocol))
+
+
+# Seconds to wait for a connection to the storage when asking whether it can be reached at all.
+PROBE_CONNECT_TIMEOUT_S = 5
+
+
+class StorageUnreachable(ValueError):
+    """This process cannot reach a URL's storage at all; the message names the settings to check."""
+
+    @classmethod
+    def named_in(cls, text: str) -> StorageUnreachable | None:
+        """The one raised in text that quotes it (a traceback): all that Ray keeps of an error raised
+        in an actor's ``__init__``."""
+        found = re.search(rf"{cls.__module__}\.{cls.__name__}: (.+)", text)
+        return cls(found.group(1)) if found else None
+
+
+def exists(url: str, setting: str, storage: StorageConfig) -> bool:
+    """Whether ``url`` exists, asked with two tries and a short connect timeout: storage that this
+    process cannot reach at all (endpoint down, wrong or unreachable from this node, no or wrong
+    credentials) fails in seconds with one ``StorageUnreachable`` that names ``setting`` and the
+    storage settings, rather than after the minutes that ``max_attempts`` retries of each request take."""
+    protocol = url.split("://", 1)[0] if "://" in url else "file"
+    options = dataclasses.replace(storage, max_attempts=min(storage.max_attempts, 2)).options(protocol)
+    if "config_kwargs" in options:
+        options["config_kwargs"] = {**options["config_kwargs"], "connect_timeout": PROBE_CONNECT_TIMEOUT_S}
+    try:
+        fs, path = fsspec.core.url_to_fs(url, **options)
+        fs.info(path)  # unlike fs.exists, raises on a refused bucket rather than answering False
+        return True
+    except FileNotFoundError:
+        return False
+    except Exception as error:  # botocore's and aiohttp's errors share no base class with OSError
+        where = (
+            f"storage.endpoint_url={storage.endpoint_url!r}"
+            if storage.endpoint_url
+            else "storage.endpoint_url unset: $AWS_ENDPOINT_URL where it is set, else AWS itself"
+        )
+        raise StorageUnreachable(
+            f"cannot reach {setting} {url!r} ({where}; credentials from storage.key/secret or the "
+            f"standard AWS settings) from {socket.gethostname()}: {type(error).__name__}: {error}"
+        ) from None
 
 
 def join(url: str, *names: str) -> str:

@@ -1,14 +1,20 @@
 """The pipeline across nodes that share nothing but Ray, S3 and an MLflow server
 (``cluster/local_cluster.py``: a head that takes no work and two worker nodes, each with its own
-/tmp and ~/.cache and no checkout), and the rule that keeps it so: what the driver hands a
-training worker or a task names a URL, never a file the driver made on its own node."""
+/tmp and ~/.cache and no checkout), the rule that keeps it so (what the driver hands a training
+worker or a task names a URL, never a file the driver made on its own node), and a phase that
+loses a node."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
+import psutil
+import pyarrow.parquet as pq
 import pytest
 import ray
 import torch
@@ -17,10 +23,11 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from safetensors.torch import save
 
-from cluster.local_cluster import BUCKET, S3_KEY, local_cluster, ray_state, submit_job
-from pipelines import demo_data, generate_phase, pre_encode, schema, train_phase, trained_weights
+from cluster.local_cluster import BUCKET, S3_KEY, RayNode, local_cluster, ray_state, submit_job
+from pipelines import decode, demo_data, generate_phase, pre_encode, schema, train_phase, trained_weights
 from pipelines.config import load_config
 from pipelines.decode import DECODE_REASONS
+from pipelines.ledger import read_manifest
 from pipelines.metadata_filter import METADATA_REASONS
 from pipelines.phases import PHASES, PhaseContext
 from pipelines.storage import StorageConfig, filesystem
@@ -28,6 +35,8 @@ from pipelines.train import WorkerArgs
 from pipelines.trainable import REGISTRY, training_phases
 from stages.stage_c import STAGE_C_CONFIGS, StageC
 
+# Ray Data's actor that runs decode's shards, as its process title names it.
+DECODE_ACTOR = f"MapWorker(MapBatches({decode.DecodeShard.__name__}))"
 TRAINING = ("train_a", "train_semantic", "train_b", "train_c")
 STEPS = 20
 WORKER_NODE_CPUS = 3
@@ -165,6 +174,62 @@ def test_the_pipeline_runs_across_nodes_that_share_only_ray_s3_and_mlflow(tmp_pa
         assert not driver_cache.exists() or not list(driver_cache.iterdir()), list(driver_cache.iterdir())
 
 
+def _kill_a_node_mid_shard(workers: tuple[RayNode, ...], killed: list[RayNode], done: threading.Event) -> None:
+    """Waits until a decode actor on one of ``workers`` runs a shard, then SIGKILLs that node's raylet."""
+    while not done.is_set():
+        for node in workers:
+            titles = []
+            for process in node.processes():
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    titles.append(" ".join(process.cmdline()).strip())
+            if f"ray::{DECODE_ACTOR}.submit" in titles:
+                node.raylet().kill()
+                killed.append(node)
+                return
+        time.sleep(0.02)
+
+
+@pytest.mark.slow
+def test_a_node_lost_mid_phase_leaves_the_phase_to_the_nodes_left_and_each_sample_counted_once(tmp_path):
+    with local_cluster(tmp_path, worker_nodes=2, worker_cpus=2) as cluster:
+        storage = StorageConfig(endpoint_url=cluster.s3_endpoint, key=S3_KEY, secret=cluster.s3_secret)
+        work = f"s3://{BUCKET}/run"
+        killed: list[RayNode] = []
+        done = threading.Event()
+        killer = threading.Thread(target=_kill_a_node_mid_shard, args=(cluster.nodes[1:], killed, done), daemon=True)
+        killer.start()
+        try:
+            submitted = submit_job(
+                cluster.dashboard,
+                cluster.auth,
+                [
+                    "pipelines/full.py",
+                    "--phases=metadata_filter,decode",
+                    f"--set=work_dir={work}",
+                    *cluster.storage_overrides(),
+                    # Shards enough that decode still has work on both nodes when its first one starts.
+                    "--set=data.demo.num_shards=8",
+                    "--set=data.demo.samples_per_shard=40",
+                ],
+                env_vars={"MLFLOW_TRACKING_URI": cluster.mlflow_uri},
+            )
+        finally:
+            done.set()
+            killer.join()
+        output = submitted.stdout + submitted.stderr
+        assert killed, f"no decode actor was seen running a shard on a worker node:\n{output[-3000:]}"
+        assert submitted.returncode == 0, output[-6000:]
+        assert "ran: metadata_filter, decode" in output, output[-6000:]
+        nodes = ray_state(cluster.dashboard, cluster.auth, "nodes")
+        assert sorted(node["state"] for node in nodes) == ["ALIVE", "ALIVE", "DEAD"], nodes
+
+        client = MlflowClient(cluster.mlflow_uri)
+        runs = client.search_runs([client.get_experiment_by_name("wuerstchen-ray").experiment_id])
+        phases = {r.info.run_name: r for r in runs if MLFLOW_PARENT_RUN_ID in r.data.tags}
+        assert phases["decode"].info.status == "FINISHED"
+        assert_exact_ledger_through_decode(phases, work, storage)
+
+
 def assert_complete(mlflow_uri: str, work: str, storage: StorageConfig, *, steps: int) -> tuple[Run, dict[str, Run]]:
     """That a pipeline job ran every phase to its end: MLflow's runs (the parent and one per phase,
     all finished), a ledger exact against the demo data's ground truth, every training run at its last
@@ -179,18 +244,9 @@ def assert_complete(mlflow_uri: str, work: str, storage: StorageConfig, *, steps
     assert all(run.info.status == "FINISHED" and run.data.tags["phase.outcome"] == "ran" for run in phases.values())
 
     # The ledger is exact, as on one machine.
+    assert_exact_ledger_through_decode(phases, work, storage)
     truth = demo_data.load_ground_truth(f"{work}/demo_data", storage)["samples"]
     expected = [r["expected"] for r in truth.values()]
-    metadata = phases["metadata_filter"].data.metrics
-    dropped = [r["expected"] for r in truth.values() if r["phase"] == "metadata"]
-    assert metadata["samples_in"] == len(truth) and metadata["kept"] == len(truth) - len(dropped)
-    for reason in METADATA_REASONS:
-        assert metadata[f"dropped/{reason}"] == dropped.count(reason), reason
-    decoded = phases["decode"].data.metrics
-    dropped = [r["expected"] for r in truth.values() if r["phase"] == "decode" and r["expected"] != demo_data.KEEP]
-    assert decoded["samples_in"] == metadata["kept"] and decoded["kept"] == metadata["kept"] - len(dropped)
-    for reason in DECODE_REASONS:
-        assert decoded[f"dropped/{reason}"] == dropped.count(reason), reason
     assert phases["pre_encode"].data.metrics["kept"] == expected.count(demo_data.KEEP)
 
     # Training: every run to its last step, checkpoints on S3, sample grids drawn by workers with
@@ -208,3 +264,29 @@ def assert_complete(mlflow_uri: str, work: str, storage: StorageConfig, *, steps
     assert 0 <= generated.data.metrics["colour_accuracy"] <= 1
     assert fs.exists(f"{root}/{generate_phase.PHASE}/{generate_phase.SUMMARY_FILE}")
     return parent, phases
+
+
+def assert_exact_ledger_through_decode(phases: dict[str, Run], work: str, storage: StorageConfig) -> None:
+    """That the metadata filter and decode counted every sample of the demo data once, each drop
+    under the reason its ground truth names, and that decode's shards hold each sample's row once."""
+    truth = demo_data.load_ground_truth(f"{work}/demo_data", storage)["samples"]
+    metadata = phases["metadata_filter"].data.metrics
+    dropped = [r["expected"] for r in truth.values() if r["phase"] == "metadata"]
+    assert metadata["samples_in"] == len(truth) and metadata["kept"] == len(truth) - len(dropped)
+    for reason in METADATA_REASONS:
+        assert metadata[f"dropped/{reason}"] == dropped.count(reason), reason
+    decoded = phases["decode"].data.metrics
+    dropped = [r["expected"] for r in truth.values() if r["phase"] == "decode" and r["expected"] != demo_data.KEEP]
+    assert decoded["samples_in"] == metadata["kept"] and decoded["kept"] == metadata["kept"] - len(dropped)
+    for reason in DECODE_REASONS:
+        assert decoded[f"dropped/{reason}"] == dropped.count(reason), reason
+
+    manifest = read_manifest(f"{work}/{decode.PHASE}", storage)
+    fs, folder = filesystem(f"{work}/{decode.PHASE}", storage)
+    keys = [
+        key
+        for shard in sorted(manifest.shards)
+        for key in pq.read_table(f"{folder}/{schema.shard_parquet(shard)}", filesystem=fs)[schema.KEY].to_pylist()
+    ]
+    assert len(keys) == len(set(keys)) == decoded["samples_in"], "a sample is missing from decode's shards or doubled"
+    assert not fs.glob(f"{folder}/*.tmp-*"), "a writer's temporary is left"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 
 import pytest
+import torch
 import yaml
 
 from cluster import costs, nodes
@@ -224,6 +225,31 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path, capsys):
     assert "320 input rows" in out  # the demo's 4 shards x 80
     assert re.search(r"\| train_stage_c \|.*\| 0\.0: (OVER|fits) \|", out)
     assert not work.exists(), "a dry run must not create the work dir, the demo data or an MLflow store"
+
+
+def test_dry_run_says_what_this_machine_has_and_names_a_gpu_stand_in(tmp_path, capsys, monkeypatch):
+    stand_in = [
+        "--dry-run",
+        "--phases",
+        "embed",
+        "--set",
+        "embed.resources.num_gpus=1",
+        "--set",
+        "embed.resources.gpu_resource=fake_gpu",
+        "--set",
+        f"work_dir={tmp_path}/work",
+    ]
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    full.main(stand_in)
+    out = capsys.readouterr().out
+    assert f"Ray would start on this machine (no ray.address or RAY_ADDRESS): {torch.cuda.device_count()} GPU(s)" in out
+    assert "embed: 1-1 actors x (1 CPU, 1 fake_gpu: a GPU stand-in, runs on CPU)" in out
+    # A local Ray offers no stand-in, whatever GPUs the machine has.
+    assert "REFUSED HERE: embed asks for 1 fake_gpu per actor (embed.resources.num_gpus) but this machine has 0" in out
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")  # a cluster: this machine's GPUs are not the run's
+    full.main(stand_in)
+    out = capsys.readouterr().out
+    assert "this machine" not in out and "REFUSED HERE" not in out
 
 
 def test_dry_run_counts_rows_from_the_shard_footers(tmp_path, capsys):

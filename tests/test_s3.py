@@ -18,12 +18,11 @@ import pytest
 import s3fs
 from mlflow.tracking import MlflowClient
 
-from cluster.local_cluster import SeaweedFS
+from cluster.local_cluster import SeaweedFS, free_port
 from pipelines import decode, demo_data, metadata_filter, schema, shard_phase
 from pipelines.config import load_config
-from pipelines.inputs import exists
 from pipelines.ledger import ShardCounts
-from pipelines.storage import StorageConfig, filesystem
+from pipelines.storage import StorageConfig, StorageUnreachable, exists, filesystem
 
 ROOT = Path(__file__).resolve().parents[1]
 SECRET = "s3cr3t-never-logged-4242"
@@ -207,3 +206,33 @@ def test_a_server_restarted_during_writes_loses_nothing(guarded_s3, tmp_path, lo
             output.commit(ShardCounts(samples_in=1, kept=1, dropped={}), {"phase": "test"})
     guarded_s3.start()
     assert shard_phase.read_shard_ledger(fs, "wuerstchen/failed/00000.parquet") is None
+
+
+def test_a_node_that_cannot_reach_the_storage_fails_the_phase_at_once_naming_the_setting(tmp_path, local_ray):
+    """The driver reaches everything it reads (here local folders); the phase's actors cannot reach
+    the S3 endpoint the tars are on. Each actor asks before its first shard, with two tries and a
+    short connect timeout, so the phase fails with one message naming the setting, not after every
+    request's retries."""
+    demo_data.generate(
+        str(tmp_path / "demo"), demo_data.DemoDataConfig(num_shards=2, samples_per_shard=4, plant_defects=False)
+    )
+    config = load_config("tiny")
+    filtered, _ = metadata_filter.run(
+        demo_data.shards_url(str(tmp_path / "demo")), str(tmp_path / "filtered"), config.filter, StorageConfig()
+    )
+    closed = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    unreachable = StorageConfig(endpoint_url=closed, key="test-key", secret=SECRET)
+    phase = decode.phase(
+        shards_url="s3://wuerstchen/shards",
+        filtered_url=str(tmp_path / "filtered"),
+        output_url=str(tmp_path / "decode"),
+        filtered_fingerprint=filtered.config,
+        config=config.decode,
+        storage=unreachable,
+    )
+    with pytest.raises(StorageUnreachable) as failed:
+        shard_phase.run(phase, sorted(filtered.shards), str(tmp_path / "decode"), unreachable)
+    assert str(failed.value).startswith(
+        f"cannot reach data.shards_url 's3://wuerstchen/shards' (storage.endpoint_url='{closed}'"
+    ), str(failed.value)
+    assert not list((tmp_path / "decode").glob("*.parquet"))
