@@ -61,4 +61,3 @@ def _check_shards_url(config: DataConfig, storage: StorageConfig):
     if not exists(config.shards_url, "data.shards_url", storage):
         raise FileNotFoundError(f"data.shards_url {config.shards_url!r} does not exist")
     return filesystem(config.shards_url, storage)
-
