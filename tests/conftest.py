@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import ray
 
-from cluster.local_cluster import SeaweedFS
+from cluster.local_cluster import GPU_STAND_IN, SeaweedFS
 from pipelines import demo_data
 
 
@@ -19,8 +19,9 @@ def demo_set(tmp_path_factory) -> tuple[str, dict]:
 
 @pytest.fixture(scope="session")
 def local_ray():
-    """One local Ray for the tests that run phases in-process (end-to-end tests start their own)."""
-    ray.init(num_cpus=2, include_dashboard=False)
+    """One local Ray for the tests that run phases in-process (end-to-end tests start their own), with
+    one GPU stand-in for the tests of what a phase does when it holds GPUs."""
+    ray.init(num_cpus=2, resources={GPU_STAND_IN: 1}, include_dashboard=False)
     yield
     ray.shutdown()
 

@@ -14,11 +14,12 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from cluster.local_cluster import GPU_STAND_IN
 from pipelines import decode, embed, metadata_filter, schema, shard_phase
 from pipelines.config import load_config
 from pipelines.demo_data import DemoDataConfig, generate
 from pipelines.schema import DropReason
-from pipelines.storage import StorageConfig, local_copy
+from pipelines.storage import StorageConfig, filesystem, local_copy
 from stages.aesthetic import AestheticPredictor
 from stages.weights import load_weights
 
@@ -158,3 +159,41 @@ def test_embeddings_scores_and_thresholds(decoded, tmp_path):
     }
     assert {r[schema.KEY]: r[schema.DROP_REASON] for r in rows} == expected
     assert manifest.kept == sum(reason is None for reason in expected.values()) > 0
+
+
+def test_under_a_budget_embed_stops_at_a_shard_boundary_and_the_next_run_does_only_the_rest(decoded, tmp_path):
+    root, decoded_manifest = decoded
+    shards, output = sorted(decoded_manifest.shards), tmp_path / "budgeted"
+    config = load_config("tiny").embed
+    one_gpu = dataclasses.replace(
+        config.resources, max_actors=1, calls_per_actor=1, num_gpus=1, gpu_resource=GPU_STAND_IN
+    )
+    phase = embed.phase(
+        decoded_url=str(root / "decode"),
+        output_url=str(output),
+        decoded_fingerprint=decoded_manifest.config,
+        config=dataclasses.replace(config, resources=one_gpu),
+        storage=StorageConfig(),
+    )
+    reads = 0
+
+    def clock() -> float:
+        """Each read one second after the last, whatever this machine's speed: the driver reads 1 and
+        sets the deadline; the actor's copy starts the first shard at 2 (it ends at 3) and would start
+        the second at 4, whose second would end past the deadline at 3.5."""
+        nonlocal reads
+        reads += 1
+        return float(reads)
+
+    manifest, metrics = shard_phase.run(
+        phase, shards, str(output), StorageConfig(), budget_gpu_hours=2.5 / 3600, clock=clock
+    )
+    assert manifest is None and metrics["shards_left"] == 1 and metrics["shards_processed"] == 1
+    (written,) = sorted(output.glob("*.parquet"))
+    ledger, _ = shard_phase.read_shard_ledger(filesystem(str(output))[0], str(written))
+    assert ledger.samples_in == decoded_manifest.shards[written.stem].kept == pq.read_table(written).num_rows
+
+    manifest, metrics = shard_phase.run(phase, shards, str(output), StorageConfig())
+    assert metrics["shards_skipped"] == 1 and metrics["shards_processed"] == 1
+    keys = [key for shard in shards for key in pq.read_table(output / f"{shard}.parquet")[schema.KEY].to_pylist()]
+    assert manifest.samples_in == decoded_manifest.kept == len(keys) == len(set(keys))
