@@ -106,9 +106,7 @@ def run_training(context, run, phase: str) -> str:
     datasets, buckets = _datasets(context, stage, sorted(source.shards), config, run, held_out_below=held_out_below)
     spec = dataclasses.replace(
         _task_spec(context, stage, config, datasets[max(buckets, key=buckets.get) if buckets else TRAIN_DATASET]),
-        validation_batches=_validation_batches(
-            context, stage, sorted(source.shards), config, held_out_below=held_out_below
-        ),
+        validation_batches=validation_spec(context, stage).validation_batches,
         chain_evaluation=_chain_evaluation(context, stage, sorted(source.shards)),
     )
     args = WorkerArgs(
@@ -375,7 +373,27 @@ def _in_fixed_order(dataset: ray.data.Dataset, config: TrainConfig) -> ray.data.
     return dataset.materialize() if config.cache_data else dataset
 
 
+def validation_spec(context, stage: TrainableStage) -> TaskSpec:
+    """What a stage's held-out loss depends on, as its training phase hands it to the workers: the
+    model sizes, the loss's settings and the validation rows; the training draws and the sample grid
+    left out. ``pipelines/evaluate.py`` recomputes the loss from it."""
+    source = context.finished(stage.source_phase)
+    held_out_below = context.validation_threshold() if stage.source_phase == decode.PHASE else None
+    return dataclasses.replace(
+        _spec_stub(context, stage),
+        validation_batches=_validation_batches(
+            context,
+            stage,
+            sorted(source.shards),
+            getattr(context.config, stage.config_section),
+            held_out_below=held_out_below,
+        ),
+    )
+
+
 def _spec_stub(context, stage: TrainableStage) -> TaskSpec:
+    """The settings of a stage's model and held-out loss, without its data."""
+    config: TrainConfig = getattr(context.config, stage.config_section)
     return TaskSpec(
         stage=stage.name,
         models=context.config.pre_encode.models,
@@ -383,6 +401,10 @@ def _spec_stub(context, stage: TrainableStage) -> TaskSpec:
         semantic_dropout=0.0,
         semantic_noise=0.0,
         text_from_tokens=context.config.pre_encode.text == "tokens",
+        resolution=context.config.decode.resolution,
+        stage_a_losses=config.stage_a_losses,
+        loss_weights=stage.loss_weights(config),
+        storage=context.config.storage,
     )
 
 
@@ -409,11 +431,7 @@ def _task_spec(context, stage: TrainableStage, config: TrainConfig, dataset: ray
         sample_prompts=tuple(context.config.generate.prompts[:_SAMPLE_ROWS]),
         sample_batch={name: np.asarray(value) for name, value in sample.items()},
         partner_weights=partners,
-        resolution=context.config.decode.resolution,
-        stage_a_losses=config.stage_a_losses,
         activation_checkpointing=config.activation_checkpointing,
-        loss_weights=stage.loss_weights(config),
-        storage=storage,
     )
 
 

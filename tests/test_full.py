@@ -243,7 +243,8 @@ def test_the_demo_runs_chain_evaluated_later_scores_what_training_logged_last(fi
     client, runs = _runs(work_dir)
     parent = [r for r in runs if MLFLOW_PARENT_RUN_ID not in r.data.tags][0]
     evaluate.main(["--run", parent.info.run_id, "--tracking-uri", f"sqlite:///{work_dir}/mlflow.db"])
-    assert "eval/colour_accuracy" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "eval/colour_accuracy" in printed and "stage_c/val/loss" in printed
     _, runs = _runs(work_dir)
     (logged,) = [r for r in runs if r.info.run_name == evaluate.RUN_NAME]
     assert logged.data.tags[MLFLOW_PARENT_RUN_ID] == parent.info.run_id
@@ -252,6 +253,15 @@ def test_the_demo_runs_chain_evaluated_later_scores_what_training_logged_last(fi
     (stage_c,) = _ran(runs, "train_stage_c")
     for name in ("eval/clip_score", "eval/fid", "eval/colour_accuracy"):
         assert logged.data.metrics[name] == pytest.approx(stage_c.data.metrics[name], rel=1e-3, abs=1e-6), name
+    # And each stage's held-out loss, on the rows its training evaluated on; the semantic compressor's
+    # is left out, its probe not exported.
+    for phase in ("train_stage_a", "train_stage_b", "train_stage_c"):
+        (trained,) = _ran(runs, phase)
+        history = client.get_metric_history(trained.info.run_id, "val/loss")
+        last = max(history, key=lambda metric: metric.step).value
+        stage = phase.removeprefix("train_")
+        assert logged.data.metrics[f"{stage}/val/loss"] == pytest.approx(last, rel=1e-4), stage
+    assert not any(name.startswith("semantic/") for name in logged.data.metrics)
 
     with pytest.raises(SystemExit, match="no MLflow run 'nope'"):
         evaluate.main(["--run", "nope", "--tracking-uri", f"sqlite:///{work_dir}/mlflow.db"])

@@ -27,16 +27,18 @@ import pytest
 import ray.train
 import torch
 from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from cluster.local_cluster import BIN, kill_session, ray_auth, ray_node, ray_state
-from pipelines import full, schema, train_phase, trained_weights
+from pipelines import evaluate, full, schema, train_phase, trained_weights
 from pipelines.chain_evaluation import ChainEvaluation, ChainScorer, held_out_captions, real_images
 from pipelines.config import load_config
 from pipelines.ledger import read_manifest
 from pipelines.phases import PhaseContext
 from pipelines.pre_encode import latent_shapes, semantic_input_size
+from pipelines.storage import StorageConfig
 from pipelines.tracking import Tracker
 from pipelines.train import WorkerArgs
 from pipelines.trainable import REGISTRY, build_task
@@ -414,6 +416,25 @@ def test_crops_whose_latents_stage_b_cannot_take_refuse_to_start(latents, tmp_pa
     with pytest.raises(SystemExit, match=r"48x80 crops have 12x20 Stage A latents.*multiples of 8.*multiple of 32"):
         _main(work_dir, "--phases", "train_stage_b")
     assert not (work_dir / "train_stage_b" / "ray").exists()
+
+
+def test_evaluate_gives_the_final_weights_the_held_out_loss_training_logged_last(latents, tmp_path, capsys):
+    """``pipelines/evaluate.py`` recomputes a stage's held-out loss from its exported weights (Stage C's:
+    the EMA) on the rows and settings of the run's config."""
+    work_dir = _fresh_copy(latents, tmp_path)
+    steps = ("--set", "train_c.steps=4", "--set", "train_c.eval_every=2", "--set", "generate.eval_captions=0")
+    _main(work_dir, "--phases", "train_stage_c", *steps)
+    client, (run,) = _phase_runs(work_dir, "train_stage_c")
+    logged = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, "val/loss"))
+    assert [step for step, _ in logged] == [2, 4]
+    assert logged[0][1] != pytest.approx(logged[1][1], rel=1e-4), "the loss cannot tell these weights apart"
+    config = evaluate.config_of_run(client, run.data.tags[MLFLOW_PARENT_RUN_ID], StorageConfig())
+    metrics = evaluate.held_out_losses(config, {})
+    terms = {name for name in run.data.metrics if name.startswith("val/") and name != "val/seconds"}
+    assert set(metrics) == {f"stage_c/{name}" for name in terms}
+    for name in terms:  # the last values the run logged: at its final step
+        assert metrics[f"stage_c/{name}"] == pytest.approx(run.data.metrics[name], rel=1e-4), name
+    assert f"stage_b: no held-out loss: no weights at {work_dir}/train_stage_b" in capsys.readouterr().err
 
 
 def _stage_c_losses(latents: Path, folder: Path, *settings: str,

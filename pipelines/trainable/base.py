@@ -186,6 +186,9 @@ class TrainableStage:
     """Its loss and sample grid, built on each worker."""
     export: Callable[[nn.Module], nn.Module] = whole_model
     """The part of the trained model that later phases load."""
+    exports_its_loss: bool = True
+    """Its held-out loss is a function of the exported weights alone, so ``pipelines/evaluate.py``
+    recomputes it from them; False where the loss needs what ``export`` leaves behind."""
     parallelism: Parallelism = Parallelism()
     text_column: str = ""
     """The caption hidden states it is conditioned on: the driver hands it the empty caption's for

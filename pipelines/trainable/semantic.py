@@ -90,5 +90,6 @@ SEMANTIC = TrainableStage(
     build_model=build_model,
     task=SemanticTask,
     export=export,
+    exports_its_loss=False,  # the probe's error, and the probe stays behind
     encoder_weights="semantic_weights",
 )
