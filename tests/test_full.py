@@ -238,10 +238,12 @@ def test_the_demo_runs_chain_can_be_sampled_later(first_run, tmp_path):
     assert logged.data.params["weights.stage_b"] == f"{work_dir}/train_stage_b/final.safetensors"
 
 
-def test_the_demo_runs_chain_evaluated_later_scores_what_training_logged_last(first_run, capsys):
+def test_the_demo_runs_chain_evaluated_later_scores_what_training_logged_last(first_run, capsys, local_ray):
     work_dir, _ = first_run
     client, runs = _runs(work_dir)
     parent = [r for r in runs if MLFLOW_PARENT_RUN_ID not in r.data.tags][0]
+    # evaluate reads the held-out rows with Ray Data: on the session's Ray (local_ray), not on one it
+    # would start itself and leave running for the tests after it.
     evaluate.main(["--run", parent.info.run_id, "--tracking-uri", f"sqlite:///{work_dir}/mlflow.db"])
     printed = capsys.readouterr().out
     assert "eval/colour_accuracy" in printed and "stage_c/val/loss" in printed
