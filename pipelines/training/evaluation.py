@@ -77,6 +77,12 @@ def log_validation(
         if task.spec.validation_batches:
             metrics.update(validation_metrics(task, model if sharded else unwrapped(model), batch_size))
             metrics["val/seconds"] = time.monotonic() - started
+            if sharded:
+                # A forward without backward leaves the root unit's parameters gathered; the EMA swap
+                # back writes into the shards.
+                for module in model.modules():
+                    if isinstance(module, FSDPModule):
+                        module.reshard()
         if scores_chain:
             started = time.monotonic()
             renderer = unwrapped(model)
