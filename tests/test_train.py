@@ -418,6 +418,7 @@ def test_crops_whose_latents_stage_b_cannot_take_refuse_to_start(latents, tmp_pa
     assert not (work_dir / "train_stage_b" / "ray").exists()
 
 
+@pytest.mark.slow
 def test_evaluate_gives_the_final_weights_the_held_out_loss_training_logged_last(latents, tmp_path, capsys):
     """``pipelines/evaluate.py`` recomputes a stage's held-out loss from its exported weights (Stage C's:
     the EMA) on the rows and settings of the run's config."""
