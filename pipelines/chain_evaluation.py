@@ -18,16 +18,18 @@ from __future__ import annotations
 
 import dataclasses
 import io
+from collections.abc import Iterator
 
 import numpy as np
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
+import torch.distributed as dist
 from PIL import Image
 
 from pipelines import pre_encode, quality, schema
 from pipelines.embed import EmbedConfig, load_clip
-from pipelines.generate_phase import SampleConfig, colour_scores, render_with
+from pipelines.generate_phase import SampleConfig, colour_accuracy, dominant_colour, render_with
 from pipelines.reports import fit_square
 from pipelines.storage import StorageConfig, filesystem
 from stages.generate import Wuerstchen
@@ -102,11 +104,24 @@ def _pixels(images: list[Image.Image]) -> torch.Tensor:
 
 
 _FEATURE_BATCH = 64
+RENDER_CHUNK = 4
+"""Captions rendered together, with a seed of their own (the sample seed plus the chunk's index):
+what a caption's image is depends on neither the worker count nor the caption count, and chunks
+this small spread 256 captions over 64 GPUs."""
+
+
+@dataclasses.dataclass(frozen=True)
+class _ChunkScores:
+    """What one chunk of rendered images contributes to the metrics."""
+
+    clip_scores: np.ndarray
+    features: torch.Tensor
+    dominant_colours: list[str | None]
 
 
 class ChainScorer:
     """Scores a chain's images of the held-out captions; holds the CLIP model, the feature extractor
-    and the real images' feature statistics from the first call on."""
+    and (on the rank that adds up) the real images' feature statistics from the first call on."""
 
     def __init__(self, evaluation: ChainEvaluation, device: torch.device):
         self.evaluation, self.device = evaluation, device
@@ -114,41 +129,64 @@ class ChainScorer:
         self._features: torch.nn.Module | None = None
         self._real: quality.FeatureStatistics | None = None
 
-    def _statistics(self, images: list[Image.Image]) -> quality.FeatureStatistics:
+    def _feature_batches(self, images: list[Image.Image]) -> Iterator[torch.Tensor]:
         assert self._features is not None
         pixels = _pixels(images)
-        statistics = None
         with torch.inference_mode():
             for start in range(0, len(pixels), _FEATURE_BATCH):
-                features = self._features(pixels[start : start + _FEATURE_BATCH].to(self.device))
-                statistics = statistics or quality.FeatureStatistics(features.shape[1])
-                statistics.add(features)
-        assert statistics is not None
-        return statistics
+                yield self._features(pixels[start : start + _FEATURE_BATCH].to(self.device)).cpu()
 
-    def __call__(self, models: Wuerstchen) -> dict[str, float]:
-        """The metrics of the chain ``models`` (in eval mode, on this scorer's device)."""
+    def __call__(self, models: Wuerstchen, *, shared: bool = False) -> dict[str, float]:
+        """The metrics of the chain ``models`` (in eval mode, on this scorer's device). With ``shared``
+        every rank of the process group calls this with the same weights: each renders and scores
+        every world-size-th chunk of captions, and rank 0 returns the metrics of all (the others an
+        empty dict); without, this process renders every chunk."""
         evaluation, sample = self.evaluation, self.evaluation.sample
         captions = list(evaluation.held_out.captions)
+        rank, world = (dist.get_rank(), dist.get_world_size()) if shared and dist.is_initialized() else (0, 1)
         if self._clip is None:
             self._clip = load_clip(evaluation.embed, self.device)
             self._features = quality.feature_extractor(sample.fid_features).to(self.device)
-            self._real = self._statistics(real_images(evaluation.held_out, sample.size))
-        images = [
-            Image.fromarray(image)
-            for image in render_with(
-                models, evaluation.models, captions, sample.size, sample.prior_guidance, sample.seed
-            )
-        ]
-        model, preprocess, tokenizer = self._clip
+            if rank == 0:
+                real = real_images(evaluation.held_out, sample.size)
+                batches = list(self._feature_batches(real))
+                self._real = quality.FeatureStatistics(batches[0].shape[1])
+                for batch in batches:
+                    self._real.add(batch)
+        chunks = range(0, len(captions), RENDER_CHUNK)
+        scored = {
+            index: self._score_chunk(models, captions[start : start + RENDER_CHUNK], sample.seed + index)
+            for index, start in enumerate(chunks)
+            if index % world == rank
+        }
+        if world > 1:
+            every_rank: list[dict[int, _ChunkScores]] = [{} for _ in range(world)]
+            dist.all_gather_object(every_rank, scored)
+            scored = {index: chunk for part in every_rank for index, chunk in part.items()}
+        if rank != 0:
+            return {}
+        assert sorted(scored) == list(range(len(chunks))), f"chunks scored: {sorted(scored)}"
+        assert self._real is not None
+        rendered = quality.FeatureStatistics(self._real.mean.numel())
+        for index in range(len(chunks)):  # in caption order: the same sums whatever the world size
+            rendered.add(scored[index].features)
         metrics = {
-            "eval/clip_score": float(
-                quality.clip_scores(model, preprocess, tokenizer, images, captions, self.device).mean()
-            ),
-            "eval/fid": self._statistics(images).frechet_distance(self._real),
+            "eval/clip_score": float(np.concatenate([scored[i].clip_scores for i in range(len(chunks))]).mean()),
+            "eval/fid": rendered.frechet_distance(self._real),
         }
         if sample.score_colours:
-            metrics["eval/colour_accuracy"] = colour_scores([np.asarray(image) for image in images], captions)[
-                "colour_accuracy"
-            ]
+            dominant = [colour for index in range(len(chunks)) for colour in scored[index].dominant_colours]
+            metrics["eval/colour_accuracy"] = colour_accuracy(dominant, captions)["colour_accuracy"]
         return metrics
+
+    def _score_chunk(self, models: Wuerstchen, captions: list[str], seed: int) -> _ChunkScores:
+        sample = self.evaluation.sample
+        pixels = render_with(models, self.evaluation.models, captions, sample.size, sample.prior_guidance, seed)
+        images = [Image.fromarray(image) for image in pixels]
+        model, preprocess, tokenizer = self._clip
+        clip_scores = quality.clip_scores(model, preprocess, tokenizer, images, captions, self.device)
+        return _ChunkScores(
+            clip_scores=clip_scores.double().cpu().numpy(),
+            features=torch.cat(list(self._feature_batches(images))),
+            dominant_colours=[dominant_colour(image) for image in pixels] if sample.score_colours else [],
+        )

@@ -106,11 +106,16 @@ def named_colour(prompt: str) -> str | None:
 
 def colour_scores(images: list[np.ndarray], prompts: list[str]) -> dict[str, float]:
     """Share of images whose dominant colour is the one their prompt names, overall and per colour."""
+    return colour_accuracy([dominant_colour(image) for image in images], prompts)
+
+
+def colour_accuracy(dominant_colours: list[str | None], prompts: list[str]) -> dict[str, float]:
+    """``colour_scores`` from each image's dominant colour."""
     hits: dict[str, list[bool]] = {}
-    for image, prompt in zip(images, prompts):
+    for found, prompt in zip(dominant_colours, prompts, strict=True):
         colour = named_colour(prompt)
         if colour is not None:
-            hits.setdefault(colour, []).append(dominant_colour(image) == colour)
+            hits.setdefault(colour, []).append(found == colour)
     scores = {f"colour_accuracy/{colour}": float(np.mean(h)) for colour, h in sorted(hits.items())}
     scores["colour_accuracy"] = float(np.mean([x for h in hits.values() for x in h])) if hits else float("nan")
     return scores

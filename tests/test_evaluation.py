@@ -3,6 +3,8 @@ at fixed times, for Stage A its reconstruction terms, for the semantic compresso
 
 from __future__ import annotations
 
+import socket
+
 import numpy as np
 import pytest
 import torch
@@ -151,3 +153,45 @@ def test_stage_as_held_out_reconstruction_is_the_pixels_squared_error_by_hand():
     metrics = validation_metrics(task, model, batch_size=4)
     assert metrics["val/reconstruction"] == pytest.approx(expected, rel=1e-5)
     assert metrics["val/quantisation"] == pytest.approx(vq_loss.item(), rel=1e-5)
+
+
+def _score_as_rank(rank: int, world: int, address: str, lockstep: bool, results) -> None:
+    torch.distributed.init_process_group("gloo", init_method=address, rank=rank, world_size=world)
+    try:
+        _, model, task = _task("stage_c", rows=7)
+        forwards = []
+        losses = task.validation_losses
+
+        def counted(model, batch, first_row):
+            forwards.append(first_row)
+            return losses(model, batch, first_row)
+
+        task.validation_losses = counted
+        metrics = validation_metrics(task, model, batch_size=3, lockstep=lockstep)
+        results.put((rank, metrics, forwards))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.parametrize("lockstep", [False, True])
+def test_ranks_share_the_held_out_rows_and_each_gets_the_single_process_figure(lockstep):
+    """Seven rows in groups of 3 and 4 at batch 3: batches from rows 0, 3 and 6. Rank 0 scores the
+    first and the third, rank 1 the second; in lockstep (FSDP) rank 1 runs one more, dropped."""
+    _, model, task = _task("stage_c", rows=7)
+    alone = validation_metrics(task, model, batch_size=3)
+    context = torch.multiprocessing.get_context("spawn")
+    results = context.Queue()
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        address = f"tcp://127.0.0.1:{probe.getsockname()[1]}"
+    workers = [context.Process(target=_score_as_rank, args=(rank, 2, address, lockstep, results)) for rank in (0, 1)]
+    for worker in workers:
+        worker.start()
+    by_rank = {rank: (metrics, scored) for rank, metrics, scored in (results.get(timeout=120) for _ in workers)}
+    for worker in workers:
+        worker.join(timeout=60)
+        assert worker.exitcode == 0
+    assert by_rank[0][1] == [0, 6]
+    assert by_rank[1][1] == ([3, 0] if lockstep else [3])
+    for metrics, _ in by_rank.values():
+        assert metrics == pytest.approx(alone, rel=1e-12)

@@ -15,6 +15,7 @@ import itertools
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -47,7 +48,7 @@ from pipelines.training.checkpoint import file_record, verify_files
 from pipelines.training.config import TrainConfig
 from pipelines.training.parallel import full_state
 from pipelines.training.step import swapped_in, train_step
-from stages.generate import build_models
+from stages.generate import Wuerstchen, build_models
 from stages.semantic import SEMANTIC_CONFIGS, SemanticCompressor
 from stages.stage_a import STAGE_A_CONFIGS, StageA
 from stages.stage_c import STAGE_C_CONFIGS, StageC
@@ -834,14 +835,46 @@ def test_the_chain_is_scored_on_held_out_captions_and_their_real_images(latents)
     assert len(real) == 5 and all(image.size == (config.generate.size,) * 2 for image in real)
 
     evaluation = ChainEvaluation(held_out=held_out, sample=config.generate, embed=config.embed, models="tiny")
-    models = build_models("tiny")
-    for module in (models.text_c, models.stage_c, models.text_b, models.stage_b, models.stage_a):
-        module.eval()
-    scorer = ChainScorer(evaluation, torch.device("cpu"))
+    scorer, models = _chain_scorer(evaluation)
     first, again = scorer(models), scorer(models)
     assert first == again  # fixed captions, seed and real statistics: a property of the weights
     assert set(first) == {"eval/clip_score", "eval/fid", "eval/colour_accuracy"}
     assert 0 <= first["eval/clip_score"] <= 100 and first["eval/fid"] > 0 and 0 <= first["eval/colour_accuracy"] <= 1
+
+    # Two ranks share the captions' chunks (RENDER_CHUNK 4: captions 0-3 on rank 0, caption 4 on
+    # rank 1) and rank 0 gets the figures one process gets: each chunk has its own seed.
+    context = torch.multiprocessing.get_context("spawn")
+    results = context.Queue()
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        address = f"tcp://127.0.0.1:{probe.getsockname()[1]}"
+    ranks = [context.Process(target=_score_chain_as_rank, args=(rank, address, evaluation, results)) for rank in (0, 1)]
+    for process in ranks:
+        process.start()
+    shared = dict(results.get(timeout=300) for _ in ranks)
+    for process in ranks:
+        process.join(timeout=60)
+        assert process.exitcode == 0
+    assert shared[1] == {}
+    assert shared[0] == pytest.approx(first, rel=1e-9)
+
+
+def _chain_scorer(evaluation: ChainEvaluation) -> tuple[ChainScorer, Wuerstchen]:
+    """A scorer and a tiny chain, both drawn from seed 0 (the scorer's CLIP and feature models at its first call)."""
+    torch.manual_seed(0)
+    models = build_models("tiny")
+    for module in (models.text_c, models.stage_c, models.text_b, models.stage_b, models.stage_a):
+        module.eval()
+    return ChainScorer(evaluation, torch.device("cpu")), models
+
+
+def _score_chain_as_rank(rank: int, address: str, evaluation: ChainEvaluation, results) -> None:
+    torch.distributed.init_process_group("gloo", init_method=address, rank=rank, world_size=2)
+    try:
+        scorer, models = _chain_scorer(evaluation)
+        results.put((rank, scorer(models, shared=True)))
+    finally:
+        torch.distributed.destroy_process_group()
 
 
 def test_a_state_read_with_the_ema_swapped_in_keeps_the_ema_after_the_swap():

@@ -56,9 +56,10 @@ class StageCTask(TextConditionedTask):
         return Wuerstchen(text_c=text_c, stage_c=model, text_b=text_b, stage_b=stage_b, stage_a=stage_a)
 
     @torch.no_grad()
-    def chain_metrics(self, model: nn.Module) -> dict[str, float]:
+    def chain_metrics(self, model: nn.Module, *, shared: bool = False) -> dict[str, float]:
         """CLIP score, FID and (demo) colour accuracy of the chain on the held-out captions; empty
-        before Stage B and Stage A exist or without held-out captions."""
+        before Stage B and Stage A exist or without held-out captions. ``shared``: every rank calls
+        this and renders its part (``ChainScorer``), rank 0 gets the metrics."""
         models = self.chain(model)
         if models is None or self.spec.chain_evaluation is None:
             return {}
@@ -68,7 +69,7 @@ class StageCTask(TextConditionedTask):
             self._scorer = ChainScorer(self.spec.chain_evaluation, self.device)
         model.eval()
         try:
-            return self._scorer(models)
+            return self._scorer(models, shared=shared)
         finally:
             model.train()
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import time
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.distributed.fsdp import FSDPModule
 
@@ -24,31 +25,48 @@ from pipelines.training.parallel import full_state, unwrapped
 from pipelines.training.step import swapped_in
 
 
-def validation_metrics(task: Task, model: nn.Module, batch_size: int) -> dict[str, float]:
+def validation_metrics(task: Task, model: nn.Module, batch_size: int, *, lockstep: bool = False) -> dict[str, float]:
     """``val/<term>`` for each term of the task's held-out loss, its mean over the task's validation
-    rows, of ``model`` as it is (eval mode); empty where the task has none."""
-    sums: dict[str, torch.Tensor] = {}
+    rows, of ``model`` as it is (eval mode); empty where the task has none.
+
+    In a process group the ranks share the batches (rank k scores every world-size-th one) and add
+    their sums, each rank receiving the whole figure: a batch's losses follow from its rows alone,
+    so the split changes the figure only by the order of the additions. With ``lockstep`` (FSDP,
+    whose forward gathers parameters from every rank) each rank runs as many forwards as the rank
+    with the most batches, the extra ones scored and dropped."""
+    batches = []  # (group, first row of the group, first row overall), in the fixed row order
     row = 0
+    for group in task.spec.validation_batches:
+        rows = len(next(iter(group.values())))
+        for start in range(0, rows, batch_size):
+            batches.append((group, start, row))
+            row += min(batch_size, rows - start)
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    mine = batches[rank::world]
+    dropped = (-(-len(batches) // world) - len(mine)) if lockstep and batches else 0
+    sums: dict[str, float] = {}
     model.eval()
     try:
-        for group in task.spec.validation_batches:
-            rows = len(next(iter(group.values())))
-            for start in range(0, rows, batch_size):
-                batch = {
-                    name: torch.as_tensor(values[start : start + batch_size]).to(task.device)
-                    for name, values in group.items()
-                }
-                with (
-                    torch.no_grad(),
-                    torch.autocast(task.device.type, dtype=torch.bfloat16, enabled=task.device.type == "cuda"),
-                ):
-                    losses = task.validation_losses(model, batch, row)
+        for index, (group, start, first_row) in enumerate(mine + [batches[0]] * dropped):
+            batch = {
+                name: torch.as_tensor(values[start : start + batch_size]).to(task.device)
+                for name, values in group.items()
+            }
+            with (
+                torch.no_grad(),
+                torch.autocast(task.device.type, dtype=torch.bfloat16, enabled=task.device.type == "cuda"),
+            ):
+                losses = task.validation_losses(model, batch, first_row)
+            if index < len(mine):
                 for name, values in losses.items():
-                    sums[name] = sums.get(name, 0) + values.double().sum().cpu()
-                row += len(next(iter(batch.values())))
+                    sums[name] = sums.get(name, 0.0) + values.double().sum().item()
     finally:
         model.train()
-    return {f"val/{name}": float(total / row) for name, total in sums.items()}
+    if world > 1:
+        every_rank: list[dict[str, float]] = [{} for _ in range(world)]
+        dist.all_gather_object(every_rank, sums)
+        sums = {name: sum(part.get(name, 0.0) for part in every_rank) for name in every_rank[0]}
+    return {f"val/{name}": total / row for name, total in sums.items()}
 
 
 def log_validation(
@@ -62,20 +80,22 @@ def log_validation(
 ) -> None:
     """Evaluates the EMA weights and logs the figures and their seconds at ``step`` from rank 0 (``run``):
     the held-out loss, and for a stage that ``evaluates_chain`` the chain's scores
-    (pipelines/chain_evaluation.py). Every rank calls it. Under FSDP each rank runs the sharded
-    model's forward on every held-out row (rank 0 alone cannot), and the chain renders on rank 0
-    through an unsharded copy of the EMA weights gathered from all; otherwise rank 0 evaluates while
-    the others wait at the next step's all-reduce."""
+    (pipelines/chain_evaluation.py). Every rank calls it. The ranks share the held-out loss's rows
+    (``validation_metrics``), and the chain's captions (``ChainScorer``); under FSDP the chain
+    renders on rank 0 alone, through an unsharded copy of the EMA weights gathered from all, while
+    the other ranks wait at the next step's all-reduce."""
     scores_chain = stage.evaluates_chain and task.spec.chain_evaluation is not None
     sharded = isinstance(model, FSDPModule)
-    if not (task.spec.validation_batches or scores_chain) or (run is None and not sharded):
+    if not (task.spec.validation_batches or scores_chain):
         return
     metrics: dict[str, float] = {}
     # Eager: with `compile`, the blocks are compiled in place, and other batch shapes would compile again.
     with swapped_in(model, ema), torch.compiler.set_stance("force_eager"):
         started = time.monotonic()
         if task.spec.validation_batches:
-            metrics.update(validation_metrics(task, model if sharded else unwrapped(model), batch_size))
+            metrics.update(
+                validation_metrics(task, model if sharded else unwrapped(model), batch_size, lockstep=sharded)
+            )
             metrics["val/seconds"] = time.monotonic() - started
             if sharded:
                 # A forward without backward leaves the root unit's parameters gathered; the EMA swap
@@ -85,17 +105,19 @@ def log_validation(
                         module.reshard()
         if scores_chain:
             started = time.monotonic()
-            renderer = unwrapped(model)
             if sharded:
+                # The chain needs whole weights: rank 0 renders every caption with a gathered copy.
                 weights = full_state(model)
                 if run is not None:
                     renderer = stage.build_model(task.spec)
                     renderer.load_state_dict(weights)
-                    renderer.to(task.device)
-            if run is not None:
-                chain = task.chain_metrics(renderer)
-                metrics.update(chain)
-                if chain:
-                    metrics["eval/seconds"] = time.monotonic() - started
+                    chain = task.chain_metrics(renderer.to(task.device))
+                else:
+                    chain = {}
+            else:
+                chain = task.chain_metrics(unwrapped(model), shared=True)
+            metrics.update(chain)
+            if chain:
+                metrics["eval/seconds"] = time.monotonic() - started
     if run is not None and metrics:
         run.log_metrics(metrics, step=step)
