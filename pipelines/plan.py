@@ -55,6 +55,7 @@ from cluster.memory import SHARDED_BYTES_PER_PARAMETER
 from cluster.nodes import CLUSTER_FILE, gpu_memory_gib, node_type_for, worker_node_types
 from cluster.resources import GPU
 from pipelines import pre_encode
+from pipelines.chain_evaluation import RENDER_CHUNK
 from pipelines.config import RUNS, RunConfig, load_config
 from pipelines.embed import embedding_width
 from pipelines.phases import PHASES
@@ -63,6 +64,7 @@ from pipelines.trainable import REGISTRY, build_model, training_phases
 from pipelines.trainable.base import TaskSpec
 from pipelines.trainable.text_conditioned import VALIDATION_TIMES
 from pipelines.training.config import TrainConfig
+from stages.generate import GENERATE_CONFIGS
 from stages.text import TEXT_CONFIGS, TextEncoder
 
 # Output bytes of the phases before pre-encode that their shapes do not give (assumed, not
@@ -481,14 +483,40 @@ def _hours(seconds: float | None) -> str:
 
 def evaluation_unit_hours(row: PhasePlan, train: TrainConfig, passes_per_row: int) -> float | None:
     """GPU-hours a training run spends on its held-out loss (pipelines/training/evaluation.py): at each
-    evaluation (every ``eval_every`` steps and at the end) rank 0 runs ``eval_samples`` rows forward
-    ``passes_per_row`` times (a diffusion stage once per fixed time, an image stage once), about a
-    third of a training sample's work each, while the run holds all its GPUs."""
+    evaluation (every ``eval_every`` steps and at the end) the ranks share ``eval_samples`` rows in
+    batches of a worker's batch size, each row run forward ``passes_per_row`` times (a diffusion
+    stage once per fixed time, an image stage once), about a third of a training sample's work each;
+    the rank with the most batches holds every GPU of the run."""
     if row.samples_per_second_per_unit is None or not train.eval_samples:
         return None
     evaluations = (train.steps // train.eval_every if train.eval_every else 0) + 1
-    seconds = evaluations * train.eval_samples * passes_per_row / (3 * row.samples_per_second_per_unit)
+    per_worker = train.global_batch_size // train.workers
+    rows_per_rank = math.ceil(math.ceil(train.eval_samples / per_worker) / row.units) * per_worker
+    seconds = evaluations * rows_per_rank * passes_per_row / (3 * row.samples_per_second_per_unit)
     return seconds * row.units / 3600
+
+
+def chain_scoring_unit_hours(stage_c: PhasePlan, stage_b: PhasePlan, config: RunConfig) -> float | None:
+    """GPU-hours Stage C's training spends rendering and scoring held-out captions through the chain
+    (pipelines/chain_evaluation.py): at each evaluation the ranks share ``generate.eval_captions``
+    captions in chunks of ``RENDER_CHUNK``; an image costs Stage C's sampling steps (twice each with
+    guidance) and Stage B's, each forward about a third of a training sample of that stage, scaled by
+    pixel count from the training resolution to ``generate.size``. Stage A's decode and the CLIP and
+    FID models are left out; the rank with the most chunks holds every GPU of the run."""
+    rates = (stage_c.samples_per_second_per_unit, stage_b.samples_per_second_per_unit)
+    captions, train = config.generate.eval_captions, config.train_c
+    if None in rates or not captions or not train.eval_every:
+        return None
+    sampling = GENERATE_CONFIGS[config.pre_encode.models]()
+    forwards = (
+        sampling.prior_steps * (2 if config.generate.prior_guidance > 1 else 1),
+        sampling.decoder_steps * (2 if sampling.decoder_guidance > 1 else 1),
+    )
+    pixels = (config.generate.size / config.decode.resolution) ** 2
+    seconds_per_image = sum(count * pixels / (3 * rate) for count, rate in zip(forwards, rates, strict=True))
+    evaluations = train.steps // train.eval_every + 1
+    images_per_rank = math.ceil(math.ceil(captions / RENDER_CHUNK) / stage_c.units) * RENDER_CHUNK
+    return evaluations * images_per_rank * seconds_per_image * stage_c.units / 3600
 
 
 def format_plan(rows: list[PhasePlan], assumptions: Assumptions, config: RunConfig, measured_name: str) -> str:
@@ -576,15 +604,28 @@ def format_plan(rows: list[PhasePlan], assumptions: Assumptions, config: RunConf
         for row in training
     ]
     evaluations = [(row, hours) for row, hours in evaluations if hours is not None and row.unit_hours]
+    by_phase = {row.phase: row for row in training}
+    chain = (
+        chain_scoring_unit_hours(by_phase["train_stage_c"], by_phase["train_stage_b"], config)
+        if {"train_stage_c", "train_stage_b"} <= by_phase.keys()
+        else None
+    )
     if evaluations:
         shares = ", ".join(
             f"{row.phase} {hours:,.1f} ({hours / row.unit_hours:.1%} of its training)" for row, hours in evaluations
         )
         lines.append(
-            f"Held-out loss ({assumptions.gpu.upper()}-hours, predicted: rank 0's forward passes while "
-            f"every GPU of the run waits, each a third of a training sample's work, assumed): {shares}. "
-            "Stage C's chain scoring (generate.eval_captions images each evaluation) is not predicted: "
-            "the v2 chain's generation rate is not measured. Not in the totals above."
+            f"Held-out loss ({assumptions.gpu.upper()}-hours, predicted: forward passes shared by the run's "
+            f"GPUs, each a third of a training sample's work, assumed): {shares}. Not in the totals above."
+        )
+    stage_c = by_phase.get("train_stage_c")
+    if chain is not None and stage_c is not None and stage_c.unit_hours:
+        lines.append(
+            f"Chain scoring in train_stage_c ({assumptions.gpu.upper()}-hours, predicted: "
+            f"{config.generate.eval_captions} held-out captions per evaluation rendered at "
+            f"{config.generate.size} px, shared by the run's GPUs, each sampling step's forward a third of "
+            f"a training sample's work, assumed; Stage A and the scorers left out): {chain:,.1f} "
+            f"({chain / stage_c.unit_hours:.1%} of its training). Not in the totals above."
         )
     if training and all(row.unit_hours is not None for row in training):
         hours = sum(row.unit_hours for row in training)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 
 import pytest
@@ -11,11 +12,13 @@ import yaml
 from cluster import costs, nodes
 from cluster.local_cluster import free_port
 from pipelines import demo_data, full, plan
+from pipelines.chain_evaluation import RENDER_CHUNK
 from pipelines.config import load_config
 from pipelines.demo_data import DemoDataConfig
 from pipelines.phases import PHASES
 from pipelines.trainable import training_phases
 from pipelines.trainable.text_conditioned import VALIDATION_TIMES
+from stages.generate import GENERATE_CONFIGS
 
 
 def _rows(overrides=(), **assumed) -> dict[str, costs.PhasePlan]:
@@ -47,22 +50,51 @@ def test_hours_follow_the_work_the_gpu_count_and_the_gpu_kind():
 
 def test_evaluation_hours_follow_the_evaluations_their_rows_and_the_gpus_held():
     config = load_config("v2", [])
+    train = config.train_c
     stage_c = _rows()["train_stage_c"]
-    hours = plan.evaluation_unit_hours(stage_c, config.train_c, VALIDATION_TIMES)
-    assert hours > 0
-    fewer_rows = load_config("v2", ["train_c.eval_samples=128"]).train_c
-    assert plan.evaluation_unit_hours(stage_c, fewer_rows, VALIDATION_TIMES) == pytest.approx(hours / 2)
-    # An image stage's row is one forward pass, a diffusion stage's one per fixed time.
-    assert plan.evaluation_unit_hours(stage_c, config.train_c, 1) == pytest.approx(hours / VALIDATION_TIMES)
+    hours = plan.evaluation_unit_hours(stage_c, train, VALIDATION_TIMES)
+    # The 8 ranks share the rows batch by batch (a worker's batch each); the rank with the most
+    # batches holds every GPU; each row runs forward once per fixed time, a third of a training sample.
+    per_worker = train.global_batch_size // train.workers
+    evaluations = train.steps // train.eval_every + 1
+    batches_per_rank = math.ceil(math.ceil(train.eval_samples / per_worker) / 8)
+    seconds = evaluations * batches_per_rank * per_worker * VALIDATION_TIMES / (3 * stage_c.samples_per_second_per_unit)
+    assert batches_per_rank > 1 and hours == pytest.approx(seconds * 8 / 3600)
+    # An image stage's row is one forward pass.
+    assert plan.evaluation_unit_hours(stage_c, train, 1) == pytest.approx(hours / VALIDATION_TIMES)
     # One evaluation every eval_every steps and one at the end.
-    evaluations = config.train_c.steps // config.train_c.eval_every + 1
     only_at_the_end = load_config("v2", ["train_c.eval_every=0"]).train_c
     assert plan.evaluation_unit_hours(stage_c, only_at_the_end, VALIDATION_TIMES) == pytest.approx(hours / evaluations)
-    # Rank 0 evaluates while the others wait: twice the GPUs held, twice the GPU-hours.
+    # Twice the GPUs share the same batches: half the wall time, the same GPU-hours (a rank with no
+    # batch still waits for the others).
     sixteen = _rows(gpus=16)["train_stage_c"]
-    assert plan.evaluation_unit_hours(sixteen, config.train_c, VALIDATION_TIMES) == pytest.approx(2 * hours)
+    assert math.ceil(math.ceil(train.eval_samples / per_worker) / 16) * 2 == batches_per_rank
+    assert plan.evaluation_unit_hours(sixteen, train, VALIDATION_TIMES) == pytest.approx(hours)
     no_rows = load_config("v2", ["train_c.eval_samples=0"]).train_c
     assert plan.evaluation_unit_hours(stage_c, no_rows, VALIDATION_TIMES) is None
+
+
+def test_chain_scoring_hours_follow_the_captions_the_sampling_steps_and_the_image_size():
+    config = load_config("v2", [])
+    rows = _rows()
+    stage_c, stage_b = rows["train_stage_c"], rows["train_stage_b"]
+    hours = plan.chain_scoring_unit_hours(stage_c, stage_b, config)
+    # 256 captions in chunks of 4 over 8 ranks: 32 images on each. An image is 60 Stage C steps with
+    # guidance (two forwards each) and 12 Stage B steps without, at 1024 px, the training resolution.
+    sampling = GENERATE_CONFIGS["v2"]()
+    assert (sampling.prior_steps, sampling.decoder_steps, sampling.decoder_guidance) == (60, 12, 0.0)
+    assert config.generate.size == config.decode.resolution and RENDER_CHUNK == 4
+    image = 120 / (3 * stage_c.samples_per_second_per_unit) + 12 / (3 * stage_b.samples_per_second_per_unit)
+    evaluations = config.train_c.steps // config.train_c.eval_every + 1
+    assert hours == pytest.approx(evaluations * 32 * image * 8 / 3600)
+    unguided = load_config("v2", ["generate.prior_guidance=1"])
+    stage_c_image = 120 / (3 * stage_c.samples_per_second_per_unit)
+    assert plan.chain_scoring_unit_hours(stage_c, stage_b, unguided) == pytest.approx(
+        hours * (image - stage_c_image / 2) / image
+    )
+    smaller = load_config("v2", ["generate.size=512"])
+    assert plan.chain_scoring_unit_hours(stage_c, stage_b, smaller) == pytest.approx(hours / 4)
+    assert plan.chain_scoring_unit_hours(stage_c, stage_b, load_config("v2", ["generate.eval_captions=0"])) is None
 
 
 def test_the_text_setting_moves_the_towers_time_between_pre_encode_and_training():
@@ -188,6 +220,12 @@ def test_planner_prints_the_table_the_paper_comparison_and_budgets(capsys):
         out,
     )
     assert "cluster/measured.toml [v2_h200]" in out
+    assert re.search(
+        r"Held-out loss \(A100-hours, predicted: .*\): train_stage_b [\d.,]+ \([\d.]+% of its training\)", out
+    )
+    assert re.search(
+        r"Chain scoring in train_stage_c \(A100-hours, predicted: .*\): [\d.,]+ \([\d.]+% of its training\)", out
+    )
 
 
 def test_latent_bytes_per_sample_are_the_v2_shard_payload_and_the_largest_bucket():
