@@ -51,6 +51,10 @@ def test_the_spot_gpu_pool_is_the_on_demand_node_on_spot_capacity_and_opens_with
     assert (spot["resources"], spot["labels"]) == (on_demand["resources"], on_demand["labels"])
     # Closed until opened: GPU requests land on the on-demand pool, as the planner assumes.
     assert spot["max_workers"] == 0 and set(nodes.worker_node_types()) == {"cpu_worker", "gpu_worker"}
+    # A node type's own setup commands replace the common ones: the same install, then the watcher
+    # that turns AWS's interruption notice into Ray's drain.
+    *install, watcher = spot["worker_setup_commands"]
+    assert install == cluster["setup_commands"] and "python -m cluster.spot_notice" in watcher
 
     spot["max_workers"], on_demand["max_workers"] = on_demand["max_workers"], 0
     validate_config(prepare_config(copy.deepcopy(cluster)))

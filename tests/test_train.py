@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import datetime
 import functools
 import io
 import itertools
@@ -32,7 +33,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from cluster.local_cluster import BIN, kill_session, ray_auth, ray_node, ray_state
+from cluster.local_cluster import kill_session, ray_auth, ray_node, ray_state
 from pipelines import evaluate, full, schema, train_phase, trained_weights
 from pipelines.chain_evaluation import ChainEvaluation, ChainScorer, held_out_captions, real_images
 from pipelines.config import load_config
@@ -52,6 +53,7 @@ from stages.generate import Wuerstchen, build_models
 from stages.semantic import SEMANTIC_CONFIGS, SemanticCompressor
 from stages.stage_a import STAGE_A_CONFIGS, StageA
 from stages.stage_c import STAGE_C_CONFIGS, StageC
+from tests.instance_metadata import instance_metadata
 
 ROOT = Path(__file__).resolve().parents[1]
 # Enough samples for a global batch (32) in the landscape and in the portrait bucket.
@@ -592,21 +594,31 @@ def test_a_node_drained_for_preemption_has_the_run_checkpoint_at_the_next_step_a
             # (cache_data), and need no Ray Data task, which a draining node no longer takes.
             _wait_for(lambda: last_step() >= 4, driver, "the second epoch")
             (node,) = [node for node in ray_state(head.dashboard, auth, "nodes") if not node["is_head_node"]]
-            drained_at = last_step()
-            subprocess.run(
-                [
-                    str(BIN / "ray"),
-                    "drain-node",
-                    f"--address={head.address}",
-                    f"--node-id={node['node_id']}",
-                    "--reason=DRAIN_NODE_REASON_PREEMPTION",
-                    "--reason-message=a spot interruption notice",
-                    "--deadline-remaining-seconds=600",
-                ],
-                env=env,
-                check=True,
-                timeout=120,
-            )
+            # The node's spot notice watcher, as ray_cluster.yaml starts it on spot nodes, learns of an
+            # interruption from the instance metadata service (a stand-in here) and drains the node.
+            with instance_metadata() as metadata:
+                watcher = subprocess.Popen(
+                    [
+                        sys.executable,
+                        "-m",
+                        "cluster.spot_notice",
+                        f"--address={head.address}",
+                        f"--node-id={node['node_id']}",
+                        f"--metadata-url={metadata.url}",
+                        "--poll-seconds=0.2",
+                    ],
+                    cwd=ROOT,
+                    env=env,
+                )
+                try:
+                    drained_at = last_step()
+                    in_ten_minutes = datetime.datetime.now(datetime.UTC) + datetime.timedelta(minutes=10)
+                    metadata.notice = {"action": "terminate", "time": in_ten_minutes.strftime("%Y-%m-%dT%H:%M:%SZ")}
+                    assert watcher.wait(timeout=120) == 0
+                finally:
+                    if watcher.poll() is None:
+                        watcher.kill()
+                        watcher.wait()
             # No periodic checkpoint before step 200: the first one registered is the notice's.
             _wait_for(lambda: _registered_steps(work_dir), driver, "the notice's checkpoint")
             (noticed_at,) = _registered_steps(work_dir)
