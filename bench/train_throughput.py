@@ -2,8 +2,8 @@
 
 Both make the same steps (``pipelines.train.train_step`` and the EMA update) on the same model and
 the same synthetic latents of the stage's shapes. The Ray Train run (one worker) reads them from a
-materialised Ray Dataset through ``iter_torch_batches`` every epoch, or with ``--cache-data`` only in
-its first epoch (``train.cache_data``), and reports its samples/s and data-wait fraction to MLflow;
+Parquet file through the loop's epoch reader every epoch, or with ``--cache-data`` only in its
+first epoch (``train.cache_data``), and reports its samples/s and data-wait fraction to MLflow;
 the bare loop holds them as tensors on the device. Short epochs (``--batches-per-epoch``) show
 the cost of starting each pass over the data. Startup (worker group, process group, first steps) is left out of both: the Ray figures
 are the steady-state log windows after the first, the bare loop skips as many warm-up steps.

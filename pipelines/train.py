@@ -10,8 +10,9 @@ What survives a failure: each checkpoint (pipelines/training/checkpoint.py) hold
 run needs to continue. The random draws of step ``s`` on rank ``k`` (noise, time, conditioning
 dropout, and the models' own dropout) all follow from (seed, k, s), and the batches of each epoch
 from the seed (pipelines/training/data.py), so a resumed run draws what the uninterrupted one would
-have; it reads its data from the position its checkpoint recorded, not from the epoch's start. A preemption notice (pipelines/training/preemption.py: a SIGTERM to a worker, or Ray draining a
-node) has every rank checkpoint after the step it arrived in.
+have, and reads on from the position its checkpoint recorded rather than from the epoch's start. A
+preemption notice (pipelines/training/preemption.py: a SIGTERM to a worker, or Ray draining a node)
+has every rank checkpoint after the step it arrived in.
 
 Rank 0 logs into the MLflow run the driver opened and prints a progress line at a steady interval
 (pipelines/training/progress.py), and the held-out loss of the EMA weights every ``eval_every``

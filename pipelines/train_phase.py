@@ -356,16 +356,6 @@ def _chain_evaluation(context, stage: TrainableStage, shards: list[str]) -> Chai
     )
 
 
-def bucketed_source(files: list[str], fs, columns: list[str]) -> ray.data.Dataset:
-    """Every bucket's training rows of the latent shards ``files``: ``columns`` and the crop columns that
-    ``in_bucket`` cuts by. Each bucket's filter still reaches the Parquet read (bench/bucket_read.py)."""
-    return (
-        ray.data.read_parquet(files, filesystem=fs)
-        .filter(expr=pre_encode.TRAINING_ROWS)
-        .select_columns([*columns, *_CROP_COLUMNS])
-    )
-
-
 def in_bucket(dataset: ray.data.Dataset, crop: tuple[int, int]) -> ray.data.Dataset:
     """The rows of ``dataset`` cut to ``crop``: an expression Ray Data pushes into the Parquet read,
     which then skips the other buckets' row groups by their statistics."""
