@@ -104,6 +104,11 @@ def run_training(context, run, phase: str) -> str:
         setting=f"{section}.budget_gpu_hours",
     )
     datasets = _datasets(context, stage, sorted(source.shards), config, run, held_out_below=held_out_below)
+    if not all(rows.batches for rows in datasets.values()):  # the crops' count above holds the held-out keys
+        raise ValueError(
+            f"{section}.global_batch_size ({config.global_batch_size}) is larger than the training set "
+            f"({sum(rows.rows() for rows in datasets.values())} samples to train on): lower it or add data"
+        )
     spec = dataclasses.replace(
         _task_spec(context, stage, config, max(datasets.values(), key=lambda rows: rows.batches)),
         validation_batches=validation_spec(context, stage).validation_batches,
@@ -230,7 +235,7 @@ def _datasets(
     for (width, height), bucket in zip(crops, buckets.values(), strict=True):
         if bucket.rows() // config.workers // per_worker and stage.check_crop is not None:
             stage.check_crop(context.config, (width, height))
-    datasets = _with_batches(buckets, config, required=False)
+    datasets = {name: bucket for name, bucket in _with_batches(buckets, config).items() if bucket.batches}
     if run is not None:
         run.log_params(
             {
@@ -246,22 +251,14 @@ def _datasets(
     return datasets
 
 
-def _with_batches(
-    datasets: dict[str, TrainingRows], config: TrainConfig, required: bool = True
-) -> dict[str, TrainingRows]:
-    """The data sets that hold a batch for every worker, each with the batches every worker takes of it
-    per epoch (equal on every rank: DDP needs the same steps everywhere)."""
+def _with_batches(datasets: dict[str, TrainingRows], config: TrainConfig) -> dict[str, TrainingRows]:
+    """``datasets``, each with the batches every worker takes of it per epoch (the same on every rank:
+    DDP needs the same steps everywhere; the rows short of a global batch wait for another epoch)."""
     per_worker = config.global_batch_size // config.workers
-    counted = {
+    return {
         name: dataclasses.replace(rows, batches=rows.rows() // config.workers // per_worker)
         for name, rows in datasets.items()
     }
-    if required and not all(rows.batches for rows in counted.values()):
-        raise ValueError(
-            f"global_batch_size ({config.global_batch_size}) is larger than the training set "
-            f"({sum(rows.rows() for rows in counted.values())} samples to train on): lower it or add data"
-        )
-    return {name: rows for name, rows in counted.items() if rows.batches}
 
 
 def _validation_batches(
