@@ -1,11 +1,12 @@
 """Bytes a per-bucket training data set reads from a bucketed latent shard, against the whole shard.
 
-With ``decode.crop=buckets`` training builds one Ray Data set per bucket, each a filter on
-``crop_width``/``crop_height`` over every latent shard. Without ``train.cache_data`` each epoch runs
-each of them again. This checks what that costs in reading: it writes a synthetic shard in the v2
+With ``decode.crop=buckets`` the validation rows are read through one Ray Data set per bucket
+(``train_phase.in_bucket``), each a filter on ``crop_width``/``crop_height`` over every latent shard;
+training read its buckets so until December (it now reads the row groups of each bucket itself,
+``pipelines/training/data.py``). This checks what that costs in reading: it writes a synthetic shard in the v2
 bucket shapes through the pre-encode phase's own writer (``shard_phase.ShardOutput``: one row
 group per batch, a batch is one crop), reads Stage B's training columns of it through Ray Data
-whole and bucket by bucket as ``pipelines.train_phase`` does, and counts the bytes each read
+whole and bucket by bucket with ``train_phase.in_bucket``, and counts the bytes each read
 pulls from the file (a counting fsspec filesystem, in the read tasks' processes). If Ray pushes
 the column selection and the filter into the Parquet read and the read skips row groups by their
 statistics, the buckets together read about one shard's training columns; otherwise each reads
@@ -26,13 +27,13 @@ sys.path.insert(0, str(ROOT))
 
 import fsspec  # noqa: E402
 import numpy as np  # noqa: E402
-import ray  # noqa: E402
+import ray.data  # noqa: E402
 from fsspec.implementations.local import LocalFileSystem  # noqa: E402
 
 from pipelines import schema, shard_phase, train_phase  # noqa: E402
 from pipelines.config import load_config  # noqa: E402
 from pipelines.ledger import ShardCounts  # noqa: E402
-from pipelines.pre_encode import latent_shapes, output_schema  # noqa: E402
+from pipelines.pre_encode import TRAINING_ROWS, latent_shapes, output_schema  # noqa: E402
 from pipelines.trainable import REGISTRY  # noqa: E402
 from pipelines.trainable.base import TaskSpec  # noqa: E402
 from stages.text import MAX_LENGTH  # noqa: E402
@@ -130,7 +131,11 @@ def main() -> None:
                 text_from_tokens=True,
             )
             columns = [*REGISTRY["stage_b"].columns(stage_b), schema.CAPTION]
-            everything = train_phase.bucketed_source([path], Importable(str(log)), columns)
+            everything = (
+                ray.data.read_parquet([path], filesystem=Importable(str(log)))
+                .filter(expr=TRAINING_ROWS)
+                .select_columns([*columns, schema.CROP_WIDTH, schema.CROP_HEIGHT])
+            )
             rows, whole = read_bytes(log, everything)
             print(f"whole shard: {rows} rows, {whole / 2**20:.1f} MiB read ({whole / size:.2f} of the file)")
             total = 0

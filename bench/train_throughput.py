@@ -2,8 +2,8 @@
 
 Both make the same steps (``pipelines.train.train_step`` and the EMA update) on the same model and
 the same synthetic latents of the stage's shapes. The Ray Train run (one worker) reads them from a
-materialised Ray Dataset through ``iter_torch_batches`` every epoch, or with ``--cache-data`` only in
-its first epoch (``train.cache_data``), and reports its samples/s and data-wait fraction to MLflow;
+Parquet file through the loop's epoch reader every epoch, or with ``--cache-data`` only in its
+first epoch (``train.cache_data``), and reports its samples/s and data-wait fraction to MLflow;
 the bare loop holds them as tensors on the device. Short epochs (``--batches-per-epoch``) show
 the cost of starting each pass over the data. Startup (worker group, process group, first steps) is left out of both: the Ray figures
 are the steady-state log windows after the first, the bare loop skips as many warm-up steps.
@@ -30,6 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
+import pyarrow.parquet as pq  # noqa: E402
 import ray  # noqa: E402
 import torch  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
@@ -41,7 +42,7 @@ from pipelines.train import WorkerArgs, trainer  # noqa: E402
 from pipelines.trainable import REGISTRY, build_model, build_task  # noqa: E402
 from pipelines.trainable.base import TaskSpec  # noqa: E402
 from pipelines.training.config import TrainConfig  # noqa: E402
-from pipelines.training.data import TRAIN_DATASET  # noqa: E402
+from pipelines.training.data import TRAIN_DATASET, TrainingRows, count_rows  # noqa: E402
 from pipelines.training.step import build_optimizer, train_step, update_ema  # noqa: E402
 
 RESOLUTION = {"tiny": 64, "v2": 512}
@@ -97,9 +98,14 @@ def ray_train_run(
     """Samples/s and data-wait fraction of the Ray Train loop, from its steady-state log windows."""
     client = MlflowClient(f"sqlite:///{folder}/mlflow.db")
     run_id = client.create_run(client.create_experiment("train-throughput")).info.run_id
-    dataset = ray.data.from_items(
-        [{name: values[i] for name, values in columns.items()} for i in range(len(next(iter(columns.values()))))]
-    ).materialize()
+    samples = len(next(iter(columns.values())))
+    pq.write_table(
+        pa.table({name: pa.FixedShapeTensorArray.from_numpy_ndarray(values) for name, values in columns.items()}),
+        folder / "latents.parquet",
+    )
+    (data,) = count_rows(
+        {TRAIN_DATASET: TrainingRows(files=(str(folder / "latents.parquet"),), columns=tuple(columns))}
+    ).values()
     args = WorkerArgs(
         train=config,
         stage=REGISTRY[spec.stage],
@@ -108,11 +114,11 @@ def ray_train_run(
         used_before=0.0,
         tracking_uri=client.tracking_uri,
         run_id=run_id,
+        data={TRAIN_DATASET: dataclasses.replace(data, batches=samples // config.global_batch_size)},
     )
     trainer(
         name="throughput",
         args=args,
-        datasets={TRAIN_DATASET: dataset},
         storage_path=str(folder / "ray"),
         storage_filesystem=None,
     ).fit()

@@ -10,8 +10,9 @@ What survives a failure: each checkpoint (pipelines/training/checkpoint.py) hold
 run needs to continue. The random draws of step ``s`` on rank ``k`` (noise, time, conditioning
 dropout, and the models' own dropout) all follow from (seed, k, s), and the batches of each epoch
 from the seed (pipelines/training/data.py), so a resumed run draws what the uninterrupted one would
-have. A preemption notice (pipelines/training/preemption.py: a SIGTERM to a worker, or Ray draining a
-node) has every rank checkpoint after the step it arrived in.
+have, and reads on from the position its checkpoint recorded rather than from the epoch's start. A
+preemption notice (pipelines/training/preemption.py: a SIGTERM to a worker, or Ray draining a node)
+has every rank checkpoint after the step it arrived in.
 
 Rank 0 logs into the MLflow run the driver opened and prints a progress line at a steady interval
 (pipelines/training/progress.py), and the held-out loss of the EMA weights every ``eval_every``
@@ -29,11 +30,10 @@ import warnings
 from collections.abc import Callable, Iterator
 
 import pyarrow.fs
-import ray.data
 import ray.train
 import torch
 import torch._functorch.config
-from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 from safetensors.torch import load_file
 
@@ -43,9 +43,9 @@ from pipelines.runtime import quiet_ray_below
 from pipelines.storage import local_copy
 from pipelines.tracking import ATTEMPT_GPU_HOURS, connect
 from pipelines.trainable.base import TaskSpec, TrainableStage
-from pipelines.training.checkpoint import restore_latest, save_checkpoint
+from pipelines.training.checkpoint import TrainingState, restore_latest, save_checkpoint
 from pipelines.training.config import TrainConfig
-from pipelines.training.data import TRAIN_DATASET, ShardCache, epoch_batches
+from pipelines.training.data import EpochReader, TrainingRows
 from pipelines.training.evaluation import log_validation
 from pipelines.training.parallel import all_agree, compile_blocks, data_parallel
 from pipelines.training.preemption import Preempted, PreemptionWatch, TerminationNotice
@@ -66,9 +66,8 @@ class WorkerArgs:
     """GPU-hours the run's earlier attempts used."""
     tracking_uri: str
     run_id: str
-    buckets: dict[str, int] = dataclasses.field(default_factory=dict)
-    """Aspect-ratio buckets: data set name -> batches each worker takes from it per epoch. Empty: the
-    one data set ``train``, read to its end."""
+    data: dict[str, TrainingRows]
+    """The training data: one data set, or one per aspect-ratio bucket, its rows counted."""
     clock: Callable[[], float] = time.monotonic
     """The budget meter's seconds (tests give one that advances a fixed amount per read, so per step)."""
     ray_log_level: str = "WARNING"
@@ -140,97 +139,100 @@ def _train(args: WorkerArgs, device: torch.device) -> None:
             }
         )
 
-    names = list(args.buckets) or [TRAIN_DATASET]
-    shards = [ray.train.get_dataset_shard(name) for name in names]
     per_worker = config.global_batch_size // config.workers
     window = ProgressWindow()
     flops_by_shapes: dict[tuple, float] = {}  # FLOPs per sample, by the shapes of a batch (its bucket)
     step_seconds = 0.0
     last_log = -math.inf  # the first step is logged: a loss curve starts at the initial loss, however short
-    caches = [ShardCache() if config.cache_data else None for _ in names]
     preemption = PreemptionWatch(device)
-    while state.step < config.steps and not state.stop_reason:
-        waited_since = time.monotonic()
-        index = -1
-        batches = epoch_batches(
-            shards, caches, list(args.buckets.values()), config, per_worker, device, rank, state.epoch
-        )
-        for index, batch in enumerate(batches):
-            if index < state.batches_in_epoch:
-                waited_since = time.monotonic()
-                continue  # consumed before the checkpoint this run resumed from
-            data_wait = time.monotonic() - waited_since
-            if not all_agree(meter.next_step_fits(step_seconds), device):
-                state.stop_reason = (
-                    f"GPU-hour budget reached: used {meter.used():.4g} of {args.budget:.4g}; "
-                    "the next step would exceed it"
-                )
-                break
-            loss, grad_norm = train_step(
-                forward, optimizer, schedule, task, batch, config, step_seed(config.seed, rank, state.step)
-            )
-            state.step += 1
-            state.batches_in_epoch += 1
-            state.samples_seen += config.global_batch_size
-            update_ema(ema, model, state.step, config)
-            # The next step's cost, foreseen from this one's: its whole cycle holds the GPUs (data wait,
-            # logging, samples and checkpoints of the step before included).
-            step_seconds = meter.lap()
-            total_seconds = time.monotonic() - waited_since
-            state.last_loss = loss
-            flops = None
-            if run is not None:  # after the step's timing: counting a new bucket's shapes is not the step's
-                shapes = tuple(tuple(values.shape) for values in batch.values())
-                if shapes not in flops_by_shapes:
-                    flops_by_shapes[shapes] = flops_per_sample(stage, task, batch, per_worker, state.step - 1)
-                flops = flops_by_shapes[shapes]
-            window.add(loss, grad_norm, data_wait, total_seconds, flops)
-            if run is not None and time.monotonic() - last_log >= config.log_every_seconds:
-                log_progress(run, state, window, meter, config, optimizer, device, peak)
-                last_log = time.monotonic()
-            if config.sample_every and state.step % config.sample_every == 0:
-                log_samples(run, stage, task, model, ema, state.step)
-            if config.eval_every and state.step % config.eval_every == 0 and state.step < config.steps:
-                log_validation(run, stage, task, model, ema, state.step, per_worker)
-            notice = preemption.notice()
-            if notice is not None or (state.step % config.checkpoint_every == 0 and state.step < config.steps):
-                save_checkpoint(model, ema, optimizer, state, meter)
-            if notice is not None and notice.ends_run:
-                raise Preempted(
-                    f"rank {rank}: {notice.reason}; checkpointed at step {state.step}, which the restart resumes from"
-                )
+    reader = EpochReader(list(args.data.values()), config, rank, device)
+    try:
+        while state.step < config.steps and not state.stop_reason:
             waited_since = time.monotonic()
-            if state.step >= config.steps:
-                break
-        else:
-            if index < 0:
-                raise RuntimeError(
-                    f"rank {rank}: an epoch without a single batch of {per_worker} samples: the "
-                    "training set is smaller than global_batch_size"
+            # From the position of the checkpoint resumed from: the reader skips rows of one piece at most.
+            for batch in reader.batches(state.epoch, state.batches_in_epoch):
+                data_wait = time.monotonic() - waited_since
+                if not all_agree(meter.next_step_fits(step_seconds), device):
+                    state.stop_reason = (
+                        f"GPU-hour budget reached: used {meter.used():.4g} of {args.budget:.4g}; "
+                        "the next step would exceed it"
+                    )
+                    break
+                loss, grad_norm = train_step(
+                    forward, optimizer, schedule, task, batch, config, step_seed(config.seed, rank, state.step)
                 )
-            state.epoch += 1
-            state.batches_in_epoch = 0
+                state.step += 1
+                state.batches_in_epoch += 1
+                state.samples_seen += config.global_batch_size
+                update_ema(ema, model, state.step, config)
+                # The next step's cost, foreseen from this one's: its whole cycle holds the GPUs (data wait,
+                # logging, samples and checkpoints of the step before included).
+                step_seconds = meter.lap()
+                total_seconds = time.monotonic() - waited_since
+                state.last_loss = loss
+                flops = None
+                if run is not None:  # after the step's timing: counting a new bucket's shapes is not the step's
+                    shapes = tuple(tuple(values.shape) for values in batch.values())
+                    if shapes not in flops_by_shapes:
+                        flops_by_shapes[shapes] = flops_per_sample(stage, task, batch, per_worker, state.step - 1)
+                    flops = flops_by_shapes[shapes]
+                window.add(loss, grad_norm, data_wait, total_seconds, flops)
+                if run is not None and time.monotonic() - last_log >= config.log_every_seconds:
+                    log_progress(run, state, window, meter, config, optimizer, device, peak)
+                    log_reads(run, reader, state.step)
+                    last_log = time.monotonic()
+                if config.sample_every and state.step % config.sample_every == 0:
+                    log_samples(run, stage, task, model, ema, state.step)
+                if config.eval_every and state.step % config.eval_every == 0 and state.step < config.steps:
+                    log_validation(run, stage, task, model, ema, state.step, per_worker)
+                notice = preemption.notice()
+                if notice is not None or (state.step % config.checkpoint_every == 0 and state.step < config.steps):
+                    state.data_position = _positions(args, reader, state)
+                    save_checkpoint(model, ema, optimizer, state, meter)
+                if notice is not None and notice.ends_run:
+                    raise Preempted(
+                        f"rank {rank}: {notice.reason}; checkpointed at step {state.step}, which the restart "
+                        "resumes from"
+                    )
+                waited_since = time.monotonic()
+                if state.step >= config.steps:
+                    break
+            else:
+                state.epoch += 1
+                state.batches_in_epoch = 0
+    finally:
+        reader.close()
     log_samples(run, stage, task, model, ema, state.step)
     log_validation(run, stage, task, model, ema, state.step, per_worker)
     meter.lap()  # the final samples count; the driver logs the final figures from the checkpoint
     if run is not None:
         log_progress(run, state, window, meter, config, optimizer, device, peak)
+        log_reads(run, reader, state.step)
+    state.data_position = _positions(args, reader, state)
     save_checkpoint(model, ema, optimizer, state, meter, final=True)
+
+
+def _positions(args: WorkerArgs, reader: EpochReader, state: TrainingState) -> dict[str, list[dict]]:
+    """Where each rank is in each data set, for a reader of the checkpoint's state (the position itself
+    follows from the epoch and the batches taken in it)."""
+    return dict(zip(args.data, reader.positions(state.epoch, state.batches_in_epoch), strict=True))
+
+
+def log_reads(run, reader: EpochReader, step: int) -> None:
+    """Rank 0's rows read from storage in this attempt, and those of them it had consumed before the
+    position the attempt resumed from."""
+    run.log_metrics({"data/rows_read": reader.rows_read, "data/rows_reread": reader.rows_reread}, step=step)
 
 
 def trainer(
     *,
     name: str,
     args: WorkerArgs,
-    datasets: dict[str, ray.data.Dataset],
     storage_path: str,
     storage_filesystem: pyarrow.fs.FileSystem | None,
 ) -> TorchTrainer:
     """The TorchTrainer of one training run; same ``name`` and storage: a rerun resumes it."""
     config = args.train
-    ingest = DataConfig.default_ingest_options()
-    ingest.preserve_order = True  # otherwise blocks reach the ranks in the order Ray Data's tasks finish
-    columns = args.stage.columns(args.task)
     return TorchTrainer(
         train_worker,
         train_loop_config=args,
@@ -251,8 +253,6 @@ def trainer(
             checkpoint_config=CheckpointConfig(num_to_keep=config.keep_checkpoints),
             callbacks=[TerminationNotice()],
         ),
-        datasets={name: dataset.select_columns(columns) for name, dataset in datasets.items()},
-        dataset_config=DataConfig(execution_options=ingest),
     )
 
 

@@ -34,7 +34,7 @@ from pipelines.trainable import REGISTRY, stage_of_phase
 from pipelines.trainable.base import TaskSpec, TrainableStage, decode_images
 from pipelines.training.checkpoint import read_checkpoint_weights
 from pipelines.training.config import TrainConfig
-from pipelines.training.data import TRAIN_DATASET
+from pipelines.training.data import TRAIN_DATASET, TrainingRows, count_rows
 
 TRAINED = "trained"  # a pre_encode.*_weights value: the output of this run's own training phase
 _SAMPLE_ROWS = 8
@@ -103,9 +103,14 @@ def run_training(context, run, phase: str) -> str:
         run_used=run_used,
         setting=f"{section}.budget_gpu_hours",
     )
-    datasets, buckets = _datasets(context, stage, sorted(source.shards), config, run, held_out_below=held_out_below)
+    datasets = _datasets(context, stage, sorted(source.shards), config, run, held_out_below=held_out_below)
+    if not all(rows.batches for rows in datasets.values()):  # the crops' count above holds the held-out keys
+        raise ValueError(
+            f"{section}.global_batch_size ({config.global_batch_size}) is larger than the training set "
+            f"({sum(rows.rows() for rows in datasets.values())} samples to train on): lower it or add data"
+        )
     spec = dataclasses.replace(
-        _task_spec(context, stage, config, datasets[max(buckets, key=buckets.get) if buckets else TRAIN_DATASET]),
+        _task_spec(context, stage, config, max(datasets.values(), key=lambda rows: rows.batches)),
         validation_batches=validation_spec(context, stage).validation_batches,
         chain_evaluation=_chain_evaluation(context, stage, sorted(source.shards)),
     )
@@ -117,16 +122,14 @@ def run_training(context, run, phase: str) -> str:
         used_before=run_used,
         tracking_uri=context.tracker.uri,
         run_id=run.run_id,
-        buckets=buckets,
+        data=datasets,
         ray_log_level=context.config.ray.log_level,
     )
     # The tag makes this phase run an attempt of the training run; the experiment counts it once.
     run.set_tags({CHECKPOINTS_TAG: checkpoints})
     run.log_params({"budget_gpu_hours": budget.limit, "units_held": config.units_held})
     storage_fs, storage_path = _ray_storage(ray_url, storage)
-    result = trainer(
-        name=ray_name, args=args, datasets=datasets, storage_path=storage_path, storage_filesystem=storage_fs
-    ).fit()
+    result = trainer(name=ray_name, args=args, storage_path=storage_path, storage_filesystem=storage_fs).fit()
     ema, state = read_checkpoint_weights(result.checkpoint)
     # At the final step, so the charts of the figures the workers logged end there.
     run.log_metrics(
@@ -181,80 +184,81 @@ def _ray_run_name(phase: str, fingerprint: dict) -> str:
 
 def _datasets(
     context, stage: TrainableStage, shards: list[str], config: TrainConfig, run, *, held_out_below: int | None = None
-) -> tuple[dict[str, ray.data.Dataset], dict[str, int]]:
+) -> dict[str, TrainingRows]:
     """The training data: one data set, or with aspect-ratio buckets one per bucket, with the batches
     each worker takes from it per epoch (a bucket too small for one global batch is left out). The
     decoded crops leave out the keys hashed below ``held_out_below`` (which they need); the latent
     shards' own split leaves out their validation rows."""
     storage = context.config.storage
     resolution = context.config.decode.resolution
-    fs, folder = filesystem(context.output_url(stage.source_phase), storage)
-    files = [f"{folder}/{schema.shard_parquet(shard)}" for shard in shards]
+    source = context.output_url(stage.source_phase)
+    files = tuple(f"{source}/{schema.shard_parquet(shard)}" for shard in shards)
+    columns = tuple(stage.columns(_spec_stub(context, stage)))
+    per_worker = config.global_batch_size // config.workers
     if stage.source_phase == decode.PHASE:
         assert held_out_below is not None, "the crops carry no split: training must be told what to leave out"
-        dataset = ray.data.read_parquet(files, filesystem=fs).select_columns(
-            [schema.KEY, schema.IMAGE, schema.CAPTION, schema.DROP_REASON]
+        crops = TrainingRows(
+            files=files,
+            columns=columns,
+            storage=storage,
+            keep=pc.field(schema.DROP_REASON).is_null(),
+            keep_columns=(schema.KEY, schema.DROP_REASON),
+            held_out_below=held_out_below,
+            resolution=resolution,
         )
-        dataset = dataset.filter(expr=col(schema.DROP_REASON).is_null()).map_batches(
-            training_crops, fn_kwargs={"resolution": resolution, "held_out_below": held_out_below}
-        )
-        return {TRAIN_DATASET: _in_fixed_order(dataset, config).randomize_block_order(seed=config.seed)}, {}
+        return _with_batches(count_rows({TRAIN_DATASET: crops}), config)
     assert stage.source_phase == pre_encode.PHASE, stage.source_phase
-    columns = [*stage.columns(_spec_stub(context, stage)), schema.CAPTION]
+    training = pre_encode.TRAINING_ROWS.to_pyarrow()
     crops = context.config.decode.crop_sizes()
     if len(crops) == 1:
         if stage.check_crop is not None:
             stage.check_crop(context.config, crops[0])
-        dataset = (
-            ray.data.read_parquet(files, filesystem=fs).filter(expr=pre_encode.TRAINING_ROWS).select_columns(columns)
+        latents = TrainingRows(
+            files=files, columns=columns, storage=storage, keep=training, keep_columns=(schema.SPLIT,)
         )
-        return {TRAIN_DATASET: _in_fixed_order(dataset, config).randomize_block_order(seed=config.seed)}, {}
+        return _with_batches(count_rows({TRAIN_DATASET: latents}), config)
 
-    # Two int columns of every shard, read here: Ray Data's group-by would start a shuffle for them.
-    counted = pyarrow.dataset.dataset(files, format="parquet", filesystem=fs).to_table(
-        columns=_CROP_COLUMNS, filter=pre_encode.TRAINING_ROWS.to_pyarrow()
-    )
-    rows = {
-        (row[schema.CROP_WIDTH], row[schema.CROP_HEIGHT]): row["count_all"]
-        for row in counted.group_by(_CROP_COLUMNS).aggregate([([], "count_all")]).to_pylist()
-    }
-    everything = bucketed_source(files, fs, columns)
-    per_worker = config.global_batch_size // config.workers
-    datasets, buckets = {}, {}
-    for width, height in crops:
-        batches = rows.get((width, height), 0) // config.workers // per_worker
-        if batches:
-            if stage.check_crop is not None:
-                stage.check_crop(context.config, (width, height))
-            name = f"{TRAIN_DATASET}_{width}x{height}"
-            shapes = pre_encode.latent_shapes(context.config.pre_encode, (width, height), resolution)
-            bucket = (
-                in_bucket(everything, (width, height))
-                .map_batches(shard_phase.unflatten_ragged, fn_kwargs={"shapes": shapes})
-                .select_columns(columns)
-            )
-            datasets[name] = _in_fixed_order(bucket, config).randomize_block_order(seed=config.seed)
-            buckets[name] = batches
-    run.log_params(
+    buckets = count_rows(
         {
-            "bucket_samples": json.dumps({f"{w}x{h}": n for (w, h), n in sorted(rows.items())}),
-            "bucket_batches_per_worker": json.dumps(buckets),
+            f"{TRAIN_DATASET}_{width}x{height}": TrainingRows(
+                files=files,
+                columns=columns,
+                storage=storage,
+                keep=training & (pc.field(schema.CROP_WIDTH) == width) & (pc.field(schema.CROP_HEIGHT) == height),
+                keep_columns=(schema.SPLIT, *_CROP_COLUMNS),
+                ragged_shapes=pre_encode.latent_shapes(context.config.pre_encode, (width, height), resolution),
+            )
+            for width, height in crops
         }
     )
-    if not buckets:
+    rows = {f"{width}x{height}": bucket.rows() for (width, height), bucket in zip(crops, buckets.values(), strict=True)}
+    for (width, height), bucket in zip(crops, buckets.values(), strict=True):
+        if bucket.rows() // config.workers // per_worker and stage.check_crop is not None:
+            stage.check_crop(context.config, (width, height))
+    datasets = {name: bucket for name, bucket in _with_batches(buckets, config).items() if bucket.batches}
+    if run is not None:
+        run.log_params(
+            {
+                "bucket_samples": json.dumps(rows),
+                "bucket_batches_per_worker": json.dumps({name: rows.batches for name, rows in datasets.items()}),
+            }
+        )
+    if not datasets:
         raise ValueError(
             f"no aspect-ratio bucket holds {config.global_batch_size} samples (global_batch_size), "
-            f"samples per bucket: {dict(sorted(rows.items()))}: lower the batch size or use fewer "
-            "decode.bucket_aspect_ratios"
+            f"samples per bucket: {rows}: lower the batch size or use fewer decode.bucket_aspect_ratios"
         )
-    return datasets, buckets
+    return datasets
 
 
-def training_crops(batch: dict[str, np.ndarray], resolution: int, held_out_below: int) -> dict[str, np.ndarray]:
-    """Ray Data step for the image-trained stages: the rows of a batch of decoded crops that are not held
-    out (``pre_encode.held_out``), their images decoded (``decode_images``)."""
-    kept = ~pre_encode.held_out(batch[schema.KEY], held_out_below)
-    return decode_images({name: values[kept] for name, values in batch.items()}, resolution)
+def _with_batches(datasets: dict[str, TrainingRows], config: TrainConfig) -> dict[str, TrainingRows]:
+    """``datasets``, each with the batches every worker takes of it per epoch (the same on every rank:
+    DDP needs the same steps everywhere; the rows short of a global batch wait for another epoch)."""
+    per_worker = config.global_batch_size // config.workers
+    return {
+        name: dataclasses.replace(rows, batches=rows.rows() // config.workers // per_worker)
+        for name, rows in datasets.items()
+    }
 
 
 def _validation_batches(
@@ -349,28 +353,11 @@ def _chain_evaluation(context, stage: TrainableStage, shards: list[str]) -> Chai
     )
 
 
-def bucketed_source(files: list[str], fs, columns: list[str]) -> ray.data.Dataset:
-    """Every bucket's training rows of the latent shards ``files``: ``columns`` and the crop columns that
-    ``in_bucket`` cuts by. Each bucket's filter still reaches the Parquet read (bench/bucket_read.py)."""
-    return (
-        ray.data.read_parquet(files, filesystem=fs)
-        .filter(expr=pre_encode.TRAINING_ROWS)
-        .select_columns([*columns, *_CROP_COLUMNS])
-    )
-
-
 def in_bucket(dataset: ray.data.Dataset, crop: tuple[int, int]) -> ray.data.Dataset:
     """The rows of ``dataset`` cut to ``crop``: an expression Ray Data pushes into the Parquet read,
     which then skips the other buckets' row groups by their statistics."""
     width, height = crop
     return dataset.filter(expr=(col(schema.CROP_WIDTH) == width) & (col(schema.CROP_HEIGHT) == height))
-
-
-def _in_fixed_order(dataset: ray.data.Dataset, config: TrainConfig) -> ray.data.Dataset:
-    """Blocks in the order of the files, not of the tasks that finish first (the train loop's ``preserve_order``
-    covers the read each epoch; this the copy ``cache_data`` keeps)."""
-    dataset.context.execution_options.preserve_order = True
-    return dataset.materialize() if config.cache_data else dataset
 
 
 def validation_spec(context, stage: TrainableStage) -> TaskSpec:
@@ -408,9 +395,11 @@ def _spec_stub(context, stage: TrainableStage) -> TaskSpec:
     )
 
 
-def _task_spec(context, stage: TrainableStage, config: TrainConfig, dataset: ray.data.Dataset) -> TaskSpec:
+def _task_spec(context, stage: TrainableStage, config: TrainConfig, rows: TrainingRows) -> TaskSpec:
     storage = context.config.storage
-    sample = dataset.take_batch(_SAMPLE_ROWS, batch_format="numpy")
+    file = next(file for file, groups in enumerate(rows.group_rows) if sum(groups))
+    with_captions = dataclasses.replace(rows, columns=(*rows.columns, schema.CAPTION))  # the grid's titles
+    sample = with_captions.read(file, 0, min(_SAMPLE_ROWS, sum(rows.group_rows[file])))
     empty: dict[str, np.ndarray] = {}
     if stage.text_column and context.config.pre_encode.text == "hidden_states":
         fs, path = filesystem(f"{context.output_url(pre_encode.PHASE)}/{pre_encode.EMPTY_CAPTION_FILE}", storage)

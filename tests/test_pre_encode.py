@@ -190,14 +190,13 @@ def test_the_validation_split_is_the_smallest_key_hashes_counted_and_in_row_grou
     assert len(key_of) == len(kept)
     run_config = load_config("tiny", [f"work_dir={tmp_path}", "pre_encode.text=tokens"])
     context = PhaseContext(config=run_config, work_dir=str(tmp_path), shards_url="", tracker=None)
-    datasets, _ = train_phase._datasets(
+    (rows,) = train_phase._datasets(
         context, REGISTRY["stage_c"], sorted(manifest.shards), run_config.train_c, run=None
-    )
+    ).values()
     read = [
         key_of[np.ascontiguousarray(latent, np.float16).tobytes()]
-        for dataset in datasets.values()
-        for batch in dataset.iter_batches(batch_format="numpy")
-        for latent in batch[schema.STAGE_C_LATENT]
+        for file, groups in enumerate(rows.group_rows)
+        for latent in rows.read(file, 0, sum(groups))[schema.STAGE_C_LATENT]
     ]
     assert sorted(read) == sorted(key for key, name in split.items() if name == "train")
 

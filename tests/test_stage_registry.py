@@ -3,12 +3,14 @@ trains any registered stage without naming it (a toy stage that exists only here
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import ray.cloudpickle
-import ray.data
 import torch
 import torch.nn.functional as F
 from mlflow.tracking import MlflowClient
@@ -23,7 +25,7 @@ from pipelines.trainable import REGISTRY, stage_of_phase, training_phases
 from pipelines.trainable.base import Parallelism, Task, TaskSpec, TrainableStage
 from pipelines.training.checkpoint import read_checkpoint_weights
 from pipelines.training.config import TrainConfig
-from pipelines.training.data import TRAIN_DATASET
+from pipelines.training.data import TRAIN_DATASET, TrainingRows, count_rows
 from pipelines.training.parallel import compile_blocks
 
 TOY_X, TOY_Y = "toy_x", "toy_y"
@@ -97,7 +99,12 @@ def test_a_registered_stage_trains_through_the_real_loop(tmp_path, local_ray, mo
         generator = np.random.default_rng(0)
         x = generator.normal(size=(64, 4)).astype(np.float32)
         y = (x @ np.array([1.0, -2.0, 0.5, 0.0], np.float32)).astype(np.float32)
-        dataset = ray.data.from_items([{TOY_X: row, TOY_Y: target} for row, target in zip(x, y)])
+        pq.write_table(
+            pa.table({TOY_X: pa.FixedShapeTensorArray.from_numpy_ndarray(x), TOY_Y: y}), tmp_path / "toy.parquet"
+        )
+        (data,) = count_rows(
+            {TRAIN_DATASET: TrainingRows(files=(str(tmp_path / "toy.parquet"),), columns=(TOY_X, TOY_Y))}
+        ).values()
         config = TrainConfig(
             steps=12,
             global_batch_size=16,
@@ -131,11 +138,11 @@ def test_a_registered_stage_trains_through_the_real_loop(tmp_path, local_ray, mo
                 used_before=0.0,
                 tracking_uri=tracker.uri,
                 run_id=run.run_id,
+                data={TRAIN_DATASET: dataclasses.replace(data, batches=64 // config.global_batch_size)},
             )
             result = trainer(
                 name="toy",
                 args=args,
-                datasets={TRAIN_DATASET: dataset},
                 storage_path=str(tmp_path / "ray"),
                 storage_filesystem=None,
             ).fit()

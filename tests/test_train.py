@@ -47,6 +47,7 @@ from pipelines.trainable import REGISTRY, build_task
 from pipelines.trainable.base import TaskSpec, decode_images
 from pipelines.training.checkpoint import file_record, verify_files
 from pipelines.training.config import TrainConfig
+from pipelines.training.data import TrainingRows
 from pipelines.training.parallel import full_state
 from pipelines.training.step import swapped_in, train_step
 from stages.generate import Wuerstchen, build_models
@@ -144,6 +145,12 @@ def test_each_bucket_holds_the_latents_the_encoders_compute_for_its_crop(latents
             assert statistics.has_min_max and statistics.min == statistics.max, (group, column)
 
 
+def _every_row(rows: TrainingRows) -> dict[str, np.ndarray]:
+    """The training rows of every file of a data set, in file order."""
+    files = [rows.read(file, 0, sum(groups)) for file, groups in enumerate(rows.group_rows)]
+    return {name: np.concatenate([columns[name] for columns in files]) for name in rows.columns}
+
+
 def test_training_reads_every_train_sample_of_its_buckets_and_no_validation_sample(latents, tmp_path):
     config = load_config("tiny", [*SMALL_DATA[1::2], *RANDOM_ENCODERS[1::2], f"work_dir={latents}"])
     shards = sorted(read_manifest(str(latents / "pre_encode")).shards)
@@ -157,13 +164,12 @@ def test_training_reads_every_train_sample_of_its_buckets_and_no_validation_samp
     tracker = Tracker(config.tracking, str(tmp_path))
     context = PhaseContext(config=config, work_dir=str(latents), shards_url="", tracker=tracker)
     with tracker.run("datasets") as run:
-        datasets, buckets = train_phase._datasets(context, REGISTRY["stage_c"], shards, config.train_c, run)
+        buckets = train_phase._datasets(context, REGISTRY["stage_c"], shards, config.train_c, run)
     assert set(buckets) == {"train_48x80", "train_80x48"}, buckets  # the square bucket is too small
     read = [
         key_of[np.asarray(latent, np.float16).tobytes()]
-        for dataset in datasets.values()
-        for batch in dataset.iter_batches(batch_format="numpy")
-        for latent in batch[schema.STAGE_C_LATENT]
+        for bucket in buckets.values()
+        for latent in _every_row(bucket)[schema.STAGE_C_LATENT]
     ]
     in_buckets = {
         row[schema.KEY] for row in rows if f"train_{row[schema.CROP_WIDTH]}x{row[schema.CROP_HEIGHT]}" in buckets
@@ -171,9 +177,9 @@ def test_training_reads_every_train_sample_of_its_buckets_and_no_validation_samp
     assert len(read) == len(set(read)) and set(read) == in_buckets - validation
     assert in_buckets & validation, "no validation sample in the buckets read: the test shows nothing"
     # The batches per epoch count the train rows alone (2 workers, 16 samples each a step).
-    for name, batches in buckets.items():
+    for name, bucket in buckets.items():
         assert (
-            batches
+            bucket.batches
             == sum(
                 f"train_{row[schema.CROP_WIDTH]}x{row[schema.CROP_HEIGHT]}" == name and row[schema.SPLIT] == "train"
                 for row in rows
@@ -222,9 +228,10 @@ def test_the_image_stages_train_on_no_held_out_crop_and_evaluate_on_the_validati
     stage = REGISTRY[stage_name]
     section = getattr(config, stage.config_section)
     with tracker.run("datasets") as run:
-        datasets, buckets = train_phase._datasets(context, stage, shards, section, run, held_out_below=threshold)
-    assert not buckets  # the image stages learn from every crop's centre square
-    read = [key for batch in datasets["train"].iter_batches(batch_format="numpy") for key in batch[schema.KEY]]
+        datasets = train_phase._datasets(context, stage, shards, section, run, held_out_below=threshold)
+    assert list(datasets) == ["train"]  # the image stages learn from every crop's centre square
+    keyed = dataclasses.replace(datasets["train"], columns=(schema.KEY, *datasets["train"].columns))
+    read = list(_every_row(keyed)[schema.KEY])
     assert len(read) == len(set(read))
     assert not set(read) & validation
     # Every other decoded crop is read: those held out are the split's keys (embed dropped none here).
@@ -471,7 +478,7 @@ def test_resumed_compiled_and_fsdp_runs_follow_the_uninterrupted_loss_curve(late
     whole = _stage_c_losses(latents, tmp_path / "whole", "train_c.strategy=ddp")
     assert [step for step, _ in whole] == list(range(1, 13))
     # Stopped after step 6 (three epochs in; from the second on, cache_data serves reshuffled epochs
-    # from memory) and resubmitted: the same batches and draws, so the same losses to the last bit.
+    # from the files in memory) and resubmitted: the same batches and draws, so the same losses to the last bit.
     assert _stage_c_losses(latents, tmp_path / "resumed", "train_c.strategy=ddp", lengths=(6, 12)) == whole
     # Under FSDP, stopped and resumed too (its full-state checkpoint loads into the shards): the same
     # averaged gradients, reduced in another order.
@@ -508,6 +515,41 @@ def test_resumed_compiled_and_fsdp_runs_follow_the_uninterrupted_loss_curve(late
     client, (run,) = _phase_runs(work_dir, "train_stage_a")
     grids = [artifact.path for artifact in client.list_artifacts(run.info.run_id, "samples")]
     assert {"samples/step_0000002.png", "samples/step_0000004.png"} <= set(grids), grids
+
+
+@pytest.mark.slow
+def test_a_run_stopped_mid_epoch_resumes_bit_exact_reading_again_one_shard_at_most(latents, tmp_path):
+    # Batches of 8: an epoch of several steps per bucket, so step 7 lies inside one.
+    whole = _stage_c_losses(latents, tmp_path / "whole", "train_c.global_batch_size=8")
+    resumed = _stage_c_losses(latents, tmp_path / "resumed", "train_c.global_batch_size=8", lengths=(7, 12))
+    assert [step for step, _ in whole] == list(range(1, 13))
+    assert resumed == whole
+    client, (first, second) = _phase_runs(tmp_path / "resumed" / "work", "train_stage_c")
+    buckets = json.loads(first.data.params["bucket_batches_per_worker"])
+    epoch = sum(buckets.values())
+    assert 7 % epoch, f"step 7 ends an epoch of {epoch} steps: the test shows nothing"
+    # Rank 0's rows read again on resume: per bucket, those of the piece that holds its position, in
+    # one shard (replaying the epoch read all its batches before the position again).
+    reread = max(m.value for m in client.get_metric_history(second.info.run_id, "data/rows_reread"))
+    shards = [
+        pq.read_table(path, columns=[schema.SPLIT, schema.CROP_WIDTH, schema.CROP_HEIGHT]).to_pylist()
+        for path in (tmp_path / "resumed" / "work" / "pre_encode").glob("*.parquet")
+    ]
+    most_in_a_shard = {
+        bucket: max(
+            sum(
+                f"train_{r[schema.CROP_WIDTH]}x{r[schema.CROP_HEIGHT]}" == bucket and r[schema.SPLIT] == "train"
+                for r in rows
+            )
+            for rows in shards
+        )
+        for bucket in buckets
+    }
+    assert reread <= sum(most_in_a_shard.values()), (reread, most_in_a_shard)
+    state = json.loads(
+        next((tmp_path / "resumed" / "work" / "train_stage_c" / "ray").glob("*/checkpoint_*/state.json")).read_text()
+    )
+    assert set(state["data_position"]) == set(buckets)
 
 
 @pytest.mark.slow
@@ -590,8 +632,8 @@ def test_a_node_drained_for_preemption_has_the_run_checkpoint_at_the_next_step_a
             return max((step for step, _ in _loss_history(client[0], runs[0].info.run_id)), default=0) if runs else 0
 
         try:
-            # Past the first epoch: from then on the workers train from their own copy of the data
-            # (cache_data), and need no Ray Data task, which a draining node no longer takes.
+            # Past the first epoch: from then on the workers train from the files they keep in memory
+            # (cache_data); they read with no Ray task at all, which a draining node no longer takes.
             _wait_for(lambda: last_step() >= 4, driver, "the second epoch")
             (node,) = [node for node in ray_state(head.dashboard, auth, "nodes") if not node["is_head_node"]]
             # The node's spot notice watcher, as ray_cluster.yaml starts it on spot nodes, learns of an

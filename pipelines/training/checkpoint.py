@@ -51,6 +51,9 @@ class TrainingState:
     step: int = 0
     epoch: int = 0
     batches_in_epoch: int = 0
+    data_position: dict[str, list[dict[str, Any]]] = dataclasses.field(default_factory=dict)
+    """Per data set, per rank: the file its reading stands in and the training rows of that file before
+    the position (pipelines/training/data.py; the epoch and ``batches_in_epoch`` decide it)."""
     gpu_hours_used: float = 0.0
     """GPU-hours of the run at this checkpoint, its earlier attempts included."""
     gpu_hours_attempt: float = 0.0

@@ -90,10 +90,9 @@ class TrainConfig:
     (pipelines/training/preemption.py): on spot capacity without draining, allow the preemptions the
     planner expects."""
     cache_data: bool = False
-    """For data sets that fit in memory: hold the training set in Ray's object store after one read,
-    and each worker's shard in its own memory after its first epoch, reshuffled every epoch, so short
-    epochs pay neither a re-read nor Ray Data's start of a new pass (at LAION scale leave it off:
-    epochs are long and the data streams)."""
+    """For data sets that fit in memory: each worker keeps the files it has read in memory (their
+    training rows, images decoded), so later epochs neither read nor decode them again (at LAION
+    scale leave it off: epochs are long and the data streams)."""
     budget_gpu_hours: float | None = None
     """GPU-hours (worker-hours on CPU) this run may use; none: no limit but the experiment's."""
     init_weights: str = ""
