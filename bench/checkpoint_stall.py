@@ -105,8 +105,18 @@ def worker(args: dict) -> None:
             torch.cuda.synchronize(device)
         seconds.append(time.perf_counter() - started)
     checkpoints.report_written(state.step, wait=True)
+    # Rank 0's timings travel as the last checkpoint: the run's result holds the latest checkpoint's
+    # metrics, not the latest report's.
+    if ray.train.get_context().get_world_rank() != 0:
+        ray.train.report({"step": state.step}, checkpoint=None)
+        return
+    timings = scratch / "timings"
+    timings.mkdir()
     state_bytes = 4 * sum(p.numel() * p.element_size() for p in model.parameters())
-    ray.train.report({"seconds": seconds, "checkpointed": json.dumps(checkpointed), "state_bytes": state_bytes})
+    (timings / "timings.json").write_text(
+        json.dumps({"seconds": seconds, "checkpointed": checkpointed, "state_bytes": state_bytes})
+    )
+    ray.train.report({"step": state.step}, checkpoint=Checkpoint.from_directory(str(timings)))
 
 
 def main() -> None:
@@ -131,16 +141,18 @@ def main() -> None:
                 scaling_config=ScalingConfig(num_workers=args.workers, use_gpu=args.device == "cuda"),
                 run_config=RunConfig(name="checkpoint-stall", storage_path=storage),
             ).fit()
+            with result.checkpoint.as_directory() as folder:
+                timings = json.loads((Path(folder) / "timings.json").read_text())
     finally:
         ray.shutdown()
-    summarise(result.metrics, args.every)
+    summarise(timings, args.every)
 
 
 def summarise(metrics: dict, every: int) -> None:
     """Per kind of checkpoint, the mean over its repeats of the checkpointing step's time and of the
     time the steps after it took beyond the median step of the first and last intervals (no
     checkpoint written or in flight; the first step, which warms up, left out)."""
-    seconds, checkpointed = metrics["seconds"], {int(k): v for k, v in json.loads(metrics["checkpointed"]).items()}
+    seconds, checkpointed = metrics["seconds"], {int(k): v for k, v in metrics["checkpointed"].items()}
     median = statistics.median(seconds[1 : every - 1] + seconds[-every + 1 :])
     print(f"state {metrics['state_bytes'] / 2**20:.0f} MiB; median step without a checkpoint {median:.3f} s")
     print(f"{'kind':<15} {'checkpoint step':>16} {'steps after, extra':>19} {'total extra':>12}")

@@ -473,7 +473,7 @@ def test_resumed_compiled_and_fsdp_runs_follow_the_uninterrupted_loss_curve(late
     # Stopped after step 6 (three epochs in; from the second on, cache_data serves reshuffled epochs
     # from memory) and resubmitted: the same batches and draws, so the same losses to the last bit.
     assert _stage_c_losses(latents, tmp_path / "resumed", "train_c.strategy=ddp", lengths=(6, 12)) == whole
-    # Under FSDP, stopped and resumed too (its full-state checkpoint loads into the shards): the same
+    # Under FSDP, stopped and resumed too (each rank loads its shards of the checkpoint): the same
     # averaged gradients, reduced in another order.
     fsdp = _stage_c_losses(latents, tmp_path / "fsdp", "train_c.strategy=fsdp", lengths=(6, 12))
     assert [step for step, _ in fsdp] == list(range(1, 13))

@@ -195,6 +195,8 @@ class Checkpointer:
         self._write = _Write(step=state.step, metrics=metrics, folder=folder, recorded=recorded)
         if durable or final:
             self.report_written(state.step, wait=True, upload=CheckpointUploadMode.SYNC)
+        if final:
+            self._recorder.shutdown()
 
     def report_written(
         self, step: int, *, wait: bool = False, upload: CheckpointUploadMode = CheckpointUploadMode.ASYNC
@@ -222,7 +224,7 @@ def _ema_state(model: nn.Module, ema: list[torch.Tensor]) -> dict[str, torch.Ten
 
 def _record_files(written: Future, folder: Path, rank: int) -> None:
     """Waits for this rank's part of a checkpoint, then records the size and SHA-256 digest of each of
-    its files (hashing a v2 Stage C's ~16 GB takes seconds: it runs beside the training too)."""
+    its files, beside the training too."""
     written.result()
     files = {path.name: file_record(path) for path in sorted(folder.iterdir())}
     (folder / files_record(rank)).write_text(json.dumps(files))
