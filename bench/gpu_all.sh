@@ -18,7 +18,7 @@ cd "$(dirname "$0")/.."
 results=${1:-bench-results}
 shift $(( $# > 0 ? 1 : 0 ))
 selected=" ${*:-train_step_best encode_hidden_states} "
-known=" train_step_best train_step_b train_step_c train_step_compiled_references train_step encode encode_hidden_states encode_two_actors encode_two_calls train_throughput profile_stage_b "
+known=" train_step_best train_step_b train_step_c train_step_compiled_references train_step encode encode_hidden_states encode_two_actors encode_two_calls train_throughput profile_stage_b checkpoint_stall "
 for name in $selected; do
     if [[ $known != *" $name "* ]]; then
         echo "unknown bench '$name': pick from$known" >&2
@@ -92,3 +92,6 @@ bench encode_two_calls 180 $python bench/encode.py --device cuda --shards 6 --sh
 bench train_throughput 330 $python bench/train_throughput.py --device cuda --models v2 --batch 32 --steps 120 \
     --cpus 8 --batches-per-epoch 64 --no-dashboard
 bench profile_stage_b 90 $python bench/profile_step.py --device cuda --stage b --impl ours --steps 2 --rows 30
+# Step time while a checkpoint is written (4 GB of weights, EMA and AdamW state): the synchronous
+# gathered save against the one written in the background. Not timed on a GPU yet (300 s allowed).
+bench checkpoint_stall 300 $python bench/checkpoint_stall.py --device cuda --megabytes 1000 --width 4096 --batch 256

@@ -43,7 +43,7 @@ from pipelines.runtime import quiet_ray_below
 from pipelines.storage import local_copy
 from pipelines.tracking import ATTEMPT_GPU_HOURS, connect
 from pipelines.trainable.base import TaskSpec, TrainableStage
-from pipelines.training.checkpoint import TrainingState, restore_latest, save_checkpoint
+from pipelines.training.checkpoint import Checkpointer, TrainingState
 from pipelines.training.config import TrainConfig
 from pipelines.training.data import EpochReader, TrainingRows
 from pipelines.training.evaluation import log_validation
@@ -116,8 +116,9 @@ def _train(args: WorkerArgs, device: torch.device) -> None:
     forward = compile_blocks(model, stage.parallelism, config.activation_memory_budget) if config.compile else model
     optimizer = build_optimizer(model, config, device)
     schedule = build_schedule(optimizer, config)
-    resumed = restore_latest(model, optimizer, schedule, ema=[p.detach().clone() for p in model.parameters()])
-    state, ema = resumed.state, resumed.ema
+    checkpoints = Checkpointer(model, optimizer, [p.detach().clone() for p in model.parameters()], device)
+    resumed = checkpoints.restore_latest(schedule)
+    state, ema = resumed.state, checkpoints.ema
 
     run = connect(args.tracking_uri, args.run_id) if rank == 0 else None
     # After a restart of the workers by Ray Train, the attempt goes on counting from what it last logged
@@ -186,9 +187,11 @@ def _train(args: WorkerArgs, device: torch.device) -> None:
                 if config.eval_every and state.step % config.eval_every == 0 and state.step < config.steps:
                     log_validation(run, stage, task, model, ema, state.step, per_worker)
                 notice = preemption.notice()
+                checkpoints.report_written(state.step)
                 if notice is not None or (state.step % config.checkpoint_every == 0 and state.step < config.steps):
                     state.data_position = _positions(args, reader, state)
-                    save_checkpoint(model, ema, optimizer, state, meter)
+                    # A preemption's must be in storage before the node goes.
+                    checkpoints.save(state, meter, durable=notice is not None)
                 if notice is not None and notice.ends_run:
                     raise Preempted(
                         f"rank {rank}: {notice.reason}; checkpointed at step {state.step}, which the restart "
@@ -209,7 +212,7 @@ def _train(args: WorkerArgs, device: torch.device) -> None:
         log_progress(run, state, window, meter, config, optimizer, device, peak)
         log_reads(run, reader, state.step)
     state.data_position = _positions(args, reader, state)
-    save_checkpoint(model, ema, optimizer, state, meter, final=True)
+    checkpoints.save(state, meter, final=True)
 
 
 def _positions(args: WorkerArgs, reader: EpochReader, state: TrainingState) -> dict[str, list[dict]]:

@@ -161,7 +161,7 @@ def test_each_stage_learns_checkpoints_and_logs_loadable_weights(first_run, phas
     assert 0 <= run.data.metrics["data_wait_fraction"] <= 1
     config = getattr(load_config("tiny", []), REGISTRY[phase.removeprefix("train_")].config_section)
     assert float(run.data.params["units_held"]) == config.units_held
-    checkpoints = list((work_dir / phase / "ray").glob("*/checkpoint_*/model.safetensors"))
+    checkpoints = list((work_dir / phase / "ray").glob("*/checkpoint_*/state.json"))
     assert 1 <= len(checkpoints) <= config.keep_checkpoints, checkpoints
     # Every stage's held-out loss, every eval_every steps and at the end, falling.
     validation = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, "val/loss"))

@@ -255,7 +255,7 @@ def assert_complete(mlflow_uri: str, work: str, storage: StorageConfig, *, steps
     fs, root = filesystem(work, storage)
     for phase in training_phases():
         assert phases[phase].data.metrics["final_step"] == steps, phase
-        assert fs.glob(f"{root}/{phase}/ray/*/checkpoint_*/model.safetensors"), phase
+        assert fs.glob(f"{root}/{phase}/ray/*/checkpoint_*/state.json"), phase
         assert trained_weights.fingerprint_of(f"{work}/{phase}/{trained_weights.FINAL_FILE}", storage), phase
     for phase in ("train_stage_b", "train_stage_c"):
         assert client.list_artifacts(phases[phase].info.run_id, "samples"), phase

@@ -91,7 +91,7 @@ def test_full_pipeline_on_s3(s3_server, tmp_path):
     # Training checkpoints and results live on S3 too; the images came from them.
     for phase in ("train_stage_b", "train_stage_c"):
         assert fs.exists(f"wuerstchen/runs/tiny/{phase}/final.safetensors"), phase
-    assert fs.glob("wuerstchen/runs/tiny/train_stage_c/ray/*/checkpoint_*/model.safetensors")
+    assert fs.glob("wuerstchen/runs/tiny/train_stage_c/ray/*/checkpoint_*/state.json")
     assert fs.exists("wuerstchen/runs/tiny/generate/summary.json")
 
     # The secret went in through the config; it shows nowhere but as ***.

@@ -15,6 +15,7 @@ import io
 import itertools
 import json
 import os
+import pickle
 import signal
 import socket
 import subprocess
@@ -28,10 +29,11 @@ import pyarrow.parquet as pq
 import pytest
 import ray.train
 import torch
+import torch.distributed.checkpoint as dcp
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from PIL import Image
-from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint import CheckpointException
 
 from cluster.local_cluster import kill_session, ray_auth, ray_node, ray_state
 from pipelines import evaluate, full, schema, train_phase, trained_weights
@@ -45,7 +47,7 @@ from pipelines.tracking import Tracker
 from pipelines.train import WorkerArgs
 from pipelines.trainable import REGISTRY, build_task
 from pipelines.trainable.base import TaskSpec, decode_images
-from pipelines.training.checkpoint import file_record, verify_files
+from pipelines.training.checkpoint import file_record, load_parts, verify_files
 from pipelines.training.config import TrainConfig
 from pipelines.training.data import TrainingRows
 from pipelines.training.parallel import full_state
@@ -297,7 +299,7 @@ def test_budgets_stop_a_run_with_a_checkpoint_and_refuse_one_that_cannot_fit(lat
     assert run.data.metrics["gpu_hours_remaining"] == pytest.approx(max(budget - used, 0), abs=1e-9)
     stopped_at = int(run.data.metrics["final_step"])
     assert stopped_at == 20, stopped_at
-    assert list((work_dir / "train_stage_c" / "ray").glob("*/checkpoint_*/model.safetensors"))
+    assert list((work_dir / "train_stage_c" / "ray").glob("*/checkpoint_*/state.json"))
     assert not (work_dir / "train_stage_c" / trained_weights.FINAL_FILE).exists()
 
     # Resubmitted with a larger budget and a reachable length: continues the step count and the
@@ -339,7 +341,7 @@ def test_budgets_stop_a_run_with_a_checkpoint_and_refuse_one_that_cannot_fit(lat
             "--set",
             "train_b.budget_gpu_hours=5",
         )
-    assert not list((work_dir / "train_stage_b").glob("ray/*/checkpoint_*/model.safetensors"))
+    assert not list((work_dir / "train_stage_b").glob("ray/*/checkpoint_*/state.json"))
 
 
 def test_a_budget_stops_at_the_step_it_allows_and_a_resume_counts_each_attempt_once(
@@ -399,8 +401,8 @@ def test_a_run_whose_every_checkpoint_is_unreadable_fails_and_never_starts_over(
     _main(work_dir, "--phases", "train_stage_c", "--set", "train_c.steps=2", "--set", "train_c.checkpoint_every=1")
     checkpoints = sorted(path for path in (work_dir / "train_stage_c" / "ray").glob("*/checkpoint_*") if path.is_dir())
     assert len(checkpoints) == 2, checkpoints
-    for checkpoint in checkpoints:
-        with open(checkpoint / "model.safetensors", "r+b") as stream:
+    for shard in [shard for checkpoint in checkpoints for shard in checkpoint.glob("*.distcp")]:
+        with open(shard, "r+b") as stream:
             stream.truncate(100)
     with pytest.raises(
         Exception,
@@ -480,7 +482,7 @@ def test_resumed_compiled_and_fsdp_runs_follow_the_uninterrupted_loss_curve(late
     # Stopped after step 6 (three epochs in; from the second on, cache_data serves reshuffled epochs
     # from the files in memory) and resubmitted: the same batches and draws, so the same losses to the last bit.
     assert _stage_c_losses(latents, tmp_path / "resumed", "train_c.strategy=ddp", lengths=(6, 12)) == whole
-    # Under FSDP, stopped and resumed too (its full-state checkpoint loads into the shards): the same
+    # Under FSDP, stopped and resumed too (each rank loads its shards of the checkpoint): the same
     # averaged gradients, reduced in another order.
     fsdp = _stage_c_losses(latents, tmp_path / "fsdp", "train_c.strategy=fsdp", lengths=(6, 12))
     assert [step for step, _ in fsdp] == list(range(1, 13))
@@ -550,6 +552,40 @@ def test_a_run_stopped_mid_epoch_resumes_bit_exact_reading_again_one_shard_at_mo
         next((tmp_path / "resumed" / "work" / "train_stage_c" / "ray").glob("*/checkpoint_*/state.json")).read_text()
     )
     assert set(state["data_position"]) == set(buckets)
+
+
+@pytest.mark.slow
+def test_under_fsdp_each_rank_writes_its_shards_while_training_goes_on_and_resumes_from_them(latents, tmp_path):
+    settings = [
+        "--set",
+        "train_c.strategy=fsdp",
+        "--set",
+        "train_c.checkpoint_every=4",
+        "--set",
+        "train_c.log_every_seconds=0",
+    ]
+    whole = _stage_c_losses(latents, tmp_path / "whole", *settings[1::2])
+    work_dir = _fresh_copy(latents, tmp_path)
+    _main(work_dir, "--phases", "train_stage_c", "--set", "train_c.steps=6", *settings)
+    (snapshot,) = (work_dir / "train_stage_c").glob("ray/*/checkpoint_manager_snapshot.json")
+    periodic, final = json.loads(snapshot.read_text())["checkpoint_results"]
+    assert (periodic["metrics"]["step"], final["metrics"]["step"]) == (4, 6)
+    # Reported once both ranks had written their parts, after a later step had run.
+    assert periodic["metrics"]["reported_at_step"] > 4
+    # No rank gathered the whole state: each wrote about half of the model, EMA and AdamW's two
+    # moments (and a record of each tensor it holds).
+    whole_state = 4 * sum(p.numel() * p.element_size() for p in StageC(STAGE_C_CONFIGS["tiny"]()).parameters())
+    shards = sorted((snapshot.parent / periodic["checkpoint_dir_name"]).glob("*.distcp"))
+    sizes = [shard.stat().st_size for shard in shards]
+    assert len(sizes) == 2 and max(sizes) < 0.75 * whole_state < whole_state < sum(sizes), (sizes, whole_state)
+    # Resumed from the periodic checkpoint (the final one made unreadable): the uninterrupted run's
+    # losses to the last bit.
+    (snapshot.parent / final["checkpoint_dir_name"] / "state.json").write_text("{}")
+    _main(work_dir, "--phases", "train_stage_c", "--set", "train_c.steps=12", *settings)
+    client, (first, resumed) = _phase_runs(work_dir, "train_stage_c")
+    assert resumed.data.tags["resume.step"] == "4"
+    assert _loss_history(client, first.info.run_id) == whole[:6]
+    assert _loss_history(client, resumed.info.run_id) == whole[4:]
 
 
 @pytest.mark.slow
@@ -792,14 +828,13 @@ def test_a_killed_worker_and_a_killed_job_continue_from_the_last_checkpoint(late
         reverse=True,
     )
     for name in damaged[1:]:
-        with open(snapshot.parent / name / "model.safetensors", "r+b") as stream:
+        with open(min((snapshot.parent / name).glob("*.distcp")), "r+b") as stream:
             stream.truncate(stream.seek(0, os.SEEK_END) // 2)
-    with open(snapshot.parent / latest["checkpoint_dir_name"] / "model.safetensors", "r+b") as stream:
-        stream.seek(-1, os.SEEK_END)  # the last byte of the last tensor's data
-        last = stream.read(1)
-        stream.seek(-1, os.SEEK_END)
-        stream.write(bytes([last[0] ^ 0x40]))
-    load_file(snapshot.parent / latest["checkpoint_dir_name"] / "model.safetensors")  # the format would not notice
+    with open(min((snapshot.parent / latest["checkpoint_dir_name"]).glob("*.distcp")), "r+b") as stream:
+        stream.seek(stream.seek(0, os.SEEK_END) // 2)  # a byte of some tensor's data
+        middle = stream.read(1)
+        stream.seek(-1, os.SEEK_CUR)
+        stream.write(bytes([middle[0] ^ 0x40]))
     result = subprocess.run(
         [*args, "--set", f"train_c.steps={logged_before_kill + 20}"],
         cwd=ROOT,
@@ -818,24 +853,61 @@ def test_a_killed_worker_and_a_killed_job_continue_from_the_last_checkpoint(late
     assert resumed.data.tags["resume.step"] == str(oldest_step)
     first_step = _loss_history(client, resumed.info.run_id)[0][0]
     # From a complete checkpoint (every 10 steps), never from scratch and never past what was saved.
+    # How far it lies behind the last step logged depends on the machine: the checkpoints registered
+    # lag the steps by their background write and upload.
     assert first_step == oldest_step + 1 and (first_step - 1) % 10 == 0
-    assert logged_before_kill - 40 < first_step <= logged_before_kill + 1, (logged_before_kill, first_step)
+    assert 10 < first_step <= logged_before_kill + 1, (logged_before_kill, first_step)
     assert (work_dir / "train_stage_c" / trained_weights.FINAL_FILE).is_file()
 
 
 def test_a_checkpoint_file_truncated_or_altered_is_refused(tmp_path):
-    save_file({"weight": torch.arange(64, dtype=torch.float32)}, tmp_path / "model.safetensors")
-    written = {"model.safetensors": file_record(tmp_path / "model.safetensors")}
+    weight = torch.arange(64, dtype=torch.float32)
+    dcp.save({"weight": weight}, checkpoint_id=tmp_path, no_dist=True)
+    (shard,) = tmp_path.glob("*.distcp")
+    written = {shard.name: file_record(shard)}
     verify_files(tmp_path, written)
-    data = bytearray((tmp_path / "model.safetensors").read_bytes())
-    data[-1] ^= 0x40  # one bit of the last value: the same size, still a valid safetensors file
-    (tmp_path / "model.safetensors").write_bytes(bytes(data))
-    load_file(tmp_path / "model.safetensors")
-    with pytest.raises(ValueError, match="model.safetensors is not what the checkpoint wrote.*sha256"):
+    data = bytearray(shard.read_bytes())
+    values = weight.numpy().tobytes()
+    data[data.index(values) + len(values) - 1] ^= 0x40  # one bit of the last value: the same size
+    shard.write_bytes(bytes(data))
+    loaded = {"weight": torch.zeros(64)}
+    dcp.load(loaded, checkpoint_id=tmp_path, no_dist=True)
+    assert not torch.equal(loaded["weight"], weight)  # the format does not notice
+    with pytest.raises(ValueError, match=f"{shard.name} is not what the checkpoint wrote.*sha256"):
         verify_files(tmp_path, written)
-    (tmp_path / "model.safetensors").write_bytes(bytes(data[:100]))
+    shard.write_bytes(bytes(data[:100]))
     with pytest.raises(ValueError, match=r"\{'bytes': 100\} != \{'bytes': "):
         verify_files(tmp_path, written)
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (os.system, ("true",))
+
+
+def test_a_checkpoint_that_would_unpickle_code_is_refused(tmp_path):
+    parameter = torch.nn.Parameter(torch.ones(4))
+    optimizer = torch.optim.AdamW([parameter])
+    optimizer.zero_grad()
+    parameter.sum().backward()
+    optimizer.step()
+    dcp.save({"weight": parameter.detach(), "optimizer": optimizer.state_dict()}, checkpoint_id=tmp_path, no_dist=True)
+    loaded = {
+        "weight": torch.zeros(4),
+        "optimizer": torch.optim.AdamW([torch.nn.Parameter(torch.zeros(4))]).state_dict(),
+    }
+    load_parts(loaded, tmp_path)  # the optimizer's hyperparameters are plain data
+    assert torch.equal(loaded["weight"], parameter.detach())
+    assert loaded["optimizer"]["param_groups"] == optimizer.state_dict()["param_groups"]
+    metadata = tmp_path / ".metadata"
+    written = metadata.read_bytes()
+    metadata.write_bytes(pickle.dumps(_RunsCode()))
+    with pytest.raises(CheckpointException, match="names posix.system: refused"):
+        load_parts(loaded, tmp_path)
+    metadata.write_bytes(written)
+    dcp.save({"weight": parameter.detach(), "extra": _RunsCode()}, checkpoint_id=tmp_path, no_dist=True)
+    with pytest.raises(CheckpointException, match="Weights only load failed"):
+        load_parts({"weight": torch.zeros(4), "extra": None}, tmp_path)
 
 
 def test_a_step_draws_its_dropout_masks_from_its_seed_alone():

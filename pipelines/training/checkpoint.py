@@ -1,9 +1,15 @@
-"""Checkpoints: what training needs to continue, written whole by rank 0 and checked when read.
+"""Checkpoints: what training needs to continue, written by every rank in the background while
+training goes on, and checked when read.
 
 Each checkpoint holds the model, its EMA, the optimizer, the LR schedule, the step, the data
-position and the GPU-hours used; Ray Train persists it only once it is complete, restarts failed
-workers from the latest one (``max_failures``), and a resubmitted job with the same work dir
-continues from it. Its files are checked against the sizes and SHA-256 digests its state recorded.
+position and the GPU-hours used. Every rank writes only its own part (its shards under FSDP; under
+DDP torch's distributed checkpoint writes each replicated tensor once, spread over the ranks): the
+step that checkpoints waits only for the copy to CPU, and the write, the SHA-256 digests and Ray
+Train's upload overlap the next steps. Ray Train persists a checkpoint only once every rank's part
+is uploaded, restarts failed workers from the latest one (``max_failures``), and a resubmitted job
+with the same work dir continues from it. Its files are checked against the sizes and digests their
+writers recorded. The final checkpoint also holds the EMA whole, in one safetensors file, which the
+driver exports for inference.
 """
 
 from __future__ import annotations
@@ -12,36 +18,43 @@ import contextlib
 import dataclasses
 import fcntl
 import hashlib
+import io
 import json
 import logging
 import math
+import pathlib
+import pickle
 import shutil
 import tempfile
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import pyarrow.fs
 import ray.train
 import torch
-from ray.train import Checkpoint
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from ray.train import Checkpoint, CheckpointUploadMode
 from safetensors.torch import load_file, save_file
 from torch import nn
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_optimizer_state_dict,
-    set_model_state_dict,
-    set_optimizer_state_dict,
-)
+from torch.distributed.checkpoint import CheckpointException, DefaultLoadPlanner, FileSystemReader
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from cluster.budget import BudgetMeter
 from pipelines.tracking import ATTEMPT_GPU_HOURS, RUN_GPU_HOURS
-from pipelines.training.parallel import full_state
+from pipelines.training.parallel import every_rank, full_state, unwrapped
 from pipelines.training.step import swapped_in
 
 logger = logging.getLogger(__name__)
 
-MODEL_FILE, EMA_FILE, OPTIMIZER_FILE, STATE_FILE = "model.safetensors", "ema.safetensors", "optimizer.pt", "state.json"
+EMA_FILE, STATE_FILE = "ema.safetensors", "state.json"
+
+
+def files_record(rank: int) -> str:
+    """The file in which ``rank`` records the size and SHA-256 digest of each file it wrote."""
+    return f"files_rank{rank}.json"
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -65,10 +78,9 @@ class TrainingState:
 
 @dataclasses.dataclass(kw_only=True)
 class Resumed:
-    """What ``restore_latest`` found: the state to go on from and the EMA weights."""
+    """What ``Checkpointer.restore_latest`` found."""
 
     state: TrainingState
-    ema: list[torch.Tensor]
     candidates: int
     """Checkpoints there were to resume from (0: a fresh start)."""
     checkpoint: str = ""
@@ -77,32 +89,188 @@ class Resumed:
     """Names of the newer checkpoints that could not be read."""
 
 
-def restore_latest(model: nn.Module, optimizer, schedule, ema: list[torch.Tensor]) -> Resumed:
-    """Model, optimizer, schedule and EMA from the newest readable checkpoint of this run, if it has any;
-    raises RuntimeError if it has some and none can be read (never silently start over: that would
-    spend the budget again)."""
-    candidates = list(_resume_candidates(ray.train.get_checkpoint()))
-    unreadable: list[str] = []
-    for checkpoint in candidates:
-        try:
-            state, ema = _restore(checkpoint, model, optimizer, schedule, ema)
-            return Resumed(
-                state=state,
-                ema=ema,
-                candidates=len(candidates),
-                checkpoint=Path(checkpoint.path).name,
-                unreadable=unreadable,
+@dataclasses.dataclass(kw_only=True)
+class _Write:
+    """A checkpoint being written in the background."""
+
+    step: int
+    metrics: dict[str, Any]
+    folder: Path
+    recorded: Future
+    """Done when this rank's files are written and its record of them too."""
+
+
+class Checkpointer:
+    """Restores and writes the checkpoints of one training loop's ``model``, ``optimizer`` and ``ema``
+    (the EMA's tensors, restored in place). Every rank makes the same calls at the same steps."""
+
+    def __init__(self, model: nn.Module, optimizer, ema: list[torch.Tensor], device: torch.device):
+        self.model, self.optimizer, self.ema, self.device = model, optimizer, ema, device
+        # The background write's collectives (DCP's plans) go through a group of their own, apart from
+        # the training's on the default group, which they would otherwise interleave with.
+        self._group = dist.new_group(backend="gloo") if dist.is_initialized() else None
+        self._rank = dist.get_rank() if dist.is_initialized() else 0
+        self._ranks = dist.get_world_size() if dist.is_initialized() else 1
+        self._recorder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-record")
+        self._write: _Write | None = None
+
+    def restore_latest(self, schedule) -> Resumed:
+        """Model, optimizer, schedule and EMA from the newest readable checkpoint of this run, if it has
+        any; raises RuntimeError if it has some and none can be read (never silently start over: that
+        would spend the budget again)."""
+        candidates = list(_resume_candidates(ray.train.get_checkpoint()))
+        unreadable: list[str] = []
+        for checkpoint in candidates:
+            try:
+                state = self._restore(checkpoint, schedule)
+                return Resumed(
+                    state=state,
+                    candidates=len(candidates),
+                    checkpoint=Path(checkpoint.path).name,
+                    unreadable=unreadable,
+                )
+            except (OSError, ValueError, RuntimeError, KeyError, TypeError, CheckpointException) as error:
+                # The next candidate sets model, optimizer, schedule and EMA again, whole.
+                logger.warning("checkpoint %s cannot be read (%s): trying the previous one", checkpoint.path, error)
+                unreadable.append(Path(checkpoint.path).name)
+        if candidates:
+            raise RuntimeError(
+                f"none of the {len(candidates)} checkpoints beside {candidates[0].path} can be read; "
+                "delete them to train from the start"
             )
-        except (OSError, ValueError, RuntimeError, KeyError, TypeError) as error:
-            # The next candidate sets model, optimizer, schedule and EMA again, whole.
-            logger.warning("checkpoint %s cannot be read (%s): trying the previous one", checkpoint.path, error)
-            unreadable.append(Path(checkpoint.path).name)
-    if candidates:
-        raise RuntimeError(
-            f"none of the {len(candidates)} checkpoints beside {candidates[0].path} can be read; "
-            "delete them to train from the start"
+        return Resumed(state=TrainingState(), candidates=0)
+
+    def _restore(self, checkpoint: Checkpoint, schedule) -> TrainingState:
+        """Model, optimizer, schedule and EMA from ``checkpoint``, each rank reading the parts it holds;
+        its files are checked against the sizes and SHA-256 digests their writers recorded, so a
+        truncated or altered file is refused even where its format would load it."""
+        with node_local_copy(checkpoint) as folder:
+            try:
+                state = _verified_state(folder)
+            except (OSError, ValueError, KeyError, TypeError):
+                every_rank(False, self.device)
+                raise
+            # Loading is collective: every rank goes on to the previous checkpoint if one refuses this.
+            if not every_rank(True, self.device):
+                raise ValueError("another rank refused it")
+            model_state, optimizer_state = get_state_dict(self.model, self.optimizer)
+            load_parts(
+                {"model": model_state, "ema": _ema_state(self.model, self.ema), "optimizer": optimizer_state},
+                folder,
+                self._group,
+            )
+            set_state_dict(self.model, self.optimizer, model_state_dict=model_state, optim_state_dict=optimizer_state)
+        schedule.last_epoch = state.step - 1
+        schedule.step()
+        # A run stopped by its budget continues when resubmitted (with a larger one).
+        return dataclasses.replace(state, stop_reason="")
+
+    def save(self, state: TrainingState, meter: BudgetMeter, *, durable: bool = False, final: bool = False) -> None:
+        """Starts writing a checkpoint of ``state``: returns once the state is copied to CPU, and
+        ``report_written`` reports it to Ray Train at a later step, when every rank has written its
+        part. ``durable`` (a preemption's) and ``final`` ones are written and uploaded before this
+        returns; the final one also holds the EMA whole (``EMA_FILE``), gathered on rank 0."""
+        self.report_written(state.step, wait=True)  # Ray Train registers checkpoints in report order
+        state.gpu_hours_used, state.gpu_hours_attempt = meter.used(), meter.attempt()
+        metrics = {
+            "step": state.step,
+            "loss": state.last_loss,
+            RUN_GPU_HOURS: state.gpu_hours_used,
+            ATTEMPT_GPU_HOURS: state.gpu_hours_attempt,
+            "final": final,
+            "stop_reason": state.stop_reason,
+        }
+        folder = Path(tempfile.mkdtemp(prefix="wuerstchen-checkpoint-"))
+        if final:
+            with swapped_in(self.model, self.ema):
+                ema_state = full_state(self.model)
+            if self._rank == 0:
+                save_file({k: v.contiguous() for k, v in ema_state.items()}, folder / EMA_FILE)
+        if self._rank == 0:
+            (folder / STATE_FILE).write_text(json.dumps({**dataclasses.asdict(state), "ranks": self._ranks}))
+        model_state, optimizer_state = get_state_dict(self.model, self.optimizer)
+        written = dcp.async_save(
+            {"model": model_state, "ema": _ema_state(self.model, self.ema), "optimizer": optimizer_state},
+            checkpoint_id=folder,
+            process_group=self._group,
         )
-    return Resumed(state=TrainingState(), ema=ema, candidates=0)
+        recorded = self._recorder.submit(_record_files, written, folder, self._rank)
+        self._write = _Write(step=state.step, metrics=metrics, folder=folder, recorded=recorded)
+        if durable or final:
+            self.report_written(state.step, wait=True, upload=CheckpointUploadMode.SYNC)
+        if final:
+            self._recorder.shutdown()
+
+    def report_written(
+        self, step: int, *, wait: bool = False, upload: CheckpointUploadMode = CheckpointUploadMode.ASYNC
+    ) -> None:
+        """Reports the checkpoint being written to Ray Train once every rank has written its part (at
+        once with ``wait``), to be uploaded in the background (``upload``: ASYNC) or before this returns
+        (SYNC). Every rank calls it after every step: Ray Train's report is a barrier."""
+        write = self._write
+        if write is None or not (wait or every_rank(write.recorded.done(), self.device)):
+            return
+        write.recorded.result()  # a failed write fails the step that learns of it
+        self._write = None
+        ray.train.report(
+            {**write.metrics, "reported_at_step": step},
+            checkpoint=Checkpoint.from_directory(str(write.folder)),
+            checkpoint_upload_mode=upload,
+            delete_local_checkpoint_after_upload=True,
+        )
+
+
+def _ema_state(model: nn.Module, ema: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The EMA's tensors by the names of the parameters they follow."""
+    return dict(zip((name for name, _ in unwrapped(model).named_parameters()), ema, strict=True))
+
+
+def _record_files(written: Future, folder: Path, rank: int) -> None:
+    """Waits for this rank's part of a checkpoint, then records the size and SHA-256 digest of each of
+    its files, beside the training too."""
+    written.result()
+    files = {path.name: file_record(path) for path in sorted(folder.iterdir())}
+    (folder / files_record(rank)).write_text(json.dumps(files))
+
+
+def load_parts(state_dict: dict[str, Any], folder: Path, group=None) -> None:
+    """Loads ``state_dict`` in place from the checkpoint in ``folder`` (each rank the parts it holds),
+    refusing to unpickle anything but plain data."""
+    dcp.load(state_dict, storage_reader=_PlainDataReader(folder), planner=_PlainDataPlanner(), process_group=group)
+
+
+class _PlainDataReader(FileSystemReader):
+    """DCP's reader, refusing a ``.metadata`` that names anything but DCP's own records, torch's sizes,
+    dtypes and layouts, and paths (DCP unpickles it whole: a pickle may run code when loaded)."""
+
+    def read_metadata(self, *args: Any, **kwargs: Any):
+        with self.fs.create_stream(self._get_metadata_path(kwargs.get("rank")), "rb") as file:
+            _MetadataUnpickler(file).load()
+        return super().read_metadata(*args, **kwargs)
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        found = super().find_class(module, name)
+        if (
+            (module == dcp.metadata.__name__ and isinstance(found, type))
+            or (module, name) in {("torch", "Size"), ("torch.serialization", "_get_layout")}
+            or (module == "torch" and isinstance(found, torch.dtype))
+            or found is dcp.filesystem._StorageInfo
+            or found is pathlib.PosixPath
+        ):
+            return found
+        raise pickle.UnpicklingError(f"a checkpoint's metadata names {module}.{name}: refused")
+
+
+class _PlainDataPlanner(DefaultLoadPlanner):
+    """DCP's load planner, refusing what a checkpoint holds besides tensors (the optimizer's
+    hyperparameters) unless ``torch.load(weights_only=True)`` takes it: DCP unpickles it whole."""
+
+    def load_bytes(self, read_item, value: io.BytesIO) -> None:
+        torch.load(value, weights_only=True)
+        value.seek(0)
+        super().load_bytes(read_item, value)
 
 
 def _resume_candidates(latest: Checkpoint | None) -> Iterator[Checkpoint]:
@@ -127,33 +295,19 @@ def _resume_candidates(latest: Checkpoint | None) -> Iterator[Checkpoint]:
         yield Checkpoint(path, filesystem=latest.filesystem)
 
 
-def _restore(checkpoint: Checkpoint, model, optimizer, schedule, ema: list[torch.Tensor]) -> tuple[TrainingState, list]:
-    """Model, optimizer, schedule and EMA from ``checkpoint``; its files are checked against the sizes
-    and SHA-256 digests its state recorded, so a truncated or altered file is refused even where its
-    format would load it."""
-    with node_local_copy(checkpoint) as folder:
-        state, files = _read_state(folder)
-        verify_files(folder, files)
-        # A run stopped by its budget continues when resubmitted (with a larger one).
-        state = dataclasses.replace(state, stop_reason="")
-        model_state, ema_state = load_file(folder / MODEL_FILE), load_file(folder / EMA_FILE)
-        optimizer_state = torch.load(folder / OPTIMIZER_FILE, weights_only=True)
-        options = StateDictOptions(full_state_dict=True)
-        set_model_state_dict(model, model_state, options=options)
-        set_optimizer_state_dict(model, optimizer, optimizer_state, options=options)
-        schedule.last_epoch = state.step - 1
-        schedule.step()
-        with swapped_in(model, ema):
-            set_model_state_dict(model, ema_state, options=options)
-            ema = [p.detach().clone() for p in model.parameters()]
-    return state, ema
-
-
-def _read_state(folder: Path) -> tuple[TrainingState, dict[str, dict[str, Any]]]:
-    """A checkpoint's training state and the size and digest each of its files had when written."""
+def _read_state(folder: Path) -> tuple[TrainingState, int]:
+    """A checkpoint's training state and the number of ranks that wrote it."""
     recorded = json.loads((folder / STATE_FILE).read_text())
-    files = recorded.pop("files")
-    return TrainingState(**recorded), files
+    ranks = recorded.pop("ranks")
+    return TrainingState(**recorded), ranks
+
+
+def _verified_state(folder: Path) -> TrainingState:
+    """A checkpoint's training state, once each of its writers' files is found as they recorded it."""
+    state, ranks = _read_state(folder)
+    for rank in range(ranks):
+        verify_files(folder, json.loads((folder / files_record(rank)).read_text()))
+    return state
 
 
 def verify_files(folder: Path, files: dict[str, dict[str, Any]]) -> None:
@@ -176,37 +330,6 @@ def _sha256(path: Path) -> str:
         while chunk := file.read(1 << 24):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-def save_checkpoint(model, ema, optimizer, state: TrainingState, meter: BudgetMeter, *, final=False) -> None:
-    """Writes a checkpoint from rank 0 and reports it to Ray Train with the step's figures; every rank
-    must call this at the same step (the state dicts are gathered from all)."""
-    state.gpu_hours_used, state.gpu_hours_attempt = meter.used(), meter.attempt()
-    model_state = full_state(model)
-    with swapped_in(model, ema):
-        ema_state = full_state(model)
-    optimizer_state = get_optimizer_state_dict(
-        model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
-    )
-    metrics = {
-        "step": state.step,
-        "loss": state.last_loss,
-        RUN_GPU_HOURS: state.gpu_hours_used,
-        ATTEMPT_GPU_HOURS: state.gpu_hours_attempt,
-        "final": final,
-        "stop_reason": state.stop_reason,
-    }
-    if ray.train.get_context().get_world_rank() != 0:
-        ray.train.report(metrics, checkpoint=None)
-        return
-    with tempfile.TemporaryDirectory() as folder:
-        save_file({k: v.contiguous() for k, v in model_state.items()}, Path(folder) / MODEL_FILE)
-        save_file({k: v.contiguous() for k, v in ema_state.items()}, Path(folder) / EMA_FILE)
-        torch.save(optimizer_state, Path(folder) / OPTIMIZER_FILE)
-        # Hashing costs about a second per 2 GB on rank 0 (v2 Stage C: ~14 GB with the optimizer).
-        files = {name: file_record(Path(folder) / name) for name in (MODEL_FILE, EMA_FILE, OPTIMIZER_FILE)}
-        (Path(folder) / STATE_FILE).write_text(json.dumps({**dataclasses.asdict(state), "files": files}))
-        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(folder))
 
 
 def read_checkpoint_weights(checkpoint: Checkpoint) -> tuple[dict[str, torch.Tensor], TrainingState]:

@@ -135,3 +135,12 @@ def all_agree(fits: bool, device: torch.device) -> bool:
     flag = torch.tensor([1.0 if fits else 0.0], device=device)
     dist.broadcast(flag, src=0)
     return bool(flag.item())
+
+
+def every_rank(flag: bool, device: torch.device) -> bool:
+    """True on every rank if ``flag`` is true on all of them."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return flag
+    value = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MIN)
+    return bool(value.item())
