@@ -12,11 +12,10 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import psutil
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import ray
 import torch
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
@@ -33,6 +32,7 @@ from pipelines.phases import PHASES, PhaseContext
 from pipelines.storage import StorageConfig, filesystem
 from pipelines.train import WorkerArgs
 from pipelines.trainable import REGISTRY, training_phases
+from pipelines.training.data import TrainingRows
 from stages.stage_c import STAGE_C_CONFIGS, StageC
 
 # Ray Data's actor that runs decode's shards, as its process title names it.
@@ -104,7 +104,11 @@ def test_training_workers_and_render_tasks_get_urls_not_the_drivers_local_copies
         filesystem(f"{work}/{pre_encode.PHASE}/{pre_encode.EMPTY_CAPTION_FILE}", storage)[1],
         save({schema.TEXT_STAGE_C: text, schema.TEXT_STAGE_B: text.clone()}),
     )
-    sample = ray.data.from_items([{schema.CAPTION: "a red circle", schema.IMAGE: np.zeros((8, 8, 3), np.uint8)}] * 8)
+    with fs.open(filesystem(f"{work}/sample.parquet", storage)[1], "wb") as stream:
+        pq.write_table(pa.table({schema.CAPTION: ["a red circle"] * 8, schema.IMAGE: [b"an image"] * 8}), stream)
+    sample = TrainingRows(
+        files=(f"{work}/sample.parquet",), columns=(schema.IMAGE,), storage=storage, group_rows=((8,),)
+    )
 
     for stage in (REGISTRY["stage_a"], REGISTRY["stage_b"], REGISTRY["stage_c"]):
         section = getattr(config, stage.config_section)
@@ -117,6 +121,7 @@ def test_training_workers_and_render_tasks_get_urls_not_the_drivers_local_copies
             used_before=0.0,
             tracking_uri="http://mlflow",
             run_id="run",
+            data={"train": sample},
         )
         assert not _local_paths(args), f"{stage}: the driver hands its workers paths of its own node"
     assert train_phase._task_spec(context, REGISTRY["stage_c"], config.train_c, sample).partner_weights == {
