@@ -180,10 +180,7 @@ class EpochReader:
     def batches(self, epoch: int, taken: int) -> Iterator[dict[str, torch.Tensor]]:
         """The batches of ``epoch`` after the first ``taken``."""
         order = turns([rows.batches for rows in self.datasets], self.config.seed, epoch)
-        streams = [
-            self._stream(index, epoch, order[:taken].count(index) * self.per_worker)
-            for index in range(len(self.datasets))
-        ]
+        streams = [self._stream(index, epoch, consumed) for index, consumed in enumerate(self._consumed(order, taken))]
         for index in order[taken:]:
             # A copy: the batch must not share memory with the piece (a step on CPU could write to it).
             yield {
@@ -196,8 +193,7 @@ class EpochReader:
         from its start."""
         order = turns([rows.batches for rows in self.datasets], self.config.seed, epoch)
         found = []
-        for index, rows in enumerate(self.datasets):
-            consumed = order[:taken].count(index) * self.per_worker
+        for (index, rows), consumed in zip(enumerate(self.datasets), self._consumed(order, taken), strict=True):
             ranks = []
             for rank in range(self.config.workers):
                 piece, skip = _piece_at(
@@ -206,6 +202,10 @@ class EpochReader:
                 ranks.append({"file": rows.files[piece.file], "row": piece.first + skip})
             found.append(ranks)
         return found
+
+    def _consumed(self, order: list[int], taken: int) -> list[int]:
+        """Per data set, the rows of this rank's share taken in the first ``taken`` turns of ``order``."""
+        return [order[:taken].count(index) * self.per_worker for index in range(len(self.datasets))]
 
     def _stream(self, index: int, epoch: int, consumed: int) -> Iterator[Columns]:
         """Data set ``index``'s batches of ``epoch`` from row ``consumed`` of this rank's share on."""
