@@ -131,6 +131,8 @@ def _train(args: WorkerArgs, device: torch.device) -> None:
         clock=args.clock,
     )
     peak = run_peak_flops(device, config) if run is not None else None
+    if peak is not None:  # tags: a resumed attempt measures a CPU's again, and params cannot change
+        run.set_tags({"mfu.peak_flops": f"{peak.flops:.4g}", "mfu.peak_basis": peak.basis})
     if run is not None and resumed.candidates:  # the console line can scroll away; the run keeps it
         run.set_tags(
             {

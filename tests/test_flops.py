@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 
 import numpy as np
 import pytest
@@ -20,7 +21,7 @@ from pipelines.trainable.base import TaskSpec
 from pipelines.trainable.stage_c import STAGE_C
 from pipelines.training.checkpoint import TrainingState
 from pipelines.training.config import TrainConfig
-from pipelines.training.progress import ProgressWindow, flops_per_sample, log_progress
+from pipelines.training.progress import PeakFlops, ProgressWindow, flops_per_sample, log_progress, run_peak_flops
 from stages.stage_c import STAGE_C_CONFIGS
 
 
@@ -92,8 +93,8 @@ class _Recorded:
         self.metrics.update(metrics)
 
 
-@pytest.mark.parametrize("peak", [16e9, None])
-def test_progress_logs_mfu_only_against_a_known_peak(peak: float | None, caplog) -> None:
+@pytest.mark.parametrize("peak", [PeakFlops(16e9, "a test's"), None])
+def test_progress_logs_mfu_only_against_a_known_peak(peak: PeakFlops | None, caplog) -> None:
     config = TrainConfig(steps=10, global_batch_size=4)
     optimizer = torch.optim.AdamW([nn.Parameter(torch.zeros(1))])
     window = ProgressWindow()
@@ -118,6 +119,25 @@ def test_progress_logs_mfu_only_against_a_known_peak(peak: float | None, caplog)
     else:
         assert run.metrics["mfu"] == pytest.approx(0.5)  # 1e9 FLOPs x 8 samples/s of 16e9 FLOP/s
         assert "8.0 samples/s  MFU 50%  data wait" in caplog.text
+
+
+def test_a_cpu_run_s_peak_is_its_measured_matrix_product_rate_times_its_workers() -> None:
+    config = TrainConfig(steps=1, global_batch_size=4, workers=2, gpus_per_worker=0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        peak = run_peak_flops(torch.device("cpu"), config)
+        a, b = torch.randn(512, 512), torch.randn(512, 512)
+        start = time.perf_counter()
+        for _ in range(4):
+            torch.mm(a, b)
+        one_thread = 4 * 2 * 512**3 / (time.perf_counter() - start)
+    finally:
+        torch.set_num_threads(threads)
+    # Two workers of one thread each, each at about this thread's rate (a busy machine slows either
+    # measurement, so the bounds are wide).
+    assert one_thread / 10 < peak.flops / 2 < one_thread * 10, (peak, one_thread)
+    assert "on 1 thread(s), times 2 worker(s)" in peak.basis
 
 
 def test_progress_eta_goes_by_the_typical_step_not_the_run_s_slow_start(caplog) -> None:

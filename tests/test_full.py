@@ -157,7 +157,8 @@ def test_each_stage_learns_checkpoints_and_logs_loadable_weights(first_run, phas
         "flops_per_sample",
     ):
         assert name in run.data.metrics, name
-    assert "mfu" not in run.data.metrics  # a CPU has no peak FLOP/s to divide by
+    assert run.data.metrics["mfu"] > 0  # against the workers' measured fp32 matrix-product rate
+    assert run.data.tags["mfu.peak_basis"].startswith("CPU fp32 matrix products measured"), run.data.tags
     assert 0 <= run.data.metrics["data_wait_fraction"] <= 1
     config = getattr(load_config("tiny", []), REGISTRY[phase.removeprefix("train_")].config_section)
     assert float(run.data.params["units_held"]) == config.units_held

@@ -1,11 +1,13 @@
 """What rank 0 shows of a run while it trains: the figures of each log interval in MLflow and on the
 console (loss, LR, grad norm, samples/s, data-wait fraction, peak memory, GPU-hours, FLOPs per
-sample and, on a GPU whose peak is known, the model FLOP utilisation), and the sample grids."""
+sample and the model FLOP utilisation), and the sample grids."""
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import math
+import time
 
 import numpy as np
 import torch
@@ -68,9 +70,9 @@ def log_progress(
     config: TrainConfig,
     optimizer,
     device: torch.device,
-    peak: float | None,
+    peak: PeakFlops | None,
 ) -> None:
-    """Logs the window's figures; ``peak``: the FLOP/s of all GPUs held, None for no MFU."""
+    """Logs the window's figures; ``peak``: the FLOP/s of all devices held, None for no MFU."""
     figures = window.drain()
     if not figures:
         return
@@ -90,7 +92,7 @@ def log_progress(
     if device.type == "cuda":
         metrics["peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
     if peak is not None and "flops_per_sample" in figures:
-        metrics["mfu"] = figures["flops_per_sample"] * samples_per_second / peak
+        metrics["mfu"] = figures["flops_per_sample"] * samples_per_second / peak.flops
     run.log_metrics(metrics, step=state.step)
     budget = (
         "no budget"
@@ -150,9 +152,27 @@ def flops_per_sample(
     return flops / per_worker
 
 
-def run_peak_flops(device: torch.device, config: TrainConfig) -> float | None:
-    """Dense bf16 FLOP/s of all the GPUs the run holds; None on CPU and on a GPU cluster/gpus.py does
-    not know (the run then logs no MFU)."""
+@dataclasses.dataclass(frozen=True)
+class PeakFlops:
+    """The denominator of a run's MFU: the FLOP/s of all the devices it holds, and where it comes from."""
+
+    flops: float
+    basis: str
+
+
+def run_peak_flops(device: torch.device, config: TrainConfig) -> PeakFlops | None:
+    """On a GPU, the datasheet's dense bf16 peak (cluster/gpus.py) times the GPUs held; None on one the
+    table does not know (the run then logs no MFU). On CPU no datasheet applies and training runs in
+    fp32: the fp32 matrix-product rate measured here, on this worker's threads, times the workers,
+    so a CPU run's MFU says how much of what this machine's matrix products reach the model gets."""
+    if device.type == "cpu":
+        threads = torch.get_num_threads()
+        per_worker = measured_matmul_flops()
+        return PeakFlops(
+            per_worker * config.workers,
+            f"CPU fp32 matrix products measured on rank 0 at the start: {per_worker / 1e9:.3g} GFLOP/s "
+            f"on {threads} thread(s), times {config.workers} worker(s)",
+        )
     if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)
@@ -160,4 +180,20 @@ def run_peak_flops(device: torch.device, config: TrainConfig) -> float | None:
     if per_gpu is None:
         logger.warning(f"no peak FLOP/s known for {name!r} (add it to cluster/gpus.py): this run logs no MFU")
         return None
-    return per_gpu * config.workers * config.gpus_per_worker
+    gpus = config.workers * config.gpus_per_worker
+    return PeakFlops(per_gpu * gpus, f"{name}: dense bf16 datasheet peak {per_gpu / 1e12:g} TFLOP/s, times {gpus:g}")
+
+
+def measured_matmul_flops(size: int = 1024, repeats: int = 5) -> float:
+    """FLOP/s of an fp32 ``size`` x ``size`` matrix product on the CPU, the fastest of ``repeats``
+    after one to warm up: near the rate the matrix library reaches, where the first call or a busy
+    moment would understate it."""
+    generator = torch.Generator().manual_seed(0)  # the global generator's draws stay the training's
+    a, b = torch.randn(size, size, generator=generator), torch.randn(size, size, generator=generator)
+    torch.mm(a, b)
+    fastest = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.mm(a, b)
+        fastest = min(fastest, time.perf_counter() - start)
+    return 2 * size**3 / fastest
