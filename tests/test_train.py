@@ -475,9 +475,16 @@ def _stage_c_losses(latents: Path, folder: Path, *settings: str,
     return [point for run in runs for point in _loss_history(client, run.info.run_id)]
 
 
+@pytest.fixture(scope="module")
+def uninterrupted(latents, tmp_path_factory) -> list[tuple[int, float]]:
+    """(step, loss) of the tiny Stage C trained for 12 steps on DDP without a stop: the curve that the
+    resumed runs are held to."""
+    return _stage_c_losses(latents, tmp_path_factory.mktemp("uninterrupted") / "run", "train_c.strategy=ddp")
+
+
 @pytest.mark.slow
-def test_resumed_compiled_and_fsdp_runs_follow_the_uninterrupted_loss_curve(latents, tmp_path):
-    whole = _stage_c_losses(latents, tmp_path / "whole", "train_c.strategy=ddp")
+def test_resumed_compiled_and_fsdp_runs_follow_the_uninterrupted_loss_curve(latents, uninterrupted, tmp_path):
+    whole = uninterrupted
     assert [step for step, _ in whole] == list(range(1, 13))
     # Stopped after step 6 (three epochs in; from the second on, cache_data serves reshuffled epochs
     # from the files in memory) and resubmitted: the same batches and draws, so the same losses to the last bit.
@@ -589,11 +596,39 @@ def test_under_fsdp_each_rank_writes_its_shards_while_training_goes_on_and_resum
 
 
 @pytest.mark.slow
-def test_a_sigterm_to_a_worker_checkpoints_at_the_next_step_and_the_restart_resumes_there(
-    latents, tmp_path, monkeypatch
-):
-    whole = _stage_c_losses(latents, tmp_path / "whole")
+def test_a_run_switched_between_ddp_and_fsdp_resumes_where_it_stopped(latents, uninterrupted, tmp_path):
+    whole = uninterrupted
+    work_dir = _fresh_copy(latents, tmp_path)
+    for steps, strategy in [(4, "ddp"), (8, "fsdp"), (12, "ddp")]:
+        _main(
+            work_dir,
+            "--phases",
+            "train_stage_c",
+            "--set",
+            f"train_c.steps={steps}",
+            "--set",
+            f"train_c.strategy={strategy}",
+            "--set",
+            "train_c.log_every_seconds=0",
+        )
+    client, runs = _phase_runs(work_dir, "train_stage_c")
+    assert [run.data.tags.get("resume.step") for run in runs] == [None, "4", "8"]
+    switched = [point for run in runs for point in _loss_history(client, run.info.run_id)]
+    assert [step for step, _ in switched] == list(range(1, 13))
+    assert switched[:4] == whole[:4]
+    # Each checkpoint is read into the other strategy's layout (replicated tensors into FSDP's shards
+    # and back): model, EMA, AdamW's moments and the data position carry over, and only the order in
+    # which the gradients are reduced differs from the run that stayed on DDP.
+    np.testing.assert_allclose([loss for _, loss in switched], [loss for _, loss in whole], rtol=1e-5)
+    trained_weights.load(
+        StageC(STAGE_C_CONFIGS["tiny"]()), str(work_dir / "train_stage_c" / trained_weights.FINAL_FILE)
+    )
 
+
+@pytest.mark.slow
+def test_a_sigterm_to_a_worker_checkpoints_at_the_next_step_and_the_restart_resumes_there(
+    latents, uninterrupted, tmp_path, monkeypatch
+):
     marker = tmp_path / "sigterm-sent"
 
     def clock() -> float:
@@ -619,7 +654,7 @@ def test_a_sigterm_to_a_worker_checkpoints_at_the_next_step_and_the_restart_resu
     assert 3 <= noticed_at < 12, noticed_at
     assert _registered_steps(tmp_path / "preempted" / "work") == [noticed_at, 12]
     # Every step once, none repeated, and the same losses as the run that was never stopped.
-    assert preempted == whole
+    assert preempted == uninterrupted
 
 
 @pytest.mark.slow
