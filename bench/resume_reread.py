@@ -31,7 +31,7 @@ import pyarrow.parquet as pq  # noqa: E402
 import torch  # noqa: E402
 
 from pipelines.training.config import TrainConfig  # noqa: E402
-from pipelines.training.data import EpochReader, TrainingRows  # noqa: E402
+from pipelines.training.data import EpochReader, TrainingRows, group_counts  # noqa: E402
 
 
 def synthetic_rows(folder: Path, files: int, rows_per_file: int, row_group: int) -> TrainingRows:
@@ -44,7 +44,7 @@ def synthetic_rows(folder: Path, files: int, rows_per_file: int, row_group: int)
         pq.write_table(table, folder / f"{file:05d}.parquet", row_group_size=row_group)
         paths.append(str(folder / f"{file:05d}.parquet"))
     rows = TrainingRows(files=tuple(paths), columns=("id", "vector"))
-    return dataclasses.replace(rows, group_rows=tuple(rows.group_counts(file) for file in range(files)))
+    return dataclasses.replace(rows, group_rows=tuple(group_counts([rows], file)[0] for file in range(files)))
 
 
 def main(argv: list[str] | None = None) -> None:

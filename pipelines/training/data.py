@@ -81,16 +81,6 @@ class TrainingRows:
         assert table.num_rows == starts[groups[-1] + 1] - offset, f"{self.files[file]} changed since it was counted"
         return self._columns(table.slice(first - offset, last - first))
 
-    def group_counts(self, file: int) -> tuple[int, ...]:
-        """The training rows of each row group of file ``file``, reading only the columns that decide them."""
-        fs, path = filesystem(self.files[file], self.storage)
-        with fs.open(path, "rb") as stream:
-            parquet = pq.ParquetFile(stream)
-            return tuple(
-                self._kept(parquet.read_row_group(group, columns=list(self.keep_columns))).num_rows
-                for group in range(parquet.num_row_groups)
-            )
-
     def _kept(self, table: pa.Table) -> pa.Table:
         if self.keep is not None:
             table = table.filter(self.keep)
@@ -114,14 +104,28 @@ class TrainingRows:
 
 
 def count_rows(datasets: dict[str, TrainingRows]) -> dict[str, TrainingRows]:
-    """``datasets`` with the training rows of each row group counted, a Ray task per data set and file."""
-    counting = ray.remote(_group_counts)
-    counts = {name: [counting.remote(rows, file) for file in range(len(rows.files))] for name, rows in datasets.items()}
-    return {name: dataclasses.replace(rows, group_rows=tuple(ray.get(counts[name]))) for name, rows in datasets.items()}
+    """``datasets`` (data sets of the same files: one, or the aspect-ratio buckets) with the training
+    rows of each row group counted, a Ray task per file that counts them for every data set at once."""
+    first = next(iter(datasets.values()))
+    assert all(rows.files == first.files for rows in datasets.values()), "data sets of other files"
+    counting = ray.remote(group_counts)
+    per_file = ray.get([counting.remote(list(datasets.values()), file) for file in range(len(first.files))])
+    return {
+        name: dataclasses.replace(rows, group_rows=tuple(counts[index] for counts in per_file))
+        for index, (name, rows) in enumerate(datasets.items())
+    }
 
 
-def _group_counts(rows: TrainingRows, file: int) -> tuple[int, ...]:
-    return rows.group_counts(file)
+def group_counts(datasets: list[TrainingRows], file: int) -> list[tuple[int, ...]]:
+    """Per data set, the training rows of each row group of file ``file`` (which every data set reads),
+    reading only the columns that decide them, once for all the data sets."""
+    first = datasets[0]
+    columns = list(dict.fromkeys(column for rows in datasets for column in rows.keep_columns))
+    fs, path = filesystem(first.files[file], first.storage)
+    with fs.open(path, "rb") as stream:
+        parquet = pq.ParquetFile(stream)
+        groups = [parquet.read_row_group(group, columns=columns) for group in range(parquet.num_row_groups)]
+    return [tuple(rows._kept(group).num_rows for group in groups) for rows in datasets]
 
 
 @dataclasses.dataclass(frozen=True)
