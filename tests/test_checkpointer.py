@@ -39,14 +39,24 @@ def _step(model: nn.Module, optimizer, schedule) -> None:
     schedule.step()
 
 
-def _write_two(config: dict) -> None:
-    """Step, checkpoint in the background, step, and checkpoint durably while the first is pending."""
+def _training() -> tuple[nn.Module, torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler, Checkpointer]:
+    """A worker's model (under DDP), AdamW, schedule and checkpointer, as the training loop builds them."""
     train = TrainConfig(steps=2, global_batch_size=2, workers=2, gpus_per_worker=0, warmup_steps=0)
     device = torch.device("cpu")
     model = ray.train.torch.prepare_model(_model())
     optimizer = build_optimizer(model, train, device)
     schedule = build_schedule(optimizer, train)
-    checkpoints = Checkpointer(model, optimizer, [p.detach().clone() for p in model.parameters()], device)
+    return (
+        model,
+        optimizer,
+        schedule,
+        Checkpointer(model, optimizer, [p.detach().clone() for p in model.parameters()], device),
+    )
+
+
+def _write_two(config: dict) -> None:
+    """Step, checkpoint in the background, step, and checkpoint durably while the first is pending."""
+    model, optimizer, schedule, checkpoints = _training()
     assert checkpoints.restore_latest(schedule).candidates == 0
     meter = BudgetMeter(units_held=2, budget=None)
     _step(model, optimizer, schedule)
@@ -66,12 +76,7 @@ def _write_two(config: dict) -> None:
 
 
 def _restore(config: dict) -> None:
-    train = TrainConfig(steps=2, global_batch_size=2, workers=2, gpus_per_worker=0, warmup_steps=0)
-    device = torch.device("cpu")
-    model = ray.train.torch.prepare_model(_model())
-    optimizer = build_optimizer(model, train, device)
-    schedule = build_schedule(optimizer, train)
-    checkpoints = Checkpointer(model, optimizer, [p.detach().clone() for p in model.parameters()], device)
+    model, optimizer, schedule, checkpoints = _training()
     resumed = checkpoints.restore_latest(schedule)
     assert resumed.state.step == 2, resumed
     expected = torch.load(config["expected"])
