@@ -164,7 +164,7 @@ def run_peak_flops(device: torch.device, config: TrainConfig) -> PeakFlops | Non
     """On a GPU, the datasheet's dense bf16 peak (cluster/gpus.py) times the GPUs held; None on one the
     table does not know (the run then logs no MFU). On CPU no datasheet applies and training runs in
     fp32: the fp32 matrix-product rate measured here, on this worker's threads, times the workers,
-    so a CPU run's MFU says how much of what this machine's matrix products reach the model gets."""
+    so a CPU run's MFU is the share of this machine's matrix-product rate that the model reaches."""
     if device.type == "cpu":
         threads = torch.get_num_threads()
         per_worker = measured_matmul_flops()
