@@ -1,4 +1,5 @@
-"""Several ranks of one node restoring one checkpoint from S3: one download, never rewritten while read.
+"""Several ranks of one node restoring one checkpoint from S3: one download, never rewritten while read,
+and its files' checking shared by the ranks that read that copy.
 
 Each test process stands in for a rank: it receives the checkpoint pickled, as Ray Train hands it to
 every worker, and enters ``node_local_copy`` as the training loop's restore does. Ray's own ``Checkpoint.as_directory``
@@ -7,18 +8,30 @@ fails the first test: the second rank downloads again into the folder the first 
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import os
 import random
+import shutil
+import socket
 import time
 from pathlib import Path
 
 import pyarrow.fs
 import pytest
+import torch.distributed as dist
 from ray.train import Checkpoint
 
 from pipelines.storage import StorageConfig, filesystem
-from pipelines.training.checkpoint import file_record, node_local_copy, verify_files
+from pipelines.training.checkpoint import (
+    STATE_FILE,
+    checking_share,
+    file_record,
+    files_record,
+    node_local_copy,
+    verified_state,
+    verify_files,
+)
 
 
 def _storage(endpoint: str) -> StorageConfig:
@@ -132,3 +145,71 @@ def test_ranks_restoring_at_random_moments_always_read_whole_files(s3_server, ch
     failures = [failure for found in _run(targets, tmp_path) for failure in found]
     assert failures == []
     assert _copies_left(tmp_path) == [], "the last reader left its copy behind"
+
+
+def _written_checkpoint(folder: Path) -> dict[str, int]:
+    """A checkpoint's files as two ranks record them, sizes apart so that the shares are uneven in
+    count: random bytes, since checking reads only sizes and digests."""
+    sizes = {"__0_0.distcp": 9000, "__1_0.distcp": 7000, ".metadata": 3000, "a.distcp": 2000, "b.distcp": 1000}
+    folder.mkdir()
+    for name, size in sizes.items():
+        (folder / name).write_bytes(random.Random(name).randbytes(size))
+    for rank, names in enumerate([[".metadata", "__0_0.distcp", "a.distcp"], ["__1_0.distcp", "b.distcp"]]):
+        (folder / files_record(rank)).write_text(json.dumps({name: file_record(folder / name) for name in names}))
+    (folder / STATE_FILE).write_text(json.dumps({"step": 7, "ranks": 2}))
+    return sizes
+
+
+def _flip_a_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x40
+    path.write_bytes(bytes(data))
+
+
+def test_the_shares_of_a_checkpoints_checking_cover_each_file_once(tmp_path):
+    sizes = _written_checkpoint(tmp_path / "checkpoint")
+    assert verified_state(tmp_path / "checkpoint", (0, 1)).step == 7
+    for name in sizes:
+        folder = tmp_path / name.strip(".")
+        shutil.copytree(tmp_path / "checkpoint", folder)
+        _flip_a_byte(folder / name)
+        for count in (1, 2, 3):
+            refusing = []
+            for index in range(count):
+                try:
+                    verified_state(folder, (index, count))
+                except ValueError as error:
+                    assert f"{name} is not what the checkpoint wrote" in str(error)
+                    refusing.append(index)
+            assert len(refusing) == 1, (name, count, refusing)
+
+
+def _rank_checking(port: int, rank: int, folder: str, results) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=3)
+    try:
+        share = checking_share(Path(folder))
+        try:
+            verified_state(Path(folder), share)
+            verdict = "read"
+        except ValueError:
+            verdict = "refused"
+    finally:
+        dist.destroy_process_group()
+    results.put((rank, share, verdict))
+
+
+def test_ranks_reading_one_copy_share_its_checking_and_a_rank_with_its_own_copy_checks_all(tmp_path):
+    # Ranks 0 and 1 read one copy, rank 2 a copy of its own (another node's download), whose files
+    # are intact: a damaged file in the shared copy is refused by exactly one of its two readers (the
+    # training loop then has every rank refuse the checkpoint), and rank 2 checks all its files alone.
+    _written_checkpoint(tmp_path / "shared")
+    shutil.copytree(tmp_path / "shared", tmp_path / "own")
+    _flip_a_byte(tmp_path / "shared" / "__1_0.distcp")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    folders = [tmp_path / "shared", tmp_path / "shared", tmp_path / "own"]
+    found = sorted(_run([(_rank_checking, (port, rank, str(folder))) for rank, folder in enumerate(folders)], tmp_path))
+    assert [share for _, share, _ in found] == [(0, 2), (1, 2), (0, 1)]
+    verdicts = [verdict for _, _, verdict in found]
+    assert sorted(verdicts[:2]) == ["read", "refused"] and verdicts[2] == "read", found

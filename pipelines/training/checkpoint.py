@@ -25,6 +25,7 @@ import math
 import pathlib
 import pickle
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -145,8 +146,9 @@ class Checkpointer:
         its files are checked against the sizes and SHA-256 digests their writers recorded, so a
         truncated or altered file is refused even where its format would load it."""
         with node_local_copy(checkpoint) as folder:
+            share = checking_share(folder, self._group)
             try:
-                state = _verified_state(folder)
+                state = verified_state(folder, share)
             except (OSError, ValueError, KeyError, TypeError):
                 every_rank(False, self.device)
                 raise
@@ -302,11 +304,50 @@ def _read_state(folder: Path) -> tuple[TrainingState, int]:
     return TrainingState(**recorded), ranks
 
 
-def _verified_state(folder: Path) -> TrainingState:
-    """A checkpoint's training state, once each of its writers' files is found as they recorded it."""
+def checking_share(folder: Path, group=None) -> tuple[int, int]:
+    """This rank's place among the ranks that read ``folder`` itself, the same directory on the same
+    machine, and how many they are: they share the checking of its files, so a node's copy is hashed
+    once, not once per rank on the node. Collective over ``group``.
+
+    Found from the folder itself, not from Ray's local ranks: those group workers by IP, and two
+    workers with one IP can read copies of their own (a node in a mount namespace of its own)."""
+    if not dist.is_initialized():
+        return 0, 1
+    rank = dist.get_rank()
+    try:
+        found = folder.stat()
+        identity: tuple = (_machine(), found.st_dev, found.st_ino)
+    except OSError:
+        identity = ("unreadable", rank)  # checks alone, and fails as it reads
+    identities: list[tuple] = [()] * dist.get_world_size(group)
+    dist.all_gather_object(identities, (rank, identity), group=group)
+    readers = sorted(other for other, seen in identities if seen == identity)
+    return readers.index(rank), len(readers)
+
+
+def _machine() -> str:
+    """This machine's boot, which tells machines apart whose folders have the same device and inode."""
+    with contextlib.suppress(OSError):
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    return socket.gethostname()
+
+
+def verified_state(folder: Path, share: tuple[int, int]) -> TrainingState:
+    """A checkpoint's training state, once its writers' files are found as they recorded them, this
+    rank checking its ``share`` of them (its index among ``count`` readers): the largest file first to
+    whichever reader has the fewest bytes so far, so that the readers finish together."""
     state, ranks = _read_state(folder)
+    files: dict[str, dict[str, Any]] = {}
     for rank in range(ranks):
-        verify_files(folder, json.loads((folder / files_record(rank)).read_text()))
+        files.update(json.loads((folder / files_record(rank)).read_text()))
+    index, count = share
+    loads, mine = [0] * count, {}
+    for name in sorted(files, key=lambda name: (-files[name]["bytes"], name)):
+        reader = loads.index(min(loads))
+        loads[reader] += files[name]["bytes"]
+        if reader == index:
+            mine[name] = files[name]
+    verify_files(folder, mine)
     return state
 
 
