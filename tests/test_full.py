@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -279,3 +280,37 @@ def test_the_demo_runs_chain_evaluated_later_scores_what_training_logged_last(fi
                 f"stage_c={work_dir}/train_stage_b/final.safetensors",
             ]
         )
+
+
+def test_stage_c_continued_under_fsdp_scores_the_chain_as_its_exported_weights_score(first_run, capsys, local_ray):
+    """Under FSDP the chain renders on rank 0 through an unsharded copy of the EMA gathered from both
+    ranks: its scores must be those of the weights the run exports."""
+    work_dir = first_run[0].parent / "fsdp"
+    shutil.copytree(first_run[0], work_dir)  # the other tests read the demo's run as it ended
+    steps = load_config("tiny", []).train_c.steps
+    result = run_full(
+        "--set",
+        f"work_dir={work_dir}",
+        "--phases",
+        "train_stage_c",
+        "--set",
+        f"train_c.steps={steps + 1}",
+        "--set",
+        "train_c.strategy=fsdp",
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    client, runs = _runs(work_dir)
+    continued = _ran(runs, "train_stage_c")[-1]
+    assert continued.data.params["train_c.strategy"] == "fsdp"
+    assert continued.data.tags["resume.step"] == str(steps)  # one step on FSDP, from the DDP run's end
+    scored = {m.step: m.value for m in client.get_metric_history(continued.info.run_id, "eval/clip_score")}
+    assert list(scored) == [steps + 1], scored
+    parent = continued.data.tags[MLFLOW_PARENT_RUN_ID]
+    evaluate.main(["--run", parent, "--tracking-uri", f"sqlite:///{work_dir}/mlflow.db"])
+    assert "eval/colour_accuracy" in capsys.readouterr().out
+    _, runs = _runs(work_dir)
+    (logged,) = [
+        r for r in runs if r.info.run_name == evaluate.RUN_NAME and r.data.tags[MLFLOW_PARENT_RUN_ID] == parent
+    ]
+    for name in ("eval/clip_score", "eval/fid", "eval/colour_accuracy"):
+        assert logged.data.metrics[name] == pytest.approx(continued.data.metrics[name], rel=1e-3, abs=1e-6), name
