@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 from cluster.resources import StepResources
-from pipelines import fingerprints, schema, shard_phase
+from pipelines import fingerprints, schema, shard_phase, trained_weights
 from pipelines.ledger import ShardCounts
 from pipelines.schema import DropReason
 from pipelines.storage import StorageConfig, exists, filesystem, local_copy
@@ -215,7 +215,13 @@ def phase(
     config: EmbedConfig,
     storage: StorageConfig,
 ) -> shard_phase.ShardPhase:
-    fingerprint = fingerprints.of(input=decoded_fingerprint, settings=config.outcome())
+    fingerprint = fingerprints.of(
+        input=decoded_fingerprint,
+        settings={
+            **config.outcome(),
+            "aesthetic_weights": trained_weights.weights_fingerprint(config.aesthetic_weights, storage),
+        },
+    )
     return shard_phase.ShardPhase(
         name=PHASE,
         step=EmbedShard,

@@ -185,8 +185,8 @@ def fingerprint(config: SampleConfig, models_name: str, weights: dict[str, Any])
 
 
 def weights_fingerprints(weights_urls: dict[str, str], storage: StorageConfig) -> dict[str, Any]:
-    """Each stage's weights: a training phase's by its fingerprint, others by their URL."""
-    return {stage: trained_weights.fingerprint_of(url, storage) or url for stage, url in weights_urls.items() if url}
+    """Each stage's weights, as ``trained_weights.weights_fingerprint`` identifies them."""
+    return {stage: trained_weights.weights_fingerprint(url, storage) for stage, url in weights_urls.items() if url}
 
 
 def read_summary(output_url: str, storage: StorageConfig) -> dict[str, Any] | None:

@@ -18,7 +18,6 @@ from pipelines import (
     pre_encode,
     schema,
     shard_phase,
-    trained_weights,
 )
 from pipelines.config import RunConfig
 from pipelines.ledger import Manifest, read_manifest
@@ -146,14 +145,12 @@ def run_pre_encode(context: PhaseContext, run: TrackedRun) -> str:
     storage = context.config.storage
     encoders = {"stage_a": weights_url(context, "stage_a"), "semantic": weights_url(context, "semantic")}
     config = dataclasses.replace(config, stage_a_weights=encoders["stage_a"], semantic_weights=encoders["semantic"])
-    # Retrained encoders change every latent: their fingerprints are part of this phase's.
-    trained = {stage: trained_weights.fingerprint_of(url, storage) for stage, url in encoders.items() if url}
     threshold = context.validation_threshold()
     phase = pre_encode.phase(
         decoded_url=context.output_url(decode.PHASE),
         embedded_url=context.output_url(embed.PHASE),
         output_url=output_url,
-        embedded_fingerprint={**embedded.config, "encoders": trained},
+        embedded_fingerprint=embedded.config,
         crops=context.config.decode.crop_sizes(),
         resolution=context.config.decode.resolution,
         config=config,

@@ -524,7 +524,12 @@ def phase(
     storage: StorageConfig,
 ) -> shard_phase.ShardPhase:
     output_schema(config, crops, resolution)  # crops the encoders cannot take fail here, before any work
-    fingerprint = fingerprints.of(input=embedded_fingerprint, settings=config.outcome())
+    # Retrained or replaced encoders change every latent.
+    weights = {
+        "stage_a_weights": trained_weights.weights_fingerprint(config.stage_a_weights, storage),
+        "semantic_weights": trained_weights.weights_fingerprint(config.semantic_weights, storage),
+    }
+    fingerprint = fingerprints.of(input=embedded_fingerprint, settings={**config.outcome(), **weights})
     return shard_phase.ShardPhase(
         name=PHASE,
         step=PreEncodeShard,

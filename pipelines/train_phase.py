@@ -166,10 +166,16 @@ def run_training(context, run, phase: str) -> str:
 
 def training_fingerprint(config, section: str, source_fingerprint: dict) -> dict:
     """What decides a stage's trained weights: its training data (the source phase's fingerprint),
-    the model sizes and the ``section``'s settings that decide the weights (``TrainConfig.outcome``)."""
-    return fingerprints.of(
-        input=source_fingerprint, settings={"models": config.pre_encode.models, **getattr(config, section).outcome()}
+    the model sizes and the ``section``'s settings that decide the weights (``TrainConfig.outcome``),
+    the weights it starts from and the perceptual network's as ``trained_weights.weights_fingerprint``
+    identifies them."""
+    training = getattr(config, section)
+    settings = training.outcome()
+    settings["init_weights"] = trained_weights.weights_fingerprint(training.init_weights, config.storage)
+    settings["stage_a_losses"]["perceptual_weights"] = trained_weights.weights_fingerprint(
+        training.stage_a_losses.perceptual_weights, config.storage
     )
+    return fingerprints.of(input=source_fingerprint, settings={"models": config.pre_encode.models, **settings})
 
 
 def _ray_run_name(phase: str, fingerprint: dict) -> str:

@@ -65,6 +65,27 @@ def fingerprint_of(url: str, storage: StorageConfig) -> dict[str, Any] | None:
     return fingerprints.from_metadata(header.get("__metadata__"))
 
 
+def weights_fingerprint(url: str, storage: StorageConfig) -> Any:
+    """What stands for weights in the fingerprint of an output made with them: a phase's own weights
+    by the fingerprint in their header; a file elsewhere (a path, object storage) by its URL, size and
+    modification mark (mtime, or the ETag on S3), so that weights replaced at the same URL make their
+    outputs again; weights over HTTP, and none (empty: random), by the URL alone: pin a revision in it
+    (a hub's ``resolve/<commit>``)."""
+    file_url, _ = split_entry(url)
+    if not url or file_url.split("://", 1)[0] in ("http", "https"):
+        return url
+    stored = fingerprint_of(url, storage)
+    if stored is not None:
+        return stored
+    fs, path = filesystem(file_url, storage)
+    try:
+        found = fs.info(path)
+    except FileNotFoundError:
+        return url  # loading them fails, saying where it looked
+    modified = found.get("ETag") or found.get("mtime") or found.get("LastModified")
+    return {"url": url, "bytes": found["size"], "modified": str(modified)}
+
+
 def load(model: nn.Module, url: str, storage: StorageConfig | None = None) -> nn.Module:
     """Loads weights (local path or URL, ``#entry`` selecting a state dict of a pickle) into ``model``, strictly."""
     url, entry = split_entry(url)

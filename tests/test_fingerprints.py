@@ -5,10 +5,12 @@ budget does not; and the fingerprint reads back equal from every place an output
 from __future__ import annotations
 
 import shutil
+import time
 
 import pyarrow as pa
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from pipelines import (
     decode,
@@ -214,3 +216,55 @@ def test_the_metadata_filter_reruns_for_new_shards_at_the_same_url(tmp_path, loc
     regenerated, metrics = run()
     assert metrics and regenerated.config["input"] != first.config["input"]
     assert run() == (regenerated, {})
+
+
+def test_weights_are_known_by_their_phases_fingerprint_or_by_their_files_size_and_mark(tmp_path, s3_server):
+    written = str(tmp_path / "final.safetensors")
+    trained_weights.write(written, {"w": torch.zeros(2)}, FINGERPRINT, STORAGE)
+    assert trained_weights.weights_fingerprint(written, STORAGE) == FINGERPRINT
+    hub = "https://huggingface.co/warp-ai/wuerstchen/resolve/main/vqgan/diffusion_pytorch_model.safetensors"
+    assert trained_weights.weights_fingerprint(hub, STORAGE) == hub  # no request: a hub URL names a revision
+    assert trained_weights.weights_fingerprint("", STORAGE) == ""
+    missing = str(tmp_path / "missing.pt#effnet_state_dict")
+    assert trained_weights.weights_fingerprint(missing, STORAGE) == missing
+
+    local = tmp_path / "aesthetic.pt"
+    local.write_bytes(b"one")
+    first = trained_weights.weights_fingerprint(str(local), STORAGE)
+    assert trained_weights.weights_fingerprint(str(local), STORAGE) == first
+    time.sleep(0.05)  # past the file system's timestamp granularity
+    local.write_bytes(b"two")  # the same size
+    assert trained_weights.weights_fingerprint(str(local), STORAGE) != first
+
+    storage = StorageConfig(endpoint_url=s3_server, key="test-key", secret="test-secret")
+    fs, _ = filesystem("s3://weights", storage)
+    fs.mkdir("weights")
+    fs.pipe("weights/effnet.pt", b"one")
+    on_s3 = trained_weights.weights_fingerprint("s3://weights/effnet.pt#effnet_state_dict", storage)
+    fs.pipe("weights/effnet.pt", b"two")
+    replaced = trained_weights.weights_fingerprint("s3://weights/effnet.pt#effnet_state_dict", storage)
+    fs.pipe("weights/effnet.pt", b"one")
+    # The ETag is a digest of the content: the same bytes again are the same weights.
+    assert replaced != on_s3 == trained_weights.weights_fingerprint("s3://weights/effnet.pt#effnet_state_dict", storage)
+
+
+@pytest.mark.parametrize(
+    "phase, setting",
+    [
+        (embed.PHASE, "embed.aesthetic_weights"),
+        (pre_encode.PHASE, "pre_encode.stage_a_weights"),
+        (pre_encode.PHASE, "pre_encode.semantic_weights"),
+        ("train_stage_c", "train_c.init_weights"),
+        ("train_stage_a", "train_a.stage_a_losses.perceptual_weights"),
+    ],
+)
+def test_a_phase_reruns_when_weights_it_reads_are_replaced_at_the_same_path(phase, setting, tmp_path):
+    form = PHASE_FINGERPRINTS[phase][0]
+    weights = tmp_path / "weights.safetensors"
+    save_file({"w": torch.zeros(2)}, weights)
+    config, upstream = load_config("tiny", [f"{setting}={weights}"]), {"input": "earlier", "crops": ((64, 64),)}
+    stored = form(config, upstream)
+    assert fingerprints.is_complete(stored, form(config, upstream))
+    time.sleep(0.05)
+    save_file({"w": torch.ones(2)}, weights)
+    assert not fingerprints.is_complete(stored, form(config, upstream))
