@@ -1,5 +1,6 @@
 """Several ranks of one node restoring one checkpoint from S3: one download, never rewritten while read,
-and its files' checking shared by the ranks that read that copy.
+and its files' checking shared by the ranks that read that copy; a node that cannot make its copy has
+every rank refuse the checkpoint together.
 
 Each test process stands in for a rank: it receives the checkpoint pickled, as Ray Train hands it to
 every worker, and enters ``node_local_copy`` as the training loop's restore does. Ray's own ``Checkpoint.as_directory``
@@ -8,26 +9,31 @@ fails the first test: the second rank downloads again into the folder the first 
 
 from __future__ import annotations
 
+import datetime
 import json
 import multiprocessing
 import os
 import random
 import shutil
 import socket
+import tempfile
 import time
 from pathlib import Path
 
 import pyarrow.fs
 import pytest
+import torch
 import torch.distributed as dist
 from ray.train import Checkpoint
 
 from pipelines.storage import StorageConfig, filesystem
 from pipelines.training.checkpoint import (
     STATE_FILE,
+    Checkpointer,
     checking_share,
     file_record,
     files_record,
+    node_folder,
     node_local_copy,
     verified_state,
     verify_files,
@@ -213,3 +219,58 @@ def test_ranks_reading_one_copy_share_its_checking_and_a_rank_with_its_own_copy_
     assert [share for _, share, _ in found] == [(0, 2), (1, 2), (0, 1)]
     verdicts = [verdict for _, _, verdict in found]
     assert sorted(verdicts[:2]) == ["read", "refused"] and verdicts[2] == "read", found
+
+
+def _rank_restoring_one_checkpoint(port: int, rank: int, endpoint: str, url: str, node_tmp: str, results) -> None:
+    os.environ["TMPDIR"], tempfile.tempdir = node_tmp, None  # each rank a node of its own
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2, timeout=datetime.timedelta(seconds=60)
+    )
+    try:
+        model = torch.nn.Linear(2, 2)
+        optimizer = torch.optim.AdamW(model.parameters())
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+        checkpoints = Checkpointer(
+            model, optimizer, [p.detach().clone() for p in model.parameters()], model.weight.device
+        )
+        checkpoint = _checkpoint(endpoint, url)
+        if rank == 1:  # this node cannot make its copy: a folder stands where its lock file goes
+            Path(f"{node_folder(checkpoint)}.lock").mkdir(parents=True)
+        try:
+            checkpoints._restore(checkpoint, schedule)
+            verdict = "restored"
+        except Exception as error:  # noqa: BLE001 - the parent checks what each rank raised
+            verdict = repr(error)
+    finally:
+        dist.destroy_process_group()
+    results.put((rank, verdict))
+
+
+def test_a_rank_whose_node_cannot_copy_the_checkpoint_has_every_rank_refuse_it_together(s3_server, tmp_path):
+    # Rank 0 finds the checkpoint whole; rank 1's node cannot make its copy. Both must refuse it at
+    # the same collective and go on to the previous checkpoint together: a rank that left before
+    # the others' collectives would leave them waiting for it, or pair them with the next checkpoint's.
+    fs, _ = filesystem("s3://refused", _storage(s3_server))
+    fs.mkdir("refused")
+    fs.pipe("refused/checkpoint_000002/a.distcp", random.Random(2).randbytes(5000))
+    local = tmp_path / "a.distcp"
+    local.write_bytes(fs.cat("refused/checkpoint_000002/a.distcp"))
+    fs.pipe("refused/checkpoint_000002/" + files_record(0), json.dumps({"a.distcp": file_record(local)}).encode())
+    fs.pipe("refused/checkpoint_000002/" + STATE_FILE, json.dumps({"step": 2, "ranks": 1}).encode())
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    nodes = [tmp_path / "node0", tmp_path / "node1"]
+    for node in nodes:
+        node.mkdir()
+    found = sorted(
+        _run(
+            [
+                (_rank_restoring_one_checkpoint, (port, rank, s3_server, "s3://refused/checkpoint_000002", str(node)))
+                for rank, node in enumerate(nodes)
+            ],
+            tmp_path,
+        )
+    )
+    assert found[0] == (0, "ValueError('another rank refused it')"), found
+    assert found[1][1].startswith("OSError(\"this node's copy of it could not be made: IsADirectoryError"), found

@@ -144,10 +144,21 @@ class Checkpointer:
     def _restore(self, checkpoint: Checkpoint, schedule) -> TrainingState:
         """Model, optimizer, schedule and EMA from ``checkpoint``, each rank reading the parts it holds;
         its files are checked against the sizes and SHA-256 digests their writers recorded, so a
-        truncated or altered file is refused even where its format would load it."""
-        with node_local_copy(checkpoint) as folder:
+        truncated or altered file is refused even where its format would load it.
+
+        Every rank takes part in each of its collectives, whatever fails on its node, its copy of the
+        checkpoint included: a rank that left early would pair this checkpoint's collectives with
+        the next one's on the other ranks."""
+        with contextlib.ExitStack() as copies:
+            try:
+                folder: Path | None = copies.enter_context(node_local_copy(checkpoint))
+                unavailable = None
+            except Exception as error:  # noqa: BLE001 - raised below, once the ranks know
+                folder, unavailable = None, error
             share = checking_share(folder, self._group)
             try:
+                if unavailable is not None:
+                    raise OSError(f"this node's copy of it could not be made: {unavailable!r}") from unavailable
                 state = verified_state(folder, share)
             except (OSError, ValueError, KeyError, TypeError):
                 every_rank(False, self.device)
@@ -304,21 +315,22 @@ def _read_state(folder: Path) -> tuple[TrainingState, int]:
     return TrainingState(**recorded), ranks
 
 
-def checking_share(folder: Path, group=None) -> tuple[int, int]:
+def checking_share(folder: Path | None, group=None) -> tuple[int, int]:
     """This rank's place among the ranks that read ``folder`` itself, the same directory on the same
     machine, and how many they are: they share the checking of its files, so a node's copy is hashed
-    once, not once per rank on the node. Collective over ``group``.
+    once, not once per rank on the node. Collective over ``group``; ``folder`` is None on a rank
+    without a copy.
 
     Found from the folder itself, not from Ray's local ranks: those group workers by IP, and two
     workers with one IP can read copies of their own (a node in a mount namespace of its own)."""
     if not dist.is_initialized():
         return 0, 1
     rank = dist.get_rank()
-    try:
-        found = folder.stat()
-        identity: tuple = (_machine(), found.st_dev, found.st_ino)
-    except OSError:
-        identity = ("unreadable", rank)  # checks alone, and fails as it reads
+    identity: tuple = ("unavailable", rank)  # without a copy to read, it refuses the checkpoint alone
+    if folder is not None:
+        with contextlib.suppress(OSError):
+            found = folder.stat()
+            identity = (_machine(), found.st_dev, found.st_ino)
     identities: list[tuple] = [()] * dist.get_world_size(group)
     dist.all_gather_object(identities, (rank, identity), group=group)
     readers = sorted(other for other, seen in identities if seen == identity)
@@ -391,8 +403,7 @@ def node_local_copy(checkpoint: Checkpoint) -> Iterator[Path]:
     if isinstance(checkpoint.filesystem, pyarrow.fs.LocalFileSystem):
         yield Path(checkpoint.path)
         return
-    identity = f"{checkpoint.filesystem.type_name}:{checkpoint.path.rstrip('/')}"
-    folder = Path(tempfile.gettempdir()) / f"wuerstchen-checkpoint-{hashlib.sha256(identity.encode()).hexdigest()[:16]}"
+    folder = node_folder(checkpoint)
     with open(f"{folder}.lock", "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_SH)
         # Converting a flock drops it first: whoever holds it shared after the loop holds a folder
@@ -411,6 +422,12 @@ def node_local_copy(checkpoint: Checkpoint) -> Iterator[Path]:
                 pass  # another process still reads it and deletes it when it leaves
             else:
                 shutil.rmtree(folder, ignore_errors=True)
+
+
+def node_folder(checkpoint: Checkpoint) -> Path:
+    """Where ``node_local_copy`` keeps this node's copy of ``checkpoint`` (beside it: its lock file)."""
+    identity = f"{checkpoint.filesystem.type_name}:{checkpoint.path.rstrip('/')}"
+    return Path(tempfile.gettempdir()) / f"wuerstchen-checkpoint-{hashlib.sha256(identity.encode()).hexdigest()[:16]}"
 
 
 def _download(checkpoint: Checkpoint, folder: Path) -> None:
