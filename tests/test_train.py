@@ -668,6 +668,11 @@ def test_a_node_drained_for_preemption_has_the_run_checkpoint_at_the_next_step_a
                 "train_c.steps=100000",
                 "--set",
                 "train_c.log_every_seconds=0",
+                # No periodic checkpoint: the run would write one at tiny's step 200 if the notice's
+                # came late or the test stopped the run late (CI once saw the notice's at step 179,
+                # then step 200's before the run was stopped).
+                "--set",
+                "train_c.checkpoint_every=100000",
             ],
             cwd=ROOT,
             env=env,
@@ -715,7 +720,7 @@ def test_a_node_drained_for_preemption_has_the_run_checkpoint_at_the_next_step_a
                     if watcher.poll() is None:
                         watcher.kill()
                         watcher.wait()
-            # No periodic checkpoint before step 200: the first one registered is the notice's.
+            # With no periodic checkpoint, the one registered is the notice's.
             _wait_for(lambda: _registered_steps(work_dir), driver, "the notice's checkpoint")
             (noticed_at,) = _registered_steps(work_dir)
             # And the run trains on after it, until the node goes (here: until it is stopped).
@@ -723,7 +728,7 @@ def test_a_node_drained_for_preemption_has_the_run_checkpoint_at_the_next_step_a
         finally:
             kill_session(driver.pid)
             driver.wait()
-    assert drained_at <= noticed_at < 200, (drained_at, noticed_at)
+    assert drained_at <= noticed_at, (drained_at, noticed_at)
     checkpoints = list((work_dir / "train_stage_c" / "ray").glob("*/checkpoint_*/state.json"))
     assert [json.loads(path.read_text())["step"] for path in checkpoints] == [noticed_at]
 
