@@ -15,7 +15,6 @@ import multiprocessing
 import os
 import random
 import shutil
-import socket
 import tempfile
 import time
 from pathlib import Path
@@ -26,6 +25,7 @@ import torch
 import torch.distributed as dist
 from ray.train import Checkpoint
 
+from cluster.local_cluster import free_port
 from pipelines.storage import StorageConfig, filesystem
 from pipelines.training.checkpoint import (
     STATE_FILE,
@@ -211,9 +211,7 @@ def test_ranks_reading_one_copy_share_its_checking_and_a_rank_with_its_own_copy_
     _written_checkpoint(tmp_path / "shared")
     shutil.copytree(tmp_path / "shared", tmp_path / "own")
     _flip_a_byte(tmp_path / "shared" / "__1_0.distcp")
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     folders = [tmp_path / "shared", tmp_path / "shared", tmp_path / "own"]
     found = sorted(_run([(_rank_checking, (port, rank, str(folder))) for rank, folder in enumerate(folders)], tmp_path))
     assert [share for _, share, _ in found] == [(0, 2), (1, 2), (0, 1)]
@@ -257,9 +255,7 @@ def test_a_rank_whose_node_cannot_copy_the_checkpoint_has_every_rank_refuse_it_t
     local.write_bytes(fs.cat("refused/checkpoint_000002/a.distcp"))
     fs.pipe("refused/checkpoint_000002/" + files_record(0), json.dumps({"a.distcp": file_record(local)}).encode())
     fs.pipe("refused/checkpoint_000002/" + STATE_FILE, json.dumps({"step": 2, "ranks": 1}).encode())
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     nodes = [tmp_path / "node0", tmp_path / "node1"]
     for node in nodes:
         node.mkdir()
